@@ -1,0 +1,74 @@
+"""The Files API (OpenAI shape): upload, list, retrieve, delete, content."""
+
+from django.http import FileResponse, Http404
+from rest_framework.parsers import FormParser, MultiPartParser
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from finetune_site.api_errors import error_response
+from finetune_site.apiviews import api_user_or_error
+from finetune_site.ids import unix
+from finetune_site.pagination import cursor_page
+
+from . import selectors, services
+from .models import Dataset
+
+
+def file_object(dataset: Dataset) -> dict:
+    return {
+        "id": dataset.public_id,
+        "object": "file",
+        "bytes": dataset.bytes,
+        "created_at": unix(dataset.created_at),
+        "filename": dataset.filename,
+        "purpose": dataset.purpose,
+        "status": dataset.status,
+        "status_details": dataset.status_details or None,
+        "expires_at": None,
+    }
+
+
+def _owned(request, file_id: str) -> Dataset:
+    dataset = selectors.dataset_for(request.user, file_id)
+    if dataset is None:
+        raise Http404(f"No file with id {file_id!r} was found.")
+    return dataset
+
+
+class FileListCreate(APIView):
+    parser_classes = [MultiPartParser, FormParser]
+
+    def get(self, request):
+        datasets = selectors.datasets_for(request.user)
+        if request.query_params.get("purpose"):
+            datasets = datasets.filter(purpose=request.query_params["purpose"])
+        return Response(cursor_page(datasets, request.query_params, to_dict=file_object, default_limit=100, max_limit=10000))
+
+    def post(self, request):
+        dataset = services.dataset_create(
+            owner=request.user,
+            upload=request.FILES.get("file"),
+            purpose=request.data.get("purpose") or "",
+        )
+        return Response(file_object(dataset))
+
+
+class FileDetail(APIView):
+    def get(self, request, file_id):
+        return Response(file_object(_owned(request, file_id)))
+
+    def delete(self, request, file_id):
+        dataset = _owned(request, file_id)
+        services.dataset_delete(dataset=dataset)
+        return Response({"id": file_id, "object": "file", "deleted": True})
+
+
+def file_content(request, file_id):
+    """The raw bytes; a plain view because DRF answers `Accept: application/binary` with 406."""
+    user, error = api_user_or_error(request)
+    if error:
+        return error
+    dataset = selectors.dataset_for(user, file_id)
+    if dataset is None:
+        return error_response(f"No file with id {file_id!r} was found.", status_code=404, code="not_found")
+    return FileResponse(dataset.file.open("rb"), content_type="application/octet-stream", as_attachment=True, filename=dataset.filename)

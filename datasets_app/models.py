@@ -1,0 +1,64 @@
+from functools import partial
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from finetune_site.ids import new_id
+
+
+class DatasetQuerySet(models.QuerySet):
+    def owned_by(self, user):
+        return self.filter(owner=user)
+
+
+class Dataset(models.Model):
+    """An uploaded JSONL file, validated in the background (the API's `file`)."""
+
+    UPLOADED = "uploaded"
+    PROCESSED = "processed"
+    ERROR = "error"
+    STATUS_CHOICES = [(UPLOADED, "validating"), (PROCESSED, "ready"), (ERROR, "error")]
+
+    public_id = models.CharField(max_length=40, unique=True, default=partial(new_id, "file"))
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="datasets")
+    filename = models.CharField(max_length=255)
+    purpose = models.CharField(max_length=32, default="fine-tune")
+    file = models.FileField(upload_to="datasets/%Y/%m/", max_length=300)
+    normalized = models.FileField(upload_to="datasets/normalized/", max_length=300, blank=True)
+    bytes = models.BigIntegerField(default=0)
+    status = models.CharField(max_length=16, choices=STATUS_CHOICES, default=UPLOADED)
+    status_details = models.TextField(blank=True)
+    format = models.CharField(max_length=32, blank=True)
+    examples = models.IntegerField(null=True, blank=True)
+    report = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    processed_at = models.DateTimeField(null=True, blank=True)
+
+    objects = DatasetQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self):
+        return f"{self.filename} ({self.public_id})"
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status == self.PROCESSED
+
+    def mark_processed(self, *, examples: int, fmt: str, report: dict, details: str = "") -> None:
+        self.status = self.PROCESSED
+        self.examples = examples
+        self.format = fmt
+        self.report = report
+        self.status_details = details
+        self.processed_at = timezone.now()
+        self.save()
+
+    def mark_error(self, details: str, *, report: dict | None = None) -> None:
+        self.status = self.ERROR
+        self.status_details = details
+        self.report = report
+        self.processed_at = timezone.now()
+        self.save()

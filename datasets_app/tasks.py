@@ -1,0 +1,8 @@
+from celery import shared_task
+
+from . import services
+
+
+@shared_task(name="datasets_app.tasks.validate_dataset")
+def validate_dataset(dataset_id: int) -> None:
+    services.dataset_validate(dataset_id=dataset_id)

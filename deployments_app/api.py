@@ -1,0 +1,63 @@
+"""Models API: list, retrieve and delete base and fine-tuned models."""
+
+from django.http import Http404
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from finetune_site.api_errors import ApiError
+from finetune_site.ids import unix
+
+from . import services
+from .catalog import base_models, get_base_model
+from .models import ModelCard
+
+
+def base_model_object(base) -> dict:
+    return {"id": base.id, "object": "model", "created": 0, "owned_by": base.owned_by, "ready": base.ready}
+
+
+def card_object(card: ModelCard) -> dict:
+    return {
+        "id": card.model_id,
+        "object": "model",
+        "created": unix(card.created_at),
+        "owned_by": card.owner.username,
+        "parent": card.base_model,
+        "training_type": card.method,
+    }
+
+
+class ModelList(APIView):
+    def get(self, request):
+        data = [base_model_object(b) for b in base_models()]
+        data += [card_object(c) for c in ModelCard.objects.owned_by(request.user).select_related("owner")]
+        return Response({"object": "list", "data": data})
+
+
+def _card(request, model: str) -> ModelCard:
+    card = ModelCard.objects.owned_by(request.user).filter(model_id=model).select_related("owner").first()
+    if card is None:
+        raise Http404(f"The model {model!r} does not exist or you do not have access to it.")
+    return card
+
+
+class ModelDetail(APIView):
+    def get(self, request, model):
+        base = get_base_model(model)
+        if base is not None:
+            return Response(base_model_object(base))
+        return Response(card_object(_card(request, model)))
+
+    def delete(self, request, model):
+        if get_base_model(model) is not None:
+            raise ApiError(f"{model} is a base model and cannot be deleted.", param="model", status_code=403)
+        services.model_card_delete(card=_card(request, model))
+        return Response({"id": model, "object": "model", "deleted": True})
+
+
+class FineTunedModelDelete(APIView):
+    """zhipuai's fine_tuning.models.delete; the extra fields let the openai shape parse too."""
+
+    def delete(self, request, model):
+        services.model_card_delete(card=_card(request, model))
+        return Response({"request_id": None, "model_name": model, "delete_status": "deleted", "id": model, "object": "model", "deleted": True})

@@ -1,0 +1,87 @@
+"""The base models this installation offers, and resolving any model id to files."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from .serving.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID, is_ready
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    id: str
+    path: Path
+    description: str
+    owned_by: str = "system"
+
+    @property
+    def ready(self) -> bool:
+        return is_ready(self.path) or (self.path / "config.json").exists()
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model id's weights are: a base folder and, for adapters, a PEFT folder."""
+
+    id: str
+    base_path: Path
+    adapter_path: Path | None
+    card: object = None
+
+
+def base_models() -> list[BaseModel]:
+    models_dir = settings.FT_MODELS_DIR
+    found = [
+        BaseModel(BUNDLED_MODEL_ID, models_dir / BUNDLED_MODEL_ID, "SmolLM2 135M Instruct (bundled, real weights)"),
+        BaseModel(TINY_MODEL_ID, models_dir / TINY_MODEL_ID, "Tiny randomly initialised model for quick tries"),
+    ]
+    # FT_BASE_MODELS="name=/path/to/hf-folder,other=/path" registers more.
+    for item in filter(None, (part.strip() for part in os.environ.get("FT_BASE_MODELS", "").split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ImproperlyConfigured(f"FT_BASE_MODELS entries must look like name=/path, got {item!r}")
+        found.append(BaseModel(name.strip(), Path(path.strip()), f"Registered from {path.strip()}"))
+    return found
+
+
+def get_base_model(model_id: str) -> BaseModel | None:
+    return next((m for m in base_models() if m.id == model_id), None)
+
+
+def resolve_model(user, model_id: str) -> ResolvedModel | None:
+    """Map a base, fine-tuned or checkpoint model id the user may use to its files."""
+    from jobs_app.selectors import checkpoint_for_model_id
+
+    from .models import ModelCard
+
+    base = get_base_model(model_id)
+    if base is not None:
+        return ResolvedModel(base.id, base.path, None) if base.ready else None
+    card = ModelCard.objects.owned_by(user).filter(model_id=model_id).first()
+    if card is not None:
+        return _resolve_files(model_id, card.base_model, card.method, Path(card.path), card)
+    checkpoint = checkpoint_for_model_id(user, model_id)
+    if checkpoint is not None:
+        job = checkpoint.job
+        return _resolve_files(model_id, job.base_model, job.method, weights_folder(Path(checkpoint.path)), None)
+    return None
+
+
+def weights_folder(folder: Path) -> Path:
+    """The folder inside a run or checkpoint directory that holds loadable weights."""
+    for candidate in (folder, folder / "adapter", folder / "model"):
+        if (candidate / "adapter_config.json").exists() or (candidate / "config.json").exists():
+            return candidate
+    return folder
+
+
+def _resolve_files(model_id, base_id, method, folder: Path, card) -> ResolvedModel | None:
+    base = get_base_model(base_id)
+    if method == "full":
+        return ResolvedModel(model_id, folder, None, card)
+    if base is None:
+        return None
+    return ResolvedModel(model_id, base.path, folder, card)

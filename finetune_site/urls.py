@@ -1,0 +1,48 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
+
+from datasets_app import api as files_api
+from deployments_app import api as models_api
+from deployments_app import chat as chat_api
+from jobs_app import api as jobs_api
+
+from . import views
+
+# The same API under /v1/ (openai) and /api/paas/v4/ (zhipuai); no trailing
+# slashes, and model ids may hold '/' and ':'.
+api_patterns = [
+    path("files", files_api.FileListCreate.as_view()),
+    path("files/<str:file_id>", files_api.FileDetail.as_view()),
+    path("files/<str:file_id>/content", files_api.file_content),
+    path("fine_tuning/jobs", jobs_api.JobListCreate.as_view()),
+    path("fine_tuning/jobs/<str:job_id>", jobs_api.JobDetail.as_view()),
+    path("fine_tuning/jobs/<str:job_id>/cancel", jobs_api.JobCancel.as_view()),
+    path("fine_tuning/jobs/<str:job_id>/pause", jobs_api.JobPause.as_view()),
+    path("fine_tuning/jobs/<str:job_id>/resume", jobs_api.JobResume.as_view()),
+    path("fine_tuning/jobs/<str:job_id>/events", jobs_api.JobEvents.as_view()),
+    path("fine_tuning/jobs/<str:job_id>/checkpoints", jobs_api.JobCheckpoints.as_view()),
+    path("fine_tuning/fine_tuned_models/<path:model>", models_api.FineTunedModelDelete.as_view()),
+    path("models", models_api.ModelList.as_view()),
+    path("models/<path:model>", models_api.ModelDetail.as_view()),
+    path("chat/completions", chat_api.chat_completions),
+]
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("healthz", views.healthz, name="healthz"),
+    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("keys/", views.api_keys, name="api_keys"),
+    path("keys/<int:key_pk>/revoke/", views.api_key_revoke, name="api_key_revoke"),
+    path("notifications/", views.notifications, name="notifications"),
+    path("datasets/", include("datasets_app.urls")),
+    path("jobs/", include("jobs_app.urls")),
+    path("", include("deployments_app.urls")),
+    path("admin/", admin.site.urls),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularRedocView.as_view(url_name="schema"), name="api_docs"),
+    path("v1/", include(api_patterns)),
+    path("api/paas/v4/", include(api_patterns)),
+]

@@ -1,0 +1,103 @@
+import logging
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.db import connection
+from django.http import JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
+from django.views.decorators.http import require_POST
+
+from .models import ApiKey, Notification
+
+log = logging.getLogger(__name__)
+QUEUES = ("training", "default")
+
+
+@login_required
+def home(request):
+    from datasets_app.selectors import datasets_for
+    from deployments_app.models import ModelCard
+    from jobs_app.selectors import jobs_for
+
+    context = {
+        "jobs": jobs_for(request.user)[:8],
+        "dataset_count": datasets_for(request.user).count(),
+        "job_count": jobs_for(request.user).count(),
+        "model_count": ModelCard.objects.owned_by(request.user).count(),
+    }
+    return render(request, "home.html", context)
+
+
+def _check_redis() -> str | None:
+    import redis
+
+    try:
+        redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1).ping()
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _workers_per_queue() -> dict[str, int]:
+    from finetune_site.celery import app
+
+    replies = app.control.inspect(timeout=1.0).active_queues() or {}
+    counts = {queue: 0 for queue in QUEUES}
+    for queues in replies.values():
+        for queue in queues:
+            counts[queue["name"]] = counts.get(queue["name"], 0) + 1
+    return counts
+
+
+def healthz(request):
+    """Health of the database, Redis and each worker queue; 503 naming what is down."""
+    report, down = {}, []
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        report["database"] = {"ok": True, "vendor": connection.vendor}
+    except Exception as exc:  # noqa: BLE001
+        report["database"] = {"ok": False, "error": str(exc)}
+        down.append("database")
+    redis_error = _check_redis()
+    report["redis"] = {"ok": redis_error is None, **({"error": redis_error} if redis_error else {})}
+    if redis_error:
+        down.append("redis")
+        report["queues"] = {queue: {"workers": 0} for queue in QUEUES}
+    else:
+        counts = _workers_per_queue()
+        report["queues"] = {queue: {"workers": n} for queue, n in counts.items()}
+        down += [f"queue:{queue}" for queue in QUEUES if counts.get(queue, 0) == 0]
+    report["status"] = "ok" if not down else "down"
+    report["down"] = down
+    return JsonResponse(report, status=200 if not down else 503)
+
+
+@login_required
+def api_keys(request):
+    new_key = None
+    if request.method == "POST":
+        name = request.POST.get("name", "").strip()[:100]
+        _, new_key = ApiKey.issue(request.user, name=name)
+    keys = ApiKey.objects.filter(user=request.user)
+    return render(request, "api_keys.html", {"keys": keys, "new_key": new_key, "base_url": request.build_absolute_uri("/v1")})
+
+
+@login_required
+@require_POST
+def api_key_revoke(request, key_pk):
+    key = get_object_or_404(ApiKey, pk=key_pk, user=request.user)
+    key.revoke()
+    messages.success(request, f"Key {key.key_id} revoked.")
+    return redirect("api_keys")
+
+
+@login_required
+def notifications(request):
+    items = list(Notification.objects.filter(user=request.user)[:50])
+    if request.method == "POST":
+        Notification.objects.filter(user=request.user, read_at__isnull=True).update(read_at=timezone.now())
+        return redirect("notifications")
+    return render(request, "notifications.html", {"items": items})

@@ -1,0 +1,44 @@
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from . import selectors
+from .publish import job_group
+
+
+@database_sync_to_async
+def _owned_job(user, public_id):
+    if not user or not user.is_authenticated:
+        return None
+    return selectors.job_for(user, public_id)
+
+
+@database_sync_to_async
+def _points_after(job, step):
+    return [p for p in selectors.metric_points(job) if p["step"] > step]
+
+
+class JobConsumer(AsyncJsonWebsocketConsumer):
+    """Forwards a job's live metrics, events and status to the page watching it."""
+
+    async def connect(self):
+        self.job = await _owned_job(self.scope.get("user"), self.scope["url_route"]["kwargs"]["public_id"])
+        if self.job is None:
+            await self.close(code=4404)
+            return
+        self.group = job_group(self.job.public_id)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code):
+        if getattr(self, "group", None):
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive_json(self, content, **kwargs):
+        # A page that rendered history up to step N asks for what it missed
+        # between rendering and joining the group.
+        if content.get("type") == "sync":
+            for point in await _points_after(self.job, int(content.get("after_step") or 0)):
+                await self.send_json({"type": "eval" if "valid_loss" in point else "metric", **point})
+
+    async def job_update(self, event):
+        await self.send_json(event["payload"])

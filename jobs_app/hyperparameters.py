@@ -1,0 +1,82 @@
+"""Checking and resolving the hyperparameters of a job ("auto" becomes a number)."""
+
+import math
+
+from finetune_site.api_errors import ApiError
+
+METHODS = ("lora", "dora", "full", "qlora")
+# name -> (type, minimum, maximum)
+_LIMITS = {
+    "n_epochs": (int, 1, 50),
+    "batch_size": (int, 1, 256),
+    "learning_rate_multiplier": (float, 1e-4, 100.0),
+    "lora_rank": (int, 1, 256),
+    "lora_alpha": (int, 1, 1024),
+    "lora_dropout": (float, 0.0, 0.9),
+    "max_seq_len": (int, 32, 32768),
+    "eval_every": (int, 0, 1_000_000),
+    "save_every": (int, 0, 1_000_000),
+    "warmup_ratio": (float, 0.0, 0.5),
+}
+_BASE_LEARNING_RATE = {"lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+
+
+def check_hyperparameters(raw: dict | None, *, param_prefix: str = "hyperparameters") -> dict:
+    """Return the requested values with types checked; raise ApiError naming the first bad one."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ApiError("hyperparameters must be an object.", param=param_prefix)
+    checked = {}
+    for name, value in raw.items():
+        if name not in _LIMITS:
+            allowed = ", ".join(sorted(_LIMITS))
+            raise ApiError(f"Unknown hyperparameter {name!r}; expected one of {allowed}.", param=f"{param_prefix}.{name}")
+        if value is None or value == "auto":
+            checked[name] = "auto"
+            continue
+        kind, low, high = _LIMITS[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            expected = "an integer" if kind is int else "a number"
+            raise ApiError(f"{name} must be {expected} or \"auto\", got {value!r}.", param=f"{param_prefix}.{name}")
+        if not low <= value <= high:
+            raise ApiError(f"{name} must be between {low} and {high}, got {value}.", param=f"{param_prefix}.{name}")
+        checked[name] = kind(value)
+    return checked
+
+
+def resolve_hyperparameters(requested: dict, *, method: str, examples: int) -> dict:
+    """Fill every "auto" from the method and the size of the training set."""
+    def pick(name, default):
+        value = requested.get(name, "auto")
+        return default if value == "auto" else value
+
+    batch_size = pick("batch_size", max(1, min(8, examples // 8 or 1)))
+    # Small sets need more passes to move the model; large sets fewer.
+    epochs = pick("n_epochs", max(1, min(10, math.ceil(240 / max(examples, 1)))) if examples < 80 else 3)
+    multiplier = pick("learning_rate_multiplier", 1.0)
+    resolved = {
+        "n_epochs": int(epochs),
+        "batch_size": int(batch_size),
+        "learning_rate_multiplier": float(multiplier),
+        "learning_rate": _BASE_LEARNING_RATE[method] * float(multiplier),
+        "max_seq_len": int(pick("max_seq_len", 1024)),
+        "eval_every": int(pick("eval_every", 0)),
+        "save_every": int(pick("save_every", 0)),
+        "warmup_ratio": float(pick("warmup_ratio", 0.03)),
+    }
+    if method != "full":
+        rank = int(pick("lora_rank", 16))
+        resolved.update(lora_rank=rank, lora_alpha=int(pick("lora_alpha", 2 * rank)), lora_dropout=float(pick("lora_dropout", 0.0)))
+    resolved["total_steps"] = math.ceil(examples / resolved["batch_size"]) * resolved["n_epochs"]
+    return resolved
+
+
+def public_hyperparameters(resolved: dict, requested: dict) -> dict:
+    """The `hyperparameters` object of the API: numbers once known, else what was asked."""
+    source = resolved or requested
+    return {
+        "n_epochs": source.get("n_epochs", "auto"),
+        "batch_size": source.get("batch_size", "auto"),
+        "learning_rate_multiplier": source.get("learning_rate_multiplier", "auto"),
+    }

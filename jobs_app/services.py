@@ -1,0 +1,267 @@
+"""Writes for fine-tuning jobs: create, control, run (the engine boundary), recover."""
+
+import logging
+import shutil
+import socket
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from datasets_app.models import Dataset
+from deployments_app.catalog import get_base_model
+from finetune_site.api_errors import ApiError
+
+from .hyperparameters import METHODS, check_hyperparameters, resolve_hyperparameters
+from .models import FineTuningJob, JobEvent
+from .publish import publish
+from .sink import JobSink, Watchdog
+
+log = logging.getLogger(__name__)
+
+
+def _usable_file(owner, file_id: str, param: str) -> Dataset:
+    dataset = Dataset.objects.owned_by(owner).filter(public_id=file_id).first()
+    if dataset is None:
+        raise ApiError(f"No file with id {file_id!r} was found.", param=param, code="file_not_found")
+    if dataset.status == Dataset.UPLOADED:
+        raise ApiError(f"File {file_id} is still being validated; retry when its status is processed.", param=param, code="file_not_ready")
+    if dataset.status == Dataset.ERROR:
+        first = (dataset.status_details or "").splitlines()[:1]
+        raise ApiError(f"File {file_id} failed validation: {' '.join(first)}", param=param, code="invalid_file")
+    if dataset.purpose != "fine-tune":
+        raise ApiError(f"File {file_id} has purpose {dataset.purpose!r}, expected 'fine-tune'.", param=param)
+    return dataset
+
+
+@transaction.atomic
+def job_create(
+    *,
+    owner,
+    model: str,
+    training_file: str,
+    validation_file: str | None = None,
+    method: str = "lora",
+    hyperparameters: dict | None = None,
+    suffix: str | None = None,
+    seed: int | None = None,
+    metadata: dict | None = None,
+) -> FineTuningJob:
+    """Check everything a run needs, save the job queued and enqueue it after commit."""
+    base = get_base_model(model or "")
+    if base is None:
+        raise ApiError(f"Model {model!r} is not a base model here; see GET /v1/models.", param="model", code="model_not_found")
+    if not base.ready:
+        raise ApiError(f"Base model {model} is not prepared on this server yet.", param="model", code="model_not_ready")
+    if method not in METHODS:
+        raise ApiError(f"method must be one of {', '.join(METHODS)}, got {method!r}.", param="method")
+    suffix = (suffix or "").strip()
+    if len(suffix) > 64:
+        raise ApiError("suffix must be at most 64 characters.", param="suffix")
+    if suffix and not all(ch.isalnum() or ch in "-_." for ch in suffix):
+        raise ApiError("suffix may contain only letters, digits, '-', '_' and '.'.", param="suffix")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**31 - 1):
+        raise ApiError("seed must be an integer between 0 and 2147483647.", param="seed")
+    requested = check_hyperparameters(hyperparameters)
+    train_set = _usable_file(owner, training_file, "training_file")
+    valid_set = _usable_file(owner, validation_file, "validation_file") if validation_file else None
+
+    job = FineTuningJob.objects.create(
+        owner=owner,
+        base_model=base.id,
+        training_file=train_set,
+        validation_file=valid_set,
+        training_file_ref=train_set.public_id,
+        validation_file_ref=valid_set.public_id if valid_set else "",
+        method=method,
+        hyperparameters=requested,
+        resolved=resolve_hyperparameters(requested, method=method, examples=train_set.examples or 0),
+        suffix=suffix,
+        seed=seed if seed is not None else 42,
+        metadata=metadata,
+        status=FineTuningJob.QUEUED,
+    )
+    JobEvent.objects.create(job=job, message=f"Created fine-tuning job {job.public_id}.")
+    _enqueue(job)
+    return job
+
+
+def _enqueue(job: FineTuningJob) -> None:
+    from .tasks import train_job
+
+    transaction.on_commit(lambda: train_job.delay(job.pk))
+
+
+def _note(job: FineTuningJob, message: str, *, level: str = "info", status: str | None = None) -> None:
+    JobEvent.objects.create(job=job, level=level, message=message)
+    publish(job.public_id, {"type": "event", "level": level, "message": message, "created_at": int(timezone.now().timestamp())})
+    if status:
+        publish(job.public_id, {"type": "status", "status": status})
+
+
+@transaction.atomic
+def job_cancel(*, job: FineTuningJob) -> FineTuningJob:
+    """Stop a job: at once if it is not running, else at the worker's next step."""
+    if job.is_final:
+        raise ApiError(f"Job {job.public_id} has already {job.status}.", code="invalid_state")
+    waiting = (FineTuningJob.VALIDATING, FineTuningJob.QUEUED, FineTuningJob.PAUSED)
+    if FineTuningJob.objects.filter(pk=job.pk, status__in=waiting).update(
+        status=FineTuningJob.CANCELLED, finished_at=timezone.now(), control=""
+    ):
+        _note(job, "Job cancelled.", status=FineTuningJob.CANCELLED)
+    elif FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.RUNNING).update(control="cancel"):
+        _note(job, "Cancellation requested; stopping at the next step.")
+    job.refresh_from_db()
+    return job
+
+
+@transaction.atomic
+def job_pause(*, job: FineTuningJob) -> FineTuningJob:
+    """Ask the running worker to checkpoint and stop; resume continues from there."""
+    if not FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.RUNNING).update(control="pause"):
+        raise ApiError(f"Only a running job can be paused; {job.public_id} is {job.status}.", code="invalid_state")
+    _note(job, "Pause requested; saving a checkpoint at the next step.")
+    job.refresh_from_db()
+    return job
+
+
+@transaction.atomic
+def job_resume(*, job: FineTuningJob) -> FineTuningJob:
+    if not FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.PAUSED).update(status=FineTuningJob.QUEUED, control=""):
+        raise ApiError(f"Only a paused job can be resumed; {job.public_id} is {job.status}.", code="invalid_state")
+    job.refresh_from_db()
+    _note(job, "Job resumed; waiting for a training worker.", status=job.status)
+    _enqueue(job)
+    return job
+
+
+@transaction.atomic
+def job_delete(*, job: FineTuningJob) -> FineTuningJob:
+    """Delete a job that is not running (zhipuai's jobs.delete); its model stays."""
+    if job.status in (FineTuningJob.RUNNING,):
+        raise ApiError(f"Job {job.public_id} is running; cancel it first.", code="invalid_state")
+    snapshot = FineTuningJob.objects.get(pk=job.pk)
+    output_dir = job.output_dir
+    has_model = hasattr(job, "model_card")
+    job.delete()
+    if not has_model:
+        transaction.on_commit(lambda: shutil.rmtree(output_dir, ignore_errors=True))
+    return snapshot
+
+
+def recover_stale_jobs() -> list[str]:
+    """Re-queue running jobs whose worker stopped sending heartbeats."""
+    cutoff = timezone.now() - timedelta(seconds=settings.FT_HEARTBEAT_TIMEOUT)
+    recovered = []
+    for job in FineTuningJob.objects.filter(status=FineTuningJob.RUNNING, heartbeat_at__lt=cutoff):
+        with transaction.atomic():
+            if not FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.RUNNING, heartbeat_at__lt=cutoff).update(
+                status=FineTuningJob.QUEUED, worker=""
+            ):
+                continue
+            last = job.checkpoints.order_by("-step").first()
+            where = f"from the checkpoint at step {last.step}" if last else "from the start"
+            _note(job, f"Worker {job.worker or '?'} stopped responding; job re-queued and resumes {where}.", level="warn", status=FineTuningJob.QUEUED)
+            _enqueue(job)
+        recovered.append(job.public_id)
+    return recovered
+
+
+# --- The engine boundary -------------------------------------------------------
+
+
+def build_train_config(job: FineTuningJob, *, resume_from: str | None):
+    from .engine import TrainConfig
+
+    hp = job.resolved
+    lora = {"lora_r": hp["lora_rank"], "lora_alpha": hp["lora_alpha"], "lora_dropout": hp["lora_dropout"]} if job.method != "full" else {}
+    return TrainConfig(
+        model=str(get_base_model(job.base_model).path),
+        train_file=_local_path(job.training_file),
+        validation_file=_local_path(job.validation_file) if job.validation_file else None,
+        out_dir=str(job.output_dir),
+        method=job.method,
+        epochs=hp["n_epochs"],
+        batch_size=hp["batch_size"],
+        lr=hp["learning_rate"],
+        max_seq_len=hp["max_seq_len"],
+        eval_every=hp["eval_every"],
+        save_every=hp["save_every"],
+        warmup_ratio=hp["warmup_ratio"],
+        seed=job.seed,
+        resume_from=resume_from,
+        device=settings.FT_DEVICE,
+        **lora,
+    )
+
+
+def _local_path(dataset: Dataset) -> str:
+    # Training reads the normalized chat lines the validator wrote.
+    field = dataset.normalized or dataset.file
+    return field.path
+
+
+def job_run(*, job_id: int, worker: str | None = None) -> None:
+    """Claim a queued job and train it to the end, a pause, a cancel or a failure."""
+    from .engine import ConfigError, train
+
+    job = FineTuningJob.objects.filter(pk=job_id).first()
+    worker = worker or socket.gethostname()
+    if job is None or not job.claim(worker):
+        return
+    checkpoint = job.checkpoints.order_by("-step").first()
+    # Steps after the checkpoint we resume from will be trained again: drop
+    # their points so the curve never shows a step twice.
+    job.events.filter(type=JobEvent.METRICS, step__gt=checkpoint.step if checkpoint else -1).delete()
+    sink = JobSink(job)
+    resume_note = f" from the checkpoint at step {checkpoint.step}" if checkpoint else ""
+    sink.event(f"Training started on {worker}{resume_note} (attempt {job.attempts}).")
+    publish(job.public_id, {"type": "status", "status": FineTuningJob.RUNNING})
+
+    summary, failure = None, None
+    try:
+        config = build_train_config(job, resume_from=checkpoint.path if checkpoint else None)
+        with Watchdog(job, heartbeat_seconds=settings.FT_HEARTBEAT_SECONDS) as watchdog:
+            summary = train(config, sink=sink, should_stop=watchdog.should_stop)
+    except ConfigError as exc:
+        failure = {"code": "invalid_config", "message": "; ".join(exc.problems), "param": None}
+    except Exception as exc:  # noqa: BLE001 - any failure must end as a failed job, not a stuck one
+        log.exception("job %s failed", job.public_id)
+        failure = {"code": "training_failed", "message": f"{type(exc).__name__}: {exc}", "param": None}
+    finally:
+        sink.flush()
+    _finish_run(job, summary, failure, sink)
+
+
+def _finish_run(job: FineTuningJob, summary: dict | None, failure: dict | None, sink: JobSink) -> None:
+    from deployments_app.services import model_card_create_from_job
+
+    running = FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.RUNNING)
+    if failure is not None:
+        running.update(status=FineTuningJob.FAILED, error=failure, control="", finished_at=timezone.now(), estimated_finish=None)
+        sink.event(f"Training failed: {failure['message']}", level="error")
+        final = FineTuningJob.FAILED
+    elif summary.get("stopped") == "pause":
+        running.update(status=FineTuningJob.PAUSED, control="", estimated_finish=None)
+        sink.event("Job paused; resume continues from the last checkpoint.")
+        final = FineTuningJob.PAUSED
+    elif summary.get("stopped"):
+        running.update(status=FineTuningJob.CANCELLED, control="", finished_at=timezone.now(), estimated_finish=None)
+        sink.event("Job cancelled; finished checkpoints are kept.")
+        final = FineTuningJob.CANCELLED
+    else:
+        job.refresh_from_db()
+        card = model_card_create_from_job(job=job, summary=summary)
+        running.update(
+            status=FineTuningJob.SUCCEEDED, fine_tuned_model=card.model_id, control="",
+            trained_tokens=summary.get("train_tokens"), step=job.total_steps or job.step,
+            finished_at=timezone.now(), estimated_finish=None,
+        )
+        sink.event(f"Fine-tuning succeeded. New model: {card.model_id}")
+        final = FineTuningJob.SUCCEEDED
+    publish(job.public_id, {"type": "status", "status": final})
+    from finetune_site.services import notify
+
+    if final in (FineTuningJob.SUCCEEDED, FineTuningJob.FAILED):
+        notify(job.owner, f"Job {job.public_id} {final}.", level="info" if final == FineTuningJob.SUCCEEDED else "error", link=f"/jobs/{job.public_id}/")

@@ -1,0 +1,129 @@
+"""The engine's sink for a job: turns engine callbacks into rows and live messages."""
+
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from django.db import connections, transaction
+from django.utils import timezone
+
+from .models import Checkpoint, FineTuningJob, JobEvent
+from .publish import metrics_event_data, publish
+
+_FLUSH_SECONDS = 1.0
+_FLUSH_ROWS = 50
+
+
+class JobSink:
+    """Receives every metric, eval, event and checkpoint of one run.
+
+    Metric rows are written in batches (a row per step would make SQLite the
+    bottleneck of small models); live messages go out at once.
+    """
+
+    def __init__(self, job: FineTuningJob):
+        self.job = job
+        self.summary: dict | None = None
+        self._pending: list[JobEvent] = []
+        self._last_flush = time.monotonic()
+        self._progress: dict = {}
+
+    def __call__(self, kind: str, payload: dict) -> None:
+        handler = getattr(self, f"_on_{kind}", None)
+        if handler is not None:
+            handler(payload)
+
+    def _on_metric(self, payload: dict) -> None:
+        data = metrics_event_data("metric", payload)
+        message = f"Step {payload['step']}/{payload.get('total_steps')}: training loss={payload.get('loss', 0):.4f}"
+        self._pending.append(JobEvent(job=self.job, type=JobEvent.METRICS, step=payload["step"], message=message, data=data))
+        self._progress = payload
+        publish(self.job.public_id, {"type": "metric", **data, "lr": payload.get("lr")})
+        self._maybe_flush()
+
+    def _on_eval(self, payload: dict) -> None:
+        data = metrics_event_data("eval", payload)
+        message = f"Step {payload['step']}: validation loss={payload.get('eval_loss', 0):.4f}"
+        self._pending.append(JobEvent(job=self.job, type=JobEvent.METRICS, step=payload["step"], message=message, data=data))
+        publish(self.job.public_id, {"type": "eval", **data})
+        self._maybe_flush()
+
+    def _on_event(self, payload: dict) -> None:
+        self.event(payload.get("message", ""), level=payload.get("level", "info"))
+
+    def _on_checkpoint(self, payload: dict) -> None:
+        self.flush()
+        checkpoint, _ = Checkpoint.objects.update_or_create(
+            job=self.job, step=payload["step"],
+            defaults={"path": str(Path(payload["path"]).resolve()), "metrics": payload.get("metrics") or {}},
+        )
+        self.event(f"Checkpoint saved at step {checkpoint.step}.")
+        publish(self.job.public_id, {"type": "checkpoint", "step": checkpoint.step, "id": checkpoint.public_id})
+
+    def _on_summary(self, payload: dict) -> None:
+        self.summary = payload
+
+    def event(self, message: str, *, level: str = "info") -> None:
+        """Write a message event now and show it live."""
+        row = JobEvent.objects.create(job=self.job, level=level, message=message)
+        publish(self.job.public_id, {"type": "event", "level": level, "message": message, "created_at": int(row.created_at.timestamp())})
+
+    def _maybe_flush(self) -> None:
+        if len(self._pending) >= _FLUSH_ROWS or time.monotonic() - self._last_flush >= _FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._pending and not self._progress:
+            return
+        with transaction.atomic():
+            JobEvent.objects.bulk_create(self._pending)
+            if self._progress:
+                eta = self._progress.get("eta_s")
+                FineTuningJob.objects.filter(pk=self.job.pk).update(
+                    step=self._progress["step"],
+                    total_steps=self._progress.get("total_steps") or 0,
+                    trained_tokens=self._progress.get("tokens"),
+                    estimated_finish=timezone.now() + timedelta(seconds=eta) if eta is not None else None,
+                )
+        self._pending = []
+        if self._progress:
+            publish(self.job.public_id, {"type": "progress", "step": self._progress["step"], "total_steps": self._progress.get("total_steps")})
+
+
+class Watchdog:
+    """Keeps the job's heartbeat fresh and brings the user's cancel/pause to the engine."""
+
+    def __init__(self, job: FineTuningJob, *, heartbeat_seconds: float, poll_seconds: float = 1.0):
+        self.job_pk = job.pk
+        self.heartbeat_seconds = heartbeat_seconds
+        self.poll_seconds = poll_seconds
+        self.control = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"watchdog-{job.public_id}", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def should_stop(self):
+        return self.control or None
+
+    def _run(self) -> None:
+        last_beat = 0.0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now - last_beat >= self.heartbeat_seconds:
+                    FineTuningJob.objects.filter(pk=self.job_pk, status=FineTuningJob.RUNNING).update(heartbeat_at=timezone.now())
+                    last_beat = now
+                control = FineTuningJob.objects.filter(pk=self.job_pk).values_list("control", flat=True).first()
+                self.control = control or ""
+                self._stop.wait(self.poll_seconds)
+        finally:
+            connections.close_all()

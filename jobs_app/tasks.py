@@ -1,0 +1,15 @@
+import socket
+
+from celery import shared_task
+
+from . import services
+
+
+@shared_task(name="jobs_app.tasks.train_job", acks_late=False)
+def train_job(job_id: int) -> None:
+    services.job_run(job_id=job_id, worker=f"{socket.gethostname()}:{train_job.request.hostname or ''}")
+
+
+@shared_task(name="jobs_app.tasks.recover_stale_jobs")
+def recover_stale_jobs() -> list[str]:
+    return services.recover_stale_jobs()

@@ -1,0 +1,59 @@
+"""Fixtures shared by every test file.
+
+Models are built once into var/test-cache (ignored by git) and reused across
+runs: the tiny model in seconds, the bundled SmolLM2 in about half a minute.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from deployments_app.serving.bundled import build_tiny_model, prepare_bundled_model
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_CACHE = REPO / "var" / "test-cache"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """A tiny randomly initialised Llama with SmolLM2's tokenizer and chat template."""
+    return build_tiny_model(TEST_CACHE / "tiny-random-smollm2")
+
+
+@pytest.fixture(scope="session")
+def bundled_model_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, converted from the bundled GGUF."""
+    return prepare_bundled_model(TEST_CACHE / "SmolLM2-135M-Instruct", progress=lambda line: None)
+
+
+@pytest.fixture(scope="session")
+def banking77_dir() -> Path:
+    if not (SHARED_DATA / "banking77" / "train.csv").exists():
+        pytest.skip("../shared/data/banking77 is not present")
+    return SHARED_DATA / "banking77"
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, tiny_model_dir, bundled_model_dir):
+    """The whole product running as `make run` runs it, in its own FT_HOME and port."""
+    from deployments_app.serving.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID
+
+    from .live import start_stack, stop_stack
+
+    running = start_stack(
+        tmp_path_factory.mktemp("stack"), {TINY_MODEL_ID: tiny_model_dir, BUNDLED_MODEL_ID: bundled_model_dir}
+    )
+    yield running
+    stop_stack(running)
+
+
+@pytest.fixture(autouse=True)
+def _in_memory_channel_layer(request):
+    """Unit tests publish to an in-memory layer; live tests use the stack's real Redis."""
+    if not request.config.pluginmanager.hasplugin("django"):
+        yield
+        return
+    settings = request.getfixturevalue("settings")
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    yield

@@ -1,0 +1,179 @@
+"""API keys, the error shape and who sees what (no live stack needed)."""
+
+import time
+
+import jwt
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.core.management import call_command
+
+from datasets_app.models import Dataset
+from finetune_site.models import ApiKey
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def alice():
+    return get_user_model().objects.create_user("alice", password="pw-alice-123")
+
+
+@pytest.fixture
+def bob():
+    return get_user_model().objects.create_user("bob", password="pw-bob-123")
+
+
+@pytest.fixture
+def alice_key(alice):
+    return ApiKey.issue(alice, name="test")[1]
+
+
+def auth(key):
+    return {"HTTP_AUTHORIZATION": f"Bearer {key}"}
+
+
+def make_dataset(owner, **fields):
+    dataset = Dataset(owner=owner, filename="d.jsonl", bytes=10, status=Dataset.PROCESSED, examples=10, **fields)
+    dataset.file.save("d.jsonl", SimpleUploadedFile("d.jsonl", b"{}\n"), save=True)
+    return dataset
+
+
+def test_it_stores_only_a_hash_of_the_key(alice):
+    key, raw = ApiKey.issue(alice)
+    assert raw.startswith(key.key_id + ".")
+    assert raw not in key.key_hash and key.matches(raw) and not key.matches(raw + "x")
+
+
+def test_it_accepts_bearer_bare_and_jwt_forms(client, alice, alice_key):
+    assert client.get("/v1/models", **auth(alice_key)).status_code == 200
+    assert client.get("/v1/models", HTTP_AUTHORIZATION=alice_key).status_code == 200
+    key_id, secret = alice_key.split(".")
+    now_ms = int(time.time() * 1000)
+    token = jwt.encode({"api_key": key_id, "exp": now_ms + 60_000, "timestamp": now_ms}, secret, algorithm="HS256",
+                       headers={"alg": "HS256", "sign_type": "SIGN"})
+    assert client.get("/v1/models", **auth(token)).status_code == 200
+
+
+def test_it_rejects_an_expired_or_forged_jwt(client, alice_key):
+    key_id, secret = alice_key.split(".")
+    past = int(time.time() * 1000) - 1000
+    expired = jwt.encode({"api_key": key_id, "exp": past, "timestamp": past}, secret, algorithm="HS256")
+    forged = jwt.encode({"api_key": key_id, "exp": past + 10**7, "timestamp": past}, "wrong-secret", algorithm="HS256")
+    assert client.get("/v1/models", **auth(expired)).status_code == 401
+    assert client.get("/v1/models", **auth(forged)).status_code == 401
+
+
+def test_it_answers_401_with_the_error_shape_and_www_authenticate(client):
+    response = client.get("/v1/files")
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"].startswith("Bearer")
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_revoked_key_stops_working(client, alice):
+    key, raw = ApiKey.issue(alice)
+    key.revoke()
+    assert client.get("/v1/models", **auth(raw)).status_code == 401
+
+
+def test_create_api_key_prints_the_key_last(capsys):
+    call_command("create_api_key", "charlie", "--create-user")
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    user = get_user_model().objects.get(username="charlie")
+    assert not user.has_usable_password()
+    assert ApiKey.objects.get(user=user).matches(last)
+
+
+def test_create_api_key_refuses_a_missing_user_without_the_flag():
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError):
+        call_command("create_api_key", "nobody")
+
+
+def test_bob_gets_404_for_alices_file(client, alice, bob):
+    dataset = make_dataset(alice)
+    _, bob_key = ApiKey.issue(bob)
+    assert client.get(f"/v1/files/{dataset.public_id}", **auth(bob_key)).status_code == 404
+    assert client.get(f"/v1/files/{dataset.public_id}/content", **auth(bob_key)).status_code == 404
+    assert client.get("/v1/files", **auth(bob_key)).json()["data"] == []
+
+
+def test_file_list_paginates_with_exact_has_more(client, alice, alice_key):
+    ids = [make_dataset(alice).public_id for _ in range(5)]
+    page = client.get("/v1/files?limit=2", **auth(alice_key)).json()
+    assert page["has_more"] is True and [d["id"] for d in page["data"]] == ids[::-1][:2]
+    rest = client.get(f"/v1/files?limit=10&after={page['last_id']}", **auth(alice_key)).json()
+    assert rest["has_more"] is False and [d["id"] for d in rest["data"]] == ids[::-1][2:]
+
+
+def test_content_is_served_for_accept_application_binary(client, alice, alice_key):
+    dataset = make_dataset(alice)
+    response = client.get(f"/v1/files/{dataset.public_id}/content", HTTP_ACCEPT="application/binary", **auth(alice_key))
+    assert response.status_code == 200
+    assert b"".join(response.streaming_content) == b"{}\n"
+
+
+def test_job_create_rejects_an_unknown_model_with_param(client, alice, alice_key):
+    dataset = make_dataset(alice)
+    response = client.post("/v1/fine_tuning/jobs", {"model": "nope", "training_file": dataset.public_id},
+                           content_type="application/json", **auth(alice_key))
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "model"
+
+
+def test_job_create_rejects_a_file_still_validating(client, alice, alice_key, settings, tiny_model_dir):
+    settings.FT_MODELS_DIR = tiny_model_dir.parent
+    dataset = make_dataset(alice)
+    Dataset.objects.filter(pk=dataset.pk).update(status=Dataset.UPLOADED)
+    response = client.post("/v1/fine_tuning/jobs", {"model": "tiny-random-smollm2", "training_file": dataset.public_id},
+                           content_type="application/json", **auth(alice_key))
+    assert response.status_code == 400
+    assert "still being validated" in response.json()["error"]["message"]
+
+
+def test_job_create_rejects_bad_hyperparameters(client, alice, alice_key, settings, tiny_model_dir):
+    settings.FT_MODELS_DIR = tiny_model_dir.parent
+    dataset = make_dataset(alice)
+    body = {"model": "tiny-random-smollm2", "training_file": dataset.public_id, "hyperparameters": {"n_epochs": 0}}
+    response = client.post("/v1/fine_tuning/jobs", body, content_type="application/json", **auth(alice_key))
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "hyperparameters.n_epochs"
+
+
+def test_job_create_accepts_method_only_and_returns_both_shapes(client, alice, alice_key, settings, tiny_model_dir, django_capture_on_commit_callbacks):
+    settings.FT_MODELS_DIR = tiny_model_dir.parent
+    dataset = make_dataset(alice)
+    body = {"model": "tiny-random-smollm2", "training_file": dataset.public_id,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": "auto"}}}}
+    response = client.post("/v1/fine_tuning/jobs", body, content_type="application/json", **auth(alice_key))
+    job = response.json()
+    assert response.status_code == 200, job
+    assert job["hyperparameters"]["n_epochs"] == 2
+    assert isinstance(job["hyperparameters"]["batch_size"], int)
+    assert job["method"]["supervised"]["hyperparameters"] == job["hyperparameters"]
+    assert job["object"] == "fine_tuning.job" and isinstance(job["created_at"], int)
+
+
+def test_chat_rejects_an_unknown_model_with_404(client, alice_key):
+    response = client.post("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]},
+                           content_type="application/json", **auth(alice_key))
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+def test_chat_rejects_malformed_json_with_400(client, alice_key):
+    response = client.post("/v1/chat/completions", "{not json", content_type="application/json", **auth(alice_key))
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["error"]["message"]
+
+
+def test_the_zhipu_path_serves_the_same_api(client, alice_key):
+    assert client.get("/api/paas/v4/models", **auth(alice_key)).status_code == 200
+
+
+def test_pages_need_login(client):
+    for url in ("/", "/datasets/", "/jobs/", "/jobs/new/", "/models/", "/playground/", "/keys/"):
+        response = client.get(url)
+        assert response.status_code == 302 and "/accounts/login/" in response["Location"], url
