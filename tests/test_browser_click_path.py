@@ -55,12 +55,12 @@ def test_a_user_clicks_from_upload_to_side_by_side_answers(stack, page, tmp_path
     page.get_by_role("button", name="Log in").click()
     expect(page.get_by_role("heading", name="Overview")).to_be_visible()
 
-    page.get_by_role("link", name="Datasets").click()
+    page.get_by_role("link", name="Datasets", exact=True).click()
     page.get_by_test_id("dataset-file").set_input_files(str(support_dataset(tmp_path / "support.jsonl")))
     page.get_by_role("button", name="Upload").click()
     expect(page.get_by_test_id("dataset-status").first).to_have_text("ready")
 
-    page.get_by_role("link", name="Fine-tuning").click()
+    page.get_by_role("link", name="Fine-tuning", exact=True).click()
     page.get_by_role("link", name="Create fine-tuning task").first.click()
     page.get_by_label("Base model").select_option(BUNDLED_MODEL_ID)
     page.get_by_label("Epochs").fill("2")
@@ -83,6 +83,7 @@ def test_a_user_clicks_from_upload_to_side_by_side_answers(stack, page, tmp_path
 
     expect(page.get_by_test_id("model-a")).to_have_value(BUNDLED_MODEL_ID)
     assert page.get_by_test_id("model-b").input_value().startswith(f"ft:{BUNDLED_MODEL_ID}:admin:browser:")
+    page.get_by_label("Max tokens").fill("40")
     page.get_by_test_id("prompt").fill("My card was declined, what do I do?")
     page.get_by_test_id("send").click()
     for side in ("a", "b"):

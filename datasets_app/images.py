@@ -1,0 +1,157 @@
+"""Check the images inside examples: web addresses and inline base64 data URLs.
+
+Pillow is not needed: an image is recognised by its first bytes and its size
+read from the header, which is all validation wants and far cheaper than
+decoding pixels.
+"""
+
+import base64
+import binascii
+import struct
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+IMAGE_KINDS = ("jpeg", "png", "gif", "webp", "bmp")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    kind: str
+    width: int | None
+    height: int | None
+    size: int
+
+
+def sniff_image_kind(data: bytes) -> str | None:
+    """Return "jpeg", "png", "gif", "webp" or "bmp" from the first bytes, or None."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:2] == b"BM" and len(data) >= 26:
+        return "bmp"
+    return None
+
+
+def read_image_info(data: bytes) -> ImageInfo | None:
+    """Return the kind and size of an image held in data, or None when it is not one we know.
+
+    Raises ValueError when the kind is recognised but the header is cut short.
+    """
+    kind = sniff_image_kind(data)
+    if kind is None:
+        return None
+    try:
+        width, height = _SIZE_READERS[kind](data)
+    except (struct.error, IndexError):
+        raise ValueError(f"the {kind.upper()} header is cut short; the image is damaged") from None
+    return ImageInfo(kind, width, height, len(data))
+
+
+def check_image_url(url: str) -> ImageInfo | None:
+    """Check an image address; return the inline image's info, or None for a web address.
+
+    Raises ValueError saying what is wrong and what is expected.
+    """
+    if url.startswith("data:"):
+        return _check_data_url(url)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        shown = url if len(url) <= 60 else url[:57] + "..."
+        raise ValueError(
+            f'"{shown}" is not an image address: expected an http(s) URL such as '
+            '"https://example.com/cat.jpg" or a "data:image/jpeg;base64,..." URL'
+        )
+    return None
+
+
+def _check_data_url(url: str) -> ImageInfo:
+    header, comma, payload = url.partition(",")
+    params = header[len("data:"):].split(";")
+    if not comma or params[-1] != "base64" or not params[0].lower().startswith("image/"):
+        raise ValueError('expected a data URL of the form "data:image/<type>;base64,<data>"')
+    # Refuse before decoding so a huge payload never gets allocated twice.
+    approx_size = len(payload) * 3 // 4
+    if approx_size > MAX_IMAGE_BYTES:
+        raise ValueError(
+            f"the image is {_megabytes(approx_size)} once decoded; the limit is {_megabytes(MAX_IMAGE_BYTES)}",
+        )
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except binascii.Error:
+        raise ValueError("the data after \"base64,\" is not valid base64") from None
+    info = read_image_info(data)
+    if info is None:
+        raise ValueError(f"the decoded data is not an image: expected {', '.join(k.upper() for k in IMAGE_KINDS)}")
+    return info
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MB"
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    if data[12:16] != b"IHDR":
+        raise IndexError
+    return struct.unpack(">II", data[16:24])
+
+
+def _gif_size(data: bytes) -> tuple[int, int]:
+    return struct.unpack("<HH", data[6:10])
+
+
+def _bmp_size(data: bytes) -> tuple[int, int]:
+    (header_size,) = struct.unpack("<I", data[14:18])
+    if header_size == 12:  # the old OS/2 header stores 16-bit sizes
+        return struct.unpack("<HH", data[18:22])
+    width, height = struct.unpack("<ii", data[18:26])
+    return width, abs(height)  # a negative height means rows run top-down
+
+
+def _webp_size(data: bytes) -> tuple[int, int]:
+    chunk = data[12:16]
+    if chunk == b"VP8 ":
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L":
+        (bits,) = struct.unpack("<I", data[21:25])
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":
+        if len(data) < 30:
+            raise IndexError
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    raise IndexError
+
+
+# JPEG markers without a length field, and the start-of-frame markers that hold the size.
+_JPEG_STANDALONE = {0x01, *range(0xD0, 0xDA)}
+_JPEG_FRAMES = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    at = 2
+    while True:
+        if data[at] != 0xFF:
+            raise IndexError
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            at += 2
+            continue
+        if marker == 0xDA:  # pixel data starts before any frame header
+            raise IndexError
+        (length,) = struct.unpack(">H", data[at + 2:at + 4])
+        if marker in _JPEG_FRAMES:
+            height, width = struct.unpack(">HH", data[at + 5:at + 9])
+            return width, height
+        at += 2 + length
+
+
+_SIZE_READERS = {"jpeg": _jpeg_size, "png": _png_size, "gif": _gif_size, "webp": _webp_size, "bmp": _bmp_size}

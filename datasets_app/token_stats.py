@@ -1,0 +1,267 @@
+"""Token statistics of a dataset: lengths, trained and billable tokens, truncation.
+
+A second, optional pass after validation, slower because it needs the base
+model's tokenizer. Examples are rendered with the chat template, as training
+will see them; tokens inside assistant replies (weight not 0) are the trained
+ones. The training engine's own renderer can be plugged in for exact counts.
+Plain Python (no Django); transformers is only used through the tokenizer given.
+"""
+
+import json
+import math
+from array import array
+from collections.abc import Callable, Iterable
+
+from datasets_app.formats import InvalidExample, Issue, normalize_example
+
+IMAGE_TOKENS = 1024
+"""What one image counts for, whatever its size."""
+HISTOGRAM_BINS = 20
+_IGNORED_LABEL = -100
+
+
+def token_statistics(
+    lines: Iterable,
+    tokenizer,
+    *,
+    max_seq_len: int,
+    render: Callable | None = None,
+    max_listed: int = 100,
+) -> dict:
+    """Count the tokens of each example in lines and describe them for a page and a cost estimate.
+
+    lines holds JSON lines (bytes or str, as from iterating a file) or decoded
+    dicts, in any accepted format; invalid ones are skipped. Warning line
+    numbers count every item, blank lines included, so they match the file.
+    render, when given, is called as render(tokenizer, example, loss_on="assistant",
+    max_seq_len=None) and returns input_ids with labels (-100 = not trained) or
+    a loss_mask, as a dict or an object; without it the tokenizer's chat
+    template is used.
+    """
+    lengths = array("I")
+    totals = {"total": 0, "trained": 0, "billable": 0, "images": 0, "lost": 0, "over": 0, "skipped": 0}
+    warnings: list[Issue] = []
+    for number, example in _numbered_examples(lines):
+        if example is None:
+            totals["skipped"] += 1
+            continue
+        longest = 0
+        for sequence in _sequences(example):
+            mask = _loss_mask(tokenizer, sequence, render)
+            image_count, trained_images = _count_images(sequence["messages"])
+            tokens = len(mask) + IMAGE_TOKENS * image_count
+            longest = max(longest, tokens)
+            totals["total"] += tokens
+            totals["billable"] += min(tokens, max_seq_len)
+            totals["trained"] += sum(mask[:max_seq_len]) + IMAGE_TOKENS * trained_images
+            totals["images"] += image_count
+            totals["lost"] += max(0, tokens - max_seq_len)
+        lengths.append(longest)
+        if longest > max_seq_len:
+            totals["over"] += 1
+            if len(warnings) < max_listed:
+                message = (
+                    f"the example is {longest:,} tokens, longer than the maximum sequence length "
+                    f"{max_seq_len:,}: {longest - max_seq_len:,} tokens will be cut off"
+                )
+                warnings.append(Issue(number, "", "too_long", message))
+    ordered = sorted(lengths)
+    return {
+        "examples": len(ordered),
+        "skipped": totals["skipped"],
+        "tokens_per_example": {
+            "mean": round(sum(ordered) / len(ordered), 1) if ordered else 0,
+            "p50": _percentile(ordered, 0.50),
+            "p95": _percentile(ordered, 0.95),
+            "max": ordered[-1] if ordered else 0,
+        },
+        "histogram": length_histogram(ordered),
+        "total_tokens": totals["total"],
+        "trained_tokens": totals["trained"],
+        "billable_tokens": totals["billable"],
+        "images": totals["images"],
+        "image_tokens": totals["images"] * IMAGE_TOKENS,
+        "max_seq_len": max_seq_len,
+        "examples_over_max_seq_len": totals["over"],
+        "tokens_lost": totals["lost"],
+        "warnings": [issue.to_dict() for issue in warnings],
+        "warning_counts": {"too_long": totals["over"]} if totals["over"] else {},
+    }
+
+
+def estimate_cost(billable_tokens: int, epochs: int, price_per_1k: float) -> float:
+    """Return the price of training on billable_tokens for epochs at price_per_1k tokens."""
+    if billable_tokens < 0 or epochs < 0 or price_per_1k < 0:
+        raise ValueError("billable_tokens, epochs and price_per_1k must not be negative")
+    return billable_tokens * epochs * price_per_1k / 1000
+
+
+def length_histogram(lengths: list[int], bins: int = HISTOGRAM_BINS) -> dict:
+    """Bin lengths into at most `bins` equal bins of a round width: {"edges": [...], "counts": [...]}.
+
+    edges has one more item than counts; bin i holds edges[i] <= length < edges[i + 1].
+    """
+    if not lengths:
+        return {"edges": [], "counts": []}
+    width = _round_width(max(lengths) / bins)
+    counts = [0] * (max(lengths) // width + 1)
+    for length in lengths:
+        counts[length // width] += 1
+    return {"edges": [width * i for i in range(len(counts) + 1)], "counts": counts}
+
+
+def _round_width(raw: float) -> int:
+    """The smallest 1, 2 or 5 times a power of ten that is at least raw."""
+    if raw <= 1:
+        return 1
+    power = 10 ** math.floor(math.log10(raw))
+    return next(step * power for step in (1, 2, 5, 10) if step * power >= raw)
+
+
+def _percentile(ordered: list[int], fraction: float) -> int:
+    if not ordered:
+        return 0
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def _numbered_examples(lines: Iterable):
+    for number, line in enumerate(lines, start=1):
+        if isinstance(line, (bytes, str)):
+            text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+            text = text.strip().lstrip("\ufeff")
+            if not text:
+                continue
+            try:
+                line = json.loads(text)
+            except ValueError:
+                yield number, None
+                continue
+        try:
+            example, _ = normalize_example(line) if isinstance(line, dict) else (None, None)
+        except InvalidExample:
+            example = None
+        yield number, example
+
+
+def _sequences(example: dict) -> list[dict]:
+    """The sequences training will see: one for chat, one per answer for a preference pair."""
+    if "messages" in example:
+        return [example]
+    tools = {"tools": example["tools"]} if "tools" in example else {}
+    prompt = example["input"]["messages"]
+    return [{"messages": prompt + example[key], **tools} for key in ("preferred_output", "non_preferred_output")]
+
+
+def _count_images(messages: list[dict]) -> tuple[int, int]:
+    count = trained = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            found = sum(1 for part in content if part.get("type") == "image_url")
+            count += found
+            if message["role"] == "assistant" and message.get("weight", 1) != 0:
+                trained += found
+    return count, trained
+
+
+def _loss_mask(tokenizer, example: dict, render: Callable | None) -> list[int]:
+    """One item per token: 1 where training learns from the token, 0 elsewhere."""
+    if render is not None:
+        return _mask_from_render(render(tokenizer, example, loss_on="assistant", max_seq_len=None))
+    messages = [_plain_message(message) for message in example["messages"]]
+    trained = [
+        i for i, message in enumerate(example["messages"])
+        if message["role"] == "assistant" and message.get("weight", 1) != 0
+    ]
+    try:
+        text = _apply_template(tokenizer, messages, example.get("tools"), generation=False)
+    except Exception:  # no chat template, or one that refuses this conversation
+        text, spans = _plain_render(messages, trained)
+    else:
+        spans = _assistant_spans(tokenizer, messages, example.get("tools"), trained, text)
+    return _mask(tokenizer, text, spans)
+
+
+def _assistant_spans(tokenizer, messages, tools, trained: list[int], text: str) -> list[tuple[int, int]]:
+    """Where each trained reply sits in text: from after its header to its end-of-turn tokens."""
+    spans = []
+    searched_to = 0
+    for i in trained:
+        try:
+            before = _apply_template(tokenizer, messages[:i], tools, generation=True) if i else ""
+            upto = _apply_template(tokenizer, messages[: i + 1], tools, generation=False)
+        except Exception:
+            before = upto = None
+        if upto is not None and text.startswith(upto) and upto.startswith(before) and len(before) >= searched_to:
+            span = (len(before), len(upto))
+        else:
+            # The template rewrites earlier turns: fall back to finding the reply's own text.
+            start = text.find(messages[i]["content"], searched_to)
+            span = (start, start + len(messages[i]["content"])) if start >= 0 else (searched_to, searched_to)
+        spans.append(span)
+        searched_to = span[1]
+    return spans
+
+
+def _plain_render(messages: list[dict], trained: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    text, spans = "", []
+    for i, message in enumerate(messages):
+        text += f"{message['role']}: "
+        if i in trained:
+            spans.append((len(text), len(text) + len(message["content"])))
+        text += message["content"] + "\n"
+    return text, spans
+
+
+def _mask(tokenizer, text: str, spans: list[tuple[int, int]]) -> list[int]:
+    mask: list[int] = []
+    at = 0
+    for start, end in [*spans, (len(text), len(text))]:
+        mask += [0] * _token_count(tokenizer, text[at:start])
+        mask += [1] * _token_count(tokenizer, text[start:end])
+        at = end
+    return mask
+
+
+def _token_count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+
+def _apply_template(tokenizer, messages, tools, *, generation: bool) -> str:
+    extra = {"tools": tools} if tools else {}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation, **extra)
+
+
+def _plain_message(message: dict) -> dict:
+    """The message as role and text: image parts drop out (counted apart), tool calls become JSON text."""
+    content = message.get("content") or ""
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+    pieces = [content] if content else []
+    for call in message.get("tool_calls") or []:
+        function = call["function"]
+        try:
+            arguments = json.loads(function["arguments"])
+        except (TypeError, ValueError):
+            arguments = function["arguments"]
+        pieces.append(json.dumps({"name": function["name"], "arguments": arguments}, ensure_ascii=False))
+    return {"role": message["role"], "content": "\n".join(pieces)}
+
+
+def _mask_from_render(result) -> list[int]:
+    if isinstance(result, tuple):
+        input_ids, labels = result[0], result[1]
+        result = {"input_ids": input_ids, "labels": labels}
+    get = result.get if isinstance(result, dict) else (lambda key: getattr(result, key, None))
+    if get("loss_mask") is not None:
+        return [1 if value else 0 for value in _flat(get("loss_mask"))]
+    if get("labels") is not None:
+        return [0 if value == _IGNORED_LABEL else 1 for value in _flat(get("labels"))]
+    return [0] * len(_flat(get("input_ids")))
+
+
+def _flat(values) -> list:
+    values = values.tolist() if hasattr(values, "tolist") else list(values)
+    if len(values) == 1 and isinstance(values[0], list):  # a batch of one
+        values = values[0]
+    return values

@@ -1,0 +1,146 @@
+"""Token statistics with the tiny model's tokenizer (SmolLM2's, with its chat template)."""
+
+import json
+
+import pytest
+
+from datasets_app.token_stats import IMAGE_TOKENS, estimate_cost, length_histogram, token_statistics
+from tests.datasets.support import chat, function_calling_example, image_question
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+def count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def rendered_length(tokenizer, messages) -> int:
+    return count(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
+
+
+def test_it_counts_all_tokens_and_the_assistant_ones(tokenizer):
+    example = chat("What is the capital of France?", "Paris is the capital.")
+    stats = token_statistics([json.dumps(example).encode()], tokenizer, max_seq_len=512)
+
+    total = rendered_length(tokenizer, example["messages"])
+    assert stats["total_tokens"] == stats["billable_tokens"] == total
+    assert stats["trained_tokens"] == count(tokenizer, "Paris is the capital.<|im_end|>\n")
+    assert stats["tokens_per_example"] == {"mean": total, "p50": total, "p95": total, "max": total}
+    assert stats["examples_over_max_seq_len"] == 0 and stats["warnings"] == []
+
+
+def test_it_leaves_out_replies_with_weight_0(tokenizer):
+    example = chat("Hi", "Hello there", "Bye", "Goodbye")
+    example["messages"][2]["weight"] = 0
+    stats = token_statistics([example], tokenizer, max_seq_len=512)
+
+    assert stats["trained_tokens"] == count(tokenizer, "Goodbye<|im_end|>\n")
+
+
+def test_it_counts_converted_examples_and_tool_calls(tokenizer):
+    converted = token_statistics([{"prompt": "2+2?", "completion": "4"}], tokenizer, max_seq_len=512)
+    calls = token_statistics([function_calling_example()], tokenizer, max_seq_len=512)
+
+    assert converted["total_tokens"] == rendered_length(tokenizer, [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}])
+    call_text = '{"name": "get_weather", "arguments": {"city": "Paris"}}<|im_end|>\n'
+    assert calls["trained_tokens"] == count(tokenizer, call_text) + count(tokenizer, "It is 21 C in Paris.<|im_end|>\n")
+
+
+def test_it_counts_each_image_as_1024_tokens(tokenizer):
+    stats = token_statistics([image_question("https://example.com/cat.jpg")], tokenizer, max_seq_len=4096)
+
+    text_only = rendered_length(tokenizer, [{"role": "user", "content": "What is this?"}, {"role": "assistant", "content": "A cat."}])
+    assert (stats["images"], stats["image_tokens"]) == (1, IMAGE_TOKENS)
+    assert stats["total_tokens"] == text_only + IMAGE_TOKENS
+
+
+def test_it_warns_about_examples_longer_than_the_maximum_with_tokens_lost(tokenizer):
+    short, long = chat("Hi", "Hello"), chat("word " * 300, "ok")
+    lines = [json.dumps(short).encode(), b"", b"not json", json.dumps(long).encode()]
+    stats = token_statistics(lines, tokenizer, max_seq_len=64)
+
+    long_length = rendered_length(tokenizer, long["messages"])
+    assert stats["examples"] == 2 and stats["skipped"] == 1
+    assert stats["examples_over_max_seq_len"] == 1
+    assert stats["tokens_lost"] == long_length - 64
+    assert stats["billable_tokens"] == rendered_length(tokenizer, short["messages"]) + 64
+    assert stats["warnings"] == [
+        {
+            "line": 4,
+            "path": "",
+            "code": "too_long",
+            "message": f"the example is {long_length:,} tokens, longer than the maximum sequence length 64: {long_length - 64:,} tokens will be cut off",
+        }
+    ]
+    assert stats["warning_counts"] == {"too_long": 1}
+
+
+def test_it_counts_both_answers_of_a_preference_pair(tokenizer):
+    pair = {
+        "input": {"messages": [{"role": "user", "content": "Hi"}]},
+        "preferred_output": [{"role": "assistant", "content": "Hello!"}],
+        "non_preferred_output": [{"role": "assistant", "content": "What do you want from me?"}],
+    }
+    stats = token_statistics([pair], tokenizer, max_seq_len=512)
+
+    chosen = rendered_length(tokenizer, pair["input"]["messages"] + pair["preferred_output"])
+    rejected = rendered_length(tokenizer, pair["input"]["messages"] + pair["non_preferred_output"])
+    assert stats["total_tokens"] == chosen + rejected
+    assert stats["tokens_per_example"]["max"] == max(chosen, rejected)
+
+
+def test_it_uses_a_plugged_in_renderer(tokenizer):
+    calls = []
+
+    def render(tokenizer_given, example, *, loss_on, max_seq_len):
+        calls.append((tokenizer_given, loss_on, max_seq_len))
+        return {"input_ids": [1] * 10, "labels": [-100] * 6 + [5] * 4}
+
+    stats = token_statistics([chat("Hi", "Hello")], tokenizer, max_seq_len=8, render=render)
+
+    assert calls == [(tokenizer, "assistant", None)]
+    assert (stats["total_tokens"], stats["trained_tokens"], stats["tokens_lost"]) == (10, 2, 2)
+
+
+def test_it_gives_percentiles_and_a_histogram_for_a_bar_chart(tokenizer):
+    examples = [chat("x " * n, "ok") for n in range(0, 200, 10)]
+    stats = token_statistics(examples, tokenizer, max_seq_len=1024)
+
+    lengths = sorted(rendered_length(tokenizer, example["messages"]) for example in examples)
+    assert stats["tokens_per_example"]["p50"] == lengths[9]
+    assert stats["tokens_per_example"]["p95"] == lengths[18]
+    histogram = stats["histogram"]
+    assert sum(histogram["counts"]) == 20
+    assert len(histogram["edges"]) == len(histogram["counts"]) + 1
+    assert histogram["edges"][-2] <= lengths[-1] < histogram["edges"][-1]
+
+
+def test_it_bins_lengths_with_a_round_width():
+    assert length_histogram([3, 45, 99, 100]) == {
+        "edges": [0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70, 75, 80, 85, 90, 95, 100, 105],
+        "counts": [1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1],
+    }
+    assert length_histogram([]) == {"edges": [], "counts": []}
+    assert length_histogram([7]) == {"edges": [0, 1, 2, 3, 4, 5, 6, 7, 8], "counts": [0, 0, 0, 0, 0, 0, 0, 1]}
+
+
+def test_it_estimates_cost_from_billable_tokens_epochs_and_price():
+    assert estimate_cost(250_000, 3, 0.008) == pytest.approx(6.0)
+    assert estimate_cost(0, 3, 0.008) == 0
+    with pytest.raises(ValueError, match="must not be negative"):
+        estimate_cost(1000, -1, 0.008)
+
+
+def test_it_takes_the_training_engines_renderer(tokenizer):
+    data = pytest.importorskip("jobs_app.engine.data")
+    examples = [chat("Hi", "Hello there", "Bye", "See you"), function_calling_example()]
+    stats = token_statistics(examples, tokenizer, max_seq_len=4096, render=data.render_example)
+
+    rendered = [data.render_example(tokenizer, example) for example in examples]
+    assert stats["total_tokens"] == sum(len(r.input_ids) for r in rendered)
+    assert stats["trained_tokens"] == sum(r.trained_tokens for r in rendered) > 0
