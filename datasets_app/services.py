@@ -67,6 +67,9 @@ def dataset_validate(*, dataset_id: int) -> Dataset | None:
         return dataset
     if report.ok:
         dataset.mark_processed(examples=report.examples, fmt=report.format, report=report.to_dict(), details=report.summary_text() if report.warnings else "")
+        from .tasks import compute_statistics
+
+        transaction.on_commit(lambda: compute_statistics.delay(dataset.pk))
     else:
         dataset.mark_error(report.summary_text(), report=report.to_dict())
     return dataset
@@ -87,3 +90,96 @@ def dataset_delete(*, dataset: Dataset) -> None:
     files = [f for f in (dataset.file, dataset.normalized) if f]
     dataset.delete()
     transaction.on_commit(lambda: [f.storage.delete(f.name) for f in files])
+
+
+def dataset_compute_statistics(*, dataset_id: int, max_seq_len: int = 1024) -> Dataset | None:
+    """Count tokens with the base tokenizer and the chat template, once, and store them."""
+    from deployments_app.catalog import tokenizer_path
+    from jobs_app.engine.data import render_example
+
+    from .preview import load_tokenizer
+    from .token_stats import estimate_cost, token_statistics
+
+    dataset = Dataset.objects.filter(pk=dataset_id, status=Dataset.PROCESSED).first()
+    folder = tokenizer_path()
+    if dataset is None or not dataset.normalized or folder is None:
+        return dataset
+    tokenizer = load_tokenizer(str(folder))
+    with dataset.normalized.open("rb") as lines:
+        stats = token_statistics(lines, tokenizer, max_seq_len=max_seq_len, render=render_example)
+    stats["cost_per_epoch"] = estimate_cost(stats["billable_tokens"], 1, settings.FT_PRICE_PER_1K_TOKENS)
+    stats["price_per_1k_tokens"] = settings.FT_PRICE_PER_1K_TOKENS
+    report = dict(dataset.report or {})
+    report["tokens"] = stats
+    Dataset.objects.filter(pk=dataset.pk).update(report=report)
+    dataset.report = report
+    return dataset
+
+
+def _derived(owner, source: Dataset, suffix: str, path: str, size: int) -> Dataset:
+    stem = source.filename.rsplit(".", 1)[0]
+    derived = Dataset(owner=owner, filename=f"{stem}.{suffix}.jsonl"[:255], purpose=source.purpose, bytes=size)
+    with open(path, "rb") as fp:
+        derived.file.save(f"{derived.public_id}.jsonl", File(fp), save=False)
+    derived.save()
+    from .tasks import validate_dataset
+
+    transaction.on_commit(lambda: validate_dataset.delay(derived.pk))
+    return derived
+
+
+def _require_processed(dataset: Dataset) -> None:
+    if dataset.status != Dataset.PROCESSED or not dataset.normalized:
+        raise ApiError(f"File {dataset.public_id} is not processed yet ({dataset.status}).", code="file_not_ready")
+
+
+@transaction.atomic
+def dataset_split(*, dataset: Dataset, validation_percent: float, test_percent: float = 0.0, seed: int = 42) -> list[Dataset]:
+    """Split into train/validation(/test) by percentage and seed; the original stays."""
+    import random
+
+    _require_processed(dataset)
+    if not 0 < validation_percent < 100 or not 0 <= test_percent < 100 or validation_percent + test_percent >= 100:
+        raise ApiError("Percentages must be above 0, and validation + test must stay below 100.", param="validation_percent")
+    total = dataset.examples or 0
+    n_valid = max(1, round(total * validation_percent / 100))
+    n_test = round(total * test_percent / 100) if test_percent else 0
+    if total - n_valid - n_test < 1:
+        raise ApiError(f"{total} examples are too few to split this way.", param="validation_percent")
+    order = list(range(total))
+    random.Random(seed).shuffle(order)
+    part = bytearray(total)  # 0 train, 1 validation, 2 test
+    for i in order[:n_valid]:
+        part[i] = 1
+    for i in order[n_valid:n_valid + n_test]:
+        part[i] = 2
+    names = ["train", "validation", "test"][: 3 if n_test else 2]
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [os.path.join(tmp, name) for name in names]
+        outputs = [open(p, "wb") for p in paths]
+        try:
+            with dataset.normalized.open("rb") as lines:
+                for index, line in enumerate(filter(bytes.strip, lines)):
+                    outputs[part[index]].write(line if line.endswith(b"\n") else line + b"\n")
+        finally:
+            for out in outputs:
+                out.close()
+        return [_derived(dataset.owner, dataset, name, p, os.path.getsize(p)) for name, p in zip(names, paths)]
+
+
+@transaction.atomic
+def dataset_dedupe(*, dataset: Dataset) -> Dataset:
+    """A copy without exact duplicate examples; the original stays."""
+    import hashlib
+
+    _require_processed(dataset)
+    seen: set[bytes] = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "dedup")
+        with open(path, "wb") as out, dataset.normalized.open("rb") as lines:
+            for line in filter(bytes.strip, lines):
+                digest = hashlib.blake2b(line.strip(), digest_size=8).digest()
+                if digest not in seen:
+                    seen.add(digest)
+                    out.write(line if line.endswith(b"\n") else line + b"\n")
+        return _derived(dataset.owner, dataset, "dedup", path, os.path.getsize(path))

@@ -6,3 +6,8 @@ from . import services
 @shared_task(name="datasets_app.tasks.validate_dataset")
 def validate_dataset(dataset_id: int) -> None:
     services.dataset_validate(dataset_id=dataset_id)
+
+
+@shared_task(name="datasets_app.tasks.compute_statistics")
+def compute_statistics(dataset_id: int) -> None:
+    services.dataset_compute_statistics(dataset_id=dataset_id)

@@ -42,7 +42,73 @@ def _owned(request, public_id) -> Dataset:
 def dataset_detail(request, public_id):
     dataset = _owned(request, public_id)
     report = dataset.report or {}
-    return render(request, "datasets/detail.html", {"dataset": dataset, "report": report})
+    tokens = report.get("tokens")
+    context = {
+        "dataset": dataset,
+        "report": report,
+        "tokens": tokens,
+        "histogram": selectors.token_histogram_figure(tokens),
+        "stats_pending": dataset.is_ready and tokens is None,
+    }
+    if request.htmx and request.GET.get("part") == "tokens":
+        return render(request, "datasets/_tokens.html", context)
+    return render(request, "datasets/detail.html", context)
+
+
+PREVIEW_PAGE_SIZE = 10
+
+
+@login_required
+def dataset_preview(request, public_id):
+    from deployments_app.catalog import tokenizer_path
+
+    from .preview import load_tokenizer, preview_page
+
+    dataset = _owned(request, public_id)
+    if not dataset.is_ready:
+        messages.error(request, "The preview is available once the file is validated.")
+        return redirect("dataset_detail", public_id=public_id)
+    try:
+        page = max(1, int(request.GET.get("page", 1)))
+    except ValueError:
+        page = 1
+    folder = tokenizer_path()
+    tokenizer = load_tokenizer(str(folder)) if folder else None
+    with dataset.file.open("rb") as original, dataset.normalized.open("rb") as normalized:
+        items = preview_page(original, normalized, page=page, per_page=PREVIEW_PAGE_SIZE, tokenizer=tokenizer)
+    pages = max(1, -(-(dataset.examples or 0) // PREVIEW_PAGE_SIZE))
+    return render(request, "datasets/preview.html", {"dataset": dataset, "items": items, "page": page, "pages": pages})
+
+
+@login_required
+@require_POST
+def dataset_split(request, public_id):
+    dataset = _owned(request, public_id)
+    try:
+        created = services.dataset_split(
+            dataset=dataset,
+            validation_percent=float(request.POST.get("validation_percent") or 10),
+            test_percent=float(request.POST.get("test_percent") or 0),
+            seed=int(request.POST.get("seed") or 42),
+        )
+    except (ApiError, ValueError) as exc:
+        messages.error(request, getattr(exc, "message", None) or f"Invalid split settings: {exc}")
+        return redirect("dataset_detail", public_id=public_id)
+    messages.success(request, "Created " + ", ".join(d.filename for d in created) + "; the original is unchanged.")
+    return redirect("dataset_list")
+
+
+@login_required
+@require_POST
+def dataset_dedupe(request, public_id):
+    dataset = _owned(request, public_id)
+    try:
+        created = services.dataset_dedupe(dataset=dataset)
+    except ApiError as exc:
+        messages.error(request, exc.message)
+        return redirect("dataset_detail", public_id=public_id)
+    messages.success(request, f"Created {created.filename} without duplicates; the original is unchanged.")
+    return redirect("dataset_list")
 
 
 @login_required

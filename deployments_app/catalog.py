@@ -85,3 +85,11 @@ def _resolve_files(model_id, base_id, method, folder: Path, card) -> ResolvedMod
     if base is None:
         return None
     return ResolvedModel(model_id, base.path, folder, card)
+
+
+def tokenizer_path(model_id: str | None = None) -> Path | None:
+    """The folder of a ready base model whose tokenizer counts tokens for model_id (or any)."""
+    base = get_base_model(model_id) if model_id else None
+    if base is not None and base.ready:
+        return base.path
+    return next((b.path for b in base_models() if b.ready), None)
