@@ -116,15 +116,16 @@ def dataset_compute_statistics(*, dataset_id: int, max_seq_len: int = 1024) -> D
     return dataset
 
 
-def _derived(owner, source: Dataset, suffix: str, path: str, size: int) -> Dataset:
+def _derived(owner, source: Dataset, suffix: str, path: str, size: int, *, validate: bool = True) -> Dataset:
     stem = source.filename.rsplit(".", 1)[0]
     derived = Dataset(owner=owner, filename=f"{stem}.{suffix}.jsonl"[:255], purpose=source.purpose, bytes=size)
     with open(path, "rb") as fp:
         derived.file.save(f"{derived.public_id}.jsonl", File(fp), save=False)
     derived.save()
-    from .tasks import validate_dataset
+    if validate:
+        from .tasks import validate_dataset
 
-    transaction.on_commit(lambda: validate_dataset.delay(derived.pk))
+        transaction.on_commit(lambda: validate_dataset.delay(derived.pk))
     return derived
 
 
@@ -134,7 +135,7 @@ def _require_processed(dataset: Dataset) -> None:
 
 
 @transaction.atomic
-def dataset_split(*, dataset: Dataset, validation_percent: float, test_percent: float = 0.0, seed: int = 42) -> list[Dataset]:
+def dataset_split(*, dataset: Dataset, validation_percent: float, test_percent: float = 0.0, seed: int = 42, validate: bool = True) -> list[Dataset]:
     """Split into train/validation(/test) by percentage and seed; the original stays."""
     import random
 
@@ -164,7 +165,7 @@ def dataset_split(*, dataset: Dataset, validation_percent: float, test_percent: 
         finally:
             for out in outputs:
                 out.close()
-        return [_derived(dataset.owner, dataset, name, p, os.path.getsize(p)) for name, p in zip(names, paths)]
+        return [_derived(dataset.owner, dataset, name, p, os.path.getsize(p), validate=validate) for name, p in zip(names, paths)]
 
 
 @transaction.atomic

@@ -17,6 +17,8 @@ _LIMITS = {
     "eval_every": (int, 0, 1_000_000),
     "save_every": (int, 0, 1_000_000),
     "warmup_ratio": (float, 0.0, 0.5),
+    "early_stopping_patience": (int, 0, 1000),
+    "target_modules": (str, None, None),
 }
 _BASE_LEARNING_RATE = {"lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "full": 2e-5}
 
@@ -36,6 +38,11 @@ def check_hyperparameters(raw: dict | None, *, param_prefix: str = "hyperparamet
             checked[name] = "auto"
             continue
         kind, low, high = _LIMITS[name]
+        if kind is str:
+            if not isinstance(value, str) or not value.strip() or not all(part.strip().replace("_", "").replace(".", "").replace("-", "").isalnum() for part in value.split(",")):
+                raise ApiError(f"{name} must be \"all-linear\" or a comma-separated list of module names, got {value!r}.", param=f"{param_prefix}.{name}")
+            checked[name] = value.strip()
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
             expected = "an integer" if kind is int else "a number"
             raise ApiError(f"{name} must be {expected} or \"auto\", got {value!r}.", param=f"{param_prefix}.{name}")
@@ -64,10 +71,12 @@ def resolve_hyperparameters(requested: dict, *, method: str, examples: int) -> d
         "eval_every": int(pick("eval_every", 0)),
         "save_every": int(pick("save_every", 0)),
         "warmup_ratio": float(pick("warmup_ratio", 0.03)),
+        "early_stopping_patience": int(pick("early_stopping_patience", 0)),
     }
     if method != "full":
         rank = int(pick("lora_rank", 16))
-        resolved.update(lora_rank=rank, lora_alpha=int(pick("lora_alpha", 2 * rank)), lora_dropout=float(pick("lora_dropout", 0.0)))
+        resolved.update(lora_rank=rank, lora_alpha=int(pick("lora_alpha", 2 * rank)), lora_dropout=float(pick("lora_dropout", 0.0)),
+                        target_modules=str(pick("target_modules", "all-linear")))
     resolved["total_steps"] = math.ceil(examples / resolved["batch_size"]) * resolved["n_epochs"]
     return resolved
 

@@ -20,6 +20,14 @@ def queue_position(job: FineTuningJob) -> int | None:
     return FineTuningJob.objects.filter(status=FineTuningJob.QUEUED, pk__lte=job.pk).count()
 
 
+def annotate_queue_positions(jobs: list[FineTuningJob]) -> None:
+    """Set `queue_position` on each queued job of the list (one query for all)."""
+    queued = list(FineTuningJob.objects.filter(status=FineTuningJob.QUEUED).order_by("pk").values_list("pk", flat=True))
+    positions = {pk: i + 1 for i, pk in enumerate(queued)}
+    for job in jobs:
+        job.queue_position = positions.get(job.pk)
+
+
 def message_events(job: FineTuningJob, limit: int = 200):
     return list(job.events.filter(type=JobEvent.MESSAGE).order_by("-id")[:limit])
 
@@ -40,29 +48,94 @@ def checkpoint_for_model_id(user, model_id: str) -> Checkpoint | None:
     return None
 
 
-def loss_figure(points: list[dict]) -> dict:
-    """A Plotly figure of train loss (raw and smoothed) and validation loss."""
-    train = [p for p in points if p.get("train_loss") is not None]
-    valid = [p for p in points if p.get("valid_loss") is not None]
+def _layout(y_title: str, height: int = 260) -> dict:
+    return {
+        "margin": {"l": 55, "r": 10, "t": 10, "b": 40},
+        "xaxis": {"title": {"text": "step"}},
+        "yaxis": {"title": {"text": y_title}},
+        "legend": {"orientation": "h", "y": -0.3},
+        "height": height,
+    }
+
+
+def _trace(name: str, points: list[dict], key: str, color: str, **extra) -> dict:
+    rows = [p for p in points if p.get(key) is not None]
+    return {"type": "scatter", "mode": "lines", "name": name, "x": [p["step"] for p in rows],
+            "y": [p[key] for p in rows], "line": {"color": color}, **extra}
+
+
+def smoothed_losses(points: list[dict]) -> list[float]:
+    """Exponential moving average of the train loss (the curve's smoothed trace)."""
     smoothed, running = [], None
-    for p in train:
+    for p in points:
+        if p.get("train_loss") is None:
+            continue
         running = p["train_loss"] if running is None else _SMOOTHING * running + (1 - _SMOOTHING) * p["train_loss"]
         smoothed.append(running)
-    return {
+    return smoothed
+
+
+def job_figures(points: list[dict]) -> dict:
+    """The job page's charts as Plotly figures; the page script extends them live.
+
+    Trace order is part of the contract with static/js/job.js.
+    """
+    train = [p for p in points if p.get("train_loss") is not None]
+    loss = {
         "data": [
-            {"type": "scatter", "mode": "lines", "name": "train loss", "x": [p["step"] for p in train],
-             "y": [p["train_loss"] for p in train], "line": {"color": "rgba(37,99,235,0.35)"}},
-            {"type": "scatter", "mode": "lines", "name": "train loss (smoothed)", "x": [p["step"] for p in train],
-             "y": smoothed, "line": {"color": "#2563eb", "width": 2}},
-            {"type": "scatter", "mode": "lines+markers", "name": "validation loss", "x": [p["step"] for p in valid],
-             "y": [p["valid_loss"] for p in valid], "line": {"color": "#dc2626"}},
+            _trace("train loss", train, "train_loss", "rgba(37,99,235,0.35)"),
+            {**_trace("train loss (smoothed)", train, "train_loss", "#2563eb", ), "y": smoothed_losses(train), "line": {"color": "#2563eb", "width": 2}},
+            _trace("validation loss", points, "valid_loss", "#dc2626", mode="lines+markers"),
         ],
-        "layout": {
-            "margin": {"l": 50, "r": 10, "t": 10, "b": 40},
-            "xaxis": {"title": {"text": "step"}},
-            "yaxis": {"title": {"text": "loss"}},
-            "legend": {"orientation": "h", "y": -0.25},
-            "height": 320,
-        },
+        "layout": _layout("loss", 320),
+    }
+    return {
+        "loss": loss,
+        "accuracy": {"data": [_trace("train token accuracy", points, "train_mean_token_accuracy", "#2563eb"),
+                              _trace("validation token accuracy", points, "valid_mean_token_accuracy", "#dc2626", mode="lines+markers")],
+                     "layout": _layout("token accuracy")},
+        "lr": {"data": [_trace("learning rate", points, "learning_rate", "#7c3aed")], "layout": _layout("learning rate")},
+        "grad_norm": {"data": [_trace("gradient norm", points, "grad_norm", "#059669")], "layout": _layout("gradient norm")},
+        "throughput": {"data": [_trace("tokens / s", points, "tokens_per_second", "#d97706")], "layout": _layout("tokens per second")},
         "smoothing": _SMOOTHING,
     }
+
+
+def metrics_csv_rows(job: FineTuningJob):
+    """Header then one row per logged point, for the CSV download."""
+    columns = ["step", "epoch", "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+               "learning_rate", "grad_norm", "trained_tokens", "tokens_per_second", "elapsed_time"]
+    yield columns
+    for point in metric_points(job):
+        yield [point.get(c, "") if point.get(c) is not None else "" for c in columns]
+
+
+def warnings_of(job: FineTuningJob, limit: int = 3):
+    return list(job.events.filter(type=JobEvent.MESSAGE, level="warn").order_by("-id")[:limit])
+
+
+_PALETTE = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2"]
+
+
+def compare_figure(jobs: list[FineTuningJob]) -> dict:
+    """Smoothed train loss (solid) and validation loss (dotted) of several jobs on one chart."""
+    data = []
+    for i, job in enumerate(jobs):
+        color = _PALETTE[i % len(_PALETTE)]
+        points = metric_points(job)
+        train = [p for p in points if p.get("train_loss") is not None]
+        data.append({"type": "scatter", "mode": "lines", "name": f"{job.public_id} train", "x": [p["step"] for p in train],
+                     "y": smoothed_losses(train), "line": {"color": color}})
+        data.append({**_trace(f"{job.public_id} validation", points, "valid_loss", color), "line": {"color": color, "dash": "dot"}})
+    return {"data": data, "layout": _layout("loss", 380)}
+
+
+def settings_diff(jobs: list[FineTuningJob]) -> list[dict]:
+    """One row per setting, marking the ones that differ between the jobs."""
+    def settings_of(job):
+        return {"base model": job.base_model, "method": job.method, "training file": job.training_file_ref,
+                "validation file": job.validation_file_ref or "—", "seed": job.seed, **job.resolved}
+
+    all_settings = [settings_of(job) for job in jobs]
+    keys = list(dict.fromkeys(k for s in all_settings for k in s))
+    return [{"name": k, "values": [s.get(k, "—") for s in all_settings], "differs": len({str(s.get(k)) for s in all_settings}) > 1} for k in keys]

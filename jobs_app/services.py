@@ -47,6 +47,7 @@ def job_create(
     suffix: str | None = None,
     seed: int | None = None,
     metadata: dict | None = None,
+    holdout_percent: int = 0,
 ) -> FineTuningJob:
     """Check everything a run needs, save the job queued and enqueue it after commit."""
     base = get_base_model(model or "")
@@ -66,6 +67,8 @@ def job_create(
     requested = check_hyperparameters(hyperparameters)
     train_set = _usable_file(owner, training_file, "training_file")
     valid_set = _usable_file(owner, validation_file, "validation_file") if validation_file else None
+    if holdout_percent and (valid_set is not None or not 1 <= holdout_percent <= 50):
+        raise ApiError("Hold out 1-50% for validation, and only when no validation file is given.", param="holdout_percent")
 
     job = FineTuningJob.objects.create(
         owner=owner,
@@ -80,11 +83,47 @@ def job_create(
         suffix=suffix,
         seed=seed if seed is not None else 42,
         metadata=metadata,
-        status=FineTuningJob.QUEUED,
+        status=FineTuningJob.VALIDATING if holdout_percent else FineTuningJob.QUEUED,
     )
     JobEvent.objects.create(job=job, message=f"Created fine-tuning job {job.public_id}.")
-    _enqueue(job)
+    if holdout_percent:
+        from .tasks import prepare_holdout
+
+        transaction.on_commit(lambda: prepare_holdout.delay(job.pk, holdout_percent))
+    else:
+        _enqueue(job)
     return job
+
+
+def job_prepare_holdout(*, job_id: int, percent: int) -> None:
+    """Split the training file into train and validation parts, then queue the job."""
+    from datasets_app.services import dataset_split, dataset_validate
+
+    job = FineTuningJob.objects.filter(pk=job_id, status=FineTuningJob.VALIDATING).select_related("training_file").first()
+    if job is None:
+        return
+    try:
+        train_part, valid_part = dataset_split(dataset=job.training_file, validation_percent=percent, seed=job.seed, validate=False)
+        for part in (train_part, valid_part):
+            dataset_validate(dataset_id=part.pk)
+            part.refresh_from_db()
+            if part.status != Dataset.PROCESSED:
+                raise ApiError(f"The {part.filename} part failed validation: {part.status_details[:300]}")
+    except ApiError as exc:
+        FineTuningJob.objects.filter(pk=job.pk).update(status=FineTuningJob.FAILED, finished_at=timezone.now(),
+                                                       error={"code": "invalid_file", "message": exc.message, "param": "holdout_percent"})
+        _note(job, f"Could not hold out validation data: {exc.message}", level="error", status=FineTuningJob.FAILED)
+        return
+    with transaction.atomic():
+        resolved = resolve_hyperparameters(job.hyperparameters, method=job.method, examples=train_part.examples or 0)
+        if not FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.VALIDATING).update(
+            training_file=train_part, validation_file=valid_part, training_file_ref=train_part.public_id,
+            validation_file_ref=valid_part.public_id, resolved=resolved, status=FineTuningJob.QUEUED,
+        ):
+            return
+        job.refresh_from_db()
+        _note(job, f"Held out {valid_part.examples} examples ({percent}%) for validation as {valid_part.public_id}.", status=job.status)
+        _enqueue(job)
 
 
 def _enqueue(job: FineTuningJob) -> None:
@@ -137,6 +176,20 @@ def job_resume(*, job: FineTuningJob) -> FineTuningJob:
 
 
 @transaction.atomic
+def job_retry(*, job: FineTuningJob) -> FineTuningJob:
+    """Run a failed or cancelled job again, from its last checkpoint when it has one."""
+    if not FineTuningJob.objects.filter(pk=job.pk, status__in=(FineTuningJob.FAILED, FineTuningJob.CANCELLED)).update(
+        status=FineTuningJob.QUEUED, error=None, control="", finished_at=None
+    ):
+        raise ApiError(f"Only a failed or cancelled job can be retried; {job.public_id} is {job.status}.", code="invalid_state")
+    job.refresh_from_db()
+    last = job.checkpoints.order_by("-step").first()
+    _note(job, "Retrying" + (f" from the checkpoint at step {last.step}." if last else " from the start."), status=job.status)
+    _enqueue(job)
+    return job
+
+
+@transaction.atomic
 def job_delete(*, job: FineTuningJob) -> FineTuningJob:
     """Delete a job that is not running (zhipuai's jobs.delete); its model stays."""
     if job.status in (FineTuningJob.RUNNING,):
@@ -175,7 +228,8 @@ def build_train_config(job: FineTuningJob, *, resume_from: str | None):
     from .engine import TrainConfig
 
     hp = job.resolved
-    lora = {"lora_r": hp["lora_rank"], "lora_alpha": hp["lora_alpha"], "lora_dropout": hp["lora_dropout"]} if job.method != "full" else {}
+    lora = {"lora_r": hp["lora_rank"], "lora_alpha": hp["lora_alpha"], "lora_dropout": hp["lora_dropout"],
+            "target_modules": hp.get("target_modules", "all-linear")} if job.method != "full" else {}
     return TrainConfig(
         model=str(get_base_model(job.base_model).path),
         train_file=_local_path(job.training_file),

@@ -28,6 +28,9 @@ class JobSink:
         self._pending: list[JobEvent] = []
         self._last_flush = time.monotonic()
         self._progress: dict = {}
+        self._smoothed_train: float | None = None
+        self._evals: list[tuple[float, float]] = []  # (validation loss, smoothed train loss)
+        self._warned_overfitting = False
 
     def __call__(self, kind: str, payload: dict) -> None:
         handler = getattr(self, f"_on_{kind}", None)
@@ -39,6 +42,9 @@ class JobSink:
         message = f"Step {payload['step']}/{payload.get('total_steps')}: training loss={payload.get('loss', 0):.4f}"
         self._pending.append(JobEvent(job=self.job, type=JobEvent.METRICS, step=payload["step"], message=message, data=data))
         self._progress = payload
+        if payload.get("loss") is not None:
+            previous = self._smoothed_train
+            self._smoothed_train = payload["loss"] if previous is None else 0.9 * previous + 0.1 * payload["loss"]
         publish(self.job.public_id, {"type": "metric", **data, "lr": payload.get("lr")})
         self._maybe_flush()
 
@@ -47,7 +53,23 @@ class JobSink:
         message = f"Step {payload['step']}: validation loss={payload.get('eval_loss', 0):.4f}"
         self._pending.append(JobEvent(job=self.job, type=JobEvent.METRICS, step=payload["step"], message=message, data=data))
         publish(self.job.public_id, {"type": "eval", **data})
+        self._watch_overfitting(payload.get("eval_loss"))
         self._maybe_flush()
+
+    def _watch_overfitting(self, eval_loss: float | None) -> None:
+        if eval_loss is None or self._smoothed_train is None or self._warned_overfitting:
+            return
+        self._evals.append((eval_loss, self._smoothed_train))
+        last = self._evals[-3:]
+        valid_rising = len(last) == 3 and last[0][0] < last[1][0] < last[2][0]
+        train_falling = len(last) == 3 and last[0][1] > last[1][1] > last[2][1]
+        if valid_rising and train_falling:
+            self._warned_overfitting = True
+            self.event(
+                f"Overfitting: validation loss rose from {last[0][0]:.4f} to {last[2][0]:.4f} while training loss fell. "
+                "Consider fewer epochs, a lower learning rate or early stopping.",
+                level="warn",
+            )
 
     def _on_event(self, payload: dict) -> None:
         self.event(payload.get("message", ""), level=payload.get("level", "info"))

@@ -13,3 +13,8 @@ def train_job(job_id: int) -> None:
 @shared_task(name="jobs_app.tasks.recover_stale_jobs")
 def recover_stale_jobs() -> list[str]:
     return services.recover_stale_jobs()
+
+
+@shared_task(name="jobs_app.tasks.prepare_holdout")
+def prepare_holdout(job_id: int, percent: int) -> None:
+    services.job_prepare_holdout(job_id=job_id, percent=percent)

@@ -1,28 +1,54 @@
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404
+import csv
+import io
+
+from django.core.exceptions import ValidationError
+from django.db.models import Q
+from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from finetune_site.api_errors import ApiError
 
 from . import selectors, services
+from datasets_app.selectors import ready_datasets_for as ready_datasets
+
 from .forms import JobForm
+from .hyperparameters import METHODS
 from .models import FineTuningJob
+
+
+SORTS = {"newest": "-id", "oldest": "id", "status": "status", "model": "base_model"}
 
 
 @login_required
 def job_list(request):
     jobs = selectors.jobs_for(request.user)
-    status = request.GET.get("status", "")
+    status, query, sort = request.GET.get("status", ""), request.GET.get("q", "").strip(), request.GET.get("sort", "newest")
     if status:
         jobs = jobs.filter(status=status)
-    return render(request, "jobs/list.html", {"jobs": jobs[:200], "status": status, "statuses": [s for s, _ in FineTuningJob.STATUS_CHOICES]})
+    if query:
+        jobs = jobs.filter(Q(public_id__icontains=query) | Q(suffix__icontains=query) | Q(base_model__icontains=query)
+                           | Q(fine_tuned_model__icontains=query) | Q(training_file_ref__icontains=query))
+    jobs = list(jobs.order_by(SORTS.get(sort, "-id"))[:200])
+    selectors.annotate_queue_positions(jobs)
+    context = {"jobs": jobs, "status": status, "q": query, "sort": sort, "sorts": SORTS,
+               "statuses": [s for s, _ in FineTuningJob.STATUS_CHOICES]}
+    return render(request, "jobs/list.html", context)
+
+
+def _initial(request) -> dict:
+    like = request.GET.get("like")
+    job = selectors.job_for(request.user, like) if like else None
+    if job is not None:
+        return JobForm.initial_from_job(job)
+    return {key: request.GET[key] for key in ("model", "training_file") if request.GET.get(key)}
 
 
 @login_required
 def job_create(request):
-    form = JobForm(request.POST or None, user=request.user, initial={"model": request.GET.get("model")})
+    form = JobForm(request.POST or None, user=request.user, initial=_initial(request))
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
@@ -35,13 +61,49 @@ def job_create(request):
                 hyperparameters=form.hyperparameters(),
                 suffix=data["suffix"],
                 seed=data["seed"],
+                holdout_percent=data["holdout_percent"] or 0,
             )
         except ApiError as exc:
             form.add_error(exc.param if exc.param in form.fields else None, exc.message)
         else:
             messages.success(request, f"Job {job.public_id} queued.")
             return redirect("job_detail", public_id=job.public_id)
-    return render(request, "jobs/create.html", {"form": form})
+    return render(request, "jobs/create.html", {"form": form, "estimate": _estimate(form, request.user)})
+
+
+def _estimate(form: JobForm, user) -> dict | None:
+    """Estimates for whatever the form holds now (bound or initial), or None."""
+    from datasets_app.selectors import dataset_for
+
+    from .estimates import estimate_job
+    from .hyperparameters import check_hyperparameters
+
+    values = form.data if form.is_bound else {**{k: f.initial for k, f in form.fields.items()}, **form.initial}
+    dataset = dataset_for(user, values.get("training_file") or "") or next(iter(ready_datasets(user)), None)
+    if dataset is None or not dataset.is_ready:
+        return None
+    requested = {}
+    for name in form.hyperparameter_names:
+        raw = values.get(name)
+        if raw in (None, ""):
+            continue
+        try:
+            requested[name] = form.fields[name].clean(raw)
+        except ValidationError:
+            return None
+    try:
+        requested = check_hyperparameters(requested)
+    except ApiError:
+        return None
+    method = values.get("method") or "lora"
+    model = values.get("model") or (form.fields["model"].choices[0][0] if form.fields["model"].choices else "")
+    return {"dataset": dataset, **estimate_job(dataset=dataset, base_model=model, method=method if method in METHODS else "lora", requested=requested)}
+
+
+@login_required
+def job_estimate(request):
+    form = JobForm(request.POST or None, user=request.user)
+    return render(request, "jobs/_estimate.html", {"estimate": _estimate(form, request.user)})
 
 
 def _owned(request, public_id) -> FineTuningJob:
@@ -59,7 +121,8 @@ def job_detail(request, public_id):
         "job": job,
         "events": selectors.message_events(job),
         "checkpoints": job.checkpoints.all(),
-        "figure": selectors.loss_figure(points),
+        "figures": selectors.job_figures(points),
+        "warnings": selectors.warnings_of(job),
         "last_step": max((p["step"] for p in points), default=0),
         "queue_position": selectors.queue_position(job),
     }
@@ -70,6 +133,36 @@ def job_detail(request, public_id):
 def job_events(request, public_id):
     job = _owned(request, public_id)
     return render(request, "jobs/_events.html", {"events": selectors.message_events(job)})
+
+
+@login_required
+def job_metrics_csv(request, public_id):
+    job = _owned(request, public_id)
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(selectors.metrics_csv_rows(job))
+    response = HttpResponse(buffer.getvalue(), content_type="text/csv")
+    response["Content-Disposition"] = f'attachment; filename="{job.public_id}-metrics.csv"'
+    return response
+
+
+@login_required
+def job_log(request, public_id):
+    job = _owned(request, public_id)
+    lines = [f"{e.created_at:%Y-%m-%d %H:%M:%S} [{e.level}] {e.message}" for e in job.events.filter(type="message").order_by("id")]
+    response = HttpResponse("\n".join(lines) + "\n", content_type="text/plain; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="{job.public_id}-log.txt"'
+    return response
+
+
+@login_required
+def job_compare(request):
+    ids = [i for i in request.GET.getlist("ids") if i] or [i for i in request.GET.get("id", "").split(",") if i]
+    jobs = [job for job in (selectors.job_for(request.user, i) for i in ids) if job is not None]
+    context = {"jobs": jobs, "all_jobs": selectors.jobs_for(request.user)[:100], "selected": ids}
+    if len(jobs) >= 2:
+        context["figure"] = selectors.compare_figure(jobs)
+        context["diff"] = selectors.settings_diff(jobs)
+    return render(request, "jobs/compare.html", context)
 
 
 def _control(action):
@@ -89,3 +182,4 @@ def _control(action):
 job_cancel = _control(services.job_cancel)
 job_pause = _control(services.job_pause)
 job_resume = _control(services.job_resume)
+job_retry = _control(services.job_retry)

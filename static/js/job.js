@@ -1,19 +1,31 @@
-// The job page: draws the loss history, then extends it live from the job's websocket.
+// The job page: draws the charts from history, then extends them live from the job's websocket.
+// Trace order follows jobs_app.selectors.job_figures.
 (function () {
   "use strict";
   const meta = document.getElementById("job-meta");
-  const chart = document.getElementById("loss-chart");
-  const figure = JSON.parse(document.getElementById("loss-figure").textContent);
+  const figures = JSON.parse(document.getElementById("job-figures").textContent);
   const finalStatuses = ["succeeded", "failed", "cancelled"];
-  const smoothing = figure.smoothing || 0.9;
+  const smoothing = figures.smoothing || 0.9;
+  const charts = {};
+  for (const name of ["loss", "accuracy", "lr", "grad_norm", "throughput"]) {
+    charts[name] = document.getElementById("chart-" + name);
+    Plotly.newPlot(charts[name], figures[name].data, figures[name].layout, { responsive: true, displaylogo: false });
+  }
+  const loss = figures.loss.data;
   let lastStep = Number(meta.dataset.lastStep) || 0;
-  let lastEvalStep = Math.max(0, ...figure.data[2].x);
-  let smoothed = figure.data[1].y.length ? figure.data[1].y[figure.data[1].y.length - 1] : null;
+  let lastEvalStep = loss[2].x.length ? loss[2].x[loss[2].x.length - 1] : 0;
+  let smoothed = loss[1].y.length ? loss[1].y[loss[1].y.length - 1] : null;
+  let points = loss[0].x.length;
   let status = meta.dataset.status;
-  let points = figure.data[0].x.length;
+  charts.loss.dataset.points = points;
 
-  Plotly.newPlot(chart, figure.data, figure.layout, { responsive: true, displaylogo: false });
-  chart.dataset.points = points;
+  function extend(name, traces, step, values) {
+    const keep = traces.filter((_, i) => values[i] !== null && values[i] !== undefined);
+    if (!keep.length) return;
+    const x = keep.map(() => [step]);
+    const y = traces.map((_, i) => values[i]).filter((v) => v !== null && v !== undefined).map((v) => [v]);
+    Plotly.extendTraces(charts[name], { x, y }, keep);
+  }
 
   function setProgress(step, total) {
     if (total) meta.dataset.total = total;
@@ -26,16 +38,21 @@
     if (m.train_loss == null || m.step <= lastStep) return; // already drawn
     lastStep = m.step;
     smoothed = smoothed === null ? m.train_loss : smoothing * smoothed + (1 - smoothing) * m.train_loss;
-    Plotly.extendTraces(chart, { x: [[m.step], [m.step]], y: [[m.train_loss], [smoothed]] }, [0, 1]);
+    extend("loss", [0, 1], m.step, [m.train_loss, smoothed]);
+    extend("accuracy", [0], m.step, [m.train_mean_token_accuracy]);
+    extend("lr", [0], m.step, [m.learning_rate]);
+    extend("grad_norm", [0], m.step, [m.grad_norm]);
+    extend("throughput", [0], m.step, [m.tokens_per_second]);
     points += 1;
-    chart.dataset.points = points;
+    charts.loss.dataset.points = points;
     setProgress(m.step, m.total_steps);
   }
 
   function onEval(m) {
     if (m.valid_loss == null || m.step <= lastEvalStep) return;
     lastEvalStep = m.step;
-    Plotly.extendTraces(chart, { x: [[m.step]], y: [[m.valid_loss]] }, [2]);
+    extend("loss", [2], m.step, [m.valid_loss]);
+    extend("accuracy", [1], m.step, [m.valid_mean_token_accuracy]);
   }
 
   function onEvent(e) {
@@ -70,8 +87,6 @@
       (handlers[data.type] || (() => {}))(data);
     };
     socket.onclose = () => { if (!finalStatuses.includes(status)) setTimeout(connect, 2000); };
-    chart.dataset.socket = "connecting";
-    socket.addEventListener("open", () => { chart.dataset.socket = "open"; });
   }
 
   if (!finalStatuses.includes(status)) connect();

@@ -1,0 +1,168 @@
+"""Job pages and the pieces behind them, without a worker: create form, estimate, list, compare, downloads."""
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.files.uploadedfile import SimpleUploadedFile
+
+from datasets_app.models import Dataset
+from jobs_app import services
+from jobs_app.hyperparameters import check_hyperparameters, resolve_hyperparameters
+from jobs_app.models import FineTuningJob, JobEvent
+from jobs_app.sink import JobSink
+from finetune_site.api_errors import ApiError
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def models_dir(settings, tmp_path, tiny_model_dir):
+    settings.FT_MODELS_DIR = tiny_model_dir.parent
+    settings.MEDIA_ROOT = tmp_path / "media"
+
+
+@pytest.fixture
+def alice(client):
+    user = get_user_model().objects.create_user("alice", password="pw-alice-123")
+    client.force_login(user)
+    return user
+
+
+@pytest.fixture
+def dataset(alice):
+    ds = Dataset(owner=alice, filename="d.jsonl", bytes=4000, status=Dataset.PROCESSED, examples=40,
+                 report={"tokens": {"billable_tokens": 2000}})
+    ds.file.save("d.jsonl", SimpleUploadedFile("d.jsonl", b"{}\n"), save=True)
+    return ds
+
+
+def make_job(owner, dataset, **fields):
+    defaults = dict(owner=owner, base_model="tiny-random-smollm2", training_file=dataset, training_file_ref=dataset.public_id,
+                    resolved=resolve_hyperparameters({}, method="lora", examples=40))
+    return FineTuningJob.objects.create(**{**defaults, **fields})
+
+
+def test_auto_hyperparameters_resolve_to_numbers():
+    resolved = resolve_hyperparameters({"n_epochs": "auto", "lora_rank": 8}, method="lora", examples=40)
+    assert resolved["lora_rank"] == 8 and resolved["lora_alpha"] == 16
+    assert isinstance(resolved["n_epochs"], int) and resolved["total_steps"] > 0
+    assert resolved["target_modules"] == "all-linear"
+
+
+def test_check_hyperparameters_names_the_bad_field():
+    with pytest.raises(ApiError) as caught:
+        check_hyperparameters({"batch_size": 2.5})
+    assert caught.value.param == "hyperparameters.batch_size"
+    with pytest.raises(ApiError):
+        check_hyperparameters({"target_modules": "q_proj; rm -rf"})
+    assert check_hyperparameters({"target_modules": "q_proj,v_proj"}) == {"target_modules": "q_proj,v_proj"}
+
+
+def test_the_create_page_shows_resolved_values_tokens_cost_and_time(client, alice, dataset, settings):
+    settings.FT_PRICE_PER_1K_TOKENS = 0.5
+    page = client.get(f"/jobs/new/?training_file={dataset.public_id}").content.decode()
+    assert "Create fine-tuning task" in page and "Before you start" in page
+    assert "2,000 per epoch" in page
+    response = client.post("/jobs/estimate/", {"model": "tiny-random-smollm2", "training_file": dataset.public_id,
+                                                "method": "lora", "n_epochs": "3"})
+    html = response.content.decode()
+    assert "6,000 in all" in html and "3.0000 at 0.5" in html and "tokens/s" in html
+
+
+def test_submitting_the_form_queues_a_job(client, alice, dataset, django_capture_on_commit_callbacks, monkeypatch):
+    sent = []
+    monkeypatch.setattr("jobs_app.tasks.train_job.delay", lambda pk: sent.append(pk))
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post("/jobs/new/", {"model": "tiny-random-smollm2", "training_file": dataset.public_id, "method": "lora",
+                                              "n_epochs": "2", "suffix": "first", "seed": "7"})
+    job = FineTuningJob.objects.get()
+    assert response.status_code == 302 and response["Location"] == f"/jobs/{job.public_id}/"
+    assert job.status == "queued" and job.hyperparameters == {"n_epochs": 2} and job.seed == 7
+    assert sent == [job.pk]
+
+
+def test_an_unknown_model_is_a_form_error_not_a_500(client, alice, dataset):
+    response = client.post("/jobs/new/", {"model": "nope", "training_file": dataset.public_id, "method": "lora"})
+    assert response.status_code == 200 and "Select a valid choice" in response.content.decode()
+
+
+def test_new_job_like_this_prefills_the_form(client, alice, dataset):
+    job = make_job(alice, dataset, hyperparameters={"n_epochs": 7, "lora_rank": 4}, suffix="again", seed=99)
+    page = client.get(f"/jobs/new/?like={job.public_id}").content.decode()
+    assert 'name="n_epochs" value="7"' in page and 'name="lora_rank" value="4"' in page
+    assert 'name="suffix" value="again"' in page and 'name="seed" value="99"' in page
+
+
+def test_the_list_searches_filters_and_shows_queue_positions(client, alice, dataset):
+    first = make_job(alice, dataset, suffix="alpha", status="queued")
+    make_job(alice, dataset, suffix="beta", status="succeeded")
+    page = client.get("/jobs/?q=alpha").content.decode()
+    assert first.public_id in page and "beta" not in page
+    assert "#1 in queue" in page
+    assert "alpha" not in client.get("/jobs/?status=succeeded").content.decode()
+
+
+def test_metrics_csv_and_log_downloads(client, alice, dataset):
+    job = make_job(alice, dataset)
+    sink = JobSink(job)
+    sink("metric", {"step": 1, "total_steps": 2, "loss": 2.5, "lr": 1e-4, "grad_norm": 0.5, "tokens": 10})
+    sink("eval", {"step": 1, "eval_loss": 2.7, "eval_token_accuracy": 0.4})
+    sink("event", {"level": "info", "message": "hello log"})
+    sink.flush()
+    csv_text = client.get(f"/jobs/{job.public_id}/metrics.csv").content.decode()
+    assert csv_text.splitlines()[0].startswith("step,epoch,train_loss")
+    assert "2.5" in csv_text and "2.7" in csv_text
+    assert "hello log" in client.get(f"/jobs/{job.public_id}/log.txt").content.decode()
+
+
+def test_the_sink_warns_when_validation_rises_while_training_falls(alice, dataset):
+    job = make_job(alice, dataset)
+    sink = JobSink(job)
+    for step, (train, valid) in enumerate([(3.0, 2.0), (2.0, 2.1), (1.0, 2.2), (0.5, 2.3)], start=1):
+        sink("metric", {"step": step, "total_steps": 4, "loss": train})
+        sink("eval", {"step": step, "eval_loss": valid})
+    sink.flush()
+    warnings = job.events.filter(level="warn")
+    assert warnings.count() == 1 and "Overfitting" in warnings.first().message
+
+
+def test_compare_overlays_curves_and_marks_differences(client, alice, dataset):
+    a = make_job(alice, dataset, seed=1)
+    b = make_job(alice, dataset, seed=2)
+    for job in (a, b):
+        JobEvent.objects.create(job=job, type="metrics", step=1, data={"step": 1, "train_loss": 1.0})
+    page = client.get(f"/jobs/compare/?ids={a.public_id}&ids={b.public_id}").content.decode()
+    assert 'data-figure="compare-figure"' in page
+    assert '<tr class="differs"><td>seed</td>' in page
+
+
+def test_retry_requeues_a_failed_job(alice, dataset, django_capture_on_commit_callbacks, monkeypatch):
+    sent = []
+    monkeypatch.setattr("jobs_app.tasks.train_job.delay", lambda pk: sent.append(pk))
+    job = make_job(alice, dataset, status="failed", error={"code": "x", "message": "boom", "param": None})
+    with django_capture_on_commit_callbacks(execute=True):
+        services.job_retry(job=job)
+    job.refresh_from_db()
+    assert job.status == "queued" and job.error is None and sent == [job.pk]
+    with pytest.raises(ApiError):
+        services.job_retry(job=job)
+
+
+def test_stale_running_jobs_are_requeued(alice, dataset, django_capture_on_commit_callbacks, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    monkeypatch.setattr("jobs_app.tasks.train_job.delay", lambda pk: None)
+    stale = make_job(alice, dataset, status="running", heartbeat_at=timezone.now() - timedelta(minutes=5), worker="w1")
+    fresh = make_job(alice, dataset, status="running", heartbeat_at=timezone.now(), worker="w2")
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.recover_stale_jobs() == [stale.public_id]
+    stale.refresh_from_db(), fresh.refresh_from_db()
+    assert stale.status == "queued" and fresh.status == "running"
+
+
+def test_bob_cannot_see_alices_job_page(client, alice, dataset):
+    job = make_job(alice, dataset)
+    client.force_login(get_user_model().objects.create_user("bob", password="pw-bob-123"))
+    assert client.get(f"/jobs/{job.public_id}/").status_code == 404
+    assert client.get(f"/jobs/{job.public_id}/metrics.csv").status_code == 404
