@@ -1,5 +1,7 @@
 import logging
 
+from django import forms
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -9,7 +11,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from .models import ApiKey, Notification
+from .models import ApiKey, Notification, NotificationSettings
 
 log = logging.getLogger(__name__)
 QUEUES = ("training", "default")
@@ -97,7 +99,21 @@ def api_key_revoke(request, key_pk):
 @login_required
 def notifications(request):
     items = list(Notification.objects.filter(user=request.user)[:50])
+    prefs, _ = NotificationSettings.objects.get_or_create(user=request.user)
+    form = NotificationSettingsForm(request.POST or None, instance=prefs)
     if request.method == "POST":
-        Notification.objects.filter(user=request.user, read_at__isnull=True).update(read_at=timezone.now())
-        return redirect("notifications")
-    return render(request, "notifications.html", {"items": items})
+        if "mark_read" in request.POST:
+            Notification.objects.filter(user=request.user, read_at__isnull=True).update(read_at=timezone.now())
+            return redirect("notifications")
+        if form.is_valid():
+            form.save()
+            messages.success(request, "Notification settings saved.")
+            return redirect("notifications")
+    return render(request, "notifications.html", {"items": items, "form": form, "prefs": prefs})
+
+
+class NotificationSettingsForm(forms.ModelForm):
+    class Meta:
+        model = NotificationSettings
+        fields = ["email_enabled", "webhook_url"]
+        labels = {"email_enabled": "Email me when a job succeeds or fails", "webhook_url": "Webhook URL (JSON POST, signed)"}

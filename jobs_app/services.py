@@ -318,4 +318,10 @@ def _finish_run(job: FineTuningJob, summary: dict | None, failure: dict | None, 
     from finetune_site.services import notify
 
     if final in (FineTuningJob.SUCCEEDED, FineTuningJob.FAILED):
-        notify(job.owner, f"Job {job.public_id} {final}.", level="info" if final == FineTuningJob.SUCCEEDED else "error", link=f"/jobs/{job.public_id}/")
+        job.refresh_from_db()
+        notify(
+            job.owner, f"Job {job.public_id} {final}." + (f" Model: {job.fine_tuned_model}" if job.fine_tuned_model else ""),
+            level="info" if final == FineTuningJob.SUCCEEDED else "error", link=f"/jobs/{job.public_id}/",
+            event=f"fine_tuning.job.{final}",
+            data={"id": job.public_id, "status": final, "fine_tuned_model": job.fine_tuned_model or None, "error": job.error},
+        )
