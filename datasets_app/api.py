@@ -2,6 +2,8 @@
 
 from django.http import FileResponse, Http404
 from rest_framework.parsers import FormParser, MultiPartParser
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -35,6 +37,7 @@ def _owned(request, file_id: str) -> Dataset:
     return dataset
 
 
+@extend_schema(responses=OpenApiTypes.OBJECT)
 class FileListCreate(APIView):
     parser_classes = [MultiPartParser, FormParser]
 
@@ -44,6 +47,11 @@ class FileListCreate(APIView):
             datasets = datasets.filter(purpose=request.query_params["purpose"])
         return Response(cursor_page(datasets, request.query_params, to_dict=file_object, default_limit=100, max_limit=10000))
 
+    @extend_schema(
+        request={"multipart/form-data": {"type": "object", "required": ["file", "purpose"], "properties": {
+            "file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["fine-tune"]}}}},
+        responses=OpenApiTypes.OBJECT,
+    )
     def post(self, request):
         dataset = services.dataset_create(
             owner=request.user,
@@ -53,6 +61,7 @@ class FileListCreate(APIView):
         return Response(file_object(dataset))
 
 
+@extend_schema(responses=OpenApiTypes.OBJECT)
 class FileDetail(APIView):
     def get(self, request, file_id):
         return Response(file_object(_owned(request, file_id)))

@@ -1,6 +1,8 @@
 """Models API: list, retrieve and delete base and fine-tuned models."""
 
 from django.http import Http404
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -27,6 +29,7 @@ def card_object(card: ModelCard) -> dict:
     }
 
 
+@extend_schema(responses=OpenApiTypes.OBJECT)
 class ModelList(APIView):
     def get(self, request):
         data = [base_model_object(b) for b in base_models()]
@@ -41,6 +44,7 @@ def _card(request, model: str) -> ModelCard:
     return card
 
 
+@extend_schema(responses=OpenApiTypes.OBJECT)
 class ModelDetail(APIView):
     def get(self, request, model):
         base = get_base_model(model)
@@ -55,6 +59,7 @@ class ModelDetail(APIView):
         return Response({"id": model, "object": "model", "deleted": True})
 
 
+@extend_schema(responses=OpenApiTypes.OBJECT)
 class FineTunedModelDelete(APIView):
     """zhipuai's fine_tuning.models.delete; the extra fields let the openai shape parse too."""
 

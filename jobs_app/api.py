@@ -2,6 +2,8 @@
 
 from django.http import Http404
 from rest_framework import serializers
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -109,6 +111,7 @@ def _owned(request, job_id: str) -> FineTuningJob:
     return job
 
 
+@extend_schema(responses=OpenApiTypes.OBJECT)
 class JobListCreate(APIView):
     def get(self, request):
         jobs = selectors.jobs_for(request.user)
@@ -118,6 +121,7 @@ class JobListCreate(APIView):
                 jobs = jobs.filter(**{f"metadata__{key[9:-1]}": value})
         return Response(cursor_page(jobs, request.query_params, to_dict=job_object))
 
+    @extend_schema(request=JobCreateInput, responses=OpenApiTypes.OBJECT)
     def post(self, request):
         incoming = JobCreateInput(data=request.data)
         incoming.is_valid(raise_exception=True)
@@ -136,6 +140,7 @@ class JobListCreate(APIView):
         return Response(job_object(job))
 
 
+@extend_schema(responses=OpenApiTypes.OBJECT)
 class JobDetail(APIView):
     def get(self, request, job_id):
         return Response(job_object(_owned(request, job_id)))
@@ -144,27 +149,35 @@ class JobDetail(APIView):
         return Response(job_object(services.job_delete(job=_owned(request, job_id))))
 
 
+@extend_schema(responses=OpenApiTypes.OBJECT)
 class JobCancel(APIView):
+    @extend_schema(request=None, responses=OpenApiTypes.OBJECT)
     def post(self, request, job_id):
         return Response(job_object(services.job_cancel(job=_owned(request, job_id))))
 
 
+@extend_schema(responses=OpenApiTypes.OBJECT)
 class JobPause(APIView):
+    @extend_schema(request=None, responses=OpenApiTypes.OBJECT)
     def post(self, request, job_id):
         return Response(job_object(services.job_pause(job=_owned(request, job_id))))
 
 
+@extend_schema(responses=OpenApiTypes.OBJECT)
 class JobResume(APIView):
+    @extend_schema(request=None, responses=OpenApiTypes.OBJECT)
     def post(self, request, job_id):
         return Response(job_object(services.job_resume(job=_owned(request, job_id))))
 
 
+@extend_schema(responses=OpenApiTypes.OBJECT)
 class JobEvents(APIView):
     def get(self, request, job_id):
         job = _owned(request, job_id)
         return Response(cursor_page(job.events.all(), request.query_params, to_dict=event_object))
 
 
+@extend_schema(responses=OpenApiTypes.OBJECT)
 class JobCheckpoints(APIView):
     def get(self, request, job_id):
         job = _owned(request, job_id)

@@ -45,7 +45,8 @@ class JobSink:
         if payload.get("loss") is not None:
             previous = self._smoothed_train
             self._smoothed_train = payload["loss"] if previous is None else 0.9 * previous + 0.1 * payload["loss"]
-        publish(self.job.public_id, {"type": "metric", **data, "lr": payload.get("lr")})
+        # emitted_at lets a client measure engine-to-browser latency (benchmarks/curve_latency.py).
+        publish(self.job.public_id, {"type": "metric", **data, "emitted_at": time.time()})
         self._maybe_flush()
 
     def _on_eval(self, payload: dict) -> None:

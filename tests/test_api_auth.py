@@ -177,3 +177,11 @@ def test_pages_need_login(client):
     for url in ("/", "/datasets/", "/jobs/", "/jobs/new/", "/models/", "/playground/", "/keys/"):
         response = client.get(url)
         assert response.status_code == 302 and "/accounts/login/" in response["Location"], url
+
+
+def test_the_openapi_schema_documents_the_api(client, alice):
+    client.force_login(alice)
+    schema = client.get("/api/schema/").content.decode()
+    assert "/v1/fine_tuning/jobs" in schema and "/v1/files" in schema and "bearer" in schema
+    docs = client.get("/api/docs/").content.decode()
+    assert "cdn." not in docs and "/static/drf_spectacular_sidecar/" in docs
