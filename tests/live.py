@@ -57,14 +57,16 @@ class Stack:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def start_stack(home: Path, models: dict[str, Path], *, timeout: float = 180) -> Stack:
+def start_stack(home: Path, models: dict[str, Path], *, timeout: float = 180, keep_env: bool = False) -> Stack:
     home.mkdir(parents=True, exist_ok=True)
     (home / "models").mkdir(exist_ok=True)
     for name, source in models.items():
         link = home / "models" / name
         if not link.exists():
             link.symlink_to(source, target_is_directory=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL", "DJANGO_SETTINGS_MODULE")}
+    # keep_env passes REDIS_URL / DATABASE_URL through (scale-out tests); by default every part is embedded.
+    dropped = ("DJANGO_SETTINGS_MODULE",) if keep_env else ("REDIS_URL", "DATABASE_URL", "DJANGO_SETTINGS_MODULE")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     port = free_port()
     env.update(FT_HOME=str(home), FT_PORT=str(port), FT_ADMIN_PASSWORD=ADMIN_PASSWORD, FT_HEARTBEAT_TIMEOUT="15", PYTHONUNBUFFERED="1")
     stack = Stack(home=home, port=port, env=env)

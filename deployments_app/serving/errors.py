@@ -1,0 +1,33 @@
+"""Errors the serving engine raises; the API layer maps them to HTTP statuses."""
+
+
+class ServingError(Exception):
+    """A request the engine cannot serve; the message is safe to show to the caller."""
+
+
+class InvalidRequest(ServingError):
+    """The request itself is wrong (bad messages, tools or sampling settings): a 400."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class PromptTooLong(InvalidRequest):
+    """The prompt plus the tokens asked for do not fit in the model's context window."""
+
+    def __init__(self, *, prompt_tokens: int, max_tokens: int, context_length: int):
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_length = context_length
+        super().__init__(
+            [
+                f"this model's maximum context length is {context_length} tokens, but the request "
+                f"needs {prompt_tokens + max_tokens} ({prompt_tokens} in the messages, "
+                f"{max_tokens} for the completion); shorten the messages or lower max_tokens"
+            ]
+        )
+
+
+class ModelLoadError(ServingError):
+    """A base model or adapter folder is missing or cannot be loaded."""

@@ -1,0 +1,264 @@
+"""A pool of loaded models: each base model once, its LoRA adapters hot-swapped per request.
+
+Thread-safe. Loading a base happens once even when several threads ask for it
+together. Which adapter is active is state of the shared model, so generation is
+serialized per base model: a stream holds its base's lock from its first step
+until it ends or the consumer closes it.
+"""
+
+import gc
+import itertools
+import os
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .errors import InvalidRequest, ModelLoadError, PromptTooLong, ServingError
+from .generate import stream_completion
+from .prompt import check_messages, check_tools, render_prompt, template_has_tools
+from .schema import Completion, GenerationRequest, StreamEvent
+
+
+@dataclass(eq=False)
+class _LoadedBase:
+    path: str
+    model: torch.nn.Module
+    tokenizer: object
+    end_token_ids: frozenset[int]
+    context_length: int | None
+    template_has_tools: bool
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    adapters: OrderedDict = field(default_factory=OrderedDict)  # adapter path -> peft adapter name, least recent first
+    unloaded: bool = False
+
+
+class ModelPool:
+    """The models one process serves, loaded on first use and shared by all threads."""
+
+    def __init__(self, *, device: str = "auto", max_adapters: int = 4):
+        """device: "auto" (CUDA when present), "cpu" or "cuda[:N]"; max_adapters: adapters kept per base."""
+        if max_adapters < 1:
+            raise ValueError("max_adapters must be at least 1")
+        self.device = resolve_device(device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.max_adapters = max_adapters
+        self._lock = threading.Lock()
+        self._bases: dict[str, _LoadedBase] = {}
+        self._load_locks: dict[str, threading.Lock] = {}
+        self._base_loads: Counter = Counter()
+        self._adapter_loads: Counter = Counter()
+        self._adapter_evictions = 0
+        self._adapter_names = itertools.count(1)
+
+    def generate_stream(self, request: GenerationRequest) -> Iterator[StreamEvent]:
+        """Check the request and return a stream of text pieces ending with one Completion.
+
+        Bad requests raise here, before the stream starts. The stream waits for its
+        base model's lock when its first item is asked for; closing it early stops
+        generation and releases the lock.
+        """
+        _check_request(request)
+        base = self._base(request.base_path)
+        adapter_path = _adapter_folder(request.adapter_path) if request.adapter_path else None
+        prompt_ids = self._prompt_ids(base, request.messages, request.tools)
+        if base.context_length and len(prompt_ids) + request.max_tokens > base.context_length:
+            raise PromptTooLong(prompt_tokens=len(prompt_ids), max_tokens=request.max_tokens, context_length=base.context_length)
+        return self._stream(base, adapter_path, prompt_ids, request)
+
+    def generate(self, request: GenerationRequest) -> Completion:
+        """Return the whole answer at once."""
+        for event in self.generate_stream(request):
+            if isinstance(event, Completion):
+                return event
+        raise ServingError("the stream ended without a completion")
+
+    def count_prompt_tokens(self, base_path: str, messages: list[dict], tools: list[dict] | None = None) -> int:
+        """Return how many tokens the rendered prompt takes for this base model."""
+        problems = check_messages(messages) + check_tools(tools)
+        if problems:
+            raise InvalidRequest(problems)
+        return len(self._prompt_ids(self._base(base_path), messages, tools))
+
+    def context_length(self, base_path: str) -> int | None:
+        """Return the most tokens (prompt plus completion) the base model accepts, if it says."""
+        return self._base(base_path).context_length
+
+    def preload(self, base_path: str, adapter_path: str | None = None) -> None:
+        """Load a base model (and an adapter) now rather than on the first request."""
+        base = self._base(base_path)
+        if adapter_path:
+            with base.lock:
+                self._activate(base, _adapter_folder(adapter_path))
+
+    def is_busy(self, base_path: str) -> bool:
+        """Tell whether a stream currently holds this base model."""
+        with self._lock:
+            base = self._bases.get(_key(base_path))
+        return base is not None and base.lock.locked()
+
+    def stats(self) -> dict:
+        """Return what is loaded and how often things were loaded, for monitoring and tests."""
+        with self._lock:
+            return {
+                "device": str(self.device),
+                "bases": sorted(self._bases),
+                "adapters": {path: list(base.adapters) for path, base in self._bases.items()},
+                "base_loads": dict(self._base_loads),
+                "adapter_loads": dict(self._adapter_loads),
+                "adapter_evictions": self._adapter_evictions,
+            }
+
+    def unload(self, base_path: str) -> bool:
+        """Free a base model and its adapters, after the stream using it ends. Return whether it was loaded."""
+        with self._lock:
+            base = self._bases.pop(_key(base_path), None)
+        if base is None:
+            return False
+        with base.lock:
+            base.unloaded = True
+            base.model = base.tokenizer = None
+            base.adapters.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return True
+
+    def close(self) -> None:
+        """Unload every model."""
+        for path in self.stats()["bases"]:
+            self.unload(path)
+
+    def _stream(self, base: _LoadedBase, adapter_path: str | None, prompt_ids: list[int], request) -> Iterator[StreamEvent]:
+        with base.lock:
+            if base.unloaded:
+                raise ServingError("the model was unloaded while the request waited; send it again")
+            with self._activate(base, adapter_path):
+                yield from stream_completion(base.model, base.tokenizer, prompt_ids, request, end_token_ids=base.end_token_ids)
+
+    def _activate(self, base: _LoadedBase, adapter_path: str | None):
+        """Make adapter_path the active adapter (None: no adapter); return a context to generate in. Hold base.lock."""
+        if adapter_path is None:
+            return base.model.disable_adapter() if isinstance(base.model, PeftModel) else nullcontext()
+        name = base.adapters.get(adapter_path)
+        if name is None:
+            name = self._load_adapter(base, adapter_path)
+        base.adapters.move_to_end(adapter_path)
+        if base.model.active_adapter != name:
+            base.model.set_adapter(name, inference_mode=True)
+        return nullcontext()
+
+    def _load_adapter(self, base: _LoadedBase, adapter_path: str) -> str:
+        name = f"adapter_{next(self._adapter_names)}"
+        try:
+            if isinstance(base.model, PeftModel):
+                base.model.load_adapter(adapter_path, adapter_name=name)
+            else:
+                base.model = PeftModel.from_pretrained(base.model, adapter_path, adapter_name=name)
+        except Exception as error:
+            raise ModelLoadError(f"could not load the adapter at {adapter_path}: {error}") from error
+        base.model.eval()
+        base.model.set_adapter(name, inference_mode=True)  # so eviction below never deletes the active one
+        with self._lock:
+            base.adapters[adapter_path] = name
+            self._adapter_loads[adapter_path] += 1
+            # The new adapter is loaded before the oldest goes, so a peft model always has one.
+            while len(base.adapters) > self.max_adapters:
+                _, evicted = base.adapters.popitem(last=False)
+                base.model.delete_adapter(evicted)
+                self._adapter_evictions += 1
+        return name
+
+    def _base(self, base_path: str) -> _LoadedBase:
+        key = _key(base_path)
+        with self._lock:
+            if key in self._bases:
+                return self._bases[key]
+            load_lock = self._load_locks.setdefault(key, threading.Lock())
+        with load_lock:  # a second thread asking for the same base waits here, then finds it loaded
+            with self._lock:
+                if key in self._bases:
+                    return self._bases[key]
+            base = self._load_base(key)
+            with self._lock:
+                self._bases[key] = base
+                self._base_loads[key] += 1
+            return base
+
+    def _load_base(self, path: str) -> _LoadedBase:
+        if not (Path(path) / "config.json").is_file():
+            raise ModelLoadError(f"no model at {path} (config.json is missing)")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        except Exception as error:
+            raise ModelLoadError(f"could not load the model at {path}: {error}") from error
+        model.to(self.device).eval()
+        return _LoadedBase(
+            path=path,
+            model=model,
+            tokenizer=tokenizer,
+            end_token_ids=_end_token_ids(model, tokenizer),
+            context_length=getattr(model.config, "max_position_embeddings", None),
+            template_has_tools=template_has_tools(tokenizer),
+        )
+
+    def _prompt_ids(self, base: _LoadedBase, messages, tools) -> list[int]:
+        return render_prompt(base.tokenizer, messages, tools, template_has_tools=base.template_has_tools)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """Turn "auto", "cpu" or "cuda[:N]" into a device, failing loudly when CUDA is asked for but absent."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ServingError(f"device {device!r} was asked for, but CUDA is not available")
+        return torch.device(device)
+    raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+
+
+def _check_request(request: GenerationRequest) -> None:
+    problems = check_messages(request.messages) + check_tools(request.tools)
+    if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
+        problems.append("max_tokens must be a whole number of at least 1")
+    if request.temperature < 0:
+        problems.append("temperature must not be negative")
+    if not 0 < request.top_p <= 1:
+        problems.append("top_p must be greater than 0 and at most 1")
+    if request.stop is not None and not (
+        isinstance(request.stop, str) or isinstance(request.stop, list) and all(isinstance(s, str) for s in request.stop)
+    ):
+        problems.append("stop must be a string or a list of strings")
+    if problems:
+        raise InvalidRequest(problems)
+
+
+def _adapter_folder(adapter_path: str) -> str:
+    key = _key(adapter_path)
+    if not (Path(key) / "adapter_config.json").is_file():
+        raise ModelLoadError(f"no adapter at {adapter_path} (adapter_config.json is missing)")
+    return key
+
+
+def _key(path) -> str:
+    return os.path.realpath(os.fspath(path))
+
+
+def _end_token_ids(model, tokenizer) -> frozenset[int]:
+    """Every token that ends a turn: the generation config's, the model config's and the tokenizer's."""
+    found = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            found.add(value)
+        elif value:
+            found.update(value)
+    return frozenset(found)

@@ -1,0 +1,37 @@
+"""Choosing the next token from the model's scores."""
+
+import torch
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    do_sample: bool = True,
+) -> int:
+    """Return the next token id: greedy, or sampled with temperature and nucleus (top_p) filtering."""
+    logits = logits.reshape(-1)
+    if not do_sample or temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return int(torch.multinomial(probs, 1, generator=generator))
+    sorted_probs, order = torch.sort(probs, descending=True)
+    # Keep a token while the mass of the tokens ranked above it is below top_p,
+    # so the most likely token always stays in.
+    mass_above = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    kept = sorted_probs.masked_fill(mass_above >= top_p, 0.0)
+    choice = torch.multinomial(kept, 1, generator=generator)
+    return int(order[choice])
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
+    """Return a random generator of its own for one request, seeded when a seed is given."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator

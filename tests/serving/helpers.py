@@ -1,0 +1,40 @@
+"""Helpers the serving tests share."""
+
+from pathlib import Path
+
+import torch
+
+from deployments_app.serving.schema import Completion, GenerationRequest
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_lora_adapter(base_dir: Path, dest: Path, *, seed: int) -> Path:
+    """Save a LoRA adapter for base_dir whose weights are random, so it changes the answers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS),
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # peft starts lora_B at zero, which would change nothing
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    model.save_pretrained(dest)
+    return dest
+
+
+def chat(base_dir, text="Hello there, how are you?", **fields) -> GenerationRequest:
+    """A one-message greedy request, unless fields say otherwise."""
+    fields = {"temperature": 0.0, "max_tokens": 16, **fields}
+    return GenerationRequest(base_path=str(base_dir), messages=[{"role": "user", "content": text}], **fields)
+
+
+def drain(stream) -> tuple[list[str], Completion]:
+    """Consume a stream; return its text pieces and its Completion."""
+    events = list(stream)
+    assert isinstance(events[-1], Completion) and all(isinstance(event, str) for event in events[:-1])
+    return events[:-1], events[-1]

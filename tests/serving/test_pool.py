@@ -1,0 +1,152 @@
+import threading
+
+import pytest
+import torch
+
+from deployments_app.serving.errors import ModelLoadError
+from deployments_app.serving.pool import ModelPool
+
+from .helpers import chat, drain
+
+N_TOKENS = 24
+
+
+def answer(pool, base_dir, adapter=None, **fields) -> str:
+    request = chat(base_dir, adapter_path=str(adapter) if adapter else None, max_tokens=N_TOKENS, **fields)
+    return pool.generate(request).content
+
+
+def transformers_answer(model, base_dir, text="Hello there, how are you?") -> str:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    with torch.inference_mode():
+        output = model.generate(**inputs, do_sample=False, max_new_tokens=N_TOKENS)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_it_loads_a_base_once_across_requests_and_adapters(pool, chatty_model_dir, adapters):
+    for adapter in [None, adapters["a"], adapters["b"], None, adapters["a"]]:
+        answer(pool, chatty_model_dir, adapter)
+    stats = pool.stats()
+    assert stats["base_loads"] == {str(chatty_model_dir.resolve()): 1}
+    assert stats["adapter_loads"] == {str(adapters["a"].resolve()): 1, str(adapters["b"].resolve()): 1}
+
+
+def test_it_answers_like_plain_transformers_and_peft(pool, chatty_model_dir, adapters):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(chatty_model_dir).eval()
+    expected_base = transformers_answer(plain, chatty_model_dir)
+    expected_a = transformers_answer(PeftModel.from_pretrained(plain, adapters["a"]).eval(), chatty_model_dir)
+    assert len(expected_base.split()) > 5 and expected_base != expected_a
+
+    assert answer(pool, chatty_model_dir) == expected_base
+    assert answer(pool, chatty_model_dir, adapters["a"]) == expected_a
+    # With an adapter loaded into the shared model, the base still answers as itself.
+    assert answer(pool, chatty_model_dir) == expected_base
+
+
+def test_it_switches_adapters_without_reloading_the_base(pool, chatty_model_dir, adapters):
+    first = {name: answer(pool, chatty_model_dir, adapters[name]) for name in "ab"}
+    again = {name: answer(pool, chatty_model_dir, adapters[name]) for name in "ba"}
+    assert first == again
+    assert len({first["a"], first["b"], answer(pool, chatty_model_dir)}) == 3
+    assert sum(pool.stats()["base_loads"].values()) == 1
+    assert sum(pool.stats()["adapter_loads"].values()) == 2
+
+
+def test_it_evicts_the_least_recently_used_adapter(chatty_model_dir, adapters):
+    pool = ModelPool(device="cpu", max_adapters=2)
+    a, b, c = (str(adapters[name].resolve()) for name in "abc")
+    expected_a = answer(pool, chatty_model_dir, a)
+    answer(pool, chatty_model_dir, b)
+    answer(pool, chatty_model_dir, a)  # a is now the most recent, b the least
+    answer(pool, chatty_model_dir, c)
+    base_key = str(chatty_model_dir.resolve())
+    assert pool.stats()["adapters"][base_key] == [a, c]
+    assert pool.stats()["adapter_evictions"] == 1
+
+    answer(pool, chatty_model_dir, b)  # b comes back, evicting a
+    assert pool.stats()["adapters"][base_key] == [c, b]
+    assert pool.stats()["adapter_loads"] == {a: 1, b: 2, c: 1}
+    assert answer(pool, chatty_model_dir, a) == expected_a
+    assert pool.stats()["base_loads"] == {base_key: 1}
+    pool.close()
+
+
+def test_it_can_keep_a_single_adapter(chatty_model_dir, adapters):
+    pool = ModelPool(device="cpu", max_adapters=1)
+    expected = {name: answer(pool, chatty_model_dir, adapters[name]) for name in "ab"}
+    assert answer(pool, chatty_model_dir, adapters["a"]) == expected["a"]
+    assert pool.stats()["adapter_evictions"] == 2
+    pool.close()
+
+
+def test_it_loads_once_when_threads_ask_together(pool, chatty_model_dir):
+    start = threading.Barrier(3)
+    counts = []
+
+    def ask():
+        start.wait()
+        counts.append(pool.count_prompt_tokens(str(chatty_model_dir), [{"role": "user", "content": "hi"}]))
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(counts) == 3 and len(set(counts)) == 1
+    assert pool.stats()["base_loads"] == {str(chatty_model_dir.resolve()): 1}
+
+
+def test_it_answers_threads_with_different_adapters_correctly(pool, chatty_model_dir, adapters):
+    expected = {name: answer(pool, chatty_model_dir, adapters[name]) for name in "ab"}
+    start = threading.Barrier(2)
+    results = {"a": [], "b": []}
+
+    def ask(name):
+        start.wait()
+        for _ in range(3):
+            pieces, completion = drain(pool.generate_stream(chat(chatty_model_dir, adapter_path=str(adapters[name]), max_tokens=N_TOKENS)))
+            results[name].append("".join(pieces))
+
+    threads = [threading.Thread(target=ask, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == {"a": [expected["a"]] * 3, "b": [expected["b"]] * 3}
+
+
+def test_it_releases_the_model_when_a_stream_is_closed_early(pool, chatty_model_dir):
+    stream = pool.generate_stream(chat(chatty_model_dir, max_tokens=500))
+    assert not pool.is_busy(str(chatty_model_dir))
+    assert isinstance(next(stream), str)
+    assert pool.is_busy(str(chatty_model_dir))
+    stream.close()
+    assert not pool.is_busy(str(chatty_model_dir))
+
+    finished = []
+    other = threading.Thread(target=lambda: finished.append(pool.generate(chat(chatty_model_dir, max_tokens=4))))
+    other.start()
+    other.join(timeout=30)
+    assert finished and finished[0].completion_tokens == 4
+
+
+def test_it_unloads_and_loads_again_on_demand(pool, chatty_model_dir, adapters):
+    expected = answer(pool, chatty_model_dir, adapters["a"])
+    assert pool.unload(str(chatty_model_dir))
+    assert pool.stats()["bases"] == [] and not pool.unload(str(chatty_model_dir))
+    assert answer(pool, chatty_model_dir, adapters["a"]) == expected
+    assert pool.stats()["base_loads"] == {str(chatty_model_dir.resolve()): 2}
+
+
+def test_it_says_clearly_when_a_model_or_adapter_is_missing(pool, chatty_model_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match="no model at"):
+        pool.generate_stream(chat(tmp_path))
+    with pytest.raises(ModelLoadError, match="no adapter at"):
+        pool.generate_stream(chat(chatty_model_dir, adapter_path=str(tmp_path)))
