@@ -43,9 +43,12 @@ test: install-test
 test-fast: install-test
 	$(PY) -m pytest -m "not live and not browser and not realmodel"
 
-bench: install-bench
-	$(PY) -m jobs_app.engine.bench
+bench: install-bench install-test
+	$(PY) manage.py prepare_models
+	$(PY) -m benchmarks.train_vs_trl
 	$(PY) -m deployments_app.serving.bench --model "$(FT_HOME)/models/SmolLM2-135M-Instruct"
+	$(PY) -m benchmarks.curve_latency --clients 20
+	$(PY) -m datasets_app.bench_validation --mb 1024
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -96,6 +96,13 @@ def api_key_revoke(request, key_pk):
     return redirect("api_keys")
 
 
+class NotificationSettingsForm(forms.ModelForm):
+    class Meta:
+        model = NotificationSettings
+        fields = ["email_enabled", "webhook_url"]
+        labels = {"email_enabled": "Email me when a job succeeds or fails", "webhook_url": "Webhook URL (JSON POST, signed)"}
+
+
 @login_required
 def notifications(request):
     items = list(Notification.objects.filter(user=request.user)[:50])
@@ -110,10 +117,3 @@ def notifications(request):
             messages.success(request, "Notification settings saved.")
             return redirect("notifications")
     return render(request, "notifications.html", {"items": items, "form": form, "prefs": prefs})
-
-
-class NotificationSettingsForm(forms.ModelForm):
-    class Meta:
-        model = NotificationSettings
-        fields = ["email_enabled", "webhook_url"]
-        labels = {"email_enabled": "Email me when a job succeeds or fails", "webhook_url": "Webhook URL (JSON POST, signed)"}

@@ -1,0 +1,49 @@
+"""Pages that frame the product: login, overview, API keys, 404."""
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from finetune_site.models import ApiKey
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def alice(client):
+    user = get_user_model().objects.create_user("alice", password="pw-alice-123")
+    client.force_login(user)
+    return user
+
+
+def test_login_page_logs_in(client):
+    get_user_model().objects.create_user("bob", password="pw-bob-123")
+    response = client.post("/accounts/login/", {"username": "bob", "password": "pw-bob-123"})
+    assert response.status_code == 302 and response["Location"] == "/"
+    assert "Create fine-tuning task" in client.get("/").content.decode()
+
+
+def test_a_wrong_password_says_so(client):
+    response = client.post("/accounts/login/", {"username": "nobody", "password": "x"})
+    assert "didn't match" in response.content.decode()
+
+
+def test_an_api_key_is_shown_once_then_only_its_id(client, alice):
+    page = client.post("/keys/", {"name": "laptop"}).content.decode()
+    key = ApiKey.objects.get(user=alice)
+    raw = page.split('data-testid="new-key">')[1].split("<")[0]
+    assert key.matches(raw)
+    later = client.get("/keys/").content.decode()
+    assert raw not in later and key.key_id in later
+
+
+def test_revoking_a_key_from_the_page(client, alice):
+    key, _ = ApiKey.issue(alice)
+    client.post(f"/keys/{key.pk}/revoke/")
+    key.refresh_from_db()
+    assert not key.is_active
+
+
+def test_unknown_pages_get_a_finished_404(client, alice, settings):
+    settings.DEBUG = False
+    response = client.get("/jobs/ftjob-nope/")
+    assert response.status_code == 404 and "belongs to another user" in response.content.decode()
