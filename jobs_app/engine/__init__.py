@@ -1,0 +1,21 @@
+"""The training engine: plain Python on torch, transformers and peft; no Django.
+
+    from jobs_app.engine import TrainConfig, train
+    summary = train(TrainConfig(model=..., train_file=..., out_dir=...), sink=print_sink)
+
+or from a shell: python -m jobs_app.engine train --model DIR --train-file F --out DIR
+"""
+
+from .config import ConfigError, TrainConfig
+from .data import RenderedExample, render_example
+
+__all__ = ["ConfigError", "RenderedExample", "TrainConfig", "get_lr", "render_example", "train"]
+
+
+def __getattr__(name: str):
+    # torch, transformers and peft load on first use: building or checking a config stays instant.
+    if name in ("train", "get_lr"):
+        from . import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,401 @@
+"""The training loop: setup, then fit step by step, validating and checkpointing along the way.
+
+A step takes the next batch_size examples of the epoch's order, packs them
+into micro-batches of at most a token budget, and accumulates gradients so
+that the step's loss is the mean over every trained token of the step.
+"""
+
+import gc
+import json
+import math
+import resource
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig
+from .data import ExampleSet, epoch_order, load_examples
+from .modeling import (
+    count_parameters, enable_gradient_checkpointing, load_model, load_tokenizer, place, plan_memory,
+    save_weights, use_cpu_threads,
+)
+from .packing import pack, trained_logits
+
+
+def get_lr(step: int, *, lr: float, total_steps: int, warmup_steps: int, scheduler: str) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine, linear or constant."""
+    if step < warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)
+    if scheduler == "constant":
+        return lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if scheduler == "linear":
+        return lr * (1.0 - progress)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train(config: TrainConfig, sink=None, should_stop=None) -> dict:
+    """Fine-tune config.model on config.train_file and return the summary.
+
+    sink(kind, payload) receives "event", "metric", "eval", "checkpoint" and
+    "summary" calls. should_stop() is asked before every optimizer step: a
+    falsy answer continues, "cancel" (or True) stops at once, "pause" saves a
+    checkpoint first. Raises ConfigError listing every problem with the config or data.
+    """
+    config.check()
+    run = _Run(config, sink or (lambda kind, payload: None), should_stop or (lambda: None))
+    try:
+        return run.main()
+    finally:
+        run.release()
+
+
+class _Run:
+    """One call of train(): what it loaded and how far it got."""
+
+    def __init__(self, config: TrainConfig, sink, should_stop):
+        self.config = config
+        self.sink = sink
+        self.should_stop = should_stop
+        self.out = Path(config.out_dir).resolve()
+        self.model = self.optimizer = None
+
+    # --- setup ---------------------------------------------------------------
+
+    def main(self) -> dict:
+        config = self.config
+        self.started = time.monotonic()
+        self.placement = place(config)
+        if self.placement.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.placement.device)
+        threads = use_cpu_threads()
+        self.tokenizer = load_tokenizer(config.model)
+        if not self.tokenizer.chat_template:
+            raise ConfigError([f"model: {config.model} has no chat template to render conversations with"])
+        self.train_set, self.val_set = self._load_data()
+
+        resumed = ckpt.load_state(config.resume_from) if config.resume_from else None
+        if resumed:
+            self._check_resumable(resumed)
+        torch.manual_seed(config.seed)
+        self.model = load_model(config, self.placement, checkpoint=config.resume_from)
+        self.micro_batch_tokens, checkpointing = plan_memory(config, self.model, self.placement)
+        if checkpointing:
+            enable_gradient_checkpointing(self.model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = _optimizer(self.params, config, self.placement.device)
+
+        self.steps_per_epoch = math.ceil(len(self.train_set.examples) / config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.warmup_steps = math.ceil(config.warmup_ratio * self.total_steps)
+        self.progress = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "train_seconds": 0.0, "elapsed_s": 0.0}
+        self.latest = {"train": None, "eval": None}
+        if resumed:
+            self._resume(resumed)
+
+        trainable, total = count_parameters(self.model)
+        self.trainable_params, self.total_params = trainable, total
+        self._write_config(threads, checkpointing)
+        self._event(
+            f"{config.method} on {self.placement.device.type} ({threads} threads): {trainable:,} of {total:,} "
+            f"parameters trainable; {self.total_steps} steps of {config.batch_size} examples, "
+            f"micro-batches of up to {self.micro_batch_tokens} tokens"
+            + (", gradient checkpointing on" if checkpointing else "")
+        )
+        stopped = self.fit()
+        return self._finish(stopped)
+
+    def _load_data(self) -> tuple[ExampleSet, ExampleSet | None]:
+        config, problems = self.config, []
+        sets = {}
+        for name, path in (("train_file", config.train_file), ("validation_file", config.validation_file)):
+            if path is None:
+                sets[name] = None
+                continue
+            try:
+                sets[name] = load_examples(path, self.tokenizer, loss_on=config.loss_on, max_seq_len=config.max_seq_len, name=name)
+            except ConfigError as error:
+                problems += error.problems
+        for name, examples in sets.items():
+            if examples is not None and not examples.examples:
+                problems.append(f"{name}: no example has a token to train on (every reply has weight 0?)")
+        if problems:
+            raise ConfigError(problems)
+        for name, examples in sets.items():
+            if examples is None:
+                continue
+            self._event(f"{name}: {len(examples.examples)} examples, {examples.tokens:,} tokens")
+            if examples.truncated_examples:
+                self._event(f"{name}: {examples.truncated_examples} examples were longer than max_seq_len={config.max_seq_len} and were cut", "warn")
+            if examples.skipped_examples:
+                self._event(f"{name}: {examples.skipped_examples} examples have no trained token and are left out", "warn")
+        return sets["train_file"], sets["validation_file"]
+
+    def _check_resumable(self, state: dict) -> None:
+        problems = []
+        if state["config"]["method"] != self.config.method:
+            problems.append(f"resume_from: the checkpoint is from a {state['config']['method']} run, not {self.config.method}")
+        if state["train_examples"] != len(self.train_set.examples):
+            problems.append(
+                f"resume_from: the checkpoint was trained on {state['train_examples']} examples, "
+                f"the train file now has {len(self.train_set.examples)}"
+            )
+        if problems:
+            raise ConfigError(problems)
+
+    def _resume(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        ckpt.restore_rng(state["rng"])
+        self.progress = {key: state[key] for key in self.progress}
+        self.latest = state["metrics"]
+        self._trim_metrics_file(state["step"])
+        self._event(f"Resumed from step {state['step']} ({self.config.resume_from})")
+
+    # --- fit -----------------------------------------------------------------
+
+    def fit(self) -> str | None:
+        """Train until the last epoch ends or should_stop asks to stop; return None, "cancel" or "pause"."""
+        config, progress = self.config, self.progress
+        examples = self.train_set.examples
+        self.session = {"started": time.monotonic(), "steps": 0, "tokens": 0, "seconds": 0.0}
+        while progress["epoch"] < config.epochs:
+            order = epoch_order(len(examples), seed=config.seed, epoch=progress["epoch"])
+            while progress["index"] < len(order):
+                request = self._stop_request()
+                if request == "cancel":
+                    self._event(f"Cancelled before step {progress['step'] + 1}")
+                    return "cancel"
+                if request == "pause":
+                    self._save_checkpoint()
+                    self._event(f"Paused after step {progress['step']}")
+                    return "pause"
+
+                batch = [examples[i] for i in order[progress["index"] : progress["index"] + config.batch_size]]
+                lr = get_lr(progress["step"], lr=config.lr, total_steps=self.total_steps,
+                            warmup_steps=self.warmup_steps, scheduler=config.scheduler)
+                step_start = time.monotonic()
+                result = self.train_step(batch, lr)
+                seconds = time.monotonic() - step_start
+
+                progress["step"] += 1
+                progress["index"] += len(batch)
+                progress["tokens"] += result["tokens"]
+                progress["train_seconds"] += seconds
+                self.session["steps"] += 1
+                self.session["tokens"] += result["tokens"]
+                self.session["seconds"] += seconds
+                epoch_done = progress["index"] >= len(order)
+                if epoch_done:
+                    progress["epoch"] += 1
+                    progress["index"] = 0
+                step = progress["step"]
+                metric = self._metric(result, lr, epoch_size=len(order))
+                self.latest["train"] = metric
+                if step % config.log_every == 0 or step == self.total_steps:
+                    self._report("metric", metric)
+                if self.val_set and config.eval_every and step % config.eval_every == 0:
+                    self.validate()
+                if epoch_done or (config.save_every and step % config.save_every == 0):
+                    self._save_checkpoint()
+                if epoch_done:
+                    break
+        return None
+
+    def _metric(self, result: dict, lr: float, *, epoch_size: int) -> dict:
+        progress, session, now = self.progress, self.session, time.monotonic()
+        return {
+            "step": progress["step"],
+            "total_steps": self.total_steps,
+            "epoch": progress["epoch"] + progress["index"] / epoch_size,
+            "loss": result["loss"],
+            "lr": lr,
+            "grad_norm": result["grad_norm"],
+            "tokens": progress["tokens"],
+            "tokens_per_second": session["tokens"] / max(session["seconds"], 1e-9),
+            "elapsed_s": progress["elapsed_s"] + (now - self.started),
+            "eta_s": (now - session["started"]) / session["steps"] * (self.total_steps - progress["step"]),
+            "token_accuracy": result["token_accuracy"],
+        }
+
+    def train_step(self, examples, lr: float) -> dict:
+        """One optimizer step over examples; return its loss (mean over trained tokens) and stats."""
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = pack(examples, self.micro_batch_tokens)
+        loss_tokens = sum(len(batch.targets) for batch in micro_batches)
+        loss_sum = correct = 0
+        for batch in micro_batches:
+            batch = batch.to(self.placement.device)
+            with self._autocast():
+                logits = trained_logits(self.model, batch)
+            batch_loss = F.cross_entropy(logits.float(), batch.targets, reduction="sum")
+            (batch_loss / loss_tokens).backward()
+            loss_sum += batch_loss.detach()
+            correct += (logits.detach().argmax(-1) == batch.targets).sum()
+        max_norm = self.config.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "loss": float(loss_sum) / loss_tokens,
+            "token_accuracy": float(correct) / loss_tokens,
+            "grad_norm": float(grad_norm),
+            "tokens": sum(batch.tokens for batch in micro_batches),
+        }
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Loss and next-token accuracy over every trained token of the validation file."""
+        self.model.eval()
+        loss_sum = correct = count = 0
+        for batch in pack(self.val_set.examples, self.micro_batch_tokens):
+            batch = batch.to(self.placement.device)
+            with self._autocast():
+                logits = trained_logits(self.model, batch)
+            loss_sum += F.cross_entropy(logits.float(), batch.targets, reduction="sum").item()
+            correct += (logits.argmax(-1) == batch.targets).sum().item()
+            count += len(batch.targets)
+        result = {"step": self.progress["step"], "eval_loss": loss_sum / count, "eval_token_accuracy": correct / count}
+        self.latest["eval"] = result
+        self._report("eval", result)
+        return result
+
+    # --- output --------------------------------------------------------------
+
+    def _save_checkpoint(self) -> Path:
+        state = {
+            **self.progress,
+            "elapsed_s": self.progress["elapsed_s"] + (time.monotonic() - self.started),
+            "train_examples": len(self.train_set.examples),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": ckpt.rng_state(),
+            "metrics": self.latest,
+            "config": asdict(self.config),
+        }
+        path = ckpt.save_checkpoint(self.out, state, self.model, self.tokenizer, full=not self.config.uses_adapter)
+        self.sink("checkpoint", {"step": state["step"], "path": str(path), "metrics": self._checkpoint_metrics()})
+        return path
+
+    def _checkpoint_metrics(self) -> dict:
+        """The metrics of a checkpoint, named as the OpenAI checkpoint object names them."""
+        train, evaluation = self.latest["train"] or {}, self.latest["eval"] or {}
+        return {
+            "step": self.progress["step"],
+            "train_loss": train.get("loss"),
+            "train_mean_token_accuracy": train.get("token_accuracy"),
+            "valid_loss": evaluation.get("eval_loss"),
+            "valid_mean_token_accuracy": evaluation.get("eval_token_accuracy"),
+            "full_valid_loss": evaluation.get("eval_loss"),
+            "full_valid_mean_token_accuracy": evaluation.get("eval_token_accuracy"),
+        }
+
+    def _finish(self, stopped: str | None) -> dict:
+        output = None
+        if stopped is None:
+            if self.val_set and (self.latest["eval"] or {}).get("step") != self.progress["step"]:
+                self.validate()
+            output = self.out / ("adapter" if self.config.uses_adapter else "model")
+            save_weights(self.model, self.tokenizer, output, full=not self.config.uses_adapter)
+            self._event(f"Saved {output}")
+        train, evaluation = self.latest["train"] or {}, self.latest["eval"] or {}
+        summary = {
+            "train_tokens": self.progress["tokens"],
+            "train_seconds": self.progress["train_seconds"],
+            "tokens_per_second": self.progress["tokens"] / max(self.progress["train_seconds"], 1e-9),
+            "final_train_loss": train.get("loss"),
+            "final_train_token_accuracy": train.get("token_accuracy"),
+            "eval_loss": evaluation.get("eval_loss"),
+            "eval_token_accuracy": evaluation.get("eval_token_accuracy"),
+            "peak_memory_mb": _peak_memory_mb(self.placement.device),
+            "truncated_examples": self.train_set.truncated_examples,
+            "skipped_examples": self.train_set.skipped_examples,
+            "train_examples": len(self.train_set.examples),
+            "validation_examples": len(self.val_set.examples) if self.val_set else 0,
+            "steps": self.progress["step"],
+            "total_steps": self.total_steps,
+            "epochs": self.config.epochs,
+            "stopped": stopped,
+            "method": self.config.method,
+            "device": self.placement.device.type,
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
+            "output_dir": str(output) if output else None,
+            "elapsed_s": self.progress["elapsed_s"] + (time.monotonic() - self.started),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.sink("summary", summary)
+        return summary
+
+    def _report(self, kind: str, payload: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a") as metrics:
+            metrics.write(json.dumps({"kind": kind, **payload}) + "\n")
+        self.sink(kind, payload)
+
+    def _trim_metrics_file(self, step: int) -> None:
+        """Drop lines written after the checkpoint we resume from: those steps are trained again."""
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def _write_config(self, threads: int, checkpointing: bool) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.config.resume_from:
+            (self.out / "metrics.jsonl").write_text("")
+        resolved = {
+            **asdict(self.config),
+            "device": self.placement.device.type,
+            "weights_dtype": str(self.placement.weights_dtype).removeprefix("torch."),
+            "autocast_dtype": str(self.placement.autocast_dtype).removeprefix("torch.") if self.placement.autocast_dtype else None,
+            "gradient_checkpointing": "on" if checkpointing else "off",
+            "micro_batch_tokens": self.micro_batch_tokens,
+            "cpu_threads": threads,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "train_examples": len(self.train_set.examples),
+            "validation_examples": len(self.val_set.examples) if self.val_set else 0,
+            "trainable_params": self.trainable_params,
+        }
+        (self.out / "config.json").write_text(json.dumps(resolved, indent=2))
+
+    def _event(self, message: str, level: str = "info") -> None:
+        self.sink("event", {"level": level, "message": message})
+
+    def _stop_request(self) -> str | None:
+        answer = self.should_stop()
+        if not answer:
+            return None
+        return "pause" if answer == "pause" else "cancel"
+
+    def _autocast(self):
+        dtype = self.placement.autocast_dtype
+        return torch.autocast(self.placement.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def release(self) -> None:
+        """Free the model and optimizer memory before returning to a long-lived worker."""
+        self.model = self.optimizer = self.params = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _optimizer(params, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # Norms and biases (1-D) are not decayed.
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [group for group in groups if group["params"]]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # Linux reports the peak resident set of the whole process in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

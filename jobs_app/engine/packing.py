@@ -1,0 +1,138 @@
+"""Padding-free packing: the examples of a step laid end to end, attention kept inside each one.
+
+A micro-batch is one row of concatenated examples with positions restarting
+at 0 for each, and the boundaries as cumulative lengths (cu_seq_lens, the
+flash-attention varlen convention). The model runs with the "packed_sdpa"
+attention registered here, which attends within each example only: one
+flash-attention varlen call on CUDA when flash_attn is installed, otherwise
+one causal SDPA call per example. Per-example calls do no work on the
+masked-out blocks a block-diagonal mask would still compute, and need no
+L x L mask in memory.
+
+Only trained positions are sent through the LM head (logits_to_keep): with a
+49k vocabulary the logits of untrained tokens would cost more than the rest.
+"""
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from .data import IGNORE_INDEX, RenderedExample
+
+ATTENTION = "packed_sdpa"
+
+try:  # optional CUDA kernel; never present on CPU machines
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor
+    """(1, T) the examples laid end to end."""
+    position_ids: torch.Tensor
+    """(1, T) restarting at 0 for each example."""
+    cu_seq_lens: torch.Tensor
+    """(examples + 1,) int32 cumulative lengths: example k spans cu_seq_lens[k]:cu_seq_lens[k+1]."""
+    max_length: int
+    loss_positions: torch.Tensor
+    """Indices into the row whose next token is trained."""
+    targets: torch.Tensor
+    """The token each loss position must predict."""
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        return MicroBatch(
+            self.input_ids.to(device), self.position_ids.to(device), self.cu_seq_lens.to(device),
+            self.max_length, self.loss_positions.to(device), self.targets.to(device),
+        )
+
+
+def pack(examples: list[RenderedExample], token_budget: int) -> list[MicroBatch]:
+    """Split examples, in order, into micro-batches of at most token_budget tokens (one example never splits)."""
+    groups, current, size = [], [], 0
+    for example in examples:
+        if current and size + len(example.input_ids) > token_budget:
+            groups.append(current)
+            current, size = [], 0
+        current.append(example)
+        size += len(example.input_ids)
+    if current:
+        groups.append(current)
+    return [_micro_batch(group) for group in groups]
+
+
+def _micro_batch(examples: list[RenderedExample]) -> MicroBatch:
+    input_ids, positions, targets, lengths = [], [], [], []
+    for example in examples:
+        n = len(example.input_ids)
+        input_ids += example.input_ids
+        positions += range(n)
+        # Position i predicts token i + 1 of the same example; an example's last position predicts nothing.
+        targets += example.labels[1:] + [IGNORE_INDEX]
+        lengths.append(n)
+    targets = torch.tensor(targets)
+    loss_positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    return MicroBatch(
+        input_ids=torch.tensor([input_ids]),
+        position_ids=torch.tensor([positions]),
+        cu_seq_lens=torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32),
+        max_length=max(lengths),
+        loss_positions=loss_positions,
+        targets=targets[loss_positions],
+    )
+
+
+def trained_logits(model, batch: MicroBatch) -> torch.Tensor:
+    """Run the model on a packed micro-batch; return (loss positions, vocab) logits."""
+    output = model(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        cu_seq_lens_q=batch.cu_seq_lens,
+        cu_seq_lens_k=batch.cu_seq_lens,
+        max_length_q=batch.max_length,
+        max_length_k=batch.max_length,
+        logits_to_keep=batch.loss_positions,
+        use_cache=False,
+    )
+    return output.logits[0]
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                     cu_seq_lens_q=None, max_length_q=None, **kwargs):
+    """Causal attention inside each packed example; query (1, heads, T, dim) -> (1, T, heads, dim)."""
+    if cu_seq_lens_q is None:  # an unpacked call (one sequence): plain causal attention
+        cu_seq_lens_q = torch.tensor([0, query.shape[2]], dtype=torch.int32)
+        max_length_q = query.shape[2]
+    if flash_attn_varlen_func is not None and query.is_cuda:
+        return _flash_varlen(query, key, value, cu_seq_lens_q, max_length_q, dropout, scaling), None
+    bounds = cu_seq_lens_q.tolist()
+    outputs = [
+        F.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+            dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=True,
+        )
+        for start, end in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2), None
+
+
+def _flash_varlen(query, key, value, cu_seq_lens, max_length, dropout, scaling):
+    dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    q, k, v = (tensor[0].transpose(0, 1).to(dtype) for tensor in (query, key, value))
+    cu_seq_lens = cu_seq_lens.to(device=query.device, dtype=torch.int32)
+    out = flash_attn_varlen_func(
+        q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length,
+        dropout_p=dropout, softmax_scale=scaling, causal=True,
+    )
+    return out.unsqueeze(0).to(query.dtype)
+
+
+AttentionInterface.register(ATTENTION, packed_attention)
