@@ -78,6 +78,9 @@ def resolve_hyperparameters(requested: dict, *, method: str, examples: int) -> d
         resolved.update(lora_rank=rank, lora_alpha=int(pick("lora_alpha", 2 * rank)), lora_dropout=float(pick("lora_dropout", 0.0)),
                         target_modules=str(pick("target_modules", "all-linear")))
     resolved["total_steps"] = math.ceil(examples / resolved["batch_size"]) * resolved["n_epochs"]
+    if resolved["early_stopping_patience"] and not resolved["eval_every"]:
+        # Early stopping compares validations: about ten per run unless asked otherwise.
+        resolved["eval_every"] = max(1, resolved["total_steps"] // 10)
     return resolved
 
 

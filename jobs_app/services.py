@@ -69,6 +69,9 @@ def job_create(
     valid_set = _usable_file(owner, validation_file, "validation_file") if validation_file else None
     if holdout_percent and (valid_set is not None or not 1 <= holdout_percent <= 50):
         raise ApiError("Hold out 1-50% for validation, and only when no validation file is given.", param="holdout_percent")
+    if requested.get("early_stopping_patience") not in (None, "auto", 0) and valid_set is None and not holdout_percent:
+        raise ApiError("Early stopping watches the validation loss: give a validation file or hold out a share of the data.",
+                       param="hyperparameters.early_stopping_patience")
 
     job = FineTuningJob.objects.create(
         owner=owner,
@@ -242,6 +245,7 @@ def build_train_config(job: FineTuningJob, *, resume_from: str | None):
         max_seq_len=hp["max_seq_len"],
         eval_every=hp["eval_every"],
         save_every=hp["save_every"],
+        early_stopping_patience=hp.get("early_stopping_patience", 0) if job.validation_file else 0,
         warmup_ratio=hp["warmup_ratio"],
         seed=job.seed,
         resume_from=resume_from,

@@ -166,3 +166,12 @@ def test_bob_cannot_see_alices_job_page(client, alice, dataset):
     client.force_login(get_user_model().objects.create_user("bob", password="pw-bob-123"))
     assert client.get(f"/jobs/{job.public_id}/").status_code == 404
     assert client.get(f"/jobs/{job.public_id}/metrics.csv").status_code == 404
+
+
+def test_early_stopping_gets_validations_to_compare_and_needs_validation_data(alice, dataset):
+    resolved = resolve_hyperparameters({"early_stopping_patience": 3}, method="lora", examples=40)
+    assert resolved["eval_every"] >= 1 and resolved["early_stopping_patience"] == 3
+    with pytest.raises(ApiError) as caught:
+        services.job_create(owner=alice, model="tiny-random-smollm2", training_file=dataset.public_id,
+                            hyperparameters={"early_stopping_patience": 3})
+    assert caught.value.param == "hyperparameters.early_stopping_patience"

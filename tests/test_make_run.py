@@ -31,7 +31,8 @@ def processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_make_run_starts_the_stack_and_sigterm_stops_every_process(tmp_path, tiny_model_dir, bundled_model_dir):
+def test_make_run_starts_the_stack_and_sigterm_stops_every_process(tmp_path, tiny_model_dir, bundled_model_dir, stack):
+    """Runs beside the session's other stack: two instances with their own FT_HOME and FT_PORT."""
     home = tmp_path / "home"
     (home / "models").mkdir(parents=True)
     (home / "models" / TINY_MODEL_ID).symlink_to(tiny_model_dir)
@@ -53,6 +54,9 @@ def test_make_run_starts_the_stack_and_sigterm_stops_every_process(tmp_path, tin
         assert f"Admin login: admin / {password}" in text
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
         assert processes_mentioning(str(home)), "no process runs with this FT_HOME"
+        # The other instance is still healthy and is a different installation.
+        assert httpx.get(stack.url + "/healthz", timeout=10).status_code == 200
+        assert stack.port != port and stack.home != home
     finally:
         make.send_signal(signal.SIGTERM)  # to make alone, not its process group
         make.wait(timeout=90)

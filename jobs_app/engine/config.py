@@ -62,6 +62,8 @@ class TrainConfig:
     """Validate every N optimizer steps; 0 validates only at the end."""
     save_every: int = 0
     """Checkpoint every N optimizer steps; 0 checkpoints only at the end of each epoch."""
+    early_stopping_patience: int = 0
+    """Finish early after this many validations in a row without a lower validation loss; 0 never does."""
     seed: int = 42
     """Seeds weight init of the adapter, dropout and the per-epoch data order."""
     resume_from: str | None = None
@@ -113,6 +115,13 @@ class TrainConfig:
         check(_is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio!r}")
         check(_is_int(self.eval_every) and self.eval_every >= 0, "eval_every", f"must be a whole number >= 0, got {self.eval_every!r}")
         check(_is_int(self.save_every) and self.save_every >= 0, "save_every", f"must be a whole number >= 0, got {self.save_every!r}")
+        check(
+            _is_int(self.early_stopping_patience) and self.early_stopping_patience >= 0, "early_stopping_patience",
+            f"must be a whole number >= 0 (0 = off), got {self.early_stopping_patience!r}",
+        )
+        if _is_int(self.early_stopping_patience) and self.early_stopping_patience > 0:
+            check(bool(self.validation_file), "early_stopping_patience", "needs a validation file to watch")
+            check(_is_int(self.eval_every) and self.eval_every > 0, "early_stopping_patience", "needs eval_every > 0 (validations to compare)")
         check(_is_int(self.seed) and self.seed >= 0, "seed", f"must be a whole number >= 0, got {self.seed!r}")
         check(_is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip!r}")
         check(_is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay!r}")

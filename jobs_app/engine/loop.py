@@ -92,7 +92,9 @@ class _Run:
         self.steps_per_epoch = math.ceil(len(self.train_set.examples) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.warmup_steps = math.ceil(config.warmup_ratio * self.total_steps)
-        self.progress = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "train_seconds": 0.0, "elapsed_s": 0.0}
+        self.progress = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "train_seconds": 0.0, "elapsed_s": 0.0,
+                         "best_eval_loss": math.inf, "stale_evals": 0}
+        self.early_stopped = False
         self.latest = {"train": None, "eval": None}
         if resumed:
             self._resume(resumed)
@@ -150,7 +152,7 @@ class _Run:
     def _resume(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         ckpt.restore_rng(state["rng"])
-        self.progress = {key: state[key] for key in self.progress}
+        self.progress = {key: state.get(key, default) for key, default in self.progress.items()}
         self.latest = state["metrics"]
         self._trim_metrics_file(state["step"])
         self._event(f"Resumed from step {state['step']} ({self.config.resume_from})")
@@ -199,11 +201,29 @@ class _Run:
                     self._report("metric", metric)
                 if self.val_set and config.eval_every and step % config.eval_every == 0:
                     self.validate()
+                    if self._patience_ran_out():
+                        self._save_checkpoint()
+                        return None
                 if epoch_done or (config.save_every and step % config.save_every == 0):
                     self._save_checkpoint()
                 if epoch_done:
                     break
         return None
+
+    def _patience_ran_out(self) -> bool:
+        """Track the best validation loss; True once it has not improved for `patience` validations."""
+        progress, patience = self.progress, self.config.early_stopping_patience
+        loss = self.latest["eval"]["eval_loss"]
+        if loss < progress["best_eval_loss"]:
+            progress["best_eval_loss"], progress["stale_evals"] = loss, 0
+        else:
+            progress["stale_evals"] += 1
+        if not patience or progress["stale_evals"] < patience:
+            return False
+        self.early_stopped = True
+        self._event(f"Early stopping at step {progress['step']}: validation loss has not improved for {patience} "
+                    f"validations (best {progress['best_eval_loss']:.4f}).")
+        return True
 
     def _metric(self, result: dict, lr: float, *, epoch_size: int) -> dict:
         progress, session, now = self.progress, self.session, time.monotonic()
@@ -320,6 +340,7 @@ class _Run:
             "total_steps": self.total_steps,
             "epochs": self.config.epochs,
             "stopped": stopped,
+            "early_stopped": self.early_stopped,
             "method": self.config.method,
             "device": self.placement.device.type,
             "trainable_params": self.trainable_params,
