@@ -22,6 +22,9 @@ from finetune_site.api_errors import ApiError, error_body, error_response
 from finetune_site.apiviews import api_user_or_error
 
 from .catalog import resolve_model
+from .routing import deployment_events
+from .selectors import serving_deployment
+from .streams import RemoteError
 from .serving.errors import InvalidRequest, ServingError
 from .serving.pool import ModelPool
 from .serving.schema import Completion, GenerationRequest
@@ -115,46 +118,76 @@ async def chat_completions(request):
         return error_response(f"The request body is not valid JSON: {exc}.")
     except ApiError as exc:
         return error_response(exc.message, param=exc.param)
-    resolved = await sync_to_async(resolve_model)(user, params["model"])
-    if resolved is None:
-        return error_response(
-            f"The model {params['model']!r} does not exist or you do not have access to it.",
-            status_code=404, param="model", code="model_not_found",
-        )
-    generation = GenerationRequest(
-        base_path=str(resolved.base_path),
-        adapter_path=str(resolved.adapter_path) if resolved.adapter_path else None,
-        messages=params["messages"],
-        tools=params["tools"],
-        max_tokens=params["max_tokens"],
-        temperature=params["temperature"],
-        top_p=params["top_p"],
-        stop=params["stop"],
-        seed=params["seed"],
-        do_sample=params["do_sample"],
-    )
-    loop = asyncio.get_running_loop()
     try:
-        stream = await loop.run_in_executor(_executor, get_pool().generate_stream, generation)
-    except InvalidRequest as exc:
-        return error_response(str(exc), param="messages", code="invalid_request")
-    except ServingError as exc:
-        return error_response(str(exc), status_code=500, code="model_error")
+        events = await open_events(user, params)
+    except ChatFailure as exc:
+        return error_response(exc.message, status_code=exc.status, param=exc.param, code=exc.code)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": params["model"]}
     if params["stream"]:
-        response = StreamingHttpResponse(_sse(stream, meta, params["include_usage"]), content_type="text/event-stream")
+        response = StreamingHttpResponse(_sse(events, meta, params["include_usage"]), content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"
         return response
     completion = None
     try:
-        async for event in _events(stream):
+        async for event in events:
             if isinstance(event, Completion):
                 completion = event
     except Exception as exc:  # noqa: BLE001 - answer in the error shape, never a bare 500
         log.exception("chat completion failed")
         return error_response(_failure_text(exc), status_code=500, code="model_error")
     return JsonResponse(_completion_object(completion, meta))
+
+
+class ChatFailure(Exception):
+    """A request refused before any token was generated, with the status to answer."""
+
+    def __init__(self, message: str, *, status: int = 400, param=None, code=None):
+        super().__init__(message)
+        self.message, self.status, self.param, self.code = message, status, param, code
+
+
+async def open_events(user, params: dict):
+    """Route a parsed chat request to the model's deployment or the shared pool.
+
+    Returns an async iterator of text pieces ending with one Completion; raises
+    ChatFailure when the request is refused before generation starts.
+    """
+    resolved = await sync_to_async(resolve_model)(user, params["model"])
+    if resolved is None:
+        raise ChatFailure(f"The model {params['model']!r} does not exist or you do not have access to it.",
+                          status=404, param="model", code="model_not_found")
+    deployment = await sync_to_async(serving_deployment)(user, params["model"])
+    if deployment is not None:
+        events = deployment_events(deployment, {k: params[k] for k in _REMOTE_FIELDS})
+        try:
+            first = await anext(events)
+        except RemoteError as exc:
+            raise ChatFailure(str(exc), status=exc.status, param="messages" if exc.status == 400 else None,
+                              code="invalid_request" if exc.status == 400 else "model_error") from exc
+        return _prepend(first, events)
+    generation = GenerationRequest(
+        base_path=str(resolved.base_path),
+        adapter_path=str(resolved.adapter_path) if resolved.adapter_path else None,
+        **{k: params[k] for k in _REMOTE_FIELDS},
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        stream = await loop.run_in_executor(_executor, get_pool().generate_stream, generation)
+    except InvalidRequest as exc:
+        raise ChatFailure(str(exc), param="messages", code="invalid_request") from exc
+    except ServingError as exc:
+        raise ChatFailure(str(exc), status=500, code="model_error") from exc
+    return _events(stream)
+
+
+_REMOTE_FIELDS = ("messages", "tools", "max_tokens", "temperature", "top_p", "stop", "seed", "do_sample")
+
+
+async def _prepend(first, rest):
+    yield first
+    async for event in rest:
+        yield event
 
 
 async def _events(stream):
@@ -195,7 +228,7 @@ async def _events(stream):
 
 
 def _failure_text(exc: Exception) -> str:
-    return str(exc) if isinstance(exc, ServingError) else f"The model failed while answering: {type(exc).__name__}: {exc}"
+    return str(exc) if isinstance(exc, (ServingError, RemoteError)) else f"The model failed while answering: {type(exc).__name__}: {exc}"
 
 
 def _chunk(meta, delta, finish_reason=None) -> str:
@@ -211,10 +244,10 @@ def _usage(completion: Completion) -> dict:
     return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens, "total_tokens": completion.total_tokens}
 
 
-async def _sse(stream, meta, include_usage):
+async def _sse(events, meta, include_usage):
     yield _chunk(meta, {"role": "assistant", "content": ""})
     try:
-        async for event in _events(stream):
+        async for event in events:
             if isinstance(event, Completion):
                 if event.tool_calls:
                     calls = [{"index": i, **call} for i, call in enumerate(event.tool_calls)]

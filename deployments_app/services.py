@@ -1,13 +1,19 @@
-"""Writes for model cards (and, later, deployments)."""
+"""Writes for model cards and deployments."""
 
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
+from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
 
+from finetune_site.api_errors import ApiError
 from jobs_app.models import FineTuningJob
 
-from .models import ModelCard
+from .catalog import resolve_model
+from .models import Deployment, Instance, ModelCard
 
 
 def _folder_size(folder: Path) -> int:
@@ -38,5 +44,139 @@ def model_card_create_from_job(*, job: FineTuningJob, summary: dict) -> ModelCar
 def model_card_delete(*, card: ModelCard) -> None:
     """Delete a fine-tuned model and its files; its id answers 404 afterwards."""
     folder = Path(card.path)
+    exports = export_dir(card)
+    model_id = card.model_id
+    for deployment in Deployment.objects.owned_by(card.owner).active().filter(
+        Q(model_id=model_id) | Q(model_id__startswith=f"{model_id}:ckpt-step-")
+    ):
+        deployment_cancel(deployment=deployment)
     card.delete()
-    transaction.on_commit(lambda: shutil.rmtree(folder, ignore_errors=True))
+    transaction.on_commit(lambda: [shutil.rmtree(f, ignore_errors=True) for f in (folder, exports)])
+
+
+def export_dir(card: ModelCard) -> Path:
+    """Where downloads built from this card (the merged model) are kept."""
+    return settings.FT_ARTIFACTS_DIR / "exports" / str(card.pk)
+
+
+# --- Deployments ---------------------------------------------------------------
+
+
+def _check_counts(instances, max_concurrent_requests=None) -> None:
+    top = settings.FT_MAX_INSTANCES
+    if isinstance(instances, bool) or not isinstance(instances, int) or not 1 <= instances <= top:
+        raise ApiError(f"instances must be a whole number from 1 to {top}, got {instances!r}.", param="instances")
+    if max_concurrent_requests is not None and (
+        isinstance(max_concurrent_requests, bool) or not isinstance(max_concurrent_requests, int) or not 1 <= max_concurrent_requests <= 64
+    ):
+        raise ApiError(f"max_concurrent_requests must be a whole number from 1 to 64, got {max_concurrent_requests!r}.",
+                       param="max_concurrent_requests")
+
+
+def _start_instances(deployment: Deployment, count: int) -> list[Instance]:
+    from .tasks import run_instance
+
+    created = [Instance.objects.create(deployment=deployment) for _ in range(count)]
+    for instance in created:
+        transaction.on_commit(lambda pk=instance.pk: run_instance.delay(pk))
+    return created
+
+
+@transaction.atomic
+def deployment_create(*, user, model_id: str, instances: int = 1, max_concurrent_requests: int = 1) -> Deployment:
+    """Deploy a base, fine-tuned or checkpoint model on N dedicated instances."""
+    _check_counts(instances, max_concurrent_requests)
+    if not isinstance(model_id, str) or resolve_model(user, model_id) is None:
+        raise ApiError(f"The model {model_id!r} does not exist or you do not have access to it.", param="model", code="model_not_found")
+    deployment = Deployment.objects.create(owner=user, model_id=model_id, instances=instances,
+                                           max_concurrent_requests=max_concurrent_requests)
+    _start_instances(deployment, instances)
+    return deployment
+
+
+@transaction.atomic
+def deployment_scale(*, deployment: Deployment, instances: int) -> Deployment:
+    """Change how many instances serve the deployment; requests in flight always finish."""
+    _check_counts(instances)
+    if not deployment.is_active:
+        raise ApiError(f"The deployment is {deployment.status}; only a deploying or running deployment can be scaled.", param="instances")
+    deployment.instances = instances
+    deployment.updated_at = timezone.now()
+    deployment.save(update_fields=["instances", "updated_at"])
+    _reconcile(deployment)
+    return deployment
+
+
+@transaction.atomic
+def deployment_cancel(*, deployment: Deployment) -> Deployment:
+    """Stop every instance (each finishes the requests it has) and free their memory."""
+    if deployment.status in (Deployment.CANCELLED, Deployment.FAILED):
+        return deployment
+    now = timezone.now()
+    deployment.status, deployment.finished_at, deployment.updated_at = Deployment.CANCELLED, now, now
+    deployment.save(update_fields=["status", "finished_at", "updated_at"])
+    _stop(deployment.instance_set.filter(status__in=(Instance.STARTING, Instance.RUNNING)))
+    return deployment
+
+
+def _stop(instances) -> None:
+    # A starting instance has not taken a request: it stops at once (its claim will fail).
+    instances.filter(status=Instance.STARTING).update(status=Instance.STOPPED, stopped_at=timezone.now(), detail="Stopped before it finished loading.")
+    instances.filter(status=Instance.RUNNING).update(status=Instance.STOPPING)
+
+
+def _reconcile(deployment: Deployment) -> None:
+    """Start or stop instances until as many are starting or running as are wanted."""
+    serving = list(deployment.instance_set.filter(status__in=(Instance.STARTING, Instance.RUNNING)).order_by("id"))
+    missing = deployment.instances - len(serving)
+    if missing > 0:
+        _start_instances(deployment, missing)
+    elif missing < 0:
+        # Stop the ones still loading first, then the newest running ones.
+        excess = sorted(serving, key=lambda i: (i.status != Instance.STARTING, -i.pk))[:-missing]
+        _stop(Instance.objects.filter(pk__in=[i.pk for i in excess]))
+    deployment.mark_running_if_ready()
+
+
+def reconcile_deployments() -> dict:
+    """Mark instances without a recent heartbeat dead, then replace or stop instances to match each deployment."""
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.FT_HEARTBEAT_TIMEOUT)
+    never_loaded = now - timedelta(seconds=settings.FT_INSTANCE_START_TIMEOUT)
+    dead = Instance.objects.filter(
+        Q(status__in=(Instance.RUNNING, Instance.STOPPING), heartbeat_at__lt=stale)
+        | Q(status=Instance.STARTING, created_at__lt=never_loaded)
+    )
+    dead_ids = list(dead.values_list("public_id", flat=True))
+    dead.update(status=Instance.DEAD, stopped_at=now, detail="No heartbeat: the instance or its worker died.")
+    replaced = 0
+    for deployment in Deployment.objects.active():
+        with transaction.atomic():
+            before = deployment.instance_set.count()
+            _reconcile(deployment)
+            replaced += deployment.instance_set.count() - before
+    return {"dead": dead_ids, "started": replaced}
+
+
+def model_merge(*, card_id: int) -> None:
+    """Build the merged full model of a LoRA card for download (runs on a worker)."""
+    from .exports import build_merged_model
+
+    card = ModelCard.objects.filter(pk=card_id).first()
+    if card is not None:
+        build_merged_model(card, export_dir(card))
+
+
+def model_merge_request(*, card: ModelCard) -> str:
+    """Queue building the merged model unless it is ready or being built; return its state."""
+    from .exports import merged_state
+    from .tasks import build_merged_model
+
+    if not card.is_adapter:
+        raise ApiError("Only LoRA models have a merged download; this model's files are already a full model.")
+    state = merged_state(export_dir(card))
+    if state == "absent":
+        (export_dir(card) / "merged.partial").mkdir(parents=True, exist_ok=True)
+        transaction.on_commit(lambda: build_merged_model.delay(card.pk))
+        state = "building"
+    return state

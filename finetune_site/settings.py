@@ -119,6 +119,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BEAT_SCHEDULE = {
     "recover-stale-jobs": {"task": "jobs_app.tasks.recover_stale_jobs", "schedule": 10.0},
+    "reconcile-deployments": {"task": "deployments_app.tasks.reconcile_deployments", "schedule": 5.0},
 }
 
 CHANNEL_LAYERS = {
@@ -183,6 +184,13 @@ FT_ARTIFACTS_DIR = FT_HOME / "artifacts"
 FT_HEARTBEAT_SECONDS = env_int("FT_HEARTBEAT_SECONDS", 5, minimum=1)
 FT_HEARTBEAT_TIMEOUT = env_int("FT_HEARTBEAT_TIMEOUT", 30, minimum=2)
 FT_ADAPTER_CACHE_SIZE = env_int("FT_ADAPTER_CACHE_SIZE", 8, minimum=1)
+
+# --- Deployments
+FT_MAX_INSTANCES = env_int("FT_MAX_INSTANCES", 8, minimum=1)
+# An instance still loading its model after this long is replaced.
+FT_INSTANCE_START_TIMEOUT = env_int("FT_INSTANCE_START_TIMEOUT", 600, minimum=10)
+# The price the deployment page multiplies instance-hours by for its cost estimate.
+FT_INSTANCE_HOUR_PRICE = env_float("FT_INSTANCE_HOUR_PRICE", 1.0, minimum=0.0)
 
 STATIC_URL = "static/"
 STATIC_ROOT = FT_HOME / "staticfiles"

@@ -6,6 +6,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
 from datasets_app import api as files_api
 from deployments_app import api as models_api
 from deployments_app import chat as chat_api
+from deployments_app import deployments_api
 from jobs_app import api as jobs_api
 
 from . import views
@@ -41,6 +42,8 @@ urlpatterns = [
     path("jobs/", include("jobs_app.urls")),
     path("", include("deployments_app.urls")),
     path("admin/", admin.site.urls),
+    path("api/deployments", deployments_api.DeploymentListCreate.as_view(), name="api_deployments"),
+    path("api/deployments/<str:deployment_id>", deployments_api.DeploymentDetail.as_view(), name="api_deployment"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularRedocView.as_view(url_name="schema"), name="api_docs"),
     path("v1/", include(api_patterns)),

@@ -1,11 +1,48 @@
 // Side-by-side chat: the same conversation and settings sent to each pane's model,
-// answers streamed from /v1/chat/completions as they are generated.
+// answers streamed from /v1/chat/completions as they are generated. Also: samples
+// from the validation set, the rendered chat template, copy-as-code, batch compare.
 (function () {
   "use strict";
   const panes = Array.from(document.querySelectorAll(".pane"));
   const csrf = document.querySelector("input[name=csrfmiddlewaretoken]").value;
   const settings = document.getElementById("playground-form");
+  const promptBox = document.getElementById("prompt");
+  const codeView = document.getElementById("code-view");
+  const referenceView = document.getElementById("reference");
   const history = new Map(panes.map((p) => [p, []]));
+
+  const modelOf = (pane) => pane.querySelector(".model-select").value;
+  const activePanes = () => panes.filter((pane) => modelOf(pane));
+
+  function samplingSettings() {
+    const e = settings.elements;
+    const body = { temperature: Number(e.temperature.value), top_p: Number(e.top_p.value) || 1, max_tokens: Number(e.max_tokens.value) };
+    if (e.seed.value !== "") body.seed = Number(e.seed.value);
+    return body;
+  }
+
+  function conversation(pane, userText) {
+    const system = settings.elements.system.value.trim();
+    const turns = history.get(pane).concat(userText ? [{ role: "user", content: userText }] : []);
+    return (system ? [{ role: "system", content: system }] : []).concat(turns);
+  }
+
+  function requestBody(pane, userText, stream) {
+    return Object.assign({ model: modelOf(pane), messages: conversation(pane, userText), stream }, samplingSettings());
+  }
+
+  async function postJson(url, body) {
+    const response = await fetch(url, {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRFToken": csrf },
+      body: JSON.stringify(body),
+    });
+    if (!response.ok) {
+      const err = await response.json().catch(() => ({}));
+      throw new Error((err.error && err.error.message) || response.statusText);
+    }
+    return response;
+  }
 
   function bubble(pane, role, text) {
     const div = document.createElement("div");
@@ -16,29 +53,13 @@
   }
 
   async function ask(pane, userText) {
-    const model = pane.querySelector(".model-select").value;
-    const messages = history.get(pane);
-    const system = settings.elements.system.value.trim();
-    messages.push({ role: "user", content: userText });
+    const body = requestBody(pane, userText, true);
+    history.get(pane).push({ role: "user", content: userText });
     bubble(pane, "user", userText);
     const out = bubble(pane, "assistant pending", "");
-    const body = {
-      model, stream: true,
-      messages: (system ? [{ role: "system", content: system }] : []).concat(messages),
-      temperature: Number(settings.elements.temperature.value),
-      max_tokens: Number(settings.elements.max_tokens.value),
-    };
     let answer = "";
     try {
-      const response = await fetch("/v1/chat/completions", {
-        method: "POST", credentials: "same-origin",
-        headers: { "Content-Type": "application/json", "X-CSRFToken": csrf },
-        body: JSON.stringify(body),
-      });
-      if (!response.ok) {
-        const err = await response.json().catch(() => ({}));
-        throw new Error((err.error && err.error.message) || response.statusText);
-      }
+      const response = await postJson("/v1/chat/completions", body);
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
       let buffer = "";
@@ -61,28 +82,136 @@
       }
       out.classList.remove("pending");
       out.dataset.done = "1";
-      messages.push({ role: "assistant", content: answer });
+      history.get(pane).push({ role: "assistant", content: answer });
     } catch (error) {
       out.classList.remove("pending");
       out.classList.add("error");
       out.dataset.done = "1";
       out.textContent = "Error: " + error.message;
-      messages.pop();
+      history.get(pane).pop();
     }
   }
 
+  function show(text) {
+    codeView.hidden = false;
+    codeView.textContent = text;
+  }
+
+  async function copy(text) {
+    show(text);
+    try { await navigator.clipboard.writeText(text); codeView.dataset.copied = "1"; } catch (e) { codeView.dataset.copied = "0"; }
+  }
+
+  // The fine-tuned model whose data feeds "Sample" and batch compare: the right-most one chosen.
+  function sourceModel() {
+    const tuned = activePanes().map(modelOf).filter((m) => m.startsWith("ft:"));
+    return tuned.length ? tuned[tuned.length - 1] : modelOf(panes[1]);
+  }
+
+  const firstPane = () => activePanes()[panes.length > 1 ? 1 : 0] || panes[0];
+
   document.getElementById("prompt-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    const input = document.getElementById("prompt");
-    const text = input.value.trim();
+    const text = promptBox.value.trim();
     if (!text) return;
-    input.value = "";
-    panes.forEach((pane) => ask(pane, text));
+    promptBox.value = "";
+    activePanes().forEach((pane) => ask(pane, text));
   });
   document.getElementById("clear").addEventListener("click", () => {
     panes.forEach((pane) => { history.set(pane, []); pane.querySelector(".transcript").innerHTML = ""; });
+    referenceView.hidden = true;
   });
-  document.getElementById("prompt").addEventListener("keydown", (event) => {
+  promptBox.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); document.getElementById("prompt-form").requestSubmit(); }
+  });
+
+  document.getElementById("sample").addEventListener("click", async () => {
+    const response = await fetch("/playground/sample/?model=" + encodeURIComponent(sourceModel()), { credentials: "same-origin" });
+    const body = await response.json();
+    if (!response.ok) { show("Error: " + body.error.message); return; }
+    settings.elements.system.value = body.system || "";
+    promptBox.value = body.prompt;
+    referenceView.hidden = false;
+    referenceView.textContent = "Reference answer: " + body.reference;
+  });
+
+  document.getElementById("show-template").addEventListener("click", async () => {
+    const pane = firstPane();
+    try {
+      const response = await postJson("/playground/template/", { model: modelOf(pane), messages: conversation(pane, promptBox.value.trim() || "…") });
+      const body = await response.json();
+      show(`Chat template of ${body.model} (${body.prompt_tokens} tokens):\n\n${body.prompt}`);
+    } catch (error) { show("Error: " + error.message); }
+  });
+
+  document.getElementById("copy-curl").addEventListener("click", () => {
+    const body = requestBody(firstPane(), promptBox.value.trim() || "Hello!", false);
+    const json = JSON.stringify(body, null, 2).replace(/'/g, "'\\''");
+    copy(`curl ${location.origin}/v1/chat/completions \\\n  -H "Authorization: Bearer $FT_API_KEY" \\\n  -H "Content-Type: application/json" \\\n  -d '${json}'`);
+  });
+
+  document.getElementById("copy-python").addEventListener("click", () => {
+    const body = requestBody(firstPane(), promptBox.value.trim() || "Hello!", false);
+    const extra = Object.entries(samplingSettings()).map(([k, v]) => `    ${k}=${JSON.stringify(v)},`).join("\n");
+    copy(`import os\nfrom openai import OpenAI\n\nclient = OpenAI(base_url="${location.origin}/v1", api_key=os.environ["FT_API_KEY"])\n` +
+      `answer = client.chat.completions.create(\n    model=${JSON.stringify(body.model)},\n    messages=${JSON.stringify(body.messages)},\n${extra}\n)\n` +
+      `print(answer.choices[0].message.content)\n`);
+  });
+
+  function cell(row, text, className) {
+    const td = row.insertCell();
+    td.textContent = text;
+    if (className) td.className = className;
+    return td;
+  }
+
+  document.getElementById("batch-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const models = activePanes().map(modelOf);
+    const table = document.getElementById("batch-table");
+    const totals = document.getElementById("batch-totals");
+    table.tHead.innerHTML = "";
+    table.tBodies[0].innerHTML = "";
+    totals.textContent = "Running…";
+    const head = table.tHead.insertRow();
+    ["#", "Prompt", "Reference"].concat(models.map((m) => m + " (EM · ROUGE-L)")).forEach((t) => { const th = document.createElement("th"); th.textContent = t; head.append(th); });
+    const body = Object.assign({ models, source: sourceModel(), n: Number(event.target.elements.n.value),
+      system: settings.elements.system.value.trim() }, samplingSettings());
+    try {
+      const response = await postJson("/playground/batch/", body);
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true });
+        let cut;
+        while ((cut = buffer.indexOf("\n")) >= 0) {
+          const item = JSON.parse(buffer.slice(0, cut));
+          buffer = buffer.slice(cut + 1);
+          if (item.type === "row") {
+            const row = table.tBodies[0].insertRow();
+            row.dataset.testid = "batch-row";
+            cell(row, String(item.index + 1));
+            cell(row, item.prompt);
+            cell(row, item.reference);
+            models.forEach((m) => {
+              const a = item.answers[m];
+              cell(row, a.error ? "Error: " + a.error : `${a.text}\n[${a.exact_match ? "exact" : "—"} · ${a.rouge_l.toFixed(3)}]`, a.exact_match ? "match" : "");
+            });
+          } else if (item.type === "total") {
+            totals.innerHTML = "";
+            models.forEach((m) => {
+              const t = item.models[m];
+              const p = document.createElement("p");
+              p.textContent = `${m}: exact match ${(100 * t.exact_match).toFixed(1)}% · ROUGE-L ${t.rouge_l.toFixed(3)} over ${item.rows} prompts` + (t.errors ? ` · ${t.errors} errors` : "");
+              totals.append(p);
+            });
+            totals.dataset.done = "1";
+          }
+        }
+      }
+    } catch (error) { totals.textContent = "Error: " + error.message; }
   });
 })();

@@ -1,0 +1,85 @@
+"""Deployment pages: list with the create form, detail with instances, scale and cancel."""
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import Http404
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_POST
+
+from finetune_site.api_errors import ApiError
+from jobs_app.models import Checkpoint
+
+from . import selectors, services
+from .catalog import base_models
+from .models import ModelCard
+
+
+def _model_choices(user) -> list[str]:
+    checkpoints = Checkpoint.objects.filter(job__owner=user).select_related("job__owner")[:50]
+    return ([b.id for b in base_models() if b.ready] + [c.model_id for c in ModelCard.objects.owned_by(user)]
+            + [c.model_id for c in checkpoints if c.model_id])
+
+
+def _form_int(value, default):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default if value in (None, "") else value
+
+
+@login_required
+def deployment_list(request):
+    form = {"model": request.GET.get("model", ""), "instances": 1, "max_concurrent_requests": 1}
+    error = None
+    if request.method == "POST":
+        form = {"model": request.POST.get("model", ""), "instances": _form_int(request.POST.get("instances"), 1),
+                "max_concurrent_requests": _form_int(request.POST.get("max_concurrent_requests"), 1)}
+        try:
+            deployment = services.deployment_create(user=request.user, model_id=form["model"], instances=form["instances"],
+                                                    max_concurrent_requests=form["max_concurrent_requests"])
+        except ApiError as exc:
+            error = exc
+        else:
+            return redirect("deployment_detail", deployment.public_id)
+    deployments = list(selectors.deployments_for(request.user).prefetch_related("instance_set")[:100])
+    for deployment in deployments:
+        deployment.usage = selectors.deployment_usage(deployment, list(deployment.instance_set.all()))
+    return render(request, "deployments/list.html", {
+        "deployments": deployments, "choices": _model_choices(request.user), "form": form, "error": error,
+    }, status=400 if error else 200)
+
+
+def _deployment_or_404(request, deployment_id):
+    deployment = selectors.deployment_for(request.user, deployment_id)
+    if deployment is None:
+        raise Http404("No such deployment.")
+    return deployment
+
+
+@login_required
+def deployment_detail(request, deployment_id):
+    deployment = _deployment_or_404(request, deployment_id)
+    instances = list(deployment.instance_set.all())
+    context = {"deployment": deployment, "instances": instances, "usage": selectors.deployment_usage(deployment, instances)}
+    template = "deployments/_instances.html" if request.htmx else "deployments/detail.html"
+    return render(request, template, context)
+
+
+@login_required
+@require_POST
+def deployment_scale(request, deployment_id):
+    deployment = _deployment_or_404(request, deployment_id)
+    try:
+        services.deployment_scale(deployment=deployment, instances=_form_int(request.POST.get("instances"), 0))
+        messages.success(request, f"Scaling to {deployment.instances} instance(s).")
+    except ApiError as exc:
+        messages.error(request, exc.message)
+    return redirect("deployment_detail", deployment.public_id)
+
+
+@login_required
+@require_POST
+def deployment_cancel(request, deployment_id):
+    deployment = services.deployment_cancel(deployment=_deployment_or_404(request, deployment_id))
+    messages.success(request, f"Cancelled {deployment.public_id}; its instances stop after their current requests.")
+    return redirect("deployment_detail", deployment.public_id)

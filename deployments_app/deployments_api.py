@@ -1,0 +1,127 @@
+"""Deployments API: create, list, retrieve, scale (PATCH) and cancel (DELETE)."""
+
+from django.http import Http404
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from finetune_site.ids import unix
+from finetune_site.pagination import cursor_page
+
+from . import selectors, services
+from .models import Deployment, Instance
+
+
+class DeploymentCreateInput(serializers.Serializer):
+    model = serializers.CharField(help_text="A base, fine-tuned or checkpoint model id.")
+    instances = serializers.IntegerField(default=1)
+    max_concurrent_requests = serializers.IntegerField(default=1, help_text="Requests one instance takes at once.")
+
+
+class DeploymentScaleInput(serializers.Serializer):
+    instances = serializers.IntegerField()
+
+
+class InstanceOutput(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.CharField(default="deployment.instance")
+    status = serializers.ChoiceField(choices=[s for s, _ in Instance.STATUS_CHOICES])
+    worker = serializers.CharField()
+    requests_served = serializers.IntegerField()
+    tokens_generated = serializers.IntegerField()
+    tokens_per_second = serializers.FloatField(allow_null=True)
+    latency_p50_ms = serializers.FloatField(allow_null=True)
+    latency_p95_ms = serializers.FloatField(allow_null=True)
+    errors = serializers.IntegerField()
+    created_at = serializers.IntegerField()
+    started_at = serializers.IntegerField(allow_null=True)
+    stopped_at = serializers.IntegerField(allow_null=True)
+    heartbeat_at = serializers.IntegerField(allow_null=True)
+    detail = serializers.CharField()
+
+
+class DeploymentOutput(serializers.Serializer):
+    id = serializers.CharField()
+    object = serializers.CharField(default="deployment")
+    model = serializers.CharField()
+    status = serializers.ChoiceField(choices=[s for s, _ in Deployment.STATUS_CHOICES])
+    instances = serializers.IntegerField(help_text="How many instances are wanted.")
+    running_instances = serializers.IntegerField()
+    max_concurrent_requests = serializers.IntegerField()
+    requests_served = serializers.IntegerField()
+    tokens_generated = serializers.IntegerField()
+    instance_hours = serializers.FloatField()
+    estimated_cost = serializers.FloatField()
+    error = serializers.CharField(allow_null=True)
+    created_at = serializers.IntegerField()
+    finished_at = serializers.IntegerField(allow_null=True)
+    instance_list = InstanceOutput(many=True)
+
+
+def instance_object(instance: Instance) -> dict:
+    return {
+        "id": instance.public_id, "object": "deployment.instance", "status": instance.status, "worker": instance.worker,
+        "requests_served": instance.requests_served, "tokens_generated": instance.tokens_generated,
+        "tokens_per_second": instance.tokens_per_second, "latency_p50_ms": instance.latency_p50_ms,
+        "latency_p95_ms": instance.latency_p95_ms, "errors": instance.errors, "created_at": unix(instance.created_at),
+        "started_at": unix(instance.started_at), "stopped_at": unix(instance.stopped_at),
+        "heartbeat_at": unix(instance.heartbeat_at), "detail": instance.detail,
+    }
+
+
+def deployment_object(deployment: Deployment) -> dict:
+    instances = list(deployment.instance_set.all())
+    usage = selectors.deployment_usage(deployment, instances)
+    return {
+        "id": deployment.public_id, "object": "deployment", "model": deployment.model_id, "status": deployment.status,
+        "instances": deployment.instances, "running_instances": usage["running_instances"],
+        "max_concurrent_requests": deployment.max_concurrent_requests,
+        "requests_served": usage["requests_served"], "tokens_generated": usage["tokens_generated"],
+        "instance_hours": round(usage["instance_hours"], 6), "estimated_cost": round(usage["estimated_cost"], 6),
+        "error": deployment.error or None, "created_at": unix(deployment.created_at), "finished_at": unix(deployment.finished_at),
+        "instance_list": [instance_object(i) for i in instances],
+    }
+
+
+def _deployment(request, deployment_id: str) -> Deployment:
+    deployment = selectors.deployment_for(request.user, deployment_id)
+    if deployment is None:
+        raise Http404(f"No deployment {deployment_id!r}.")
+    return deployment
+
+
+class DeploymentListCreate(APIView):
+    @extend_schema(responses=DeploymentOutput(many=True), summary="List your deployments, newest first")
+    def get(self, request):
+        page = cursor_page(selectors.deployments_for(request.user).prefetch_related("instance_set"), request.query_params,
+                           to_dict=deployment_object)
+        return Response(page)
+
+    @extend_schema(request=DeploymentCreateInput, responses={200: DeploymentOutput}, summary="Deploy a model on N instances")
+    def post(self, request):
+        data = DeploymentCreateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        deployment = services.deployment_create(
+            user=request.user, model_id=data.validated_data["model"], instances=data.validated_data["instances"],
+            max_concurrent_requests=data.validated_data["max_concurrent_requests"],
+        )
+        return Response(deployment_object(deployment))
+
+
+class DeploymentDetail(APIView):
+    @extend_schema(responses=DeploymentOutput, summary="A deployment with its instances and usage")
+    def get(self, request, deployment_id):
+        return Response(deployment_object(_deployment(request, deployment_id)))
+
+    @extend_schema(request=DeploymentScaleInput, responses=DeploymentOutput, summary="Scale: change the number of instances")
+    def patch(self, request, deployment_id):
+        data = DeploymentScaleInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        deployment = services.deployment_scale(deployment=_deployment(request, deployment_id), instances=data.validated_data["instances"])
+        return Response(deployment_object(deployment))
+
+    @extend_schema(request=None, responses=DeploymentOutput, summary="Cancel: stop every instance and free its memory")
+    def delete(self, request, deployment_id):
+        deployment = services.deployment_cancel(deployment=_deployment(request, deployment_id))
+        return Response(deployment_object(deployment))

@@ -1,0 +1,226 @@
+"""One deployment instance on a serving worker: load the model, serve its stream, stop cleanly.
+
+Runs inside the long-running Celery task `run_instance`. The instance owns its
+own ModelPool, so stopping it frees exactly its memory.
+"""
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.db.models import F
+from django.utils import timezone
+
+from .catalog import ResolvedModel, resolve_model
+from .models import Deployment, Instance
+from .serving.errors import InvalidRequest, ServingError
+from .serving.pool import ModelPool
+from .serving.schema import Completion, GenerationRequest
+from . import streams
+
+log = logging.getLogger(__name__)
+# Set when the worker process is asked to shut down (see tasks.py).
+worker_shutting_down = threading.Event()
+_RECLAIM_MIN_IDLE_MS = 1000
+_REQUEST_FIELDS = ("messages", "tools", "max_tokens", "temperature", "top_p", "stop", "seed", "do_sample")
+
+
+@dataclass
+class _Stats:
+    """Counters since the last heartbeat, flushed to the row as increments."""
+
+    requests: int = 0
+    tokens: int = 0
+    errors: int = 0
+    busy_seconds: float = 0.0
+    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=500))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, *, seconds: float, tokens: int, failed: bool) -> None:
+        with self.lock:
+            self.requests += 1
+            self.tokens += tokens
+            self.errors += int(failed)
+            self.busy_seconds += seconds
+            self.latencies_ms.append(seconds * 1000)
+
+    def take(self) -> dict:
+        with self.lock:
+            latencies = sorted(self.latencies_ms)
+            taken = {"requests_served": F("requests_served") + self.requests, "tokens_generated": F("tokens_generated") + self.tokens,
+                     "errors": F("errors") + self.errors, "busy_seconds": F("busy_seconds") + self.busy_seconds}
+            if latencies:
+                taken["latency_p50_ms"] = percentile(latencies, 50)
+                taken["latency_p95_ms"] = percentile(latencies, 95)
+            self.requests = self.tokens = self.errors = 0
+            self.busy_seconds = 0.0
+            return taken
+
+
+def percentile(ordered: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    rank = max(1, -(-len(ordered) * pct // 100))
+    return ordered[int(rank) - 1]
+
+
+def run_instance(instance_id: int, *, worker: str) -> None:
+    """Load the instance's model, serve requests until told to stop, then free the model."""
+    instance = Instance.objects.select_related("deployment__owner").filter(pk=instance_id).first()
+    if instance is None or not Instance.objects.filter(pk=instance_id, status=Instance.STARTING).update(
+        worker=worker, heartbeat_at=timezone.now()
+    ):
+        return  # stopped before a worker picked it up
+    deployment = instance.deployment
+    resolved = resolve_model(deployment.owner, deployment.model_id)
+    if resolved is None:
+        _fail(instance, f"The model {deployment.model_id} no longer exists.")
+        return
+    pool = ModelPool(device=settings.FT_DEVICE, max_adapters=1)
+    try:
+        pool.preload(str(resolved.base_path), str(resolved.adapter_path) if resolved.adapter_path else None)
+        if not instance.claim_running(worker):
+            instance.mark_final(Instance.STOPPED, "Stopped before the model finished loading.")
+            return
+        deployment.mark_running_if_ready()
+        log.info("instance %s of %s serving %s", instance.public_id, deployment.public_id, deployment.model_id)
+        _Server(instance, deployment, pool, resolved).serve()
+    except ServingError as exc:
+        _fail(instance, f"Could not load the model: {exc}")
+    finally:
+        pool.close()
+
+
+def _fail(instance: Instance, message: str) -> None:
+    """A model that cannot load will not load on a replacement either: fail the deployment."""
+    instance.mark_final(Instance.DEAD, message)
+    Deployment.objects.filter(pk=instance.deployment_id, status__in=(Deployment.DEPLOYING, Deployment.RUNNING)).update(
+        status=Deployment.FAILED, error=message, finished_at=timezone.now(), updated_at=timezone.now())
+    Instance.objects.filter(deployment_id=instance.deployment_id, status=Instance.STARTING).update(
+        status=Instance.STOPPED, stopped_at=timezone.now())
+    Instance.objects.filter(deployment_id=instance.deployment_id, status=Instance.RUNNING).update(status=Instance.STOPPING)
+
+
+class _Server:
+    def __init__(self, instance: Instance, deployment: Deployment, pool: ModelPool, resolved: ResolvedModel):
+        self.instance, self.deployment, self.pool, self.resolved = instance, deployment, pool, resolved
+        self.key = deployment.stream_key
+        self.name = instance.public_id
+        self.slots = max(1, deployment.max_concurrent_requests)
+        self.stats = _Stats()
+        self.client = streams.sync_client()
+
+    def serve(self) -> None:
+        streams.ensure_group(self.client, self.key)
+        in_flight: set = set()
+        stopping = False
+        next_beat = 0.0
+        with ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix=self.name) as executor:
+            while True:
+                in_flight = {f for f in in_flight if not f.done()}
+                if worker_shutting_down.is_set():
+                    stopping = True
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + min(settings.FT_HEARTBEAT_SECONDS, 2)
+                    if self._heartbeat() != Instance.RUNNING:
+                        stopping = True
+                    elif len(in_flight) < self.slots:
+                        for msg_id, fields in self._reclaim(self.slots - len(in_flight)):
+                            in_flight.add(executor.submit(self._answer, msg_id, fields, reclaimed=True))
+                if stopping:
+                    # Scaling down never drops a request: finish what was taken; the last
+                    # instance also answers what is still queued, since no one else will.
+                    if not in_flight:
+                        leftovers = self._drain() if self._is_last() else []
+                        if not leftovers:
+                            break
+                        in_flight |= {executor.submit(self._answer, msg_id, fields) for msg_id, fields in leftovers}
+                    wait(in_flight, timeout=0.2, return_when=FIRST_COMPLETED)
+                    continue
+                if len(in_flight) >= self.slots:
+                    wait(in_flight, timeout=0.5, return_when=FIRST_COMPLETED)
+                    continue
+                batch = self.client.xreadgroup(streams.GROUP, self.name, {self.key: ">"}, count=self.slots - len(in_flight), block=500)
+                for _stream, messages in batch or []:
+                    for msg_id, fields in messages:
+                        in_flight.add(executor.submit(self._answer, msg_id, fields))
+        self._heartbeat()
+        self.client.xgroup_delconsumer(self.key, streams.GROUP, self.name)
+        final = Instance.DEAD if worker_shutting_down.is_set() and self._status() == Instance.RUNNING else Instance.STOPPED
+        self.instance.mark_final(final, "The worker shut down." if final == Instance.DEAD else "")
+        self.client.close()
+
+    def _is_last(self) -> bool:
+        return not Instance.objects.filter(deployment_id=self.deployment.pk, status=Instance.RUNNING).exclude(pk=self.instance.pk).exists()
+
+    def _drain(self) -> list:
+        batch = self.client.xreadgroup(streams.GROUP, self.name, {self.key: ">"}, count=self.slots, block=300)
+        return [(msg_id, fields) for _stream, messages in batch or [] for msg_id, fields in messages]
+
+    def _status(self) -> str | None:
+        return Instance.objects.filter(pk=self.instance.pk).values_list("status", flat=True).first()
+
+    def _heartbeat(self) -> str | None:
+        Instance.objects.filter(pk=self.instance.pk).update(heartbeat_at=timezone.now(), **self.stats.take())
+        return self._status()
+
+    def _reclaim(self, room: int) -> list:
+        """Take over requests read by instances that died before answering them."""
+        live = set(Instance.objects.filter(deployment_id=self.deployment.pk, status__in=Instance.LIVE).values_list("public_id", flat=True))
+        taken = []
+        for consumer in self.client.xinfo_consumers(self.key, streams.GROUP):
+            name = streams.as_text(consumer["name"])
+            if name in live or len(taken) >= room:
+                continue
+            if consumer["pending"]:
+                pending = self.client.xpending_range(self.key, streams.GROUP, min="-", max="+", count=room - len(taken), consumername=name)
+                ids = [p["message_id"] for p in pending]
+                if ids:
+                    claimed = self.client.xclaim(self.key, streams.GROUP, self.name, _RECLAIM_MIN_IDLE_MS, ids)
+                    taken += [(msg_id, fields) for msg_id, fields in claimed if fields]
+            else:
+                self.client.xgroup_delconsumer(self.key, streams.GROUP, name)
+        return taken
+
+    def _answer(self, msg_id, fields, *, reclaimed: bool = False) -> None:
+        started = time.monotonic()
+        tokens, failed = 0, False
+        request_id, params, deadline = streams.decode_request(fields)
+        reply = streams.reply_key(request_id)
+        try:
+            if deadline and time.time() > deadline:
+                return  # the caller has already given up waiting
+            if reclaimed and self.client.exists(reply):
+                self._send(reply, streams.error_event("The instance answering this request stopped mid-answer; send it again.", status=503))
+                return
+            request = GenerationRequest(
+                base_path=str(self.resolved.base_path),
+                adapter_path=str(self.resolved.adapter_path) if self.resolved.adapter_path else None,
+                **{k: params[k] for k in _REQUEST_FIELDS if k in params},
+            )
+            for event in self.pool.generate_stream(request):
+                if isinstance(event, Completion):
+                    tokens = event.completion_tokens
+                    self._send(reply, streams.done_event(event))
+                elif event:
+                    self._send(reply, streams.piece_event(event))
+        except InvalidRequest as exc:
+            self._send(reply, streams.error_event(str(exc), status=400))
+        except Exception as exc:  # noqa: BLE001 - the caller gets it in the error shape
+            failed = True
+            log.exception("instance %s failed a request", self.name)
+            message = str(exc) if isinstance(exc, ServingError) else f"The model failed while answering: {type(exc).__name__}: {exc}"
+            self._send(reply, streams.error_event(message, status=500))
+        finally:
+            self.client.xack(self.key, streams.GROUP, msg_id)
+            self.client.xdel(self.key, msg_id)
+            self.stats.record(seconds=time.monotonic() - started, tokens=tokens, failed=failed)
+
+    def _send(self, reply: str, event: dict) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xadd(reply, event)
+        pipe.expire(reply, streams.REPLY_TTL_SECONDS)
+        pipe.execute()

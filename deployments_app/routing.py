@@ -1,0 +1,40 @@
+"""The web side of a deployment: put a chat request on its stream, read the answer back."""
+
+import time
+
+from . import streams
+from .models import Deployment
+
+# After the first piece, an instance silent for this long is taken for dead.
+_IDLE_TIMEOUT_SECONDS = 120
+
+
+async def deployment_events(deployment: Deployment, params: dict):
+    """Yield the answer's text pieces then its Completion; raise RemoteError if no instance answers."""
+    client = streams.async_client()
+    request_id = streams.new_request_id()
+    reply = streams.reply_key(request_id)
+    deadline = time.time() + streams.QUEUE_TIMEOUT_SECONDS
+    try:
+        await client.xadd(deployment.stream_key, streams.encode_request(request_id, params, deadline=deadline))
+        last_id, last_seen, started = "0-0", time.monotonic(), False
+        while True:
+            batch = await client.xread({reply: last_id}, count=256, block=1000)
+            if not batch:
+                if not started and time.time() > deadline:
+                    raise streams.RemoteError(
+                        f"No instance of deployment {deployment.public_id} took the request within "
+                        f"{streams.QUEUE_TIMEOUT_SECONDS} s.", 503)
+                if started and time.monotonic() - last_seen > _IDLE_TIMEOUT_SECONDS:
+                    raise streams.RemoteError("The instance stopped answering.", 504)
+                continue
+            for _key, entries in batch:
+                for entry_id, fields in entries:
+                    last_id, last_seen, started = entry_id, time.monotonic(), True
+                    event = streams.decode_reply(fields)
+                    yield event
+                    if isinstance(event, streams.Completion):
+                        return
+    finally:
+        await client.delete(reply)
+        await client.aclose()

@@ -1,0 +1,95 @@
+"""The Redis protocol between the web's chat view and deployment instances.
+
+Requests go to one stream per deployment, read by a consumer group whose
+consumers are the deployment's instances, so each request reaches exactly one
+instance. Each answer comes back on its own short-lived reply stream, one entry
+per text piece, then a `done` entry with the completion (or an `error` entry).
+"""
+
+import json
+import uuid
+from dataclasses import asdict
+
+from django.conf import settings
+
+from .serving.schema import Completion
+
+GROUP = "instances"
+REPLY_TTL_SECONDS = 300
+# A request nobody has started within this long is answered with an error and skipped.
+QUEUE_TIMEOUT_SECONDS = 120
+
+
+def reply_key(request_id: str) -> str:
+    return f"ft:reply:{request_id}"
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def encode_request(request_id: str, params: dict, *, deadline: float) -> dict:
+    return {"id": request_id, "params": json.dumps(params), "deadline": str(deadline)}
+
+
+def decode_request(fields: dict) -> tuple[str, dict, float]:
+    fields = {as_text(k): as_text(v) for k, v in fields.items()}
+    return fields["id"], json.loads(fields["params"]), float(fields.get("deadline") or 0)
+
+
+def piece_event(text: str) -> dict:
+    return {"type": "piece", "data": text}
+
+
+def done_event(completion: Completion) -> dict:
+    return {"type": "done", "data": json.dumps(asdict(completion))}
+
+
+def error_event(message: str, *, status: int) -> dict:
+    return {"type": "error", "data": json.dumps({"message": message, "status": status})}
+
+
+class RemoteError(Exception):
+    """The instance could not answer; status is the HTTP status to report."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
+def decode_reply(fields: dict):
+    """A text piece (str) or a Completion; raises RemoteError for an error entry."""
+    fields = {as_text(k): as_text(v) for k, v in fields.items()}
+    kind, data = fields.get("type"), fields.get("data", "")
+    if kind == "piece":
+        return data
+    if kind == "done":
+        return Completion(**json.loads(data))
+    error = json.loads(data) if data else {}
+    raise RemoteError(error.get("message", "the instance failed"), error.get("status", 500))
+
+
+def as_text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def sync_client():
+    import redis
+
+    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=30, socket_connect_timeout=5)
+
+
+def async_client():
+    import redis.asyncio
+
+    return redis.asyncio.Redis.from_url(settings.REDIS_URL, socket_timeout=30, socket_connect_timeout=5)
+
+
+def ensure_group(client, stream_key: str) -> None:
+    import redis
+
+    try:
+        client.xgroup_create(stream_key, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise

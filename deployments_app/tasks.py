@@ -1,0 +1,27 @@
+import socket
+
+from celery import shared_task
+from celery.signals import worker_shutting_down
+
+from . import instance, services
+
+
+@shared_task(name="deployments_app.tasks.run_instance", acks_late=False)
+def run_instance(instance_id: int) -> None:
+    """Host one deployment instance until it is stopped (long-running, on the serving queue)."""
+    instance.run_instance(instance_id, worker=f"{socket.gethostname()}:{run_instance.request.hostname or ''}")
+
+
+@shared_task(name="deployments_app.tasks.reconcile_deployments")
+def reconcile_deployments() -> dict:
+    return services.reconcile_deployments()
+
+
+@worker_shutting_down.connect
+def _stop_instances_on_shutdown(**kwargs):
+    instance.worker_shutting_down.set()
+
+
+@shared_task(name="deployments_app.tasks.build_merged_model")
+def build_merged_model(card_id: int) -> None:
+    services.model_merge(card_id=card_id)

@@ -1,0 +1,143 @@
+"""Model Square: the cards, downloads (PEFT zip, merged model) and delete cascading everywhere."""
+
+import asyncio
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from django.contrib.auth import get_user_model
+from django.core.files.base import ContentFile
+
+from datasets_app.models import Dataset
+from deployments_app import exports, services
+from deployments_app.models import Deployment, ModelCard
+from jobs_app.models import FineTuningJob, JobEvent
+
+from .live import chat_lines
+
+pytestmark = pytest.mark.django_db
+BASE = "tiny-random-smollm2"
+
+
+@pytest.fixture(autouse=True)
+def folders(settings, tmp_path, tiny_model_dir):
+    settings.FT_MODELS_DIR = tiny_model_dir.parent
+    settings.MEDIA_ROOT = tmp_path / "media"
+    settings.FT_ARTIFACTS_DIR = tmp_path / "artifacts"
+
+
+@pytest.fixture
+def alice(client):
+    user = get_user_model().objects.create_user("alice", password="pw-alice-123")
+    client.force_login(user)
+    return user
+
+
+def make_adapter(base_dir: Path, dest: Path) -> Path:
+    """A real PEFT LoRA adapter for the tiny model, with non-zero weights so merging changes the model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture
+def card(alice, tmp_path, tiny_model_dir):
+    dataset = Dataset.objects.create(owner=alice, filename="train.jsonl", bytes=100, status=Dataset.PROCESSED, examples=6)
+    dataset.file.save("train.jsonl", ContentFile(chat_lines(6)), save=False)
+    dataset.normalized.save("train.jsonl", ContentFile(chat_lines(6)), save=True)
+    job = FineTuningJob.objects.create(owner=alice, base_model=BASE, training_file=dataset, training_file_ref=dataset.public_id,
+                                       status="succeeded", suffix="sq", resolved={"n_epochs": 2, "lora_rank": 4})
+    for step, loss in enumerate([2.0, 1.5, 1.2], start=1):
+        JobEvent.objects.create(job=job, type=JobEvent.METRICS, step=step, data={"step": step, "train_loss": loss})
+    folder = make_adapter(tiny_model_dir, tmp_path / "run" / "adapter")
+    return ModelCard.objects.create(model_id=job.fine_tuned_model_id, owner=alice, job=job, base_model=BASE, method="lora",
+                                    path=str(folder), hyperparameters=job.resolved, size_bytes=1234,
+                                    metrics={"final_train_loss": 1.2, "eval_loss": 1.3})
+
+
+def body_of(response) -> bytes:
+    async def collect():
+        return b"".join([chunk async for chunk in response.streaming_content])
+    return asyncio.run(collect())
+
+
+def test_model_square_shows_a_card_per_model_with_curve_and_buttons(client, card):
+    page = client.get("/models/").content.decode()
+    assert page.count('data-testid="model-card"') == 3  # two base models and the fine-tuned one
+    assert card.model_id in page and "train.jsonl" in page and "n_epochs=2" in page and "eval_loss 1.3000" in page
+    assert 'data-testid="loss-thumbnail"' in page and f'id="loss-{card.pk}"' in page
+    assert f"/jobs/new/?model={card.model_id.replace(':', '%3A')}" in page
+    assert "Download adapter" in page and "Build merged model" in page and "Deploy" in page
+
+
+def test_the_adapter_download_is_a_peft_zip_with_a_model_card(client, card):
+    response = client.get(f"/models/{card.model_id}/download/adapter.zip")
+    assert response.status_code == 200 and response["Content-Type"] == "application/zip"
+    archive = zipfile.ZipFile(io.BytesIO(body_of(response)))
+    names = {Path(n).name for n in archive.namelist()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= names
+    readme = next(archive.read(n).decode() for n in archive.namelist() if n.endswith("README.md"))
+    assert f"base_model: {BASE}" in readme and card.model_id in readme
+    config = json.loads(next(archive.read(n) for n in archive.namelist() if n.endswith("adapter_config.json")))
+    assert config["r"] == 4
+
+
+def test_the_zip_is_streamed_in_pieces_not_built_in_memory(tmp_path):
+    (tmp_path / "big.bin").write_bytes(b"x" * (3 * 1024 * 1024 + 7))
+    pieces = list(exports.zip_chunks(tmp_path, prefix="m"))
+    assert max(len(p) for p in pieces) <= 1024 * 1024 + 4096
+    assert zipfile.ZipFile(io.BytesIO(b"".join(pieces))).read("m/big.bin") == b"x" * (3 * 1024 * 1024 + 7)
+
+
+def test_the_merged_model_loads_with_transformers_and_matches_the_adapter(client, card, tiny_model_dir, tmp_path, django_capture_on_commit_callbacks, monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setattr("deployments_app.tasks.build_merged_model.delay", lambda pk: services.model_merge(card_id=pk))
+    with django_capture_on_commit_callbacks(execute=True):
+        client.post(f"/models/{card.model_id}/merge/")
+    response = client.get(f"/models/{card.model_id}/download/merged.zip")
+    assert response.status_code == 200
+    zipfile.ZipFile(io.BytesIO(body_of(response))).extractall(tmp_path / "unzipped")
+    folder = next((tmp_path / "unzipped").iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in folder.iterdir()}
+
+    merged = AutoModelForCausalLM.from_pretrained(str(folder))
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), card.path)
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    ids = AutoTokenizer.from_pretrained(str(folder))("hello there", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected, got, base = with_adapter(ids).logits, merged(ids).logits, plain(ids).logits
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert not torch.allclose(got, base, atol=1e-4), "the adapter must change the model"
+
+
+def test_the_merged_download_waits_until_it_is_built(client, card):
+    assert client.get(f"/models/{card.model_id}/download/merged.zip").status_code == 302
+
+
+def test_delete_cancels_deployments_removes_files_and_the_id_is_404_everywhere(client, alice, card, django_capture_on_commit_callbacks, monkeypatch):
+    monkeypatch.setattr("deployments_app.tasks.run_instance.delay", lambda pk: None)
+    deployment = services.deployment_create(user=alice, model_id=card.model_id, instances=1)
+    folder = Path(card.path)
+    assert client.get(f"/v1/models/{card.model_id}").status_code == 200
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(f"/models/{card.model_id}/delete/")
+    assert response.status_code == 302
+    assert Deployment.objects.get(pk=deployment.pk).status == "cancelled"
+    assert not folder.exists()
+    assert client.get(f"/v1/models/{card.model_id}").status_code == 404
+    assert client.delete(f"/v1/models/{card.model_id}").status_code == 404
+    chat = client.post("/v1/chat/completions", {"model": card.model_id, "messages": [{"role": "user", "content": "hi"}]},
+                       content_type="application/json")
+    assert chat.status_code == 404 and chat.json()["error"]["code"] == "model_not_found"
+    assert client.get(f"/models/{card.model_id}/download/adapter.zip").status_code == 404
+    assert client.post("/api/deployments", {"model": card.model_id}, content_type="application/json").status_code == 400
