@@ -14,7 +14,7 @@ from django.views.decorators.http import require_POST
 from .models import ApiKey, Notification, NotificationSettings
 
 log = logging.getLogger(__name__)
-QUEUES = ("training", "default")
+QUEUES = ("training", "default", "serving")
 
 
 @login_required

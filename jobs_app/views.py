@@ -43,7 +43,14 @@ def _initial(request) -> dict:
     job = selectors.job_for(request.user, like) if like else None
     if job is not None:
         return JobForm.initial_from_job(job)
-    return {key: request.GET[key] for key in ("model", "training_file") if request.GET.get(key)}
+    initial = {key: request.GET[key] for key in ("model", "training_file") if request.GET.get(key)}
+    if initial.get("model", "").startswith("ft:"):
+        # "Fine-tune" on a fine-tuned model's card: start from the same base model.
+        from deployments_app.models import ModelCard
+
+        card = ModelCard.objects.owned_by(request.user).filter(model_id=initial["model"]).first()
+        initial["model"] = card.base_model if card else ""
+    return initial
 
 
 @login_required

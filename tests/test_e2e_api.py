@@ -128,3 +128,4 @@ def test_healthz_reports_every_part(stack):
     assert report["database"]["ok"] and report["redis"]["ok"]
     assert report["queues"]["training"]["workers"] >= 1
     assert report["queues"]["default"]["workers"] >= 1
+    assert report["queues"]["serving"]["workers"] >= 1

@@ -47,3 +47,13 @@ def test_unknown_pages_get_a_finished_404(client, alice, settings):
     settings.DEBUG = False
     response = client.get("/jobs/ftjob-nope/")
     assert response.status_code == 404 and "belongs to another user" in response.content.decode()
+
+
+def test_fine_tune_from_a_fine_tuned_card_starts_from_its_base(client, alice, settings, tiny_model_dir):
+    from deployments_app.models import ModelCard
+
+    settings.FT_MODELS_DIR = tiny_model_dir.parent
+    card = ModelCard.objects.create(model_id="ft:tiny-random-smollm2:alice::abcd1234", owner=alice,
+                                    base_model="tiny-random-smollm2", path="/nowhere")
+    page = client.get(f"/jobs/new/?model={card.model_id}").content.decode()
+    assert '<option value="tiny-random-smollm2" selected>' in page
