@@ -70,7 +70,7 @@ def test_a_user_clicks_from_upload_to_side_by_side_answers(stack, page, tmp_path
 
     expect(page.get_by_test_id("job-status")).to_be_visible()
     page.evaluate("window.__sameDocument = true")
-    points = "Number(document.getElementById('loss-chart').dataset.points)"
+    points = "Number(document.querySelector('[data-testid=loss-chart]').dataset.points)"
     page.wait_for_function(f"{points} >= 1", timeout=300_000)
     first = page.evaluate(points)
     page.wait_for_function(f"{points} > {first}", timeout=300_000)
