@@ -2,7 +2,7 @@
 
 from .models import Checkpoint, FineTuningJob, JobEvent
 
-_SMOOTHING = 0.9
+SMOOTHING = 0.9
 
 
 def jobs_for(user):
@@ -13,19 +13,18 @@ def job_for(user, public_id: str) -> FineTuningJob | None:
     return jobs_for(user).filter(public_id=public_id).first()
 
 
-def queue_position(job: FineTuningJob) -> int | None:
-    """1 for the next job a training worker takes, None if the job is not queued."""
-    if job.status != FineTuningJob.QUEUED:
-        return None
-    return FineTuningJob.objects.filter(status=FineTuningJob.QUEUED, pk__lte=job.pk).count()
-
-
 def annotate_queue_positions(jobs: list[FineTuningJob]) -> None:
     """Set `queue_position` on each queued job of the list (one query for all)."""
     queued = list(FineTuningJob.objects.filter(status=FineTuningJob.QUEUED).order_by("pk").values_list("pk", flat=True))
     positions = {pk: i + 1 for i, pk in enumerate(queued)}
     for job in jobs:
         job.queue_position = positions.get(job.pk)
+
+
+def queue_position(job: FineTuningJob) -> int | None:
+    """1 for the next job a training worker takes, None if the job is not queued."""
+    annotate_queue_positions([job])
+    return job.queue_position
 
 
 def message_events(job: FineTuningJob, limit: int = 200):
@@ -70,7 +69,7 @@ def smoothed_losses(points: list[dict]) -> list[float]:
     for p in points:
         if p.get("train_loss") is None:
             continue
-        running = p["train_loss"] if running is None else _SMOOTHING * running + (1 - _SMOOTHING) * p["train_loss"]
+        running = p["train_loss"] if running is None else SMOOTHING * running + (1 - SMOOTHING) * p["train_loss"]
         smoothed.append(running)
     return smoothed
 
@@ -97,7 +96,7 @@ def job_figures(points: list[dict]) -> dict:
         "lr": {"data": [_trace("learning rate", points, "learning_rate", "#7c3aed")], "layout": _layout("learning rate")},
         "grad_norm": {"data": [_trace("gradient norm", points, "grad_norm", "#059669")], "layout": _layout("gradient norm")},
         "throughput": {"data": [_trace("tokens / s", points, "tokens_per_second", "#d97706")], "layout": _layout("tokens per second")},
-        "smoothing": _SMOOTHING,
+        "smoothing": SMOOTHING,
     }
 
 

@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from .models import Checkpoint, FineTuningJob, JobEvent
 from .publish import metrics_event_data, publish
+from .selectors import SMOOTHING
 
 _FLUSH_SECONDS = 1.0
 _FLUSH_ROWS = 50
@@ -44,7 +45,7 @@ class JobSink:
         self._progress = payload
         if payload.get("loss") is not None:
             previous = self._smoothed_train
-            self._smoothed_train = payload["loss"] if previous is None else 0.9 * previous + 0.1 * payload["loss"]
+            self._smoothed_train = payload["loss"] if previous is None else SMOOTHING * previous + (1 - SMOOTHING) * payload["loss"]
         # emitted_at lets a client measure engine-to-browser latency (benchmarks/curve_latency.py).
         publish(self.job.public_id, {"type": "metric", **data, "emitted_at": time.time()})
         self._maybe_flush()
