@@ -52,6 +52,23 @@
     return div;
   }
 
+  // Yields each record of a streamed response body: separator "\n\n" for SSE, "\n" for NDJSON.
+  async function* records(response, separator) {
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf(separator)) >= 0) {
+        yield buffer.slice(0, cut);
+        buffer = buffer.slice(cut + separator.length);
+      }
+    }
+  }
+
   async function ask(pane, userText) {
     const body = requestBody(pane, userText, true);
     history.get(pane).push({ role: "user", content: userText });
@@ -60,25 +77,15 @@
     let answer = "";
     try {
       const response = await postJson("/v1/chat/completions", body);
-      const reader = response.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += decoder.decode(value, { stream: true });
-        let cut;
-        while ((cut = buffer.indexOf("\n\n")) >= 0) {
-          const line = buffer.slice(0, cut).trim();
-          buffer = buffer.slice(cut + 2);
-          if (!line.startsWith("data:")) continue;
-          const data = line.slice(5).trim();
-          if (data === "[DONE]") continue;
-          const chunk = JSON.parse(data);
-          if (chunk.error) throw new Error(chunk.error.message);
-          const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-          if (delta && delta.content) { answer += delta.content; out.textContent = answer; }
-        }
+      for await (const record of records(response, "\n\n")) {
+        const line = record.trim();
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") continue;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+        if (delta && delta.content) { answer += delta.content; out.textContent = answer; }
       }
       out.classList.remove("pending");
       out.dataset.done = "1";
@@ -179,37 +186,27 @@
       system: settings.elements.system.value.trim() }, samplingSettings());
     try {
       const response = await postJson("/playground/batch/", body);
-      const reader = response.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += decoder.decode(value, { stream: true });
-        let cut;
-        while ((cut = buffer.indexOf("\n")) >= 0) {
-          const item = JSON.parse(buffer.slice(0, cut));
-          buffer = buffer.slice(cut + 1);
-          if (item.type === "row") {
-            const row = table.tBodies[0].insertRow();
-            row.dataset.testid = "batch-row";
-            cell(row, String(item.index + 1));
-            cell(row, item.prompt);
-            cell(row, item.reference);
-            models.forEach((m) => {
-              const a = item.answers[m];
-              cell(row, a.error ? "Error: " + a.error : `${a.text}\n[${a.exact_match ? "exact" : "—"} · ${a.rouge_l.toFixed(3)}]`, a.exact_match ? "match" : "");
-            });
-          } else if (item.type === "total") {
-            totals.innerHTML = "";
-            models.forEach((m) => {
-              const t = item.models[m];
-              const p = document.createElement("p");
-              p.textContent = `${m}: exact match ${(100 * t.exact_match).toFixed(1)}% · ROUGE-L ${t.rouge_l.toFixed(3)} over ${item.rows} prompts` + (t.errors ? ` · ${t.errors} errors` : "");
-              totals.append(p);
-            });
-            totals.dataset.done = "1";
-          }
+      for await (const line of records(response, "\n")) {
+        const item = JSON.parse(line);
+        if (item.type === "row") {
+          const row = table.tBodies[0].insertRow();
+          row.dataset.testid = "batch-row";
+          cell(row, String(item.index + 1));
+          cell(row, item.prompt);
+          cell(row, item.reference);
+          models.forEach((m) => {
+            const a = item.answers[m];
+            cell(row, a.error ? "Error: " + a.error : `${a.text}\n[${a.exact_match ? "exact" : "—"} · ${a.rouge_l.toFixed(3)}]`, a.exact_match ? "match" : "");
+          });
+        } else if (item.type === "total") {
+          totals.innerHTML = "";
+          models.forEach((m) => {
+            const t = item.models[m];
+            const p = document.createElement("p");
+            p.textContent = `${m}: exact match ${(100 * t.exact_match).toFixed(1)}% · ROUGE-L ${t.rouge_l.toFixed(3)} over ${item.rows} prompts` + (t.errors ? ` · ${t.errors} errors` : "");
+            totals.append(p);
+          });
+          totals.dataset.done = "1";
         }
       }
     } catch (error) { totals.textContent = "Error: " + error.message; }
