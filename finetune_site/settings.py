@@ -183,6 +183,8 @@ FT_MODELS_DIR = FT_HOME / "models"
 FT_ARTIFACTS_DIR = FT_HOME / "artifacts"
 FT_HEARTBEAT_SECONDS = env_int("FT_HEARTBEAT_SECONDS", 5, minimum=1)
 FT_HEARTBEAT_TIMEOUT = env_int("FT_HEARTBEAT_TIMEOUT", 30, minimum=2)
+FT_MAX_JOB_ATTEMPTS = env_int("FT_MAX_JOB_ATTEMPTS", 3, minimum=1)
+"""A job whose worker dies this many times fails instead of taking down the next worker too."""
 FT_ADAPTER_CACHE_SIZE = env_int("FT_ADAPTER_CACHE_SIZE", 8, minimum=1)
 
 # --- Deployments

@@ -1,5 +1,8 @@
 """The fine-tuning jobs API (OpenAI shape, plus zhipuai's delete)."""
 
+from django.db.models import TextField
+from django.db.models.fields.json import KeyTextTransform
+from django.db.models.functions import Cast
 from django.http import Http404
 from rest_framework import serializers
 from drf_spectacular.types import OpenApiTypes
@@ -65,16 +68,13 @@ def checkpoint_object(checkpoint: Checkpoint) -> dict:
         "fine_tuned_model_checkpoint": checkpoint.model_id,
         "fine_tuning_job_id": checkpoint.job.public_id,
         "step_number": checkpoint.step,
-        "metrics": {
-            "step": checkpoint.step,
-            "train_loss": m.get("loss", m.get("train_loss")),
-            "train_mean_token_accuracy": m.get("token_accuracy"),
-            "valid_loss": m.get("eval_loss"),
-            "valid_mean_token_accuracy": m.get("eval_token_accuracy"),
-            "full_valid_loss": m.get("eval_loss"),
-            "full_valid_mean_token_accuracy": m.get("eval_token_accuracy"),
-        },
+        "metrics": {"step": checkpoint.step, **{name: m.get(name) for name in CHECKPOINT_METRICS}},
     }
+
+
+CHECKPOINT_METRICS = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+                      "full_valid_loss", "full_valid_mean_token_accuracy")
+"""The engine stores a checkpoint's metrics under the names of OpenAI's checkpoint object."""
 
 
 class JobCreateInput(serializers.Serializer):
@@ -98,7 +98,10 @@ def _hyperparameters_from(data: dict) -> dict | None:
         kind = method.get("type", "supervised")
         if kind != "supervised":
             raise ApiError(f"method.type {kind!r} is not supported yet; use \"supervised\".", param="method.type")
-        nested = (method.get("supervised") or {}).get("hyperparameters")
+        supervised = method.get("supervised") or {}
+        if not isinstance(supervised, dict):
+            raise ApiError("method.supervised must be an object like {\"hyperparameters\": {...}}.", param="method.supervised")
+        nested = supervised.get("hyperparameters")
         if nested:
             return nested
     return data.get("hyperparameters")
@@ -115,10 +118,13 @@ def _owned(request, job_id: str) -> FineTuningJob:
 class JobListCreate(APIView):
     def get(self, request):
         jobs = selectors.jobs_for(request.user)
-        for key, value in request.query_params.items():
-            # openai sends metadata filters as metadata[key]=value
+        for index, (key, value) in enumerate(request.query_params.items()):
+            # openai sends metadata filters as metadata[key]=value. The key becomes a JSON path
+            # parameter, never part of a lookup: "a__regex" is just a key that no job has.
             if key.startswith("metadata[") and key.endswith("]"):
-                jobs = jobs.filter(**{f"metadata__{key[9:-1]}": value})
+                name = f"_metadata_{index}"
+                text = Cast(KeyTextTransform(key[9:-1], "metadata"), TextField())  # compared as text, not JSON
+                jobs = jobs.annotate(**{name: text}).filter(**{name: value})
         return Response(cursor_page(jobs, request.query_params, to_dict=job_object))
 
     @extend_schema(request=JobCreateInput, responses=OpenApiTypes.OBJECT)

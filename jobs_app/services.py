@@ -35,6 +35,25 @@ def _usable_file(owner, file_id: str, param: str) -> Dataset:
     return dataset
 
 
+METADATA_LIMITS = {"keys": 16, "key_chars": 64, "value_chars": 512}
+"""OpenAI's limits on a job's metadata: up to 16 string pairs."""
+
+
+def _check_metadata(metadata) -> None:
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise ApiError("metadata must be an object of string keys and string values.", param="metadata")
+    if len(metadata) > METADATA_LIMITS["keys"]:
+        raise ApiError(f"metadata may hold at most {METADATA_LIMITS['keys']} pairs, got {len(metadata)}.", param="metadata")
+    for key, value in metadata.items():
+        if len(key) > METADATA_LIMITS["key_chars"]:
+            raise ApiError(f"metadata key {key[:20]!r}... is longer than {METADATA_LIMITS['key_chars']} characters.", param="metadata")
+        if not isinstance(value, str) or len(value) > METADATA_LIMITS["value_chars"]:
+            raise ApiError(f"metadata[{key!r}] must be a string of at most {METADATA_LIMITS['value_chars']} characters.",
+                           param="metadata")
+
+
 @transaction.atomic
 def job_create(
     *,
@@ -64,6 +83,7 @@ def job_create(
         raise ApiError("suffix may contain only letters, digits, '-', '_' and '.'.", param="suffix")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**31 - 1):
         raise ApiError("seed must be an integer between 0 and 2147483647.", param="seed")
+    _check_metadata(metadata)
     requested = check_hyperparameters(hyperparameters)
     train_set = _usable_file(owner, training_file, "training_file")
     valid_set = _usable_file(owner, validation_file, "validation_file") if validation_file else None
@@ -112,10 +132,16 @@ def job_prepare_holdout(*, job_id: int, percent: int) -> None:
             part.refresh_from_db()
             if part.status != Dataset.PROCESSED:
                 raise ApiError(f"The {part.filename} part failed validation: {part.status_details[:300]}")
-    except ApiError as exc:
-        FineTuningJob.objects.filter(pk=job.pk).update(status=FineTuningJob.FAILED, finished_at=timezone.now(),
-                                                       error={"code": "invalid_file", "message": exc.message, "param": "holdout_percent"})
-        _note(job, f"Could not hold out validation data: {exc.message}", level="error", status=FineTuningJob.FAILED)
+    except Exception as exc:  # noqa: BLE001 - whatever went wrong, the job must fail visibly, not stay validating
+        message = exc.message if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, ApiError):
+            log.exception("holding out validation data for job %s failed", job.public_id)
+        if FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.VALIDATING).update(
+            status=FineTuningJob.FAILED, finished_at=timezone.now(),
+            error={"code": "invalid_file", "message": message, "param": "holdout_percent"},
+        ):
+            _note(job, f"Could not hold out validation data: {message}", level="error", status=FineTuningJob.FAILED)
+            _notify_finished(job)
         return
     with transaction.atomic():
         resolved = resolve_hyperparameters(job.hyperparameters, method=job.method, examples=train_part.examples or 0)
@@ -182,7 +208,7 @@ def job_resume(*, job: FineTuningJob) -> FineTuningJob:
 def job_retry(*, job: FineTuningJob) -> FineTuningJob:
     """Run a failed or cancelled job again, from its last checkpoint when it has one."""
     if not FineTuningJob.objects.filter(pk=job.pk, status__in=(FineTuningJob.FAILED, FineTuningJob.CANCELLED)).update(
-        status=FineTuningJob.QUEUED, error=None, control="", finished_at=None
+        status=FineTuningJob.QUEUED, error=None, control="", finished_at=None, attempts=0
     ):
         raise ApiError(f"Only a failed or cancelled job can be retried; {job.public_id} is {job.status}.", code="invalid_state")
     job.refresh_from_db()
@@ -207,10 +233,20 @@ def job_delete(*, job: FineTuningJob) -> FineTuningJob:
 
 
 def recover_stale_jobs() -> list[str]:
-    """Re-queue running jobs whose worker stopped sending heartbeats."""
+    """Re-queue running jobs whose worker stopped sending heartbeats (fail them after FT_MAX_JOB_ATTEMPTS)."""
     cutoff = timezone.now() - timedelta(seconds=settings.FT_HEARTBEAT_TIMEOUT)
     recovered = []
     for job in FineTuningJob.objects.filter(status=FineTuningJob.RUNNING, heartbeat_at__lt=cutoff):
+        if job.attempts >= settings.FT_MAX_JOB_ATTEMPTS:
+            message = (f"The worker stopped responding {job.attempts} times while running this job "
+                       f"(last: {job.worker or '?'}); it was not re-queued again. Checkpoints are kept: retry to resume.")
+            if FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.RUNNING, heartbeat_at__lt=cutoff).update(
+                status=FineTuningJob.FAILED, finished_at=timezone.now(), worker="",
+                error={"code": "worker_lost", "message": message, "param": None},
+            ):
+                _note(job, message, level="error", status=FineTuningJob.FAILED)
+                _notify_finished(job)
+            continue
         with transaction.atomic():
             if not FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.RUNNING, heartbeat_at__lt=cutoff).update(
                 status=FineTuningJob.QUEUED, worker=""
@@ -319,13 +355,18 @@ def _finish_run(job: FineTuningJob, summary: dict | None, failure: dict | None, 
         sink.event(f"Fine-tuning succeeded. New model: {card.model_id}")
         final = FineTuningJob.SUCCEEDED
     publish(job.public_id, {"type": "status", "status": final})
+    if final in (FineTuningJob.SUCCEEDED, FineTuningJob.FAILED):
+        _notify_finished(job)
+
+
+def _notify_finished(job: FineTuningJob) -> None:
+    """Tell the owner (in-app, and by email and webhook where set up) that a job succeeded or failed."""
     from finetune_site.services import notify
 
-    if final in (FineTuningJob.SUCCEEDED, FineTuningJob.FAILED):
-        job.refresh_from_db()
-        notify(
-            job.owner, f"Job {job.public_id} {final}." + (f" Model: {job.fine_tuned_model}" if job.fine_tuned_model else ""),
-            level="info" if final == FineTuningJob.SUCCEEDED else "error", link=f"/jobs/{job.public_id}/",
-            event=f"fine_tuning.job.{final}",
-            data={"id": job.public_id, "status": final, "fine_tuned_model": job.fine_tuned_model or None, "error": job.error},
-        )
+    job.refresh_from_db()
+    notify(
+        job.owner, f"Job {job.public_id} {job.status}." + (f" Model: {job.fine_tuned_model}" if job.fine_tuned_model else ""),
+        level="info" if job.status == FineTuningJob.SUCCEEDED else "error", link=f"/jobs/{job.public_id}/",
+        event=f"fine_tuning.job.{job.status}",
+        data={"id": job.public_id, "status": job.status, "fine_tuned_model": job.fine_tuned_model or None, "error": job.error},
+    )

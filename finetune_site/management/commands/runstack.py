@@ -114,7 +114,7 @@ class Command(BaseCommand):
         programs += [
             _program("web", f"{python} -m uvicorn finetune_site.asgi:application --host 127.0.0.1 --port {port} --ws websockets --no-access-log --timeout-graceful-shutdown 5",
                      log_dir=log_dir, priority=10, env=env),
-            _program("worker-train", f"{celery} worker -Q training --pool threads --concurrency 1 -n train-{port}@%%h --without-gossip --without-mingle -l INFO",
+            _program("worker-train", f"{celery} worker -Q training --pool threads --concurrency 1 --disable-prefetch -n train-{port}@%%h --without-gossip --without-mingle -l INFO",
                      log_dir=log_dir, priority=20, env=env),
             _program("worker-default", f"{celery} worker -Q default --pool threads --concurrency 2 -n default-{port}@%%h --without-gossip --without-mingle -l INFO",
                      log_dir=log_dir, priority=20, env=env),

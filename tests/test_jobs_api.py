@@ -1,0 +1,128 @@
+"""The jobs API's edges without a worker: malformed input, metadata, checkpoint metrics, lost workers."""
+
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.utils import timezone
+
+from datasets_app.models import Dataset
+from finetune_site.models import ApiKey, Notification
+from jobs_app import services
+from jobs_app.hyperparameters import resolve_hyperparameters
+from jobs_app.models import Checkpoint, FineTuningJob
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def models_dir(settings, tmp_path, tiny_model_dir):
+    settings.FT_MODELS_DIR = tiny_model_dir.parent
+    settings.MEDIA_ROOT = tmp_path / "media"
+
+
+@pytest.fixture
+def alice():
+    return get_user_model().objects.create_user("alice", password="pw-alice-123")
+
+
+@pytest.fixture
+def headers(alice):
+    return {"HTTP_AUTHORIZATION": f"Bearer {ApiKey.issue(alice, name='test')[1]}"}
+
+
+@pytest.fixture
+def dataset(alice):
+    ds = Dataset(owner=alice, filename="d.jsonl", bytes=10, status=Dataset.PROCESSED, examples=40)
+    ds.file.save("d.jsonl", SimpleUploadedFile("d.jsonl", b"{}\n"), save=True)
+    return ds
+
+
+def make_job(owner, dataset, **fields):
+    defaults = dict(owner=owner, base_model="tiny-random-smollm2", training_file=dataset, training_file_ref=dataset.public_id,
+                    resolved=resolve_hyperparameters({}, method="lora", examples=40))
+    return FineTuningJob.objects.create(**{**defaults, **fields})
+
+
+def create(client, headers, dataset, **extra):
+    body = {"model": "tiny-random-smollm2", "training_file": dataset.public_id, **extra}
+    return client.post("/v1/fine_tuning/jobs", body, content_type="application/json", **headers)
+
+
+def test_a_malformed_method_is_a_400_naming_the_field(client, headers, dataset):
+    response = create(client, headers, dataset, method={"type": "supervised", "supervised": "x"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "method.supervised"
+
+
+@pytest.mark.parametrize("metadata, why", [
+    ("team-a", "must be an object"),
+    ({f"k{i}": "v" for i in range(17)}, "at most 16"),
+    ({"team": 7}, "must be a string"),
+])
+def test_metadata_must_be_a_small_object_of_strings(client, headers, dataset, metadata, why):
+    response = create(client, headers, dataset, metadata=metadata)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "metadata" and why in response.json()["error"]["message"]
+
+
+def test_the_metadata_filter_matches_values_and_never_builds_lookups_from_keys(client, headers, alice, dataset):
+    team_a = make_job(alice, dataset, metadata={"team": "a"})
+    make_job(alice, dataset, metadata={"team": "b"})
+    make_job(alice, dataset)
+
+    def ids(query):
+        response = client.get("/v1/fine_tuning/jobs?" + query, **headers)
+        assert response.status_code == 200, response.content
+        return [job["id"] for job in response.json()["data"]]
+
+    assert ids("metadata[team]=a") == [team_a.public_id]
+    assert ids("metadata[team__regex]=(") == []  # a key no job has, not a regex lookup
+    assert ids("metadata[team__isnull]=x") == []
+
+
+def test_checkpoint_metrics_come_back_under_openais_names(client, headers, alice, dataset):
+    job = make_job(alice, dataset, status="running", suffix="s")
+    metrics = {"step": 4, "train_loss": 1.5, "train_mean_token_accuracy": 0.4, "valid_loss": 1.7,
+               "valid_mean_token_accuracy": 0.35, "full_valid_loss": 1.7, "full_valid_mean_token_accuracy": 0.35}
+    Checkpoint.objects.create(job=job, step=4, path="/nowhere", metrics=metrics)
+    response = client.get(f"/v1/fine_tuning/jobs/{job.public_id}/checkpoints", **headers)
+    assert response.json()["data"][0]["metrics"] == metrics
+
+    client.force_login(alice)
+    page = client.get(f"/jobs/{job.public_id}/").content.decode()
+    assert "1.5000" in page and "1.7000" in page  # the checkpoints table's train and validation loss
+
+
+def test_a_job_whose_worker_keeps_dying_fails_instead_of_looping(alice, dataset, settings, monkeypatch,
+                                                                   django_capture_on_commit_callbacks):
+    settings.FT_MAX_JOB_ATTEMPTS = 3
+    sent = []
+    monkeypatch.setattr("jobs_app.tasks.train_job.delay", lambda pk: sent.append(pk))
+    stale = timezone.now() - timedelta(minutes=5)
+    second = make_job(alice, dataset, status="running", heartbeat_at=stale, worker="w1", attempts=2)
+    third = make_job(alice, dataset, status="running", heartbeat_at=stale, worker="w1", attempts=3)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.recover_stale_jobs() == [second.public_id]
+    second.refresh_from_db(), third.refresh_from_db()
+    assert second.status == "queued" and sent == [second.pk]
+    assert third.status == "failed" and third.error["code"] == "worker_lost"
+    assert Notification.objects.filter(user=alice, level="error", message__contains=third.public_id).exists()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        services.job_retry(job=third)
+    third.refresh_from_db()
+    assert third.status == "queued" and third.attempts == 0  # a retry gets a fresh set of attempts
+
+
+def test_a_holdout_that_crashes_fails_the_job_instead_of_leaving_it_validating(alice, dataset, monkeypatch):
+    def broken_split(**kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("datasets_app.services.dataset_split", broken_split)
+    job = make_job(alice, dataset, status=FineTuningJob.VALIDATING)
+    services.job_prepare_holdout(job_id=job.pk, percent=10)
+    job.refresh_from_db()
+    assert job.status == "failed" and "disk full" in job.error["message"]
+    assert Notification.objects.filter(user=alice, level="error").exists()
