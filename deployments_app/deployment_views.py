@@ -7,17 +7,8 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from finetune_site.api_errors import ApiError
-from jobs_app.models import Checkpoint
 
 from . import selectors, services
-from .catalog import base_models
-from .models import ModelCard
-
-
-def _model_choices(user) -> list[str]:
-    checkpoints = Checkpoint.objects.filter(job__owner=user).select_related("job__owner")[:50]
-    return ([b.id for b in base_models() if b.ready] + [c.model_id for c in ModelCard.objects.owned_by(user)]
-            + [c.model_id for c in checkpoints if c.model_id])
 
 
 def _form_int(value, default):
@@ -45,7 +36,7 @@ def deployment_list(request):
     for deployment in deployments:
         deployment.usage = selectors.deployment_usage(deployment, list(deployment.instance_set.all()))
     return render(request, "deployments/list.html", {
-        "deployments": deployments, "choices": _model_choices(request.user), "form": form, "error": error,
+        "deployments": deployments, "choices": selectors.model_choices(request.user, [form["model"]]), "form": form, "error": error,
     }, status=400 if error else 200)
 
 

@@ -5,6 +5,28 @@ from django.conf import settings
 from .models import Deployment, Instance
 
 
+RECENT_CHECKPOINTS = 50
+"""Checkpoints offered in model pickers, newest first; a requested one is always added."""
+
+
+def model_choices(user, wanted=()) -> list[str]:
+    """Model ids the user may pick: ready base models, their fine-tuned models, recent checkpoints,
+    and each id in `wanted` that resolves for them (a link from an older checkpoint must not
+    silently open another model)."""
+    from jobs_app.models import Checkpoint
+
+    from .catalog import base_models, resolve_model
+    from .models import ModelCard
+
+    checkpoints = Checkpoint.objects.filter(job__owner=user).select_related("job__owner")[:RECENT_CHECKPOINTS]
+    choices = ([b.id for b in base_models() if b.ready] + [c.model_id for c in ModelCard.objects.owned_by(user)]
+               + [c.model_id for c in checkpoints if c.model_id])
+    for model_id in wanted:
+        if model_id and model_id not in choices and resolve_model(user, model_id) is not None:
+            choices.append(model_id)
+    return choices
+
+
 def deployments_for(user):
     return Deployment.objects.owned_by(user)
 

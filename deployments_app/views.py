@@ -7,7 +7,6 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from finetune_site.api_errors import ApiError
-from jobs_app.models import Checkpoint
 
 from . import exports, selectors, services
 from .catalog import base_models
@@ -87,9 +86,8 @@ def model_delete(request, model_id):
 def playground(request):
     bases = [b for b in base_models() if b.ready]
     cards = list(ModelCard.objects.owned_by(request.user))
-    checkpoints = Checkpoint.objects.filter(job__owner=request.user).select_related("job__owner")[:50]
-    choices = [b.id for b in bases] + [c.model_id for c in cards] + [c.model_id for c in checkpoints if c.model_id]
     left = request.GET.get("a") or (cards[0].base_model if cards else (bases[0].id if bases else ""))
     right = request.GET.get("b") or (cards[0].model_id if cards else "")
     third = request.GET.get("c", "")
+    choices = selectors.model_choices(request.user, [left, right, third])
     return render(request, "playground.html", {"choices": choices, "left": left, "right": right, "third": third})

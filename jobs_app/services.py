@@ -314,9 +314,10 @@ def job_run(*, job_id: int, worker: str | None = None) -> None:
     publish(job.public_id, {"type": "status", "status": FineTuningJob.RUNNING})
 
     summary, failure = None, None
+    watchdog = Watchdog(job, heartbeat_seconds=settings.FT_HEARTBEAT_SECONDS)
     try:
         config = build_train_config(job, resume_from=checkpoint.path if checkpoint else None)
-        with Watchdog(job, heartbeat_seconds=settings.FT_HEARTBEAT_SECONDS) as watchdog:
+        with watchdog:
             summary = train(config, sink=sink, should_stop=watchdog.should_stop)
     except ConfigError as exc:
         failure = {"code": "invalid_config", "message": "; ".join(exc.problems), "param": None}
@@ -324,14 +325,19 @@ def job_run(*, job_id: int, worker: str | None = None) -> None:
         log.exception("job %s failed", job.public_id)
         failure = {"code": "training_failed", "message": f"{type(exc).__name__}: {exc}", "param": None}
     finally:
+        if watchdog.lost:
+            sink.discard()
         sink.flush()
+    if watchdog.lost:
+        log.warning("job %s: %s stopped; the job was handed to another worker after its heartbeat lapsed", job.public_id, worker)
+        return
     _finish_run(job, summary, failure, sink)
 
 
 def _finish_run(job: FineTuningJob, summary: dict | None, failure: dict | None, sink: JobSink) -> None:
     from deployments_app.services import model_card_create_from_job
 
-    running = FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.RUNNING)
+    running = FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.RUNNING, worker=job.worker)
     if failure is not None:
         running.update(status=FineTuningJob.FAILED, error=failure, control="", finished_at=timezone.now(), estimated_finish=None)
         sink.event(f"Training failed: {failure['message']}", level="error")

@@ -97,6 +97,10 @@ class JobSink:
         if len(self._pending) >= _FLUSH_ROWS or time.monotonic() - self._last_flush >= _FLUSH_SECONDS:
             self.flush()
 
+    def discard(self) -> None:
+        """Drop what is not written yet: this run no longer owns the job."""
+        self._pending, self._progress = [], None
+
     def flush(self) -> None:
         self._last_flush = time.monotonic()
         if not self._pending and not self._progress:
@@ -113,7 +117,8 @@ class JobSink:
                 )
         self._pending = []
         if self._progress:
-            publish(self.job.public_id, {"type": "progress", "step": self._progress["step"], "total_steps": self._progress.get("total_steps")})
+            publish(self.job.public_id, {"type": "progress", "step": self._progress["step"],
+                                         "total_steps": self._progress.get("total_steps"), "eta_s": self._progress.get("eta_s")})
 
 
 class Watchdog:
@@ -121,6 +126,9 @@ class Watchdog:
 
     def __init__(self, job: FineTuningJob, *, heartbeat_seconds: float, poll_seconds: float = 1.0):
         self.job_pk = job.pk
+        self.worker = job.worker
+        self.lost = False
+        """True once the job is no longer this worker's (re-queued after a lapsed heartbeat, or deleted)."""
         self.heartbeat_seconds = heartbeat_seconds
         self.poll_seconds = poll_seconds
         self.control = ""
@@ -144,10 +152,15 @@ class Watchdog:
             while not self._stop.is_set():
                 now = time.monotonic()
                 if now - last_beat >= self.heartbeat_seconds:
-                    FineTuningJob.objects.filter(pk=self.job_pk, status=FineTuningJob.RUNNING).update(heartbeat_at=timezone.now())
+                    FineTuningJob.objects.filter(pk=self.job_pk, status=FineTuningJob.RUNNING, worker=self.worker).update(
+                        heartbeat_at=timezone.now())
                     last_beat = now
-                control = FineTuningJob.objects.filter(pk=self.job_pk).values_list("control", flat=True).first()
-                self.control = control or ""
+                row = FineTuningJob.objects.filter(pk=self.job_pk).values_list("control", "status", "worker").first()
+                if row is None or row[1] != FineTuningJob.RUNNING or row[2] != self.worker:
+                    # A stalled worker whose job was re-queued must stop, or two would train it.
+                    self.lost, self.control = True, "cancel"
+                else:
+                    self.control = row[0] or ""
                 self._stop.wait(self.poll_seconds)
         finally:
             connections.close_all()

@@ -126,3 +126,24 @@ def test_a_holdout_that_crashes_fails_the_job_instead_of_leaving_it_validating(a
     job.refresh_from_db()
     assert job.status == "failed" and "disk full" in job.error["message"]
     assert Notification.objects.filter(user=alice, level="error").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_whose_job_was_handed_on_stops_and_writes_nothing_more(alice, dataset):
+    import time
+
+    from jobs_app.sink import Watchdog
+
+    job = make_job(alice, dataset, status="running", worker="w1", heartbeat_at=timezone.now())
+    with Watchdog(job, heartbeat_seconds=0.05, poll_seconds=0.05) as watchdog:
+        time.sleep(0.3)
+        assert watchdog.should_stop() is None and not watchdog.lost
+        # What recover_stale_jobs and the next claim do while this worker is stalled:
+        FineTuningJob.objects.filter(pk=job.pk).update(worker="w2")
+        deadline = time.monotonic() + 5
+        while not watchdog.lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watchdog.lost and watchdog.should_stop() == "cancel"
+        beat = FineTuningJob.objects.get(pk=job.pk).heartbeat_at
+        time.sleep(0.3)
+    assert FineTuningJob.objects.get(pk=job.pk).heartbeat_at == beat  # no heartbeats for someone else's job

@@ -34,6 +34,30 @@
     document.getElementById("progress-text").textContent = "step " + step + " / " + (t || "?");
   }
 
+  function setEta(seconds) {
+    if (seconds == null || finalStatuses.includes(status)) return;
+    const finish = new Date(Date.now() + seconds * 1000);
+    document.getElementById("job-eta").textContent = " · estimated finish " + finish.toLocaleTimeString();
+  }
+
+  // Parts the server renders (the summary with its warnings, the checkpoints table): fetch the
+  // page again and swap them in, when a checkpoint or a warning says they changed.
+  let refreshing = null;
+  function refreshParts() {
+    if (refreshing) return;
+    refreshing = fetch(location.pathname, { credentials: "same-origin" })
+      .then((response) => (response.ok ? response.text() : Promise.reject(response.status)))
+      .then((html) => {
+        const fresh = new DOMParser().parseFromString(html, "text/html");
+        for (const id of ["job-summary", "checkpoints"]) {
+          const now = document.getElementById(id), next = fresh.getElementById(id);
+          if (now && next) now.replaceWith(next);
+        }
+      })
+      .catch(() => {})
+      .finally(() => { refreshing = null; });
+  }
+
   function onMetric(m) {
     if (m.train_loss == null || m.step <= lastStep) return; // already drawn
     lastStep = m.step;
@@ -63,10 +87,15 @@
     time.textContent = new Date((e.created_at || Date.now() / 1000) * 1000).toLocaleTimeString();
     item.append(time, " " + e.message);
     list.prepend(item);
+    if (e.level === "warn" || e.level === "error") refreshParts();
   }
 
   function onStatus(s) {
+    // A run that starts again (resume, retry, recovery after a lost worker) retrains the steps
+    // after its checkpoint: redraw from the server's history instead of keeping the old points.
+    const restarted = s.status === "running" && status !== "running" && points > 0;
     status = s.status;
+    if (restarted) { setTimeout(() => location.reload(), 300); return; }
     const badge = document.getElementById("job-status");
     badge.textContent = status;
     badge.className = "badge " + status;
@@ -75,7 +104,8 @@
   }
 
   const handlers = { metric: onMetric, eval: onEval, event: onEvent, status: onStatus,
-                     progress: (p) => setProgress(p.step, p.total_steps), checkpoint: () => {} };
+                     progress: (p) => { setProgress(p.step, p.total_steps); setEta(p.eta_s); },
+                     checkpoint: refreshParts };
 
   function connect() {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
