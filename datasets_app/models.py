@@ -47,18 +47,23 @@ class Dataset(models.Model):
     def is_ready(self) -> bool:
         return self.status == self.PROCESSED
 
-    def mark_processed(self, *, examples: int, fmt: str, report: dict, details: str = "") -> None:
-        self.status = self.PROCESSED
-        self.examples = examples
-        self.format = fmt
-        self.report = report
-        self.status_details = details
-        self.processed_at = timezone.now()
-        self.save()
+    def mark_processed(self, *, examples: int, fmt: str, report: dict, details: str = "") -> bool:
+        """Record a valid file (with its normalized copy); False when the dataset was deleted meanwhile."""
+        return self._update_row(
+            status=self.PROCESSED, examples=examples, format=fmt, report=report, status_details=details,
+            normalized=self.normalized, processed_at=timezone.now(),
+        )
 
-    def mark_error(self, details: str, *, report: dict | None = None) -> None:
-        self.status = self.ERROR
-        self.status_details = details
-        self.report = report
-        self.processed_at = timezone.now()
-        self.save()
+    def mark_error(self, details: str, *, report: dict | None = None) -> bool:
+        """Record an invalid file; False when the dataset was deleted meanwhile."""
+        return self._update_row(status=self.ERROR, status_details=details, report=report, processed_at=timezone.now())
+
+    def _update_row(self, **fields) -> bool:
+        """Set fields here and in the row with an UPDATE only; False when the row is gone.
+
+        A file can be deleted while it is being validated; save() would then find
+        no row to update and INSERT it again, bringing the deleted dataset back.
+        """
+        for name, value in fields.items():
+            setattr(self, name, value)
+        return type(self).objects.filter(pk=self.pk).update(**fields) == 1

@@ -49,7 +49,10 @@ def dataset_create(*, owner, upload, purpose: str = "fine-tune", filename: str |
 
 
 def dataset_validate(*, dataset_id: int) -> Dataset | None:
-    """Validate a stored file line by line; write its normalized chat lines beside it."""
+    """Validate a stored file line by line; write its normalized chat lines beside it.
+
+    Returns None, quietly, when the dataset is deleted before or while it is validated.
+    """
     from .validation import validate_stream
 
     dataset = Dataset.objects.filter(pk=dataset_id).first()
@@ -62,17 +65,27 @@ def dataset_validate(*, dataset_id: int) -> Dataset | None:
                 normalized.seek(0)
                 dataset.normalized.save(f"{dataset.public_id}.chat.jsonl", File(normalized), save=False)
     except Exception as exc:  # noqa: BLE001 - a broken file must end as an error, not a stuck upload
+        if not dataset.mark_error(f"The file could not be read: {type(exc).__name__}: {exc}"):
+            return _gone(dataset)
         log.exception("validation of %s crashed", dataset.public_id)
-        dataset.mark_error(f"The file could not be read: {type(exc).__name__}: {exc}")
         return dataset
     if report.ok:
-        dataset.mark_processed(examples=report.examples, fmt=report.format, report=report.to_dict(), details=report.summary_text() if report.warnings else "")
+        details = report.summary_text() if report.warnings else ""
+        if not dataset.mark_processed(examples=report.examples, fmt=report.format, report=report.to_dict(), details=details):
+            return _gone(dataset)
         from .tasks import compute_statistics
 
         transaction.on_commit(lambda: compute_statistics.delay(dataset.pk))
-    else:
-        dataset.mark_error(report.summary_text(), report=report.to_dict())
+    elif not dataset.mark_error(report.summary_text(), report=report.to_dict()):
+        return _gone(dataset)
     return dataset
+
+
+def _gone(dataset: Dataset) -> None:
+    """Clean up after a dataset deleted while it was validated: its normalized copy has no row to find it by."""
+    log.info("dataset %s was deleted while it was validated", dataset.public_id)
+    if dataset.normalized:
+        dataset.normalized.delete(save=False)
 
 
 @transaction.atomic
@@ -92,28 +105,49 @@ def dataset_delete(*, dataset: Dataset) -> None:
     transaction.on_commit(lambda: [f.storage.delete(f.name) for f in files])
 
 
+NO_TOKENIZER = (
+    "No base model is ready, so there is no tokenizer to count tokens with. "
+    "`make run` prepares the bundled model; FT_BASE_MODELS registers others."
+)
+
+
 def dataset_compute_statistics(*, dataset_id: int, max_seq_len: int = 1024) -> Dataset | None:
-    """Count tokens with the base tokenizer and the chat template, once, and store them."""
+    """Count tokens with the base tokenizer and the chat template, once, and store them.
+
+    Whatever happens, something is stored under report["tokens"], an {"error": ...}
+    when counting is impossible or fails, so the page stops waiting for it.
+    """
+    dataset = Dataset.objects.filter(pk=dataset_id, status=Dataset.PROCESSED).first()
+    if dataset is None or not dataset.normalized:
+        return dataset
+    try:
+        tokens = _count_tokens(dataset, max_seq_len=max_seq_len)
+    except Exception as exc:  # noqa: BLE001 - a failure must show on the page, not leave it polling
+        log.exception("token statistics of %s failed", dataset.public_id)
+        tokens = {"error": f"Counting tokens failed: {type(exc).__name__}: {exc}"}
+    report = dict(dataset.report or {})
+    report["tokens"] = tokens
+    Dataset.objects.filter(pk=dataset.pk).update(report=report)
+    dataset.report = report
+    return dataset
+
+
+def _count_tokens(dataset: Dataset, *, max_seq_len: int) -> dict:
     from deployments_app.catalog import tokenizer_path
     from jobs_app.engine.data import render_example
 
     from .preview import load_tokenizer
     from .token_stats import estimate_cost, token_statistics
 
-    dataset = Dataset.objects.filter(pk=dataset_id, status=Dataset.PROCESSED).first()
     folder = tokenizer_path()
-    if dataset is None or not dataset.normalized or folder is None:
-        return dataset
+    if folder is None:
+        return {"error": NO_TOKENIZER}
     tokenizer = load_tokenizer(str(folder))
     with dataset.normalized.open("rb") as lines:
         stats = token_statistics(lines, tokenizer, max_seq_len=max_seq_len, render=render_example)
     stats["cost_per_epoch"] = estimate_cost(stats["billable_tokens"], 1, settings.FT_PRICE_PER_1K_TOKENS)
     stats["price_per_1k_tokens"] = settings.FT_PRICE_PER_1K_TOKENS
-    report = dict(dataset.report or {})
-    report["tokens"] = stats
-    Dataset.objects.filter(pk=dataset.pk).update(report=report)
-    dataset.report = report
-    return dataset
+    return stats
 
 
 def _derived(owner, source: Dataset, suffix: str, path: str, size: int, *, validate: bool = True) -> Dataset:

@@ -34,7 +34,8 @@ def token_statistics(
     dicts, in any accepted format; invalid ones are skipped. Warning line
     numbers count every item, blank lines included, so they match the file.
     render, when given, is called as render(tokenizer, example, loss_on="assistant",
-    max_seq_len=None) and returns input_ids with labels (-100 = not trained) or
+    max_seq_len=None), with the example's image parts left out (see
+    without_images), and returns input_ids with labels (-100 = not trained) or
     a loss_mask, as a dict or an object; without it the tokenizer's chat
     template is used.
     """
@@ -46,9 +47,9 @@ def token_statistics(
             totals["skipped"] += 1
             continue
         longest = 0
-        for sequence in _sequences(example):
+        for sequence in training_sequences(example):
             mask = _loss_mask(tokenizer, sequence, render)
-            image_count, trained_images = _count_images(sequence["messages"])
+            image_count, trained_images = count_images(sequence["messages"])
             tokens = len(mask) + IMAGE_TOKENS * image_count
             longest = max(longest, tokens)
             totals["total"] += tokens
@@ -143,7 +144,7 @@ def _numbered_examples(lines: Iterable):
         yield number, example
 
 
-def _sequences(example: dict) -> list[dict]:
+def training_sequences(example: dict) -> list[dict]:
     """The sequences training will see: one for chat, one per answer for a preference pair."""
     if "messages" in example:
         return [example]
@@ -152,7 +153,8 @@ def _sequences(example: dict) -> list[dict]:
     return [{"messages": prompt + example[key], **tools} for key in ("preferred_output", "non_preferred_output")]
 
 
-def _count_images(messages: list[dict]) -> tuple[int, int]:
+def count_images(messages: list[dict]) -> tuple[int, int]:
+    """How many images the messages hold, and how many of them sit in trained assistant replies."""
     count = trained = 0
     for message in messages:
         content = message.get("content")
@@ -164,10 +166,25 @@ def _count_images(messages: list[dict]) -> tuple[int, int]:
     return count, trained
 
 
+def without_images(example: dict) -> dict:
+    """The chat example with each list content cut down to its text parts, joined.
+
+    The training engine's renderer is text-only and refuses image parts; images
+    are counted apart, IMAGE_TOKENS each, so dropping them here loses nothing.
+    An assistant image reply (text-to-image) becomes an empty reply.
+    """
+    messages = [
+        {**message, "content": "".join(part.get("text", "") for part in message["content"] if part.get("type") == "text")}
+        if isinstance(message.get("content"), list) else message
+        for message in example["messages"]
+    ]
+    return {**example, "messages": messages}
+
+
 def _loss_mask(tokenizer, example: dict, render: Callable | None) -> list[int]:
     """One item per token: 1 where training learns from the token, 0 elsewhere."""
     if render is not None:
-        return _mask_from_render(render(tokenizer, example, loss_on="assistant", max_seq_len=None))
+        return _mask_from_render(render(tokenizer, without_images(example), loss_on="assistant", max_seq_len=None))
     messages = [_plain_message(message) for message in example["messages"]]
     trained = [
         i for i, message in enumerate(example["messages"])

@@ -8,13 +8,14 @@ the only thing the training engine reads. Plain Python (no Django).
 """
 
 import json
+import sys
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
 from datasets_app.formats import CONVERTED_FORMATS, Issue, check_example, type_name
 
-__all__ = ["Issue", "ValidationReport", "validate_stream"]
+__all__ = ["Issue", "ValidationReport", "example_lines", "validate_stream"]
 
 MAX_LINE_BYTES = 32 * 1024 * 1024
 """Room for one 20 MB image in base64 with its conversation; a longer line is refused unread."""
@@ -103,6 +104,12 @@ def validate_stream(fp, *, out=None, max_listed: int = 100) -> ValidationReport:
         except RecursionError:
             run.error(number, "", "invalid_json", "the JSON is nested too deeply to be an example")
             continue
+        except ValueError:
+            # Not a JSONDecodeError: Python refuses to read integers this long (CVE-2020-10735 limit).
+            limit = sys.get_int_max_str_digits()
+            message = f"a number has more than {limit:,} digits, too long to read; write it as a string"
+            run.error(number, "", "invalid_json", message)
+            continue
         if not isinstance(obj, dict):
             run.error(number, "", "not_an_object", _not_an_object(obj))
             continue
@@ -125,6 +132,16 @@ def validate_stream(fp, *, out=None, max_listed: int = 100) -> ValidationReport:
             same = checked.example == obj  # cheap: the values are the same objects
             out.write((raw if same else _dump(checked.example)) + b"\n")
     return run.finish()
+
+
+def example_lines(fp):
+    """Yield the lines of binary file fp that validation reads as examples, without their endings.
+
+    A BOM, blank lines and surrounding whitespace are dropped exactly as validation
+    drops them, so line N here is example N of the normalized file.
+    """
+    for _, raw in _lines(fp, _Run(max_listed=0)):
+        yield raw
 
 
 class _Run:

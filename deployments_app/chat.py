@@ -7,6 +7,7 @@ ASGI; generation runs in worker threads so the event loop never blocks.
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -46,10 +47,16 @@ def get_pool() -> ModelPool:
 
 
 def _number(body, name, *, low, high, integer=False, low_open=False):
+    """Read an optional numeric field, refusing anything out of range as a 400 naming it.
+
+    Python's json reads 1e400 as inf and accepts NaN and Infinity: int() of them
+    raises and NaN passes every range comparison, so floats must be finite first.
+    """
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not math.isfinite(value)) or (integer and value != int(value))):
         raise ApiError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}.", param=name)
     if value < low or value > high or (low_open and value == low):
         raise ApiError(f"{name} must be {'>' if low_open else '>='} {low} and <= {high}, got {value}.", param=name)
@@ -113,9 +120,11 @@ async def chat_completions(request):
         if error:
             return error
     try:
-        params = parse_chat_body(json.loads(request.body or b"null"))
-    except json.JSONDecodeError as exc:
+        body = json.loads(request.body or b"null")
+    except ValueError as exc:  # bad JSON, bad UTF-8, or an integer literal too long to read
         return error_response(f"The request body is not valid JSON: {exc}.")
+    try:
+        params = parse_chat_body(body)
     except ApiError as exc:
         return error_response(exc.message, param=exc.param)
     try:
@@ -266,7 +275,8 @@ async def _sse(events, meta, include_usage):
 
 
 def _completion_object(completion: Completion, meta) -> dict:
-    message = {"role": "assistant", "content": completion.content}
+    # OpenAI answers null, not "", when the model only called tools; SDKs test `content is None`.
+    message = {"role": "assistant", "content": completion.content or (None if completion.tool_calls else "")}
     if completion.tool_calls:
         message["tool_calls"] = completion.tool_calls
     return {

@@ -59,6 +59,16 @@ class DeploymentOutput(serializers.Serializer):
     instance_list = InstanceOutput(many=True)
 
 
+class DeploymentListOutput(serializers.Serializer):
+    """A page of deployments, newest first; pass `last_id` as `after` for the next page."""
+
+    object = serializers.CharField(default="list")
+    data = DeploymentOutput(many=True)
+    has_more = serializers.BooleanField()
+    first_id = serializers.CharField(allow_null=True)
+    last_id = serializers.CharField(allow_null=True)
+
+
 def instance_object(instance: Instance) -> dict:
     return {
         "id": instance.public_id, "object": "deployment.instance", "status": instance.status, "worker": instance.worker,
@@ -92,7 +102,7 @@ def _deployment(request, deployment_id: str) -> Deployment:
 
 
 class DeploymentListCreate(APIView):
-    @extend_schema(responses=DeploymentOutput(many=True), summary="List your deployments, newest first")
+    @extend_schema(responses=DeploymentListOutput, summary="List your deployments, newest first")
     def get(self, request):
         page = cursor_page(selectors.deployments_for(request.user).prefetch_related("instance_set"), request.query_params,
                            to_dict=deployment_object)

@@ -111,14 +111,30 @@ def render_chat_template(user, model_id: str, messages: list, tools: list | None
     return {"model": model_id, "prompt": tokenizer.decode(ids), "prompt_tokens": len(ids)}
 
 
+def _json_object(request) -> dict:
+    """The request body as a JSON object; anything else (bad JSON, a list, a number) is a 400."""
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        raise ApiError("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise ApiError("The request body must be a JSON object.")
+    return body
+
+
+def _model_id(body, name: str = "model", default: str = "") -> str:
+    value = body.get(name) or default
+    if not isinstance(value, str):
+        raise ApiError(f"{name} must be a model id string, got {value!r}.", param=name)
+    return value
+
+
 @login_required
 @require_POST
 def rendered_template(request):
     try:
-        body = json.loads(request.body or b"{}")
-        return JsonResponse(render_chat_template(request.user, body.get("model", ""), body.get("messages") or [], body.get("tools")))
-    except ValueError:
-        return error_response("The request body is not valid JSON.")
+        body = _json_object(request)
+        return JsonResponse(render_chat_template(request.user, _model_id(body), body.get("messages") or [], body.get("tools")))
     except ApiError as exc:
         return error_response(exc.message, status_code=exc.status_code, param=exc.param)
 
@@ -134,8 +150,10 @@ async def batch_compare(request):
     if "HTTP_AUTHORIZATION" not in request.META and (error := await sync_to_async(_session_csrf_error)(request)):
         return error
     try:
-        body = json.loads(request.body or b"{}")
-        models = [m for m in body.get("models") or [] if isinstance(m, str) and m]
+        body = _json_object(request)
+        listed = body.get("models")
+        # Two panes may show the same model: one column, scored once per row.
+        models = list(dict.fromkeys(m for m in listed if isinstance(m, str) and m)) if isinstance(listed, list) else []
         if not models:
             raise ApiError("models must list at least one model id.", param="models")
         n = body.get("n", 5)
@@ -143,9 +161,8 @@ async def batch_compare(request):
             raise ApiError(f"n must be a whole number from 1 to {MAX_BATCH}.", param="n")
         settings_ = parse_chat_body({**{k: body.get(k) for k in ("temperature", "top_p", "max_tokens", "seed")},
                                      "model": models[0], "messages": [{"role": "user", "content": "-"}]})
-        examples = await sync_to_async(validation_examples)(user, body.get("source") or models[-1], n=n, seed=body.get("seed") or 0)
-    except ValueError:
-        return error_response("The request body is not valid JSON.")
+        source = _model_id(body, "source", default=models[-1])
+        examples = await sync_to_async(validation_examples)(user, source, n=n, seed=settings_["seed"] or 0)
     except ApiError as exc:
         return error_response(exc.message, param=exc.param)
     system = body.get("system") or ""

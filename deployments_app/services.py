@@ -42,16 +42,24 @@ def model_card_create_from_job(*, job: FineTuningJob, summary: dict) -> ModelCar
 
 @transaction.atomic
 def model_card_delete(*, card: ModelCard) -> None:
-    """Delete a fine-tuned model and its files; its id answers 404 afterwards."""
-    folder = Path(card.path)
-    exports = export_dir(card)
+    """Delete a fine-tuned model, its checkpoints and their files; every one of their ids answers 404 afterwards.
+
+    The job stays (its history and curves are still worth reading), but its
+    checkpoint rows go: they are what `...:ckpt-step-N` ids resolve through, and
+    a deleted model must not stay usable, deployable or on disk as a checkpoint.
+    """
     model_id = card.model_id
+    folders = [Path(card.path), export_dir(card)]
+    if card.job is not None:
+        # The engine writes every checkpoint under here (jobs_app/engine/checkpoint.py).
+        folders.append(card.job.output_dir / "checkpoints")
+        card.job.checkpoints.all().delete()
     for deployment in Deployment.objects.owned_by(card.owner).active().filter(
         Q(model_id=model_id) | Q(model_id__startswith=f"{model_id}:ckpt-step-")
     ):
         deployment_cancel(deployment=deployment)
     card.delete()
-    transaction.on_commit(lambda: [shutil.rmtree(f, ignore_errors=True) for f in (folder, exports)])
+    transaction.on_commit(lambda: [shutil.rmtree(f, ignore_errors=True) for f in folders])
 
 
 def export_dir(card: ModelCard) -> Path:
@@ -73,6 +81,22 @@ def _check_counts(instances, max_concurrent_requests=None) -> None:
                        param="max_concurrent_requests")
 
 
+def _check_capacity(extra: int) -> None:
+    """Refuse to want more instances than the serving worker has threads (FT_SERVING_SLOTS).
+
+    Every instance is a task that holds one worker-serve thread for as long as it
+    serves, whichever deployment it belongs to; one more than there are threads waits
+    in the queue until its start timeout, is replaced, and never serves.
+    """
+    if extra <= 0:
+        return
+    slots = settings.FT_SERVING_SLOTS
+    in_use = Instance.objects.filter(status__in=(Instance.STARTING, Instance.RUNNING), deployment__in=Deployment.objects.active()).count()
+    if in_use + extra > slots:
+        raise ApiError(f"Not enough serving capacity: {in_use} of {slots} instance slots are in use (FT_SERVING_SLOTS); "
+                       f"this needs {extra} more.", param="instances", code="insufficient_capacity")
+
+
 def _start_instances(deployment: Deployment, count: int) -> list[Instance]:
     from .tasks import run_instance
 
@@ -88,6 +112,7 @@ def deployment_create(*, user, model_id: str, instances: int = 1, max_concurrent
     _check_counts(instances, max_concurrent_requests)
     if not isinstance(model_id, str) or resolve_model(user, model_id) is None:
         raise ApiError(f"The model {model_id!r} does not exist or you do not have access to it.", param="model", code="model_not_found")
+    _check_capacity(instances)
     deployment = Deployment.objects.create(owner=user, model_id=model_id, instances=instances,
                                            max_concurrent_requests=max_concurrent_requests)
     _start_instances(deployment, instances)
@@ -100,6 +125,8 @@ def deployment_scale(*, deployment: Deployment, instances: int) -> Deployment:
     _check_counts(instances)
     if not deployment.is_active:
         raise ApiError(f"The deployment is {deployment.status}; only a deploying or running deployment can be scaled.", param="instances")
+    serving = deployment.instance_set.filter(status__in=(Instance.STARTING, Instance.RUNNING)).count()
+    _check_capacity(instances - serving)
     deployment.instances = instances
     deployment.updated_at = timezone.now()
     deployment.save(update_fields=["instances", "updated_at"])

@@ -159,6 +159,8 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "OpenAI- and Zhipu-compatible API for datasets, fine-tuning jobs, models and chat.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The schema and docs are for signed-in users and API keys, like every other page (the default is AllowAny).
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
     # Served from the sidecar package: the docs page works offline.
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
@@ -183,12 +185,27 @@ FT_MODELS_DIR = FT_HOME / "models"
 FT_ARTIFACTS_DIR = FT_HOME / "artifacts"
 FT_HEARTBEAT_SECONDS = env_int("FT_HEARTBEAT_SECONDS", 5, minimum=1)
 FT_HEARTBEAT_TIMEOUT = env_int("FT_HEARTBEAT_TIMEOUT", 30, minimum=2)
+# Email for job notifications: SMTP when EMAIL_HOST is set, otherwise each message is written
+# as a file under FT_HOME/outbox (nothing is lost, and nothing fails for want of a mail server).
+EMAIL_HOST = env_str("EMAIL_HOST")
+if EMAIL_HOST:
+    EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    EMAIL_PORT = env_int("EMAIL_PORT", 587, minimum=1)
+    EMAIL_HOST_USER = env_str("EMAIL_HOST_USER")
+    EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD")
+    EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", True)
+else:
+    EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"
+    EMAIL_FILE_PATH = FT_HOME / "outbox"
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "finetune-console@localhost")
 FT_MAX_JOB_ATTEMPTS = env_int("FT_MAX_JOB_ATTEMPTS", 3, minimum=1)
 """A job whose worker dies this many times fails instead of taking down the next worker too."""
 FT_ADAPTER_CACHE_SIZE = env_int("FT_ADAPTER_CACHE_SIZE", 8, minimum=1)
 
 # --- Deployments
 FT_MAX_INSTANCES = env_int("FT_MAX_INSTANCES", 8, minimum=1)
+# Threads of the worker-serve process: each running or starting instance holds one for its whole life.
+FT_SERVING_SLOTS = env_int("FT_SERVING_SLOTS", 4, minimum=1)
 # An instance still loading its model after this long is replaced.
 FT_INSTANCE_START_TIMEOUT = env_int("FT_INSTANCE_START_TIMEOUT", 600, minimum=10)
 # The price the deployment page multiplies instance-hours by for its cost estimate.

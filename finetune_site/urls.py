@@ -1,5 +1,6 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
 
@@ -45,7 +46,8 @@ urlpatterns = [
     path("api/deployments", deployments_api.DeploymentListCreate.as_view(), name="api_deployments"),
     path("api/deployments/<str:deployment_id>", deployments_api.DeploymentDetail.as_view(), name="api_deployment"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/docs/", SpectacularRedocView.as_view(url_name="schema"), name="api_docs"),
+    # A page for people: without a session it sends them to the login page (the schema answers 401).
+    path("api/docs/", login_required(SpectacularRedocView.as_view(url_name="schema")), name="api_docs"),
     path("v1/", include(api_patterns)),
     path("api/paas/v4/", include(api_patterns)),
 ]

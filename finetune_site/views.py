@@ -97,10 +97,29 @@ def api_key_revoke(request, key_pk):
 
 
 class NotificationSettingsForm(forms.ModelForm):
+    email = forms.EmailField(required=False, label="Email address")
+
     class Meta:
         model = NotificationSettings
-        fields = ["email_enabled", "webhook_url"]
+        fields = ["email_enabled", "email", "webhook_url"]
         labels = {"email_enabled": "Email me when a job succeeds or fails", "webhook_url": "Webhook URL (JSON POST, signed)"}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["email"].initial = self.instance.user.email
+
+    def clean(self):
+        data = super().clean()
+        if data.get("email_enabled") and not data.get("email"):
+            self.add_error("email", "Give the address to send job notices to.")
+        return data
+
+    def save(self, commit=True):
+        user = self.instance.user
+        if user.email != self.cleaned_data["email"]:
+            user.email = self.cleaned_data["email"]
+            user.save(update_fields=["email"])
+        return super().save(commit)
 
 
 @login_required

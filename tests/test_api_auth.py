@@ -179,6 +179,13 @@ def test_pages_need_login(client):
         assert response.status_code == 302 and "/accounts/login/" in response["Location"], url
 
 
+def test_the_api_docs_and_schema_need_a_login_or_a_key(client, alice_key):
+    docs = client.get("/api/docs/")
+    assert docs.status_code == 302 and docs["Location"].startswith("/accounts/login/")
+    assert client.get("/api/schema/").status_code == 401
+    assert client.get("/api/schema/", **auth(alice_key)).status_code == 200
+
+
 def test_the_openapi_schema_documents_the_api(client, alice):
     client.force_login(alice)
     schema = client.get("/api/schema/").content.decode()

@@ -1,15 +1,17 @@
 """Datasets in the app: upload, background validation, token statistics, preview, split, dedupe, delete."""
 
 import json
+from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from datasets_app import services
+from datasets_app import services, validation
 from datasets_app.models import Dataset
 from jobs_app.models import FineTuningJob
 
+from .datasets.support import data_url, jsonl, png_bytes
 from .live import chat_lines
 
 pytestmark = pytest.mark.django_db
@@ -75,6 +77,144 @@ def test_the_preview_highlights_trained_tokens_and_shows_conversions(client, ali
     page = client.get(f"/datasets/{dataset.public_id}/preview/").content.decode()
     assert "converted from alpaca" in page
     assert '<mark class="trained">0!' in page
+
+
+def image_examples() -> bytes:
+    """A GLM-4V question about an inline and a web image, and a CogView drawing answered with an image."""
+    question = {"messages": [
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(png_bytes(2, 2))}},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+            {"type": "text", "text": "Which of these is a cat?"},
+        ]},
+        {"role": "assistant", "content": "The second one."},
+    ]}
+    drawing = {"messages": [
+        {"role": "user", "content": "Draw a red square."},
+        {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes(4, 4))}}]},
+    ]}
+    return jsonl(question, drawing)
+
+
+def test_image_datasets_get_token_statistics(client, alice):
+    dataset = upload(client, image_examples())
+    services.dataset_compute_statistics(dataset_id=dataset.pk)
+    dataset.refresh_from_db()
+
+    tokens = dataset.report["tokens"]
+    assert "error" not in tokens
+    assert (tokens["examples"], tokens["images"], tokens["image_tokens"]) == (2, 3, 3 * 1024)
+    assert tokens["trained_tokens"] > 1024  # the drawn image is an answer, so it is trained on
+
+
+def test_the_preview_shows_image_examples_without_loading_web_images(client, alice):
+    dataset = upload(client, image_examples())
+    response = client.get(f"/datasets/{dataset.public_id}/preview/")
+
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert f'<img src="{data_url(png_bytes(2, 2))}"' in page and f'<img src="{data_url(png_bytes(4, 4))}"' in page
+    assert '<img src="https://' not in page
+    assert 'href="https://example.com/cat.jpg"' in page and "[image] https://example.com/cat.jpg" in page
+    assert "Which of these is a cat?" in page and '<mark class="trained">The second one.' in page
+    assert "plus 2 images, 1,024 tokens each" in page and "plus 1 image, 1,024 tokens each" in page
+
+
+def test_the_preview_names_an_example_it_cannot_render(client, alice, monkeypatch):
+    from jobs_app.engine import data
+
+    def refuse(*args, **kwargs):
+        raise ValueError("Conversation roles must alternate")
+
+    dataset = upload(client, chat_lines(2))
+    monkeypatch.setattr(data, "render_example", refuse)
+    response = client.get(f"/datasets/{dataset.public_id}/preview/")
+
+    assert response.status_code == 200
+    assert "The trained tokens cannot be shown for this example: Conversation roles must alternate" in response.content.decode()
+
+
+def test_the_preview_shows_both_answers_of_a_preference_pair(client, alice):
+    pair = {
+        "input": {"messages": [{"role": "user", "content": "Is the sky blue?"}]},
+        "preferred_output": [{"role": "assistant", "content": "Yes, on a clear day."}],
+        "non_preferred_output": [{"role": "assistant", "content": "Who cares."}],
+    }
+    dataset = upload(client, jsonl(pair))
+    page = client.get(f"/datasets/{dataset.public_id}/preview/").content.decode()
+
+    question, preferred, rejected = (page.index(text) for text in ("Is the sky blue?", "Preferred answer", "Non-preferred answer"))
+    assert question < preferred < page.index("Yes, on a clear day.") < rejected < page.index("Who cares.")
+    assert '<mark class="trained">Yes, on a clear day.' in page and '<mark class="trained">Who cares.' in page
+
+
+def test_a_bom_before_a_blank_first_line_keeps_the_preview_working(client, alice):
+    dataset = upload(client, b"\xef\xbb\xbf\n" + chat_lines(3))
+    assert dataset.status == Dataset.PROCESSED
+    response = client.get(f"/datasets/{dataset.public_id}/preview/")
+
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "Example 3" in page and "What is the code for item 2?" in page
+
+
+def test_statistics_without_a_ready_base_model_say_so_and_stop_polling(client, alice, settings, tmp_path):
+    dataset = upload(client, chat_lines(3))
+    settings.FT_MODELS_DIR = tmp_path / "no-models"
+    services.dataset_compute_statistics(dataset_id=dataset.pk)
+    dataset.refresh_from_db()
+
+    assert dataset.report["tokens"] == {"error": services.NO_TOKENIZER}
+    page = client.get(f"/datasets/{dataset.public_id}/?part=tokens", HTTP_HX_REQUEST="true").content.decode()
+    assert "No base model is ready" in page and "every 2s" not in page
+
+
+def test_statistics_that_crash_are_stored_logged_and_shown(client, alice, monkeypatch, caplog):
+    from datasets_app import token_stats
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("tokenizer exploded")
+
+    dataset = upload(client, chat_lines(3))
+    monkeypatch.setattr(token_stats, "token_statistics", crash)
+    services.dataset_compute_statistics(dataset_id=dataset.pk)
+    dataset.refresh_from_db()
+
+    assert dataset.report["tokens"] == {"error": "Counting tokens failed: RuntimeError: tokenizer exploded"}
+    assert "token statistics of " + dataset.public_id + " failed" in caplog.text
+    page = client.get(f"/datasets/{dataset.public_id}/").content.decode()
+    assert "Counting tokens failed: RuntimeError: tokenizer exploded" in page and "?part=tokens" not in page
+
+
+def test_the_cost_is_shown_only_with_a_price(client, alice, settings):
+    dataset = upload(client, chat_lines(3))
+    services.dataset_compute_statistics(dataset_id=dataset.pk)
+    free = client.get(f"/datasets/{dataset.public_id}/").content.decode()
+    settings.FT_PRICE_PER_1K_TOKENS = 0.5
+    services.dataset_compute_statistics(dataset_id=dataset.pk)
+    priced = client.get(f"/datasets/{dataset.public_id}/").content.decode()
+
+    assert "set FT_PRICE_PER_1K_TOKENS to see a cost estimate" in free and "0.0000" not in free
+    assert "(at 0.5 per 1K tokens)" in priced and "set FT_PRICE_PER_1K_TOKENS" not in priced
+
+
+@pytest.mark.parametrize("valid", [True, False])
+def test_a_dataset_deleted_while_validated_stays_deleted(client, alice, monkeypatch, settings, valid):
+    content = chat_lines(3) if valid else b"not json\n"
+    response = client.post("/datasets/upload/", {"file": SimpleUploadedFile("train.jsonl", content)})
+    assert response.status_code == 302
+    dataset = Dataset.objects.latest("id")
+    read_lines = validation.validate_stream
+
+    def deleted_meanwhile(source, **options):
+        report = read_lines(source, **options)
+        services.dataset_delete(dataset=Dataset.objects.get(pk=dataset.pk))
+        return report
+
+    monkeypatch.setattr(validation, "validate_stream", deleted_meanwhile)
+    assert services.dataset_validate(dataset_id=dataset.pk) is None
+    assert not Dataset.objects.filter(pk=dataset.pk).exists()
+    assert list((Path(settings.MEDIA_ROOT) / "datasets" / "normalized").glob("*")) == []
 
 
 def test_split_creates_new_datasets_and_keeps_the_original(client, alice):

@@ -1,5 +1,6 @@
 """Deployments without a worker: create, scale, cancel, the reconciler, the REST API and its isolation."""
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -230,3 +231,52 @@ def test_bob_cannot_open_alices_deployment_page(client, alice, bob, started):
     client.force_login(bob)
     assert client.get(f"/deployments/{deployment.public_id}/").status_code == 404
     assert client.post(f"/deployments/{deployment.public_id}/cancel/").status_code == 404
+
+
+def test_instances_beyond_the_serving_slots_are_refused_across_deployments(alice, bob, started, settings):
+    settings.FT_SERVING_SLOTS = 4
+    first = services.deployment_create(user=alice, model_id=MODEL, instances=3)
+    with pytest.raises(ApiError) as caught:
+        services.deployment_create(user=bob, model_id=MODEL, instances=2)
+    assert caught.value.param == "instances" and caught.value.status_code == 400
+    assert caught.value.message.startswith("Not enough serving capacity: 3 of 4 instance slots are in use (FT_SERVING_SLOTS)")
+    second = services.deployment_create(user=bob, model_id=MODEL, instances=1)
+    with pytest.raises(ApiError, match="4 of 4 instance slots"):
+        services.deployment_scale(deployment=first, instances=4)
+    services.deployment_scale(deployment=second, instances=1)  # no more than it has: always allowed
+    services.deployment_cancel(deployment=first)
+    services.deployment_scale(deployment=second, instances=4)  # the cancelled deployment's slots are free again
+    assert Deployment.objects.get(pk=second.pk).instances == 4 and Deployment.objects.count() == 2
+
+
+def test_the_api_and_the_page_say_when_serving_capacity_is_short(client, alice, started, settings):
+    settings.FT_SERVING_SLOTS = 2
+    created = api(alice).post("/api/deployments", {"model": MODEL, "instances": 2}, format="json").json()
+    response = api(alice).post("/api/deployments", {"model": MODEL, "instances": 1}, format="json")
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "instances" and error["code"] == "insufficient_capacity"
+    assert "2 of 2 instance slots are in use (FT_SERVING_SLOTS)" in error["message"]
+    assert api(alice).patch(f"/api/deployments/{created['id']}", {"instances": 3}, format="json").status_code == 400
+    client.force_login(alice)
+    page = client.post("/deployments/", {"model": MODEL, "instances": "1", "max_concurrent_requests": "1"})
+    assert page.status_code == 400 and "Not enough serving capacity: 2 of 2 instance slots" in page.content.decode()
+    assert Deployment.objects.count() == 1
+
+
+def test_the_openapi_schema_says_the_list_is_a_page_of_deployments(alice, client):
+    client.force_login(alice)
+    schema = json.loads(client.get("/api/schema/", HTTP_ACCEPT="application/json").content)
+    listed = schema["paths"]["/api/deployments"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    page = schema["components"]["schemas"][listed["$ref"].rsplit("/", 1)[-1]]
+    assert page["type"] == "object" and set(page["properties"]) == {"object", "data", "has_more", "first_id", "last_id"}
+    assert page["properties"]["data"]["items"]["$ref"].endswith("/DeploymentOutput")
+
+
+def test_runstack_gives_the_serving_worker_one_thread_per_slot(settings, tmp_path):
+    from finetune_site.management.commands.runstack import Command
+
+    settings.FT_SERVING_SLOTS = 6
+    config = Command()._write_config(tmp_path, tmp_path).read_text()
+    serve = next(line for line in config.splitlines() if "-Q serving" in line)
+    assert "--concurrency 6 " in serve

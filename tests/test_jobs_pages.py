@@ -66,6 +66,9 @@ def test_the_create_page_shows_resolved_values_tokens_cost_and_time(client, alic
                                                 "method": "lora", "n_epochs": "3"})
     html = response.content.decode()
     assert "6,000 in all" in html and "3.0000 at 0.5" in html and "tokens/s" in html
+    settings.FT_PRICE_PER_1K_TOKENS = 0.0
+    html = client.post("/jobs/estimate/", {"model": "tiny-random-smollm2", "training_file": dataset.public_id}).content.decode()
+    assert "set FT_PRICE_PER_1K_TOKENS to see a cost estimate" in html and "0.0000" not in html
 
 
 def test_submitting_the_form_queues_a_job(client, alice, dataset, django_capture_on_commit_callbacks, monkeypatch):

@@ -3,6 +3,7 @@
 import asyncio
 import io
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from django.core.files.base import ContentFile
 from datasets_app.models import Dataset
 from deployments_app import exports, services
 from deployments_app.models import Deployment, ModelCard
-from jobs_app.models import FineTuningJob, JobEvent
+from jobs_app.models import Checkpoint, FineTuningJob, JobEvent
 
 from .live import chat_lines
 
@@ -128,16 +129,30 @@ def test_delete_cancels_deployments_removes_files_and_the_id_is_404_everywhere(c
     monkeypatch.setattr("deployments_app.tasks.run_instance.delay", lambda pk: None)
     deployment = services.deployment_create(user=alice, model_id=card.model_id, instances=1)
     folder = Path(card.path)
+    # A checkpoint where the engine writes them, usable as a model of its own until the model is deleted.
+    checkpoint_dir = card.job.output_dir / "checkpoints" / "step-2"
+    shutil.copytree(folder, checkpoint_dir / "adapter")
+    checkpoint = Checkpoint.objects.create(job=card.job, step=2, path=str(checkpoint_dir))
+    checkpoint_deployment = services.deployment_create(user=alice, model_id=checkpoint.model_id, instances=1)
+    assert chat(client, checkpoint.model_id).status_code == 200
     assert client.get(f"/v1/models/{card.model_id}").status_code == 200
     with django_capture_on_commit_callbacks(execute=True):
         response = client.post(f"/models/{card.model_id}/delete/")
     assert response.status_code == 302
     assert Deployment.objects.get(pk=deployment.pk).status == "cancelled"
-    assert not folder.exists()
+    assert Deployment.objects.get(pk=checkpoint_deployment.pk).status == "cancelled"
+    assert not folder.exists() and not checkpoint_dir.exists() and not Checkpoint.objects.filter(job=card.job).exists()
     assert client.get(f"/v1/models/{card.model_id}").status_code == 404
     assert client.delete(f"/v1/models/{card.model_id}").status_code == 404
-    chat = client.post("/v1/chat/completions", {"model": card.model_id, "messages": [{"role": "user", "content": "hi"}]},
-                       content_type="application/json")
-    assert chat.status_code == 404 and chat.json()["error"]["code"] == "model_not_found"
+    for model_id in (card.model_id, checkpoint.model_id):
+        answer = chat(client, model_id)
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_not_found"
+        assert client.post("/api/deployments", {"model": model_id}, content_type="application/json").status_code == 400
+    assert client.get(f"/v1/models/{checkpoint.model_id}").status_code == 404
+    assert checkpoint.model_id not in client.get("/playground/").content.decode()
     assert client.get(f"/models/{card.model_id}/download/adapter.zip").status_code == 404
-    assert client.post("/api/deployments", {"model": card.model_id}, content_type="application/json").status_code == 400
+
+
+def chat(client, model_id):
+    return client.post("/v1/chat/completions", {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+                       content_type="application/json")

@@ -60,3 +60,26 @@ def test_notify_rings_the_bell_and_queues_the_webhook(client, django_capture_on_
     assert 'data-testid="unread">1<' in client.get("/").content.decode()
     client.post("/notifications/", {"mark_read": "1"})
     assert not Notification.objects.filter(user=alice, read_at__isnull=True).exists()
+
+
+def test_email_notices_go_to_the_address_set_on_the_page(client, settings, monkeypatch, django_capture_on_commit_callbacks):
+    from django.core import mail
+
+    from finetune_site.tasks import send_notification_email
+
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    alice = get_user_model().objects.create_user("alice", password="pw-alice-123")
+    client.force_login(alice)
+    refused = client.post("/notifications/", {"email_enabled": "on", "email": ""})
+    assert "Give the address" in refused.content.decode()
+    client.post("/notifications/", {"email_enabled": "on", "email": "alice@example.org"})
+    alice.refresh_from_db()
+    assert alice.email == "alice@example.org" and alice.notification_settings.email_enabled
+
+    sent = []
+    monkeypatch.setattr("finetune_site.tasks.send_notification_email.delay", lambda *args: sent.append(args))
+    with django_capture_on_commit_callbacks(execute=True):
+        notify(alice, "Job ftjob-1 failed.", level="error")
+    assert sent and sent[0][0] == "alice@example.org"
+    send_notification_email.apply(args=sent[0])
+    assert mail.outbox[-1].to == ["alice@example.org"] and "ftjob-1" in mail.outbox[-1].subject

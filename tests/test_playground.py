@@ -66,3 +66,102 @@ def test_batch_compare_streams_a_scored_row_per_prompt_then_totals(client, card)
 def test_batch_compare_refuses_bad_input(client, card):
     assert client.post("/playground/batch/", {"models": [], "n": 3}, content_type="application/json").status_code == 400
     assert client.post("/playground/batch/", {"models": [BASE], "n": 500}, content_type="application/json").status_code == 400
+
+
+def refused(response, param=None) -> None:
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"] and error["param"] == param
+
+
+@pytest.mark.parametrize("url", ["/playground/batch/", "/playground/template/"])
+@pytest.mark.parametrize("raw", ["[]", '["%s"]' % BASE, '"hi"', "3", "{"])
+def test_playground_posts_refuse_a_body_that_is_not_a_json_object(client, card, url, raw):
+    refused(client.post(url, raw, content_type="application/json"))
+
+
+@pytest.mark.parametrize("field, raw", [("max_tokens", "1e400"), ("max_tokens", "NaN"), ("temperature", "Infinity"), ("seed", "1e400")])
+def test_batch_compare_refuses_numbers_that_are_not_finite(client, card, field, raw):
+    body = json.dumps({"models": [BASE], "n": 1, "source": card.model_id, field: "RAW"}).replace('"RAW"', raw)
+    refused(client.post("/playground/batch/", body, content_type="application/json"), param=field)
+
+
+def test_playground_posts_refuse_a_model_id_that_is_not_a_string(client, card):
+    refused(client.post("/playground/template/", {"model": [BASE], "messages": [{"role": "user", "content": "x"}]},
+                        content_type="application/json"), param="model")
+    refused(client.post("/playground/batch/", {"models": [BASE], "n": 1, "source": {"id": card.model_id}},
+                        content_type="application/json"), param="source")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_batch_compare_scores_a_model_chosen_in_two_panes_once(client, card):
+    response = client.post("/playground/batch/", {"models": [card.model_id, BASE, card.model_id], "n": 2, "max_tokens": 2,
+                                                  "temperature": 0, "source": card.model_id}, content_type="application/json")
+    lines = [json.loads(line) for line in body_of(response).decode().splitlines()]
+    assert lines[0]["models"] == [card.model_id, BASE]
+    assert all(list(line["answers"]) == [card.model_id, BASE] for line in lines[1:-1])
+    for model, total in lines[-1]["models"].items():
+        rows = [line["answers"][model] for line in lines[1:-1]]
+        assert total["exact_match"] == sum(r["exact_match"] for r in rows) / 2 <= 1
+        assert total["rouge_l"] == pytest.approx(sum(r["rouge_l"] for r in rows) / 2, abs=1e-3)
+
+
+SAMPLE_HARNESS = r"""
+// Runs static/js/playground.js against a stub page, clicks "Sample", sends the
+// sampled prompt, and prints the chat requests the panes make.
+const handlers = {}, elements = {}, requests = [];
+function element(id) {
+  return {
+    id, value: "", hidden: false, textContent: "", innerHTML: "", dataset: {}, children: [],
+    classList: { add() {}, remove() {} },
+    elements: { system: { value: "" }, temperature: { value: "0" }, top_p: { value: "1" }, max_tokens: { value: "8" }, seed: { value: "" } },
+    append(child) { this.children.push(child); },
+    addEventListener(type, handler) { handlers[id + ":" + type] = handler; },
+  };
+}
+function pane(model) {
+  const select = { value: model }, transcript = element("transcript");
+  return { querySelector: (s) => (s === ".model-select" ? select : transcript), transcript };
+}
+const panes = [pane("base"), pane("ft:base:alice:x:12345678"), pane("")];
+globalThis.document = {
+  querySelectorAll: () => panes,
+  querySelector: () => ({ value: "csrf" }),
+  getElementById: (id) => (elements[id] = elements[id] || element(id)),
+  createElement: () => element("new"),
+};
+globalThis.location = { origin: "http://testserver" };
+globalThis.fetch = async (url, options) => {
+  if (url.startsWith("/playground/sample/")) return { ok: true, json: async () => SAMPLE };
+  requests.push(JSON.parse(options.body));
+  return { ok: true, body: { getReader: () => ({ read: async () => ({ done: true }) }) } };
+};
+require(SCRIPT);
+(async () => {
+  await handlers["sample:click"]();
+  handlers["prompt-form:submit"]({ preventDefault() {} });
+  await new Promise((resolve) => setTimeout(resolve, 10));
+  const shown = panes.map((p) => p.transcript.children.map((c) => c.className + ": " + c.textContent));
+  console.log(JSON.stringify({ requests, shown }));
+})();
+"""
+
+
+def test_a_sampled_example_keeps_its_earlier_turns_in_every_panes_conversation(tmp_path):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    sample = {"system": "Be terse.", "prompt": "And item 2?", "reference": "green",
+              "history": [{"role": "user", "content": "Code of item 1?"}, {"role": "assistant", "content": "blue"}]}
+    script = Path(__file__).resolve().parent.parent / "static" / "js" / "playground.js"
+    harness = tmp_path / "harness.js"
+    harness.write_text(f"const SAMPLE = {json.dumps(sample)};\nconst SCRIPT = {json.dumps(str(script))};\n" + SAMPLE_HARNESS)
+    result = json.loads(subprocess.run([node, str(harness)], capture_output=True, text=True, check=True, timeout=60).stdout)
+    expected = [{"role": "system", "content": "Be terse."}, *sample["history"], {"role": "user", "content": "And item 2?"}]
+    assert [r["model"] for r in result["requests"]] == ["base", "ft:base:alice:x:12345678"]
+    assert all(r["messages"] == expected for r in result["requests"])
+    assert result["shown"][0][:2] == ["msg user: Code of item 1?", "msg assistant: blue"]

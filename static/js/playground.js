@@ -117,6 +117,16 @@
 
   const firstPane = () => activePanes()[panes.length > 1 ? 1 : 0] || panes[0];
 
+  // A sampled example's earlier turns become every pane's conversation so far, so
+  // each model answers its last user message in the example's full context.
+  function seedConversations(turns) {
+    panes.forEach((pane) => {
+      history.set(pane, turns.map((turn) => Object.assign({}, turn)));
+      pane.querySelector(".transcript").innerHTML = "";
+      turns.forEach((turn) => bubble(pane, turn.role, typeof turn.content === "string" ? turn.content : JSON.stringify(turn.content || turn.tool_calls)));
+    });
+  }
+
   document.getElementById("prompt-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const text = promptBox.value.trim();
@@ -137,6 +147,7 @@
     const body = await response.json();
     if (!response.ok) { show("Error: " + body.error.message); return; }
     settings.elements.system.value = body.system || "";
+    seedConversations(body.history || []);
     promptBox.value = body.prompt;
     referenceView.hidden = false;
     referenceView.textContent = "Reference answer: " + body.reference;
@@ -174,7 +185,7 @@
 
   document.getElementById("batch-form").addEventListener("submit", async (event) => {
     event.preventDefault();
-    const models = activePanes().map(modelOf);
+    const models = Array.from(new Set(activePanes().map(modelOf)));  // one column per model, as the server scores it
     const table = document.getElementById("batch-table");
     const totals = document.getElementById("batch-totals");
     table.tHead.innerHTML = "";

@@ -50,6 +50,16 @@ def test_it_reports_json_nested_too_deeply():
     assert str(only_error(report)) == "line 1: the JSON is nested too deeply to be an example"
 
 
+def test_it_reports_a_number_too_long_to_read_on_its_line():
+    huge = b'{"prompt": "a", "completion": "b", "id": ' + b"9" * 5000 + b"}\n"
+    report, written = validate(line(chat("Hi", "Hello")) + huge + line(chat("Bye", "Goodbye")))
+
+    error = only_error(report)
+    assert (error.line, error.code) == (2, "invalid_json")
+    assert error.message == "a number has more than 4,300 digits, too long to read; write it as a string"
+    assert report.stats["lines"] == 3 and len(written) == 2
+
+
 def test_it_writes_lone_surrogates_as_escapes():
     report, written = validate(b'{"prompt": "a\\ud800", "completion": "b"}\n')
 

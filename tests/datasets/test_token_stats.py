@@ -144,3 +144,20 @@ def test_it_takes_the_training_engines_renderer(tokenizer):
     rendered = [data.render_example(tokenizer, example) for example in examples]
     assert stats["total_tokens"] == sum(len(r.input_ids) for r in rendered)
     assert stats["trained_tokens"] == sum(r.trained_tokens for r in rendered) > 0
+
+
+def test_the_training_engines_renderer_counts_image_examples(tokenizer):
+    data = pytest.importorskip("jobs_app.engine.data")
+    question = image_question("https://example.com/cat.jpg")
+    question["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": "https://example.com/dog.jpg"}})
+    drawing = {"messages": [
+        {"role": "user", "content": "Draw a cat."},
+        {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/drawn.png"}}]},
+    ]}
+    stats = token_statistics([question, drawing], tokenizer, max_seq_len=4096, render=data.render_example)
+
+    question_text = data.render_example(tokenizer, chat("What is this?", "A cat.", system=None))
+    drawing_text = data.render_example(tokenizer, chat("Draw a cat.", "", system=None))
+    assert (stats["images"], stats["image_tokens"]) == (3, 3 * IMAGE_TOKENS)
+    assert stats["total_tokens"] == len(question_text.input_ids) + len(drawing_text.input_ids) + 3 * IMAGE_TOKENS
+    assert stats["trained_tokens"] == question_text.trained_tokens + drawing_text.trained_tokens + IMAGE_TOKENS

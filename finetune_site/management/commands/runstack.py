@@ -118,8 +118,9 @@ class Command(BaseCommand):
                      log_dir=log_dir, priority=20, env=env),
             _program("worker-default", f"{celery} worker -Q default --pool threads --concurrency 2 -n default-{port}@%%h --without-gossip --without-mingle -l INFO",
                      log_dir=log_dir, priority=20, env=env),
-            # Each deployment instance is a long-running task holding one of these threads.
-            _program("worker-serve", f"{celery} worker -Q serving --pool threads --concurrency 4 -n serve-{port}@%%h --without-gossip --without-mingle -l INFO",
+            # Each deployment instance is a long-running task holding one of these threads;
+            # deployment_create/scale refuse instances beyond FT_SERVING_SLOTS.
+            _program("worker-serve", f"{celery} worker -Q serving --pool threads --concurrency {settings.FT_SERVING_SLOTS} -n serve-{port}@%%h --without-gossip --without-mingle -l INFO",
                      log_dir=log_dir, priority=20, env=env),
             _program("beat", f"{celery} beat -s {run_dir / 'celerybeat-schedule'} -l INFO",
                      log_dir=log_dir, priority=30, env=env),
