@@ -37,7 +37,9 @@ class MicroBatch:
     position_ids: torch.Tensor
     """(1, T) restarting at 0 for each example."""
     cu_seq_lens: torch.Tensor
-    """(examples + 1,) int32 cumulative lengths: example k spans cu_seq_lens[k]:cu_seq_lens[k+1]."""
+    """(examples + 1,) int32 cumulative lengths: example k spans cu_seq_lens[k]:cu_seq_lens[k+1].
+    Stays on the CPU: the per-example attention reads it in every layer, and reading a GPU
+    tensor would make each layer wait for the GPU."""
     max_length: int
     loss_positions: torch.Tensor
     """Indices into the row whose next token is trained."""
@@ -50,7 +52,7 @@ class MicroBatch:
 
     def to(self, device: torch.device) -> "MicroBatch":
         return MicroBatch(
-            self.input_ids.to(device), self.position_ids.to(device), self.cu_seq_lens.to(device),
+            self.input_ids.to(device), self.position_ids.to(device), self.cu_seq_lens,
             self.max_length, self.loss_positions.to(device), self.targets.to(device),
         )
 
