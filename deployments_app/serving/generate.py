@@ -1,7 +1,7 @@
 """The token loop: one forward pass per token over a KV cache, streamed as text pieces."""
 
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import AbstractContextManager, closing, nullcontext
 from functools import partial
 
 import torch
@@ -19,8 +19,13 @@ def stream_completion(
     request: GenerationRequest,
     *,
     end_token_ids: frozenset[int],
+    step: Callable[[], AbstractContextManager] | None = None,
 ) -> Iterator[StreamEvent]:
-    """Yield the answer to a rendered prompt as text pieces, then one Completion."""
+    """Yield the answer to a rendered prompt as text pieces, then one Completion.
+
+    step, when given, is entered around every forward pass and yields the model to
+    run it with (see generate_tokens): how streams that share a model take turns.
+    """
     pick = partial(
         sample_next_token,
         temperature=request.temperature,
@@ -32,7 +37,8 @@ def stream_completion(
     output = OutputFilter(stop=request.stop_strings, tools=bool(request.tools))
     finish_reason = "length"
     completion_tokens = 0
-    tokens = generate_tokens(model, prompt_ids, max_new_tokens=request.max_tokens, pick=pick, end_token_ids=end_token_ids)
+    tokens = generate_tokens(model, prompt_ids, max_new_tokens=request.max_tokens, pick=pick,
+                             end_token_ids=end_token_ids, step=step)
     with closing(tokens):
         for token in tokens:
             completion_tokens += 1
@@ -67,16 +73,21 @@ def generate_tokens(
     max_new_tokens: int,
     pick: Callable[[torch.Tensor], int],
     end_token_ids: frozenset[int] = frozenset(),
+    step: Callable[[], AbstractContextManager] | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time until an end token or max_new_tokens.
 
     The first pass reads the whole prompt; each later pass reads only the last token
     and the cache of keys and values from before, so every step costs about the same.
+    Each pass runs inside `step()` (default: just `model`), whose value is the model
+    to call: the cache belongs to this stream, so others may use the model between passes.
     """
+    step = step or (lambda: nullcontext(model))
     cache = DynamicCache(config=model.config)
     next_input = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)
     for _ in range(max_new_tokens):
-        token = _next_token(model, next_input, cache, pick)
+        with step() as current:
+            token = _next_token(current, next_input, cache, pick)
         yield token
         if token in end_token_ids:
             return

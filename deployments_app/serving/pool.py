@@ -1,9 +1,11 @@
 """A pool of loaded models: each base model once, its LoRA adapters hot-swapped per request.
 
 Thread-safe. Loading a base happens once even when several threads ask for it
-together. Which adapter is active is state of the shared model, so generation is
-serialized per base model: a stream holds its base's lock from its first step
-until it ends or the consumer closes it.
+together. Which adapter is active is state of the shared model, so each forward
+pass holds its base's lock, with that stream's adapter active. The lock is fair
+(first come, first served) and taken per token, so streams on one base take turns
+token by token: a playground's base, fine-tuned and checkpoint panes, or several
+API callers, all stream at once instead of one after another.
 """
 
 import gc
@@ -12,7 +14,7 @@ import os
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,35 @@ from .prompt import check_messages, check_tools, render_prompt, template_has_too
 from .schema import Completion, GenerationRequest, StreamEvent
 
 
+class FairLock:
+    """A lock granted in the order it was asked for.
+
+    A plain Lock released and taken again at once in a loop is usually won by the
+    same thread again, so one stream would starve the others between its tokens.
+    """
+
+    def __init__(self):
+        self._turns = threading.Condition()
+        self._next_ticket = 0
+        self._now_serving = 0
+
+    def __enter__(self):
+        with self._turns:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._turns.wait_for(lambda: self._now_serving == ticket)
+        return self
+
+    def __exit__(self, *exc):
+        with self._turns:
+            self._now_serving += 1
+            self._turns.notify_all()
+
+    def locked(self) -> bool:
+        with self._turns:
+            return self._now_serving != self._next_ticket
+
+
 @dataclass(eq=False)
 class _LoadedBase:
     path: str
@@ -34,9 +65,16 @@ class _LoadedBase:
     end_token_ids: frozenset[int]
     context_length: int | None
     template_has_tools: bool
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: FairLock = field(default_factory=FairLock)
     adapters: OrderedDict = field(default_factory=OrderedDict)  # adapter path -> peft adapter name, least recent first
     unloaded: bool = False
+    streams: int = 0
+    """Streams that have started and not ended on this base."""
+    active: str | None = None
+    """What the model runs as now: an adapter's peft name, ADAPTERS_OFF, or None when unknown (after a load)."""
+
+
+ADAPTERS_OFF = "<base>"
 
 
 class ModelPool:
@@ -60,9 +98,8 @@ class ModelPool:
     def generate_stream(self, request: GenerationRequest) -> Iterator[StreamEvent]:
         """Check the request and return a stream of text pieces ending with one Completion.
 
-        Bad requests raise here, before the stream starts. The stream waits for its
-        base model's lock when its first item is asked for; closing it early stops
-        generation and releases the lock.
+        Bad requests raise here, before the stream starts. Generation starts when the
+        first item is asked for; closing the stream early stops it.
         """
         _check_request(request)
         base = self._base(request.base_path)
@@ -98,10 +135,10 @@ class ModelPool:
                 self._activate(base, _adapter_folder(adapter_path))
 
     def is_busy(self, base_path: str) -> bool:
-        """Tell whether a stream currently holds this base model."""
+        """Tell whether a stream is generating on this base model."""
         with self._lock:
             base = self._bases.get(_key(base_path))
-        return base is not None and base.lock.locked()
+            return base is not None and base.streams > 0
 
     def stats(self) -> dict:
         """Return what is loaded and how often things were loaded, for monitoring and tests."""
@@ -136,23 +173,47 @@ class ModelPool:
             self.unload(path)
 
     def _stream(self, base: _LoadedBase, adapter_path: str | None, prompt_ids: list[int], request) -> Iterator[StreamEvent]:
-        with base.lock:
-            if base.unloaded:
-                raise ServingError("the model was unloaded while the request waited; send it again")
-            with self._activate(base, adapter_path):
-                yield from stream_completion(base.model, base.tokenizer, prompt_ids, request, end_token_ids=base.end_token_ids)
+        @contextmanager
+        def turn():
+            # base.model is read under the lock: loading the first adapter wraps it in a PeftModel.
+            with base.lock:
+                if base.unloaded:
+                    raise ServingError("the model was unloaded while the request was answered; send it again")
+                self._activate(base, adapter_path)
+                yield base.model
 
-    def _activate(self, base: _LoadedBase, adapter_path: str | None):
-        """Make adapter_path the active adapter (None: no adapter); return a context to generate in. Hold base.lock."""
+        with self._lock:
+            base.streams += 1
+        try:
+            yield from stream_completion(base.model, base.tokenizer, prompt_ids, request,
+                                         end_token_ids=base.end_token_ids, step=turn)
+        finally:
+            with self._lock:
+                base.streams -= 1
+
+    def _activate(self, base: _LoadedBase, adapter_path: str | None) -> None:
+        """Make the model run as adapter_path (None: the base alone). Hold base.lock.
+
+        Streams take turns per token, so this runs before every forward pass: it
+        changes the model only when the previous pass ran as something else (each
+        switch walks every LoRA layer: a few milliseconds on a 135M model).
+        """
         if adapter_path is None:
-            return base.model.disable_adapter() if isinstance(base.model, PeftModel) else nullcontext()
+            if isinstance(base.model, PeftModel) and base.active != ADAPTERS_OFF:
+                base.model.base_model.disable_adapter_layers()
+                base.active = ADAPTERS_OFF
+            return
         name = base.adapters.get(adapter_path)
         if name is None:
             name = self._load_adapter(base, adapter_path)
+            base.active = None
         base.adapters.move_to_end(adapter_path)
-        if base.model.active_adapter != name:
-            base.model.set_adapter(name, inference_mode=True)
-        return nullcontext()
+        if base.active != name:
+            if base.active in (ADAPTERS_OFF, None):
+                base.model.base_model.enable_adapter_layers()
+            if base.model.active_adapter != name:
+                base.model.set_adapter(name, inference_mode=True)
+            base.active = name
 
     def _load_adapter(self, base: _LoadedBase, adapter_path: str) -> str:
         name = f"adapter_{next(self._adapter_names)}"

@@ -122,6 +122,44 @@ def test_it_answers_threads_with_different_adapters_correctly(pool, chatty_model
     assert results == {"a": [expected["a"]] * 3, "b": [expected["b"]] * 3}
 
 
+def test_streams_on_one_base_take_turns_token_by_token(pool, chatty_model_dir, adapters):
+    """Side-by-side panes: base, fine-tuned and another adapter all stream at once, each still right."""
+    expected = {name: answer(pool, chatty_model_dir, adapters.get(name)) for name in ("base", "a", "b")}
+    paused = pool.generate_stream(chat(chatty_model_dir, adapter_path=str(adapters["a"]), max_tokens=N_TOKENS))
+    first = next(paused)  # this stream is now suspended between two of its tokens
+
+    # Another stream on the same base (a different adapter) runs to the end meanwhile.
+    finished = []
+    other = threading.Thread(target=lambda: finished.append(answer(pool, chatty_model_dir, adapters["b"])))
+    other.start()
+    other.join(timeout=60)
+    assert finished == [expected["b"]]
+    pieces, _ = drain(paused)
+    assert first + "".join(pieces) == expected["a"]
+
+    # Three threads at once: the order pieces arrive in shows them interleaved.
+    order, texts, start = [], {}, threading.Barrier(3)
+
+    def ask(name):
+        start.wait()
+        adapter = adapters.get(name)
+        text = ""
+        for event in pool.generate_stream(chat(chatty_model_dir, adapter_path=str(adapter) if adapter else None, max_tokens=N_TOKENS)):
+            if isinstance(event, str):
+                order.append(name)
+                text += event
+        texts[name] = text
+
+    threads = [threading.Thread(target=ask, args=(name,)) for name in ("base", "a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert texts == expected
+    first_done = min(max(i for i, name in enumerate(order) if name == who) for who in ("base", "a", "b"))
+    assert set(order[:first_done]) == {"base", "a", "b"}, order  # every pane had text before any finished
+
+
 def test_it_releases_the_model_when_a_stream_is_closed_early(pool, chatty_model_dir):
     stream = pool.generate_stream(chat(chatty_model_dir, max_tokens=500))
     assert not pool.is_busy(str(chatty_model_dir))
