@@ -2,6 +2,7 @@
 
 import io
 import shutil
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,11 +123,19 @@ def merged_folder(export_dir: Path) -> Path:
     return export_dir / "merged"
 
 
+MERGE_STALE_SECONDS = 30 * 60
+"""A merge whose folder has not changed for this long died with its worker: it may be asked for again."""
+
+
 def merged_state(export_dir: Path) -> str:
-    """"ready", "building" or "absent"."""
+    """"ready", "building" or "absent" (also when a build was abandoned half-way)."""
     if (merged_folder(export_dir) / "config.json").exists():
         return "ready"
-    return "building" if (export_dir / "merged.partial").exists() else "absent"
+    try:
+        touched = (export_dir / "merged.partial").stat().st_mtime
+    except FileNotFoundError:
+        return "absent"
+    return "building" if time.time() - touched < MERGE_STALE_SECONDS else "absent"
 
 
 def build_merged_model(card: ModelCard, export_dir: Path) -> Path:

@@ -1,5 +1,6 @@
 """Writes for model cards and deployments."""
 
+import os
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -204,6 +205,7 @@ def model_merge_request(*, card: ModelCard) -> str:
     state = merged_state(export_dir(card))
     if state == "absent":
         (export_dir(card) / "merged.partial").mkdir(parents=True, exist_ok=True)
+        os.utime(export_dir(card) / "merged.partial")  # an abandoned one is marked fresh again
         transaction.on_commit(lambda: build_merged_model.delay(card.pk))
         state = "building"
     return state

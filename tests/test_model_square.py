@@ -125,6 +125,27 @@ def test_the_merged_download_waits_until_it_is_built(client, card):
     assert client.get(f"/models/{card.model_id}/download/merged.zip").status_code == 302
 
 
+def test_a_merge_abandoned_by_a_dead_worker_can_be_asked_for_again(card, django_capture_on_commit_callbacks, monkeypatch):
+    import os
+    import time
+
+    from deployments_app.exports import MERGE_STALE_SECONDS, merged_state
+
+    queued = []
+    monkeypatch.setattr("deployments_app.tasks.build_merged_model.delay", lambda pk: queued.append(pk))
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.model_merge_request(card=card) == "building"
+        assert services.model_merge_request(card=card) == "building"  # asked twice, built once
+    assert queued == [card.pk]
+    partial = services.export_dir(card) / "merged.partial"
+    long_ago = time.time() - MERGE_STALE_SECONDS - 60
+    os.utime(partial, (long_ago, long_ago))  # the worker died mid-build: nothing touched it since
+    assert merged_state(services.export_dir(card)) == "absent"
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.model_merge_request(card=card) == "building"
+    assert queued == [card.pk, card.pk]
+
+
 def test_delete_cancels_deployments_removes_files_and_the_id_is_404_everywhere(client, alice, card, django_capture_on_commit_callbacks, monkeypatch):
     monkeypatch.setattr("deployments_app.tasks.run_instance.delay", lambda pk: None)
     deployment = services.deployment_create(user=alice, model_id=card.model_id, instances=1)
