@@ -42,7 +42,8 @@ def get_pool() -> ModelPool:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ModelPool(device=settings.FT_DEVICE, max_adapters=settings.FT_ADAPTER_CACHE_SIZE)
+            _pool = ModelPool(device=settings.FT_DEVICE, max_adapters=settings.FT_ADAPTER_CACHE_SIZE,
+                              max_bases=settings.FT_MAX_LOADED_MODELS)
         return _pool
 
 

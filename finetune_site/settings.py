@@ -201,6 +201,8 @@ DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "finetune-console@localhost")
 FT_MAX_JOB_ATTEMPTS = env_int("FT_MAX_JOB_ATTEMPTS", 3, minimum=1)
 """A job whose worker dies this many times fails instead of taking down the next worker too."""
 FT_ADAPTER_CACHE_SIZE = env_int("FT_ADAPTER_CACHE_SIZE", 8, minimum=1)
+FT_MAX_LOADED_MODELS = env_int("FT_MAX_LOADED_MODELS", 3, minimum=1)
+"""Base (and fully fine-tuned) models the web process keeps loaded; the least recently used idle one goes first."""
 
 # --- Deployments
 FT_MAX_INSTANCES = env_int("FT_MAX_INSTANCES", 8, minimum=1)

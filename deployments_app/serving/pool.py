@@ -80,15 +80,17 @@ ADAPTERS_OFF = "<base>"
 class ModelPool:
     """The models one process serves, loaded on first use and shared by all threads."""
 
-    def __init__(self, *, device: str = "auto", max_adapters: int = 4):
-        """device: "auto" (CUDA when present), "cpu" or "cuda[:N]"; max_adapters: adapters kept per base."""
-        if max_adapters < 1:
-            raise ValueError("max_adapters must be at least 1")
+    def __init__(self, *, device: str = "auto", max_adapters: int = 4, max_bases: int | None = None):
+        """device: "auto" (CUDA when present), "cpu" or "cuda[:N]"; max_adapters: adapters kept per base;
+        max_bases: base models kept loaded (None: no limit); past it the least recently used idle one is unloaded."""
+        if max_adapters < 1 or (max_bases is not None and max_bases < 1):
+            raise ValueError("max_adapters and max_bases must be at least 1")
+        self.max_bases = max_bases
         self.device = resolve_device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.max_adapters = max_adapters
         self._lock = threading.Lock()
-        self._bases: dict[str, _LoadedBase] = {}
+        self._bases: OrderedDict[str, _LoadedBase] = OrderedDict()  # least recently used first
         self._load_locks: dict[str, threading.Lock] = {}
         self._base_loads: Counter = Counter()
         self._adapter_loads: Counter = Counter()
@@ -237,9 +239,24 @@ class ModelPool:
         return name
 
     def _base(self, base_path: str) -> _LoadedBase:
-        key = _key(base_path)
+        base = self._get_or_load(_key(base_path))
+        self._unload_surplus(keep=base)
+        return base
+
+    def _unload_surplus(self, *, keep: _LoadedBase) -> None:
+        """Past max_bases, unload the least recently used idle bases (one in use stays until it is idle)."""
+        if not self.max_bases:
+            return
+        with self._lock:
+            idle = [path for path, other in self._bases.items() if other is not keep and other.streams == 0]
+            surplus = len(self._bases) - self.max_bases
+        for path in idle[:max(0, surplus)]:
+            self.unload(path)
+
+    def _get_or_load(self, key: str) -> _LoadedBase:
         with self._lock:
             if key in self._bases:
+                self._bases.move_to_end(key)
                 return self._bases[key]
             load_lock = self._load_locks.setdefault(key, threading.Lock())
         with load_lock:  # a second thread asking for the same base waits here, then finds it loaded

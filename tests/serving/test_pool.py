@@ -188,3 +188,18 @@ def test_it_says_clearly_when_a_model_or_adapter_is_missing(pool, chatty_model_d
         pool.generate_stream(chat(tmp_path))
     with pytest.raises(ModelLoadError, match="no adapter at"):
         pool.generate_stream(chat(chatty_model_dir, adapter_path=str(tmp_path)))
+
+
+def test_past_max_bases_the_least_recently_used_idle_base_is_unloaded(chatty_model_dir, tiny_model_dir):
+    pool = ModelPool(device="cpu", max_bases=1)
+    chatty, tiny = str(chatty_model_dir.resolve()), str(tiny_model_dir.resolve())
+    busy = pool.generate_stream(chat(chatty_model_dir, max_tokens=N_TOKENS))
+    next(busy)  # a stream is generating on the chatty base
+    pool.generate(chat(tiny_model_dir, max_tokens=2))
+    assert pool.stats()["bases"] == sorted([chatty, tiny])  # in use: kept, even past the limit
+    drain(busy)
+    pool.generate(chat(chatty_model_dir, max_tokens=2))
+    assert pool.stats()["bases"] == [chatty]  # tiny was idle and least recently used
+    pool.generate(chat(tiny_model_dir, max_tokens=2))
+    assert pool.stats()["bases"] == [tiny]
+    assert pool.stats()["base_loads"] == {chatty: 1, tiny: 2}
