@@ -10,16 +10,11 @@ from django.utils import timezone
 from datasets_app.models import Dataset
 from finetune_site.models import ApiKey, Notification
 from jobs_app import services
-from jobs_app.hyperparameters import resolve_hyperparameters
 from jobs_app.models import Checkpoint, FineTuningJob
 
+from .test_jobs_pages import make_job, models_dir  # noqa: F401 - shared fixture and helper
+
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def models_dir(settings, tmp_path, tiny_model_dir):
-    settings.FT_MODELS_DIR = tiny_model_dir.parent
-    settings.MEDIA_ROOT = tmp_path / "media"
 
 
 @pytest.fixture
@@ -37,12 +32,6 @@ def dataset(alice):
     ds = Dataset(owner=alice, filename="d.jsonl", bytes=10, status=Dataset.PROCESSED, examples=40)
     ds.file.save("d.jsonl", SimpleUploadedFile("d.jsonl", b"{}\n"), save=True)
     return ds
-
-
-def make_job(owner, dataset, **fields):
-    defaults = dict(owner=owner, base_model="tiny-random-smollm2", training_file=dataset, training_file_ref=dataset.public_id,
-                    resolved=resolve_hyperparameters({}, method="lora", examples=40))
-    return FineTuningJob.objects.create(**{**defaults, **fields})
 
 
 def create(client, headers, dataset, **extra):

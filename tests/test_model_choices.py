@@ -6,7 +6,8 @@ from django.contrib.auth import get_user_model
 from deployments_app.selectors import RECENT_CHECKPOINTS, model_choices
 from jobs_app.models import Checkpoint
 
-from .test_jobs_api import alice, dataset, make_job, models_dir  # noqa: F401 - shared fixtures
+from .test_jobs_api import alice, dataset  # noqa: F401 - shared fixtures
+from .test_jobs_pages import make_job, models_dir  # noqa: F401
 
 pytestmark = pytest.mark.django_db
 
