@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections import deque
+from contextlib import closing
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -102,6 +103,10 @@ def _fail(instance: Instance, message: str) -> None:
     Instance.objects.filter(deployment_id=instance.deployment_id, status=Instance.STARTING).update(
         status=Instance.STOPPED, stopped_at=timezone.now())
     Instance.objects.filter(deployment_id=instance.deployment_id, status=Instance.RUNNING).update(status=Instance.STOPPING)
+
+
+_CANCEL_CHECK_EVERY = 8
+"""Pieces between two checks whether the caller is still there (one Redis EXISTS each)."""
 
 
 class _Server:
@@ -201,12 +206,18 @@ class _Server:
                 adapter_path=str(self.resolved.adapter_path) if self.resolved.adapter_path else None,
                 **{k: params[k] for k in _REQUEST_FIELDS if k in params},
             )
-            for event in self.pool.generate_stream(request):
-                if isinstance(event, Completion):
-                    tokens = event.completion_tokens
-                    self._send(reply, streams.done_event(event))
-                elif event:
-                    self._send(reply, streams.piece_event(event))
+            cancel = streams.cancel_key(request_id)
+            with closing(self.pool.generate_stream(request)) as events:
+                for number, event in enumerate(events, start=1):
+                    if isinstance(event, Completion):
+                        tokens = event.completion_tokens
+                        self._send(reply, streams.done_event(event))
+                    elif event:
+                        self._send(reply, streams.piece_event(event))
+                    if number % _CANCEL_CHECK_EVERY == 0 and self.client.exists(cancel):
+                        tokens = number  # about one token a piece; closing the stream stops generation
+                        log.info("instance %s: the caller of %s left; stopped after %d pieces", self.name, request_id, number)
+                        break
         except InvalidRequest as exc:
             self._send(reply, streams.error_event(str(exc), status=400))
         except Exception as exc:  # noqa: BLE001 - the caller gets it in the error shape

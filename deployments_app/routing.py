@@ -15,6 +15,7 @@ async def deployment_events(deployment: Deployment, params: dict):
     request_id = streams.new_request_id()
     reply = streams.reply_key(request_id)
     deadline = time.time() + streams.QUEUE_TIMEOUT_SECONDS
+    finished = False
     try:
         await client.xadd(deployment.stream_key, streams.encode_request(request_id, params, deadline=deadline))
         last_id, last_seen, started = "0-0", time.monotonic(), False
@@ -31,10 +32,18 @@ async def deployment_events(deployment: Deployment, params: dict):
             for _key, entries in batch:
                 for entry_id, fields in entries:
                     last_id, last_seen, started = entry_id, time.monotonic(), True
-                    event = streams.decode_reply(fields)
-                    yield event
+                    try:
+                        event = streams.decode_reply(fields)
+                    except streams.RemoteError:
+                        finished = True  # the instance has stopped on its own
+                        raise
                     if isinstance(event, streams.Completion):
+                        finished = True
+                    yield event
+                    if finished:
                         return
     finally:
+        if not finished:  # the caller left (or timed out): tell the instance to stop generating for nobody
+            await client.set(streams.cancel_key(request_id), 1, ex=streams.REPLY_TTL_SECONDS)
         await client.delete(reply)
         await client.aclose()

@@ -24,6 +24,11 @@ def reply_key(request_id: str) -> str:
     return f"ft:reply:{request_id}"
 
 
+def cancel_key(request_id: str) -> str:
+    """Set by the web side when the caller left before the answer ended: the instance stops generating."""
+    return f"ft:cancel:{request_id}"
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 

@@ -159,6 +159,26 @@ def test_a_killed_instance_is_replaced(stack, rest, client):
     rest.delete(f"/api/deployments/{dep}")
 
 
+def test_a_caller_who_leaves_stops_the_instance_generating(rest):
+    dep = rest.post("/api/deployments", json={"model": TINY_MODEL_ID, "instances": 1}).json()["id"]
+    wait_for(rest, dep, lambda b: b["status"] == "running", what="running")
+    most = 3000
+    body = {"model": TINY_MODEL_ID, "messages": [{"role": "user", "content": "Count to a thousand."}],
+            "max_tokens": most, "temperature": 0}
+    # Waited for, this request runs to max_tokens: the random model never ends its turn.
+    whole = rest.post("/v1/chat/completions", json=body, timeout=300).json()
+    assert whole["usage"]["completion_tokens"] == most, whole["usage"]
+    wait_for(rest, dep, lambda b: b["requests_served"] == 1, what="the first request counted")
+    # The same request, left after its first pieces.
+    with rest.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        for number, _line in enumerate(response.iter_lines()):
+            if number >= 4:
+                break
+    after = wait_for(rest, dep, lambda b: b["requests_served"] == 2, what="the abandoned request ended", timeout=120)
+    assert after["tokens_generated"] - most < most // 2, after
+    rest.delete(f"/api/deployments/{dep}")
+
+
 @pytest.mark.browser
 def test_the_playground_compares_three_models_side_by_side_in_the_browser(stack, tuned):
     import shutil
