@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -134,15 +135,16 @@ async def chat_completions(request):
         return error_response(exc.message, status_code=exc.status, param=exc.param, code=exc.code)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": params["model"]}
     if params["stream"]:
-        response = StreamingHttpResponse(_sse(events, meta, params["include_usage"]), content_type="text/event-stream")
+        response = StreamingHttpResponse(_Closable(_sse(events, meta, params["include_usage"])), content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"
         return response
     completion = None
     try:
-        async for event in events:
-            if isinstance(event, Completion):
-                completion = event
+        async with aclosing(events):  # a client that leaves cancels this view: stop generating too
+            async for event in events:
+                if isinstance(event, Completion):
+                    completion = event
     except Exception as exc:  # noqa: BLE001 - answer in the error shape, never a bare 500
         log.exception("chat completion failed")
         return error_response(_failure_text(exc), status_code=500, code="model_error")
@@ -195,9 +197,30 @@ _REMOTE_FIELDS = ("messages", "tools", "max_tokens", "temperature", "top_p", "st
 
 
 async def _prepend(first, rest):
-    yield first
-    async for event in rest:
-        yield event
+    async with aclosing(rest):
+        yield first
+        async for event in rest:
+            yield event
+
+
+class _Closable:
+    """The SSE generator as Django's streaming content, with the close() Django calls when the response ends.
+
+    Django closes only its own wrapper around an async iterator, so without this a
+    client that leaves mid-answer would leave our generators suspended until garbage
+    collection, and the model generating for nobody. close() runs in a worker thread:
+    it schedules aclose() on the loop, which closes the chain down to the model.
+    """
+
+    def __init__(self, events):
+        self._events = events
+        self._loop = asyncio.get_running_loop()
+
+    def __aiter__(self):
+        return self._events
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._events.aclose(), self._loop)
 
 
 async def _events(stream):
@@ -257,18 +280,19 @@ def _usage(completion: Completion) -> dict:
 async def _sse(events, meta, include_usage):
     yield _chunk(meta, {"role": "assistant", "content": ""})
     try:
-        async for event in events:
-            if isinstance(event, Completion):
-                if event.tool_calls:
-                    calls = [{"index": i, **call} for i, call in enumerate(event.tool_calls)]
-                    yield _chunk(meta, {"tool_calls": calls})
-                yield _chunk(meta, {}, event.finish_reason)
-                if include_usage:
-                    usage = {"id": meta["id"], "object": "chat.completion.chunk", "created": meta["created"],
-                             "model": meta["model"], "choices": [], "usage": _usage(event), "extra_json": {}}
-                    yield f"data: {json.dumps(usage)}\n\n"
-            elif event:
-                yield _chunk(meta, {"content": event})
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, Completion):
+                    if event.tool_calls:
+                        calls = [{"index": i, **call} for i, call in enumerate(event.tool_calls)]
+                        yield _chunk(meta, {"tool_calls": calls})
+                    yield _chunk(meta, {}, event.finish_reason)
+                    if include_usage:
+                        usage = {"id": meta["id"], "object": "chat.completion.chunk", "created": meta["created"],
+                                 "model": meta["model"], "choices": [], "usage": _usage(event), "extra_json": {}}
+                        yield f"data: {json.dumps(usage)}\n\n"
+                elif event:
+                    yield _chunk(meta, {"content": event})
     except Exception as exc:  # noqa: BLE001 - the stream has begun: report in-band
         log.exception("chat stream failed")
         yield f"data: {json.dumps(error_body(_failure_text(exc), status_code=500, code='model_error'))}\n\n"
