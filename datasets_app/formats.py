@@ -333,6 +333,7 @@ def _check_tool_calls(checked, calls, path, call_ids, tool_names) -> None:
             f"expected a non-empty list of calls like {_CALL_EXAMPLE}, got {describe(calls)}",
         )
         return
+    in_this_message: set[str] = set()
     for k, call in enumerate(calls):
         call_path = f"{path}[{k}]"
         if not isinstance(call, dict):
@@ -340,8 +341,12 @@ def _check_tool_calls(checked, calls, path, call_ids, tool_names) -> None:
             continue
         checked.tool_calls += 1
         call_id = call.get("id")
-        if isinstance(call_id, str) and call_id:
+        if isinstance(call_id, str) and call_id in in_this_message:
+            checked.error(f"{call_path}.id", "bad_tool_calls",
+                          f"{describe(call_id)} is already the id of an earlier call in this message; each call needs its own id")
+        elif isinstance(call_id, str) and call_id:
             call_ids.add(call_id)
+            in_this_message.add(call_id)
         else:
             checked.error(
                 f"{call_path}.id",

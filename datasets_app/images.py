@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_IMAGE_SIDE = 16384
+"""Wider or taller than this is no photo or drawing a vision model takes; most likely a broken header."""
 IMAGE_KINDS = ("jpeg", "png", "gif", "webp", "bmp")
+_DECLARED_KINDS = {"jpeg": "jpeg", "jpg": "jpeg", "pjpeg": "jpeg", "png": "png", "gif": "gif", "webp": "webp",
+                   "bmp": "bmp", "x-ms-bmp": "bmp"}
+"""The subtype of "data:image/<subtype>" each image kind may be declared as."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,15 @@ def _check_data_url(url: str) -> ImageInfo:
     info = read_image_info(data)
     if info is None:
         raise ValueError(f"the decoded data is not an image: expected {', '.join(k.upper() for k in IMAGE_KINDS)}")
+    declared = params[0].lower().removeprefix("image/")
+    if _DECLARED_KINDS.get(declared, info.kind) != info.kind:
+        raise ValueError(f"the data URL says image/{declared} but the data is a {info.kind.upper()} image: "
+                         f'declare it as "data:image/{info.kind};base64,..."')
+    if info.width is not None and info.height is not None and not (
+        1 <= info.width <= MAX_IMAGE_SIDE and 1 <= info.height <= MAX_IMAGE_SIDE
+    ):
+        raise ValueError(f"the image header says {info.width} x {info.height} pixels; expected 1 to "
+                         f"{MAX_IMAGE_SIDE:,} pixels a side (the header is probably damaged)")
     return info
 
 

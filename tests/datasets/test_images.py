@@ -71,3 +71,16 @@ def test_it_refuses_an_image_over_the_size_limit_before_decoding(monkeypatch):
     with pytest.raises(ValueError, match=r"the image is 0\.0 MB once decoded; the limit is 0\.0 MB"):
         check_image_url(data_url(png_bytes(1, 1) + b"\x00" * 2000))
     assert check_image_url(data_url(png_bytes(1, 1))).kind == "png"
+
+
+def test_it_refuses_a_data_url_whose_type_is_not_its_data():
+    with pytest.raises(ValueError, match=r'says image/jpeg but the data is a PNG image: declare it as "data:image/png;base64,..."'):
+        check_image_url(data_url(png_bytes(4, 4), "image/jpeg"))
+    assert check_image_url(data_url(jpeg_bytes(4, 4), "image/jpg")).kind == "jpeg"  # the common alias
+    assert check_image_url(data_url(bmp_bytes(4, 4), "image/x-ms-bmp")).kind == "bmp"
+
+
+@pytest.mark.parametrize(("width", "height"), [(0, 0), (100_000, 100_000), (20, 0)])
+def test_it_refuses_an_image_with_impossible_dimensions(width, height):
+    with pytest.raises(ValueError, match=rf"header says {width} x {height} pixels; expected 1 to 16,384 pixels a side"):
+        check_image_url(data_url(png_bytes(width, height)))

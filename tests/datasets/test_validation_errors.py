@@ -436,3 +436,13 @@ def test_it_never_reads_the_whole_file_at_once():
     report = validation.validate_stream(LineOnly(jsonl(GOOD, GOOD)))
 
     assert report.ok and report.examples == 2
+
+
+def test_it_reports_two_calls_with_one_id_in_a_message():
+    example = function_calling_example()
+    example["messages"][2]["tool_calls"] = [weather_call("call_1"), weather_call("call_1", '{"city": "Rome"}')]
+    report, _ = validate(jsonl(GOOD, example))
+
+    error = only_error(report)
+    assert (error.line, error.path, error.code) == (2, "messages[2].tool_calls[1].id", "bad_tool_calls")
+    assert "already the id of an earlier call in this message" in error.message
