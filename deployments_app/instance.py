@@ -8,8 +8,8 @@ import logging
 import threading
 import time
 from collections import deque
-from contextlib import closing
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import closing
 from dataclasses import dataclass, field
 
 from django.conf import settings
