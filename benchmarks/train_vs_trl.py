@@ -406,8 +406,10 @@ def build_random_model(dest: Path, shape: dict, *, tokenizer_dir: Path, seed: in
     earlier from the same shape, seed and vocabulary is reused.
     """
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
     from transformers.utils import logging as transformers_logging
+
+    from deployments_app.serving.bundled import build_random_llama
 
     transformers_logging.disable_progress_bar()
     dest = Path(dest)
@@ -417,32 +419,10 @@ def build_random_model(dest: Path, shape: dict, *, tokenizer_dir: Path, seed: in
     if marker.is_file() and json.loads(marker.read_text()) == recipe:
         return dest
     started = time.monotonic()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=shape["hidden_size"],
-        intermediate_size=shape["intermediate_size"],
-        num_hidden_layers=shape["num_hidden_layers"],
-        num_attention_heads=shape["num_attention_heads"],
-        num_key_value_heads=shape["num_key_value_heads"],
-        head_dim=shape["hidden_size"] // shape["num_attention_heads"],
-        max_position_embeddings=8192,
-        rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]},
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.config.name_or_path = dest.name
-    partial = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    (partial / ".ready").write_text(json.dumps(recipe))
-    shutil.rmtree(dest, ignore_errors=True)
-    partial.rename(dest)
+    fields = {key: value for key, value in shape.items() if key != "rope_theta"}
+    fields.update(head_dim=shape["hidden_size"] // shape["num_attention_heads"], max_position_embeddings=8192,
+                  rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]})
+    model = build_random_llama(dest, tokenizer, fields, seed=seed, name=dest.name, ready=recipe, dtype=torch.bfloat16)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     print(f"built {dest.name}: {parameters / 1e9:.2f}B random parameters (seed {seed}) in "
           f"{time.monotonic() - started:.0f} s", flush=True)

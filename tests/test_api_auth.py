@@ -34,7 +34,7 @@ def auth(key):
 
 
 def make_dataset(owner, **fields):
-    dataset = Dataset(owner=owner, filename="d.jsonl", bytes=10, status=Dataset.PROCESSED, examples=10, **fields)
+    dataset = Dataset(**{"owner": owner, "filename": "d.jsonl", "bytes": 10, "status": Dataset.PROCESSED, "examples": 10, **fields})
     dataset.file.save("d.jsonl", SimpleUploadedFile("d.jsonl", b"{}\n"), save=True)
     return dataset
 

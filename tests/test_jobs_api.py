@@ -3,35 +3,26 @@
 from datetime import timedelta
 
 import pytest
-from django.contrib.auth import get_user_model
-from django.core.files.uploadedfile import SimpleUploadedFile
 from django.utils import timezone
 
-from datasets_app.models import Dataset
-from finetune_site.models import ApiKey, Notification
+from finetune_site.models import Notification
 from jobs_app import services
 from jobs_app.models import Checkpoint, FineTuningJob
 
+from .test_api_auth import alice, alice_key, auth, make_dataset  # noqa: F401 - shared fixtures and helpers
 from .test_jobs_pages import make_job, models_dir  # noqa: F401 - shared fixture and helper
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def alice():
-    return get_user_model().objects.create_user("alice", password="pw-alice-123")
-
-
-@pytest.fixture
-def headers(alice):
-    return {"HTTP_AUTHORIZATION": f"Bearer {ApiKey.issue(alice, name='test')[1]}"}
+def headers(alice_key):
+    return auth(alice_key)
 
 
 @pytest.fixture
 def dataset(alice):
-    ds = Dataset(owner=alice, filename="d.jsonl", bytes=10, status=Dataset.PROCESSED, examples=40)
-    ds.file.save("d.jsonl", SimpleUploadedFile("d.jsonl", b"{}\n"), save=True)
-    return ds
+    return make_dataset(alice, examples=40)
 
 
 def create(client, headers, dataset, **extra):

@@ -82,37 +82,49 @@ def prepare_bundled_model(dest: Path, progress: Callable[[str], None] = print) -
     return dest
 
 
+TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 4096}
+
+
 def build_tiny_model(dest: Path, *, seed: int = 0, tokenizer_source: Path | None = None) -> Path:
     """Write a tiny randomly initialised Llama with the bundled tokenizer to dest, once."""
     dest = Path(dest)
     if is_ready(dest):
         return dest
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     if tokenizer_source is not None:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
     else:
         tokenizer = load_bundled_tokenizer()
+    return build_random_llama(dest, tokenizer, TINY_SHAPE, seed=seed, name=TINY_MODEL_ID, ready={"seed": seed})
+
+
+def build_random_llama(dest: Path, tokenizer, shape: dict, *, seed: int, name: str, ready: dict, dtype=None):
+    """Write a Llama with `shape`'s config fields, seeded random weights and `tokenizer` to dest; return the model.
+
+    The vocabulary and special tokens are the tokenizer's, embeddings are tied, and
+    the folder appears whole or not at all (built beside it, then renamed), with
+    `ready` as its marker. dtype: the weights' (default float32).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        **shape,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.config.name_or_path = TINY_MODEL_ID
-    tmp_dir = dest.with_name(dest.name + ".partial")
+    model = LlamaForCausalLM(config).to(dtype or torch.float32)
+    model.config.name_or_path = name
+    tmp_dir = Path(dest).with_name(Path(dest).name + ".partial")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     model.save_pretrained(tmp_dir, safe_serialization=True)
     tokenizer.save_pretrained(tmp_dir)
-    return _publish(tmp_dir, dest, {"seed": seed})
+    _publish(tmp_dir, Path(dest), ready)
+    return model
