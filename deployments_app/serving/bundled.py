@@ -97,7 +97,8 @@ def build_tiny_model(dest: Path, *, seed: int = 0, tokenizer_source: Path | None
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
     else:
         tokenizer = load_bundled_tokenizer()
-    return build_random_llama(dest, tokenizer, TINY_SHAPE, seed=seed, name=TINY_MODEL_ID, ready={"seed": seed})
+    build_random_llama(dest, tokenizer, TINY_SHAPE, seed=seed, name=TINY_MODEL_ID, ready={"seed": seed})
+    return dest
 
 
 def build_random_llama(dest: Path, tokenizer, shape: dict, *, seed: int, name: str, ready: dict, dtype=None):
