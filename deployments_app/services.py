@@ -11,6 +11,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from finetune_site.api_errors import ApiError
+from finetune_site.locks import hold_until_commit
 from jobs_app.models import FineTuningJob
 
 from .catalog import resolve_model
@@ -91,6 +92,7 @@ def _check_capacity(extra: int) -> None:
     """
     if extra <= 0:
         return
+    hold_until_commit("serving-capacity")
     slots = settings.FT_SERVING_SLOTS
     in_use = Instance.objects.filter(status__in=(Instance.STARTING, Instance.RUNNING), deployment__in=Deployment.objects.active()).count()
     if in_use + extra > slots:

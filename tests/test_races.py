@@ -1,0 +1,51 @@
+"""Check-then-write races between concurrent requests, on PostgreSQL where they are real.
+
+SQLite here starts every transaction IMMEDIATE, so it never lets two writers
+interleave; PostgreSQL does, and there the product must serialise them itself.
+"""
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+
+import pytest
+
+from .live import REPO
+
+PG = "postgres://postgres@127.0.0.1:5432"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request):
+    """"" for the default SQLite file in FT_HOME, else a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    try:
+        import psycopg
+
+        psycopg.connect(f"{PG}/postgres", connect_timeout=2).close()
+    except Exception:  # noqa: BLE001
+        pytest.skip("PostgreSQL on 127.0.0.1:5432 is needed for this test")
+    name = f"ft_race_{secrets.token_hex(4)}"
+    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"{PG}/{name}"
+    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_two_creates_cannot_both_take_the_last_serving_slot(database_url, tmp_path):
+    base = tmp_path / "race-base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    env = {**os.environ, "DATABASE_URL": database_url, "FT_HOME": str(tmp_path / "home"), "FT_SERVING_SLOTS": "1",
+           "FT_BASE_MODELS": f"race-base={base}", "REDIS_URL": "redis://127.0.0.1:1/0",
+           "DJANGO_SETTINGS_MODULE": "finetune_site.settings"}
+    done = subprocess.run([sys.executable, "-m", "tests.races.capacity"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"outcomes": ["created", "insufficient_capacity"], "instances": 1}, result
