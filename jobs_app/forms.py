@@ -49,4 +49,8 @@ class JobForm(forms.Form):
         initial = {"model": job.base_model, "training_file": job.training_file_ref, "validation_file": job.validation_file_ref,
                    "method": job.method, "suffix": job.suffix, "seed": job.seed}
         initial.update({k: v for k, v in (job.hyperparameters or {}).items() if k in HYPERPARAMETERS and v != "auto"})
+        if job.holdout_percent and not job.validation_file_ref:
+            # The split never happened (the job failed first): ask for it again. Once it
+            # has, the job's files are its two parts, which hold exactly the same data.
+            initial["holdout_percent"] = job.holdout_percent
         return initial

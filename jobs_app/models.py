@@ -46,6 +46,8 @@ class FineTuningJob(models.Model):
     resolved = models.JSONField(default=dict)
     suffix = models.CharField(max_length=64, blank=True)
     seed = models.IntegerField(default=42)
+    # The share of the training file asked to be held out for validation (0: none).
+    holdout_percent = models.PositiveSmallIntegerField(default=0)
     metadata = models.JSONField(null=True, blank=True)
 
     status = models.CharField(max_length=20, choices=STATUS_CHOICES, default=QUEUED)

@@ -106,6 +106,7 @@ def job_create(
         suffix=suffix,
         seed=seed if seed is not None else 42,
         metadata=metadata,
+        holdout_percent=holdout_percent,
         status=FineTuningJob.VALIDATING if holdout_percent else FineTuningJob.QUEUED,
     )
     JobEvent.objects.create(job=job, message=f"Created fine-tuning job {job.public_id}.")

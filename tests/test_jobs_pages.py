@@ -95,6 +95,23 @@ def test_new_job_like_this_prefills_the_form(client, alice, dataset):
     assert 'name="suffix" value="again"' in page and 'name="seed" value="99"' in page
 
 
+def test_new_job_like_a_holdout_job_asks_for_the_same_holdout(client, alice, dataset, monkeypatch):
+    monkeypatch.setattr("jobs_app.tasks.prepare_holdout.delay", lambda pk, percent: None)
+    client.post("/jobs/new/", {"model": "tiny-random-smollm2", "training_file": dataset.public_id, "method": "lora",
+                               "holdout_percent": "15", "early_stopping_patience": "2"})
+    job = FineTuningJob.objects.get()
+    assert job.holdout_percent == 15 and job.status == "validating_files"
+    page = client.get(f"/jobs/new/?like={job.public_id}").content.decode()
+    assert 'name="holdout_percent" value="15"' in page and 'name="early_stopping_patience" value="2"' in page
+    # Once split, the job's files are the two parts: those are offered, not a second split.
+    part = make_job(alice, dataset).training_file
+    FineTuningJob.objects.filter(pk=job.pk).update(validation_file=part, validation_file_ref=part.public_id)
+    page = client.get(f"/jobs/new/?like={job.public_id}").content.decode()
+    assert 'name="holdout_percent" value="15"' not in page
+    validation_select = page.split('name="validation_file"', 1)[1].split("</select>", 1)[0]
+    assert f'<option value="{part.public_id}" selected>' in validation_select
+
+
 def test_the_list_searches_filters_and_shows_queue_positions(client, alice, dataset):
     first = make_job(alice, dataset, suffix="alpha", status="queued")
     make_job(alice, dataset, suffix="beta", status="succeeded")
