@@ -10,18 +10,11 @@ from django.db import transaction
 from django.db.models import Q
 
 from finetune_site.api_errors import ApiError
+from finetune_site.units import human_bytes
 
 from .models import Dataset
 
 log = logging.getLogger(__name__)
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 @transaction.atomic
@@ -34,7 +27,7 @@ def dataset_create(*, owner, upload, purpose: str = "fine-tune", filename: str |
     limit = settings.FT_MAX_UPLOAD_BYTES
     if upload.size > limit:
         raise ApiError(
-            f"File is {_human_bytes(upload.size)}, over the limit of {_human_bytes(limit)} (FT_MAX_UPLOAD_BYTES).",
+            f"File is {human_bytes(upload.size)}, over the limit of {human_bytes(limit)} (FT_MAX_UPLOAD_BYTES).",
             param="file", status_code=413, code="file_too_large",
         )
     name = os.path.basename(filename or upload.name or "upload") or "upload"

@@ -1,7 +1,9 @@
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import Http404
+from django.http import Http404, JsonResponse
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from finetune_site.api_errors import ApiError
@@ -16,7 +18,7 @@ def dataset_list(request):
     context = {"datasets": datasets, "validating": any(d.status == Dataset.UPLOADED for d in datasets)}
     if request.htmx:
         return render(request, "datasets/_table.html", context)
-    return render(request, "datasets/list.html", context)
+    return render(request, "datasets/list.html", {**context, "max_upload_bytes": settings.FT_MAX_UPLOAD_BYTES})
 
 
 @login_required
@@ -26,8 +28,13 @@ def dataset_upload(request):
         dataset = services.dataset_create(owner=request.user, upload=request.FILES.get("file"))
     except ApiError as exc:
         messages.error(request, exc.message)
-        return redirect("dataset_list")
-    messages.success(request, f"Uploaded {dataset.filename}; validating it now.")
+    else:
+        messages.success(request, f"Uploaded {dataset.filename}; validating it now.")
+    if request.headers.get("X-Upload-Progress"):
+        # Sent by the page's script (static/js/upload.js), which shows progress and then
+        # goes where it is told; a redirect would be followed inside the request, and
+        # the message read there, out of sight.
+        return JsonResponse({"location": reverse("dataset_list")})
     return redirect("dataset_list")
 
 

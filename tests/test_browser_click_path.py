@@ -56,8 +56,20 @@ def test_a_user_clicks_from_upload_to_side_by_side_answers(stack, page, tmp_path
     expect(page.get_by_role("heading", name="Overview")).to_be_visible()
 
     page.get_by_role("link", name="Datasets", exact=True).click()
+    # A file over the limit is refused in the page, before a byte is sent (the limit is
+    # lowered in the page only: the stack's 1 GB is too large to try).
+    posts = []
+    page.on("request", lambda request: posts.append(request.url) if request.method == "POST" else None)
+    page.evaluate("document.querySelector('form[data-upload]').dataset.maxBytes = '100'")
     page.get_by_test_id("dataset-file").set_input_files(str(support_dataset(tmp_path / "support.jsonl")))
+    expect(page.get_by_test_id("upload-status")).to_contain_text("over the limit of 100 bytes")
     page.get_by_role("button", name="Upload").click()
+    expect(page.get_by_test_id("upload-status")).to_contain_text("over the limit of 100 bytes")
+    assert posts == []
+    page.evaluate("document.querySelector('form[data-upload]').dataset.maxBytes = String(2 ** 30)")
+    page.get_by_role("button", name="Upload").click()
+    expect(page.get_by_text("Uploaded support.jsonl; validating it now.")).to_be_visible()
+    assert len(posts) == 1 and posts[0].endswith("/datasets/upload/")
     expect(page.get_by_test_id("dataset-status").first).to_have_text("ready")
 
     page.get_by_role("link", name="Fine-tuning", exact=True).click()
