@@ -136,7 +136,9 @@ def _count_tokens(dataset: Dataset, *, max_seq_len: int) -> dict:
     if folder is None:
         return {"error": NO_TOKENIZER}
     tokenizer = load_tokenizer(str(folder))
-    with dataset.normalized.open("rb") as lines:
+    # The uploaded file, not the normalized copy: its line numbers are the ones the user
+    # sees in the file (the copy has no blank lines), and every format normalizes the same.
+    with dataset.file.open("rb") as lines:
         stats = token_statistics(lines, tokenizer, max_seq_len=max_seq_len, render=render_example)
     stats["cost_per_epoch"] = estimate_cost(stats["billable_tokens"], 1, settings.FT_PRICE_PER_1K_TOKENS)
     stats["price_per_1k_tokens"] = settings.FT_PRICE_PER_1K_TOKENS

@@ -61,6 +61,14 @@ def test_an_oversized_upload_gets_a_clear_message(client, alice, settings):
     assert not Dataset.objects.exists()
 
 
+def test_the_upload_script_is_told_where_to_go_and_the_message_waits_there(client, alice, settings):
+    settings.FT_MAX_UPLOAD_BYTES = 100
+    response = client.post("/datasets/upload/", {"file": SimpleUploadedFile("big.jsonl", chat_lines(10))},
+                           headers={"X-Upload-Progress": "1"})
+    assert response.status_code == 200 and response.json() == {"location": "/datasets/"}
+    assert "over the limit of 100 bytes" in client.get("/datasets/").content.decode()
+
+
 def test_token_statistics_are_stored_and_shown(client, alice):
     dataset = upload(client, chat_lines(12))
     services.dataset_compute_statistics(dataset_id=dataset.pk)
@@ -69,6 +77,18 @@ def test_token_statistics_are_stored_and_shown(client, alice):
     assert tokens["examples"] == 12 and 0 < tokens["trained_tokens"] < tokens["total_tokens"]
     page = client.get(f"/datasets/{dataset.public_id}/").content.decode()
     assert "Trained (assistant) tokens" in page and 'data-figure="token-histogram"' in page
+
+
+def test_the_page_lists_which_lines_are_too_long(client, alice):
+    long_answer = {"messages": [{"role": "user", "content": "Tell me a story"},
+                                {"role": "assistant", "content": "Once upon a time " * 60}]}
+    content = chat_lines(2) + b"\n" + json.dumps(long_answer).encode() + b"\n"  # line 3 is blank
+    dataset = upload(client, content)
+    services.dataset_compute_statistics(dataset_id=dataset.pk, max_seq_len=128)
+    page = client.get(f"/datasets/{dataset.public_id}/").content.decode()
+    listed = page.split('data-testid="too-long-lines"', 1)[1].split("</details>", 1)[0]
+    assert "line 4: the example is" in listed and "longer than the maximum sequence length 128" in listed
+    assert "line 1:" not in listed and "line 2:" not in listed
 
 
 def test_the_preview_highlights_trained_tokens_and_shows_conversions(client, alice):
