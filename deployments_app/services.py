@@ -56,6 +56,9 @@ def model_card_delete(*, card: ModelCard) -> None:
         # The engine writes every checkpoint under here (jobs_app/engine/checkpoint.py).
         folders.append(card.job.output_dir / "checkpoints")
         card.job.checkpoints.all().delete()
+    elif Path(card.path).parent.parent == settings.FT_ARTIFACTS_DIR / "jobs":
+        # The job was deleted before its model: nothing else uses the run's folder now.
+        folders.append(Path(card.path).parent)
     for deployment in Deployment.objects.owned_by(card.owner).active().filter(
         Q(model_id=model_id) | Q(model_id__startswith=f"{model_id}:ckpt-step-")
     ):

@@ -228,8 +228,10 @@ def job_delete(*, job: FineTuningJob) -> FineTuningJob:
     output_dir = job.output_dir
     has_model = hasattr(job, "model_card")
     job.delete()
-    if not has_model:
-        transaction.on_commit(lambda: shutil.rmtree(output_dir, ignore_errors=True))
+    # The checkpoints go with the job (their rows cascade, their ids stop resolving);
+    # the model, when there is one, stays in its folder until it is deleted itself.
+    doomed = output_dir / "checkpoints" if has_model else output_dir
+    transaction.on_commit(lambda: shutil.rmtree(doomed, ignore_errors=True))
     return snapshot
 
 

@@ -174,6 +174,25 @@ def test_delete_cancels_deployments_removes_files_and_the_id_is_404_everywhere(c
     assert client.get(f"/models/{card.model_id}/download/adapter.zip").status_code == 404
 
 
+def test_a_job_deleted_before_its_model_leaves_no_files_behind(client, card, settings, tmp_path, django_capture_on_commit_callbacks):
+    from jobs_app.services import job_delete
+
+    settings.FT_ARTIFACTS_DIR = tmp_path / "artifacts"
+    run = card.job.output_dir
+    shutil.copytree(card.path, run / "adapter")
+    ModelCard.objects.filter(pk=card.pk).update(path=str(run / "adapter"))
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    (run / "checkpoints" / "step-2" / "optimizer.pt").write_bytes(b"0" * 1000)
+    (run / "metrics.jsonl").write_text("{}\n")
+    with django_capture_on_commit_callbacks(execute=True):
+        job_delete(job=card.job)
+    assert not (run / "checkpoints").exists() and (run / "adapter" / "adapter_config.json").exists()
+    assert client.get(f"/v1/models/{card.model_id}").status_code == 200  # the model stays usable
+    with django_capture_on_commit_callbacks(execute=True):
+        assert client.post(f"/models/{card.model_id}/delete/").status_code == 302
+    assert not run.exists()
+
+
 def chat(client, model_id):
     return client.post("/v1/chat/completions", {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
                        content_type="application/json")
