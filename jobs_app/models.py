@@ -48,6 +48,9 @@ class FineTuningJob(models.Model):
     seed = models.IntegerField(default=42)
     # The share of the training file asked to be held out for validation (0: none).
     holdout_percent = models.PositiveSmallIntegerField(default=0)
+    # When the job last joined the training queue (created, resumed, retried or re-queued
+    # after a lost worker): workers take jobs in this order, not in the order of creation.
+    queued_at = models.DateTimeField(default=timezone.now)
     metadata = models.JSONField(null=True, blank=True)
 
     status = models.CharField(max_length=20, choices=STATUS_CHOICES, default=QUEUED)

@@ -15,7 +15,7 @@ def job_for(user, public_id: str) -> FineTuningJob | None:
 
 def annotate_queue_positions(jobs: list[FineTuningJob]) -> None:
     """Set `queue_position` on each queued job of the list (one query for all)."""
-    queued = list(FineTuningJob.objects.filter(status=FineTuningJob.QUEUED).order_by("pk").values_list("pk", flat=True))
+    queued = list(FineTuningJob.objects.filter(status=FineTuningJob.QUEUED).order_by("queued_at", "pk").values_list("pk", flat=True))
     positions = {pk: i + 1 for i, pk in enumerate(queued)}
     for job in jobs:
         job.queue_position = positions.get(job.pk)

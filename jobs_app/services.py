@@ -148,7 +148,7 @@ def job_prepare_holdout(*, job_id: int, percent: int) -> None:
         resolved = resolve_hyperparameters(job.hyperparameters, method=job.method, examples=train_part.examples or 0)
         if not FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.VALIDATING).update(
             training_file=train_part, validation_file=valid_part, training_file_ref=train_part.public_id,
-            validation_file_ref=valid_part.public_id, resolved=resolved, status=FineTuningJob.QUEUED,
+            validation_file_ref=valid_part.public_id, resolved=resolved, status=FineTuningJob.QUEUED, queued_at=timezone.now(),
         ):
             return
         job.refresh_from_db()
@@ -197,7 +197,9 @@ def job_pause(*, job: FineTuningJob) -> FineTuningJob:
 
 @transaction.atomic
 def job_resume(*, job: FineTuningJob) -> FineTuningJob:
-    if not FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.PAUSED).update(status=FineTuningJob.QUEUED, control=""):
+    if not FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.PAUSED).update(
+        status=FineTuningJob.QUEUED, control="", queued_at=timezone.now()
+    ):
         raise ApiError(f"Only a paused job can be resumed; {job.public_id} is {job.status}.", code="invalid_state")
     job.refresh_from_db()
     _note(job, "Job resumed; waiting for a training worker.", status=job.status)
@@ -209,7 +211,7 @@ def job_resume(*, job: FineTuningJob) -> FineTuningJob:
 def job_retry(*, job: FineTuningJob) -> FineTuningJob:
     """Run a failed or cancelled job again, from its last checkpoint when it has one."""
     if not FineTuningJob.objects.filter(pk=job.pk, status__in=(FineTuningJob.FAILED, FineTuningJob.CANCELLED)).update(
-        status=FineTuningJob.QUEUED, error=None, control="", finished_at=None, attempts=0
+        status=FineTuningJob.QUEUED, error=None, control="", finished_at=None, attempts=0, queued_at=timezone.now()
     ):
         raise ApiError(f"Only a failed or cancelled job can be retried; {job.public_id} is {job.status}.", code="invalid_state")
     job.refresh_from_db()
@@ -252,7 +254,7 @@ def recover_stale_jobs() -> list[str]:
             continue
         with transaction.atomic():
             if not FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.RUNNING, heartbeat_at__lt=cutoff).update(
-                status=FineTuningJob.QUEUED, worker=""
+                status=FineTuningJob.QUEUED, worker="", queued_at=timezone.now()
             ):
                 continue
             last = job.checkpoints.order_by("-step").first()

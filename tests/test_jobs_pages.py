@@ -121,6 +121,18 @@ def test_the_list_searches_filters_and_shows_queue_positions(client, alice, data
     assert "alpha" not in client.get("/jobs/?status=succeeded").content.decode()
 
 
+def test_a_retried_job_queues_behind_the_jobs_already_waiting(client, alice, dataset, monkeypatch):
+    from jobs_app import services as job_services
+    from jobs_app.selectors import queue_position
+
+    monkeypatch.setattr("jobs_app.tasks.train_job.delay", lambda pk: None)
+    older = make_job(alice, dataset, suffix="older", status="failed")
+    newer = make_job(alice, dataset, suffix="newer", status="queued")
+    job_services.job_retry(job=older)
+    assert (queue_position(newer), queue_position(older)) == (1, 2)
+    assert "position 2 in the training queue" in client.get(f"/jobs/{older.public_id}/").content.decode()
+
+
 def test_metrics_csv_and_log_downloads(client, alice, dataset):
     job = make_job(alice, dataset)
     sink = JobSink(job)
