@@ -17,6 +17,9 @@ from datasets_app.formats import InvalidExample, Issue, normalize_example
 IMAGE_TOKENS = 1024
 """What one image counts for, whatever its size."""
 HISTOGRAM_BINS = 20
+# Maximum sequence lengths at which billable tokens are counted exactly, so that a job
+# with any max_seq_len (32 to 32,768) gets an estimate without counting again.
+BILLABLE_CAPS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 _IGNORED_LABEL = -100
 
 
@@ -41,6 +44,8 @@ def token_statistics(
     """
     lengths = array("I")
     totals = {"total": 0, "trained": 0, "billable": 0, "images": 0, "lost": 0, "over": 0, "skipped": 0}
+    caps = sorted({*BILLABLE_CAPS, max_seq_len})
+    billable_at = dict.fromkeys(caps, 0)
     warnings: list[Issue] = []
     for number, example in _numbered_examples(lines):
         if example is None:
@@ -54,6 +59,8 @@ def token_statistics(
             longest = max(longest, tokens)
             totals["total"] += tokens
             totals["billable"] += min(tokens, max_seq_len)
+            for cap in caps:
+                billable_at[cap] += min(tokens, cap)
             totals["trained"] += sum(mask[:max_seq_len]) + IMAGE_TOKENS * trained_images
             totals["images"] += image_count
             totals["lost"] += max(0, tokens - max_seq_len)
@@ -80,6 +87,7 @@ def token_statistics(
         "total_tokens": totals["total"],
         "trained_tokens": totals["trained"],
         "billable_tokens": totals["billable"],
+        "billable_tokens_by_max_seq_len": {str(cap): count for cap, count in billable_at.items()},
         "images": totals["images"],
         "image_tokens": totals["images"] * IMAGE_TOKENS,
         "max_seq_len": max_seq_len,
@@ -88,6 +96,28 @@ def token_statistics(
         "warnings": [issue.to_dict() for issue in warnings],
         "warning_counts": {"too_long": totals["over"]} if totals["over"] else {},
     }
+
+
+def billable_tokens_at(stats: dict, max_seq_len: int) -> int | None:
+    """Billable tokens per epoch if examples are cut at max_seq_len, from stats of token_statistics.
+
+    Exact at the lengths counted (BILLABLE_CAPS and the stats' own); in between, a
+    straight line between the two nearest, which can only undercount a little:
+    sum(min(length, cap)) grows ever more slowly with cap. None when nothing was counted.
+    """
+    table = {int(cap): count for cap, count in (stats.get("billable_tokens_by_max_seq_len") or {}).items()}
+    if not table:
+        return stats.get("billable_tokens")  # counted before the table existed: the best there is
+    if max_seq_len in table:
+        return table[max_seq_len]
+    below = max((cap for cap in table if cap < max_seq_len), default=None)
+    above = min((cap for cap in table if cap > max_seq_len), default=None)
+    if above is None:
+        return table[below]  # only past 32,768, the largest max_seq_len a job may have
+    if below is None:
+        return round(table[above] * max_seq_len / above)
+    share = (max_seq_len - below) / (above - below)
+    return round(table[below] + share * (table[above] - table[below]))
 
 
 def estimate_cost(billable_tokens: int, epochs: int, price_per_1k: float) -> float:

@@ -5,6 +5,7 @@ from statistics import median
 from django.conf import settings
 
 from datasets_app.models import Dataset
+from datasets_app.token_stats import billable_tokens_at
 from deployments_app.models import ModelCard
 
 from .hyperparameters import resolve_hyperparameters
@@ -29,7 +30,7 @@ def estimate_job(*, dataset: Dataset, base_model: str, method: str, requested: d
     """Resolved hyperparameters plus token, cost and time estimates for one training file."""
     resolved = resolve_hyperparameters(requested, method=method, examples=dataset.examples or 0)
     tokens = (dataset.report or {}).get("tokens") or {}
-    per_epoch = tokens.get("billable_tokens")
+    per_epoch = billable_tokens_at(tokens, resolved["max_seq_len"]) if "error" not in tokens else None
     counted = per_epoch is not None
     if not counted:
         per_epoch = int(dataset.bytes / 4)  # rough until the tokenizer pass has run

@@ -71,6 +71,16 @@ def test_the_create_page_shows_resolved_values_tokens_cost_and_time(client, alic
     assert "set FT_PRICE_PER_1K_TOKENS to see a cost estimate" in html and "0.0000" not in html
 
 
+def test_the_estimate_follows_the_maximum_sequence_length(client, alice, dataset):
+    dataset.report = {"tokens": {"billable_tokens": 2000, "max_seq_len": 1024,
+                                 "billable_tokens_by_max_seq_len": {"256": 900, "512": 1500, "1024": 2000}}}
+    dataset.save()
+    form = {"model": "tiny-random-smollm2", "training_file": dataset.public_id, "method": "lora", "n_epochs": "1"}
+    assert "2,000 per epoch" in client.post("/jobs/estimate/", form).content.decode()
+    assert "1,500 per epoch" in client.post("/jobs/estimate/", {**form, "max_seq_len": "512"}).content.decode()
+    assert "1,200 per epoch" in client.post("/jobs/estimate/", {**form, "max_seq_len": "384"}).content.decode()
+
+
 def test_submitting_the_form_queues_a_job(client, alice, dataset, django_capture_on_commit_callbacks, monkeypatch):
     sent = []
     monkeypatch.setattr("jobs_app.tasks.train_job.delay", lambda pk: sent.append(pk))

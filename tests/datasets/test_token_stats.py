@@ -161,3 +161,16 @@ def test_the_training_engines_renderer_counts_image_examples(tokenizer):
     assert (stats["images"], stats["image_tokens"]) == (3, 3 * IMAGE_TOKENS)
     assert stats["total_tokens"] == len(question_text.input_ids) + len(drawing_text.input_ids) + 3 * IMAGE_TOKENS
     assert stats["trained_tokens"] == question_text.trained_tokens + drawing_text.trained_tokens + IMAGE_TOKENS
+
+
+def test_billable_tokens_for_another_maximum_length_match_a_count_at_that_length(tokenizer):
+    from datasets_app.token_stats import billable_tokens_at
+
+    lines = [json.dumps(chat("word " * n, "ok")).encode() for n in (5, 150, 300, 700, 1500)]
+    stats = token_statistics(lines, tokenizer, max_seq_len=1024)
+    for cap in (256, 512, 2048):
+        assert billable_tokens_at(stats, cap) == token_statistics(lines, tokenizer, max_seq_len=cap)["billable_tokens"]
+    # Between two counted lengths: a straight line, never above the true count, within 5% here.
+    true = token_statistics(lines, tokenizer, max_seq_len=400)["billable_tokens"]
+    assert 0.95 * true <= billable_tokens_at(stats, 400) <= true
+    assert billable_tokens_at({}, 1024) is None and billable_tokens_at({"billable_tokens": 7}, 512) == 7
