@@ -16,7 +16,7 @@ from finetune_site.api_errors import ApiError
 from .hyperparameters import METHODS, check_hyperparameters, resolve_hyperparameters
 from .models import FineTuningJob, JobEvent
 from .publish import publish
-from .sink import JobSink, Watchdog
+from .sink import JobSink, Watchdog, wake_watchdog
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,7 @@ def job_cancel(*, job: FineTuningJob) -> FineTuningJob:
     ):
         _note(job, "Job cancelled.", status=FineTuningJob.CANCELLED)
     elif FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.RUNNING).update(control="cancel"):
+        wake_watchdog(job.pk)
         _note(job, "Cancellation requested; stopping at the next step.")
     job.refresh_from_db()
     return job
@@ -190,6 +191,7 @@ def job_pause(*, job: FineTuningJob) -> FineTuningJob:
     """Ask the running worker to checkpoint and stop; resume continues from there."""
     if not FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.RUNNING).update(control="pause"):
         raise ApiError(f"Only a running job can be paused; {job.public_id} is {job.status}.", code="invalid_state")
+    wake_watchdog(job.pk)
     _note(job, "Pause requested; saving a checkpoint at the next step.")
     job.refresh_from_db()
     return job

