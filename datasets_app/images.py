@@ -1,8 +1,10 @@
 """Check the images inside examples: web addresses and inline base64 data URLs.
 
-Pillow is not needed: an image is recognised by its first bytes and its size
-read from the header, which is all validation wants and far cheaper than
-decoding pixels.
+Pillow is not needed: an image is recognised by its first bytes, its size read
+from the header and its end found where the format puts it, which is all
+validation wants and far cheaper than decoding pixels. A file cut short (the
+usual damage: an interrupted download or copy) is caught; pixels damaged in the
+middle of a complete file are not.
 """
 
 import base64
@@ -93,6 +95,10 @@ def _check_data_url(url: str) -> ImageInfo:
     info = read_image_info(data)
     if info is None:
         raise ValueError(f"the decoded data is not an image: expected {', '.join(k.upper() for k in IMAGE_KINDS)}")
+    missing = _missing_end(info.kind, data)
+    if missing:
+        raise ValueError(f"the {info.kind.upper()} data ends early ({missing}): the image was cut short, "
+                         "as by an interrupted download or copy")
     declared = params[0].lower().removeprefix("image/")
     if _DECLARED_KINDS.get(declared, info.kind) != info.kind:
         raise ValueError(f"the data URL says image/{declared} but the data is a {info.kind.upper()} image: "
@@ -166,6 +172,66 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
             height, width = struct.unpack(">HH", data[at + 5:at + 9])
             return width, height
         at += 2 + length
+
+
+def _missing_end(kind: str, data: bytes) -> str | None:
+    """What the end of a complete image of this kind would have and data lacks, or None."""
+    if kind == "png":
+        end = data.rfind(b"IEND")
+        return None if end > 8 and len(data) >= end + 8 else "no IEND chunk"  # its type, then its CRC
+    if kind == "jpeg":
+        body = data.rstrip(b"\x00")
+        if body.endswith(b"\xff\xd9"):
+            return None
+        # Trailing bytes after the image happen (camera trailers); the end-of-image marker
+        # must still follow the last scan. Scan data cannot hold it: an FF there is FF00.
+        return None if data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") > 0 else "no end-of-image marker"
+    if kind == "gif":
+        return _gif_missing_end(data)
+    if kind == "webp":
+        (riff_size,) = struct.unpack("<I", data[4:8])
+        return None if len(data) >= 8 + riff_size else f"{len(data):,} of the {8 + riff_size:,} bytes its header declares"
+    if kind == "bmp":
+        (file_size,) = struct.unpack("<I", data[2:6])  # 0 is allowed: the writer did not say
+        return None if len(data) >= file_size else f"{len(data):,} of the {file_size:,} bytes its header declares"
+    return None
+
+
+def _gif_missing_end(data: bytes) -> str | None:
+    """Walk a GIF's blocks; say what is cut short, if anything.
+
+    A GIF that stops after a whole block, without its trailer byte, is taken:
+    decoders show it, and such files are in circulation (older CPython releases
+    ship one among IDLE's icons).
+    """
+    flags, at = data[10], 13
+    if flags & 0x80:  # a global colour table follows the screen descriptor
+        at += 3 * (2 << (flags & 7))
+    if at >= len(data):
+        return "no image after the screen descriptor"
+    while at < len(data):
+        block = data[at]
+        if block == 0x3B:  # the trailer
+            return None
+        if block == 0x21:  # an extension: introducer, label, then sub-blocks
+            at += 2
+        elif block == 0x2C:  # an image: descriptor, local colour table, LZW code size, then sub-blocks
+            if at + 10 > len(data):
+                return "an image descriptor cut short"
+            local = data[at + 9]
+            at += 10 + (3 * (2 << (local & 7)) if local & 0x80 else 0) + 1
+        else:
+            return f"byte 0x{block:02x} at offset {at:,} where a block should start"
+        while True:  # sub-blocks: a length byte, that many bytes; a 0 length ends them
+            if at >= len(data):
+                return "a block cut short"
+            length = data[at]
+            at += 1 + length
+            if length == 0:
+                break
+        if at > len(data):
+            return "a block cut short"
+    return None
 
 
 _SIZE_READERS = {"jpeg": _jpeg_size, "png": _png_size, "gif": _gif_size, "webp": _webp_size, "bmp": _bmp_size}

@@ -1,3 +1,5 @@
+import struct
+
 import pytest
 
 from datasets_app import images
@@ -84,3 +86,47 @@ def test_it_refuses_a_data_url_whose_type_is_not_its_data():
 def test_it_refuses_an_image_with_impossible_dimensions(width, height):
     with pytest.raises(ValueError, match=rf"header says {width} x {height} pixels; expected 1 to 16,384 pixels a side"):
         check_image_url(data_url(png_bytes(width, height)))
+
+
+def _declaring_more(data: bytes, at: int) -> bytes:
+    """The image as if cut short after its header: the header declares 100 bytes more."""
+    (size,) = struct.unpack("<I", data[at:at + 4])
+    return data[:at] + struct.pack("<I", size + 100) + data[at + 4:]
+
+
+def _gif_with_pixels() -> bytes:
+    """A 64 x 48 GIF with a colour table, an extension and one image block of pixel data."""
+    screen = gif_bytes(64, 48)[:10] + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"
+    extension = b"\x21\xf9\x04\x00\x00\x00\x00\x00"
+    image = b"\x2c" + struct.pack("<HHHH", 0, 0, 64, 48) + b"\x00" + b"\x02" + b"\x0a" + bytes(range(10)) + b"\x00"
+    return screen + extension + image + b";"
+
+
+def test_a_gif_without_its_trailer_byte_but_whole_blocks_is_taken():
+    whole = _gif_with_pixels()
+    assert check_image_url(data_url(whole[:-1], "image/gif")).kind == "gif"
+    with pytest.raises(ValueError, match="where a block should start"):
+        check_image_url(data_url(whole[:-1] + b"\x99", "image/gif"))
+
+
+@pytest.mark.parametrize(
+    ("data", "media_type", "damaged", "missing"),
+    [
+        (png_bytes(64, 48), "image/png", lambda d: d[:-4], "no IEND chunk"),
+        (jpeg_bytes(64, 48), "image/jpeg", lambda d: d[:-1], "no end-of-image marker"),
+        (_gif_with_pixels(), "image/gif", lambda d: d[:-6], "a block cut short"),
+        (webp_bytes(64, 48, b"VP8L"), "image/webp", lambda d: _declaring_more(d, 4), "25 of the 125 bytes its header declares"),
+        (bmp_bytes(64, 48), "image/bmp", lambda d: _declaring_more(d, 2), "54 of the 154 bytes its header declares"),
+    ],
+)
+def test_it_refuses_an_image_cut_short_and_takes_it_whole(data, media_type, damaged, missing):
+    assert check_image_url(data_url(data, media_type)).size == len(data)
+    with pytest.raises(ValueError, match=f"ends early \\({missing}\\).*cut short"):
+        check_image_url(data_url(damaged(data), media_type))
+
+
+def test_a_jpeg_with_bytes_after_its_end_is_whole():
+    scanned = jpeg_bytes(64, 48)[:-2] + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" + b"\x12\x34\xff\x00\x56" + b"\xff\xd9"
+    assert check_image_url(data_url(scanned + b"trailer from a camera", "image/jpeg")).kind == "jpeg"
+    with pytest.raises(ValueError, match="no end-of-image marker"):
+        check_image_url(data_url(scanned[:-2], "image/jpeg"))
