@@ -23,7 +23,8 @@ def dataset_create(*, owner, upload, purpose: str = "fine-tune", filename: str |
     if purpose != "fine-tune":
         raise ApiError(f"purpose must be 'fine-tune', got {purpose!r}.", param="purpose")
     if upload is None:
-        raise ApiError("No file was uploaded (multipart field 'file').", param="file")
+        raise ApiError("No file was uploaded (multipart field 'file'). A file part is dropped when its file name is "
+                       "empty, '.', '..' or not valid UTF-8: give the file a plain name.", param="file")
     limit = settings.FT_MAX_UPLOAD_BYTES
     if upload.size > limit:
         raise ApiError(

@@ -75,15 +75,15 @@ def dataset_preview(request, public_id):
     if not dataset.is_ready:
         messages.error(request, "The preview is available once the file is validated.")
         return redirect("dataset_detail", public_id=public_id)
+    pages = max(1, -(-(dataset.examples or 0) // PREVIEW_PAGE_SIZE))
     try:
-        page = max(1, int(request.GET.get("page", 1)))
+        page = min(max(1, int(request.GET.get("page", 1))), pages)  # past the end: the last page
     except ValueError:
         page = 1
     folder = tokenizer_path()
     tokenizer = load_tokenizer(str(folder)) if folder else None
     with dataset.file.open("rb") as original, dataset.normalized.open("rb") as normalized:
         items = preview_page(original, normalized, page=page, per_page=PREVIEW_PAGE_SIZE, tokenizer=tokenizer)
-    pages = max(1, -(-(dataset.examples or 0) // PREVIEW_PAGE_SIZE))
     return render(request, "datasets/preview.html", {"dataset": dataset, "items": items, "page": page, "pages": pages})
 
 

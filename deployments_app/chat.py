@@ -20,6 +20,7 @@ from django.http import JsonResponse, StreamingHttpResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
+from finetune_site import jsonbody
 from finetune_site.api_errors import ApiError, error_body, error_response
 from finetune_site.apiviews import api_user_or_error
 
@@ -122,7 +123,7 @@ async def chat_completions(request):
         if error:
             return error
     try:
-        body = json.loads(request.body or b"null")
+        body = jsonbody.loads(request.body or b"null")
     except ValueError as exc:  # bad JSON, bad UTF-8, or an integer literal too long to read
         return error_response(f"The request body is not valid JSON: {exc}.")
     try:

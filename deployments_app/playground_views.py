@@ -10,6 +10,7 @@ from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
+from finetune_site import jsonbody
 from finetune_site.api_errors import ApiError, error_response
 from finetune_site.apiviews import api_user_or_error
 from jobs_app.selectors import checkpoint_for_model_id
@@ -114,9 +115,9 @@ def render_chat_template(user, model_id: str, messages: list, tools: list | None
 def _json_object(request) -> dict:
     """The request body as a JSON object; anything else (bad JSON, a list, a number) is a 400."""
     try:
-        body = json.loads(request.body or b"{}")
-    except ValueError:
-        raise ApiError("The request body is not valid JSON.") from None
+        body = jsonbody.loads(request.body or b"{}")
+    except ValueError as exc:
+        raise ApiError(f"The request body is not valid JSON: {exc}.") from None
     if not isinstance(body, dict):
         raise ApiError("The request body must be a JSON object.")
     return body

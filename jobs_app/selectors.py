@@ -38,7 +38,7 @@ def metric_points(job: FineTuningJob) -> list[dict]:
 def checkpoint_for_model_id(user, model_id: str) -> Checkpoint | None:
     """The checkpoint behind `ft:...:ckpt-step-N`, if the user owns it."""
     head, sep, step = model_id.rpartition(":ckpt-step-")
-    if not sep or not step.isdigit():
+    if not sep or not (step.isascii() and step.isdigit()) or len(step) > 18:  # "²" is a digit to isdigit()
         return None
     short_id = head.rsplit(":", 1)[-1]
     for job in FineTuningJob.objects.owned_by(user).filter(public_id__endswith=short_id).select_related("owner"):

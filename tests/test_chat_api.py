@@ -94,6 +94,25 @@ def test_a_body_that_is_not_a_json_object_is_a_400(client, alice, raw):
     refused(chat(client, raw))
 
 
+@pytest.mark.parametrize("raw, why", [
+    ("[" * 100_000, "nested too deeply"),
+    ('{"model": "x", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content holds a lone UTF-16 surrogate"),
+    ('{"model": "\\udfff", "messages": []}', "model holds a lone UTF-16 surrogate"),
+])
+def test_text_no_model_could_read_is_a_400_saying_where(client, alice, raw, why):
+    assert why in refused(chat(client, raw))["message"]
+    # An escaped surrogate pair is one character, and welcome.
+    assert chat(client, hello(messages=[{"role": "user", "content": "\U0001F600"}])).status_code == 200
+
+
+@pytest.mark.parametrize("step", ["\u00b2", "9" * 5000, "１"])
+def test_a_checkpoint_id_whose_step_is_not_a_plain_number_is_not_found(client, card, step):
+    answer = chat(client, hello(model=f"{card.model_id}:ckpt-step-{step}"))
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_not_found"
+    response = client.post("/api/deployments", {"model": f"{card.model_id}:ckpt-step-{step}"}, content_type="application/json")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "model_not_found"
+
+
 @pytest.mark.parametrize("messages", [[], "hi", [{"role": "bot", "content": "x"}], [{"role": "user"}], [["user", "hi"]]])
 def test_bad_messages_are_a_400(client, alice, messages):
     assert refused(chat(client, hello(messages=messages)), param="messages")["message"]

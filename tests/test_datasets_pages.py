@@ -91,6 +91,13 @@ def test_the_page_lists_which_lines_are_too_long(client, alice):
     assert "line 1:" not in listed and "line 2:" not in listed
 
 
+def test_a_preview_page_past_the_end_shows_the_last_page(client, alice):
+    dataset = upload(client, chat_lines(3))
+    for page in ("10", str(10**18), "9" * 5000, "-4", "x"):
+        response = client.get(f"/datasets/{dataset.public_id}/preview/?page={page}")
+        assert response.status_code == 200 and "code for item 2?" in response.content.decode(), page
+
+
 def test_the_preview_highlights_trained_tokens_and_shows_conversions(client, alice):
     alpaca = b"\n".join(json.dumps({"instruction": f"Say {i}", "output": f"{i}!"}).encode() for i in range(3)) + b"\n"
     dataset = upload(client, alpaca, name="alpaca.jsonl")

@@ -47,6 +47,20 @@ def test_metadata_must_be_a_small_object_of_strings(client, headers, dataset, me
     assert response.json()["error"]["param"] == "metadata" and why in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("raw, why", [
+    ('{"metadata": {"team": "\\ud800"}}', "metadata.team holds a lone UTF-16 surrogate"),
+    ('{"metadata": {"\\ud800": "x"}}', "a key in metadata holds a lone UTF-16 surrogate"),
+    ('{"hyperparameters": {"\\ud800": 1}}', "a key in hyperparameters holds"),
+    ('{"a":' * 5000 + "1" + "}" * 5000, "nested too deeply"),
+])
+def test_text_that_cannot_be_stored_is_a_400_and_no_job_is_made(client, headers, dataset, raw, why):
+    body = raw.replace("{", '{"model": "tiny-random-smollm2", "training_file": "%s", ' % dataset.public_id, 1)
+    response = client.post("/v1/fine_tuning/jobs", body, content_type="application/json", **headers)
+    assert response.status_code == 400 and why in response.json()["error"]["message"], response.content
+    assert not FineTuningJob.objects.exists()
+    assert client.get("/v1/fine_tuning/jobs", **headers).status_code == 200
+
+
 def test_the_metadata_filter_matches_values_and_never_builds_lookups_from_keys(client, headers, alice, dataset):
     team_a = make_job(alice, dataset, metadata={"team": "a"})
     make_job(alice, dataset, metadata={"team": "b"})
