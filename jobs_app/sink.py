@@ -190,6 +190,8 @@ class Watchdog:
                 self._wait()
         finally:
             connections.close_all()
+            if self._redis is not None:
+                self._redis.close()
 
     def _wait(self) -> None:
         """Sleep one poll interval, or less when wake_watchdog() is called for this job."""
