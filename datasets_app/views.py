@@ -29,7 +29,8 @@ def dataset_upload(request):
     except ApiError as exc:
         messages.error(request, exc.message)
     else:
-        messages.success(request, f"Uploaded {dataset.filename}; validating it now.")
+        messages.success(request, f"Uploaded {dataset.filename}. Every line is checked in the background; "
+                                  "its status below changes by itself.")
     if request.headers.get("X-Upload-Progress"):
         # Sent by the page's script (static/js/upload.js), which shows progress and then
         # goes where it is told; a redirect would be followed inside the request, and
@@ -73,7 +74,10 @@ def dataset_preview(request, public_id):
 
     dataset = _owned(request, public_id)
     if not dataset.is_ready:
-        messages.error(request, "The preview is available once the file is validated.")
+        if dataset.status == Dataset.ERROR:
+            messages.error(request, "This file has problems, so there is no preview: they are listed below, by line.")
+        else:
+            messages.error(request, "The preview is available once every line is checked; this page updates by itself.")
         return redirect("dataset_detail", public_id=public_id)
     pages = max(1, -(-(dataset.examples or 0) // PREVIEW_PAGE_SIZE))
     try:

@@ -84,7 +84,10 @@ def loss_thumbnail(job) -> dict | None:
     return {"data": figure["data"][1:], "layout": {**figure["layout"], **_THUMBNAIL_LAYOUT}}
 
 
-_SHOWN_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate", "learning_rate_multiplier", "lora_rank", "lora_alpha", "max_seq_length")
+# What a model card shows of its settings and results, under short names.
+_SHOWN_HYPERPARAMETERS = {"n_epochs": "epochs", "batch_size": "batch", "learning_rate": "lr", "lora_rank": "LoRA rank",
+                          "lora_alpha": "alpha", "max_seq_len": "max length"}
+_SHOWN_METRICS = {"final_train_loss": "train loss", "eval_loss": "validation loss", "eval_token_accuracy": "validation accuracy"}
 
 
 def model_square(user) -> list[dict]:
@@ -102,8 +105,8 @@ def model_square(user) -> list[dict]:
             "job": job,
             "training_file": getattr(job, "training_file", None) if job else None,
             "validation_file": getattr(job, "validation_file", None) if job else None,
-            "hyperparameters": {k: card.hyperparameters[k] for k in _SHOWN_HYPERPARAMETERS if k in card.hyperparameters},
-            "evaluation": {k: v for k, v in card.metrics.items() if v is not None and k.startswith(("eval_", "final_"))},
+            "hyperparameters": [(label, card.hyperparameters[k]) for k, label in _SHOWN_HYPERPARAMETERS.items() if k in card.hyperparameters],
+            "evaluation": [(label, card.metrics[k]) for k, label in _SHOWN_METRICS.items() if card.metrics.get(k) is not None],
             "thumbnail": loss_thumbnail(job),
             "thumbnail_id": f"loss-{card.pk}",
             "deployments": deployments.get(card.model_id, []),

@@ -135,4 +135,7 @@ def notifications(request):
             form.save()
             messages.success(request, "Notification settings saved.")
             return redirect("notifications")
+    else:
+        # Seen now: the bell clears, and this page still marks what was new (items were read above).
+        Notification.objects.filter(user=request.user, read_at__isnull=True).update(read_at=timezone.now())
     return render(request, "notifications.html", {"items": items, "form": form, "prefs": prefs})

@@ -17,6 +17,11 @@ def _points_after(job, step):
     return [p for p in selectors.metric_points(job) if p["step"] > step]
 
 
+@database_sync_to_async
+def _status_now(job):
+    return type(job).objects.filter(pk=job.pk).values_list("status", flat=True).first()
+
+
 class JobConsumer(AsyncJsonWebsocketConsumer):
     """Forwards a job's live metrics, events and status to the page watching it."""
 
@@ -39,6 +44,10 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
         if content.get("type") == "sync":
             for point in await _points_after(self.job, int(content.get("after_step") or 0)):
                 await self.send_json({"type": "eval" if "valid_loss" in point else "metric", **point})
+            # The status too: a job that started (or ended) meanwhile sent its news to nobody.
+            status = await _status_now(self.job)
+            if status:
+                await self.send_json({"type": "status", "status": status})
 
     async def job_update(self, event):
         await self.send_json(event["payload"])

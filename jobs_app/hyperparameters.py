@@ -92,3 +92,31 @@ def public_hyperparameters(resolved: dict, requested: dict) -> dict:
         "batch_size": source.get("batch_size", "auto"),
         "learning_rate_multiplier": source.get("learning_rate_multiplier", "auto"),
     }
+
+
+# How the pages name each resolved setting, and what a 0 means where it means something.
+SETTING_LABELS = {
+    "n_epochs": "Epochs", "batch_size": "Batch size (examples per step)", "learning_rate_multiplier": "Learning rate multiplier",
+    "learning_rate": "Learning rate", "max_seq_len": "Max sequence length", "eval_every": "Evaluate", "save_every": "Checkpoint",
+    "warmup_ratio": "Warmup", "early_stopping_patience": "Early stopping", "lora_rank": "LoRA rank", "lora_alpha": "LoRA alpha",
+    "lora_dropout": "LoRA dropout", "target_modules": "LoRA target modules", "total_steps": "Total steps",
+}
+
+
+def describe_setting(name: str, value) -> str:
+    """A resolved setting's value as a person reads it: "at the end", not eval_every 0."""
+    if name == "eval_every":
+        return f"every {value} steps and at the end" if value else "at the end"
+    if name == "save_every":
+        return f"every {value} steps and each epoch" if value else "each epoch"
+    if name == "early_stopping_patience":
+        return f"after {value} evaluations without a better validation loss" if value else "off"
+    if name == "warmup_ratio":
+        return f"{value:.0%} of the steps" if isinstance(value, (int, float)) else str(value)
+    return str(value)
+
+
+def described_settings(resolved: dict) -> list[tuple[str, str]]:
+    """(label, value) for each resolved setting, in the order they were resolved."""
+    return [(SETTING_LABELS.get(name, name), describe_setting(name, value)) for name, value in (resolved or {}).items()]
+

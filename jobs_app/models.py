@@ -96,6 +96,11 @@ class FineTuningJob(models.Model):
         return f"ft:{self.base_model}:{owner}:{self.suffix}:{self.public_id[-8:]}"
 
     @property
+    def display_name(self) -> str:
+        """How charts and tables tell jobs apart: the suffix the user chose, else the id."""
+        return f"{self.suffix} ({self.public_id[-8:]})" if self.suffix else self.public_id
+
+    @property
     def output_dir(self):
         return settings.FT_ARTIFACTS_DIR / "jobs" / self.public_id
 

@@ -1,5 +1,6 @@
 """Reads for jobs: lists, the curve history, chart figures."""
 
+from .hyperparameters import described_settings
 from .models import Checkpoint, FineTuningJob, JobEvent
 
 SMOOTHING = 0.9
@@ -123,17 +124,17 @@ def compare_figure(jobs: list[FineTuningJob]) -> dict:
         color = _PALETTE[i % len(_PALETTE)]
         points = metric_points(job)
         train = [p for p in points if p.get("train_loss") is not None]
-        data.append({"type": "scatter", "mode": "lines", "name": f"{job.public_id} train", "x": [p["step"] for p in train],
+        data.append({"type": "scatter", "mode": "lines", "name": f"{job.display_name} train", "x": [p["step"] for p in train],
                      "y": smoothed_losses(train), "line": {"color": color}})
-        data.append({**_trace(f"{job.public_id} validation", points, "valid_loss", color), "line": {"color": color, "dash": "dot"}})
+        data.append({**_trace(f"{job.display_name} validation", points, "valid_loss", color), "line": {"color": color, "dash": "dot"}})
     return {"data": data, "layout": _layout("loss", 380)}
 
 
 def settings_diff(jobs: list[FineTuningJob]) -> list[dict]:
     """One row per setting, marking the ones that differ between the jobs."""
     def settings_of(job):
-        return {"base model": job.base_model, "method": job.method, "training file": job.training_file_ref,
-                "validation file": job.validation_file_ref or "—", "seed": job.seed, **job.resolved}
+        return {"Base model": job.base_model, "Method": job.method, "Training file": job.training_file_ref,
+                "Validation file": job.validation_file_ref or "—", "Seed": job.seed, **dict(described_settings(job.resolved))}
 
     all_settings = [settings_of(job) for job in jobs]
     keys = list(dict.fromkeys(k for s in all_settings for k in s))

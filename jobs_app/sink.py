@@ -92,6 +92,9 @@ class JobSink:
 
     def event(self, message: str, *, level: str = "info") -> None:
         """Write a message event now and show it live."""
+        # The engine names files by their path on the worker; users know the run, not the disk.
+        for folder in {str(self.job.output_dir), str(Path(self.job.output_dir).resolve())}:
+            message = message.replace(folder + "/", "").replace(folder, "the run's folder")
         row = JobEvent.objects.create(job=self.job, level=level, message=message)
         publish(self.job.public_id, {"type": "event", "level": level, "message": message, "created_at": int(row.created_at.timestamp())})
 

@@ -15,7 +15,7 @@ from . import selectors, services
 from datasets_app.selectors import ready_datasets_for as ready_datasets
 
 from .forms import JobForm
-from .hyperparameters import METHODS
+from .hyperparameters import METHODS, described_settings
 from .models import FineTuningJob
 
 
@@ -132,6 +132,7 @@ def job_detail(request, public_id):
         "warnings": selectors.warnings_of(job),
         "last_step": max((p["step"] for p in points), default=0),
         "queue_position": selectors.queue_position(job),
+        "settings": described_settings(job.resolved),
     }
     return render(request, "jobs/detail.html", context)
 

@@ -68,7 +68,7 @@ def test_a_user_clicks_from_upload_to_side_by_side_answers(stack, page, tmp_path
     assert posts == []
     page.evaluate("document.querySelector('form[data-upload]').dataset.maxBytes = String(2 ** 30)")
     page.get_by_role("button", name="Upload").click()
-    expect(page.get_by_text("Uploaded support.jsonl; validating it now.")).to_be_visible()
+    expect(page.get_by_text("Uploaded support.jsonl. Every line is checked in the background")).to_be_visible()
     assert len(posts) == 1 and posts[0].endswith("/datasets/upload/")
     expect(page.get_by_test_id("dataset-status").first).to_have_text("ready")
 

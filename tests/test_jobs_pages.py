@@ -143,6 +143,15 @@ def test_a_retried_job_queues_behind_the_jobs_already_waiting(client, alice, dat
     assert "position 2 in the training queue" in client.get(f"/jobs/{older.public_id}/").content.decode()
 
 
+def test_the_job_page_names_settings_and_files_as_people_read_them(client, alice, dataset):
+    job = make_job(alice, dataset, resolved=resolve_hyperparameters({"early_stopping_patience": 3}, method="lora", examples=40))
+    JobSink(job).event(f"Saved {job.output_dir}/adapter")
+    page = client.get(f"/jobs/{job.public_id}/").content.decode()
+    assert "<dt>Batch size (examples per step)</dt>" in page and "<dt>n_epochs</dt>" not in page
+    assert "after 3 evaluations without a better validation loss" in page and "<dd>each epoch</dd>" in page
+    assert "Saved adapter" in page and str(job.output_dir) not in page
+
+
 def test_metrics_csv_and_log_downloads(client, alice, dataset):
     job = make_job(alice, dataset)
     sink = JobSink(job)
@@ -174,7 +183,7 @@ def test_compare_overlays_curves_and_marks_differences(client, alice, dataset):
         JobEvent.objects.create(job=job, type="metrics", step=1, data={"step": 1, "train_loss": 1.0})
     page = client.get(f"/jobs/compare/?ids={a.public_id}&ids={b.public_id}").content.decode()
     assert 'data-figure="compare-figure"' in page
-    assert '<tr class="differs"><td>seed</td>' in page
+    assert '<tr class="differs"><td>Seed</td>' in page
 
 
 def test_retry_requeues_a_failed_job(alice, dataset, django_capture_on_commit_callbacks, monkeypatch):
@@ -217,3 +226,37 @@ def test_early_stopping_gets_validations_to_compare_and_needs_validation_data(al
         services.job_create(owner=alice, model="tiny-random-smollm2", training_file=dataset.public_id,
                             hyperparameters={"early_stopping_patience": 3})
     assert caught.value.param == "hyperparameters.early_stopping_patience"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_joining_the_live_stream_brings_the_points_and_the_status_missed_since_the_page_was_drawn(alice, dataset):
+    import asyncio
+    import json
+
+    from asgiref.testing import ApplicationCommunicator
+
+    from jobs_app.consumers import JobConsumer
+
+    job = make_job(alice, dataset, status="queued")
+    # The page was drawn while queued; then the job started and logged two steps.
+    FineTuningJob.objects.filter(pk=job.pk).update(status="running")
+    for step in (1, 2):
+        JobEvent.objects.create(job=job, type="metrics", step=step, data={"step": step, "train_loss": 2.0})
+
+    async def sync():
+        # The websocket protocol by hand: channels.testing would import daphne, which is not installed.
+        scope = {"type": "websocket", "path": f"/ws/jobs/{job.public_id}/", "headers": [], "subprotocols": [],
+                 "user": alice, "url_route": {"kwargs": {"public_id": job.public_id}}}
+        socket = ApplicationCommunicator(JobConsumer.as_asgi(), scope)
+        await socket.send_input({"type": "websocket.connect"})
+        assert (await socket.receive_output(5))["type"] == "websocket.accept"
+        await socket.send_input({"type": "websocket.receive", "text": json.dumps({"type": "sync", "after_step": 1})})
+        replies = [json.loads((await socket.receive_output(5))["text"]) for _ in range(2)]
+        await socket.send_input({"type": "websocket.disconnect", "code": 1000})
+        await socket.wait(5)
+        return replies
+
+    replies = asyncio.run(sync())
+    assert replies[0]["type"] == "metric" and replies[0]["step"] == 2
+    assert replies[1] == {"type": "status", "status": "running"}
+

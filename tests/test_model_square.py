@@ -73,7 +73,7 @@ def body_of(response) -> bytes:
 def test_model_square_shows_a_card_per_model_with_curve_and_buttons(client, card):
     page = client.get("/models/").content.decode()
     assert page.count('data-testid="model-card"') == 3  # two base models and the fine-tuned one
-    assert card.model_id in page and "train.jsonl" in page and "n_epochs=2" in page and "eval_loss 1.3000" in page
+    assert card.model_id in page and "train.jsonl" in page and "epochs 2 · " in page and "validation loss 1.3000" in page
     assert 'data-testid="loss-thumbnail"' in page and f'id="loss-{card.pk}"' in page
     assert f"/jobs/new/?model={card.model_id.replace(':', '%3A')}" in page
     assert "Download adapter" in page and "Build merged model" in page and "Deploy" in page

@@ -58,8 +58,9 @@ def test_notify_rings_the_bell_and_queues_the_webhook(client, django_capture_on_
     assert queued and queued[0][0] == "http://127.0.0.1:9/hook" and queued[0][1]["event"] == "fine_tuning.job.succeeded"
     client.force_login(alice)
     assert 'data-testid="unread">1<' in client.get("/").content.decode()
-    client.post("/notifications/", {"mark_read": "1"})
+    assert "new</span>" in client.get("/notifications/").content.decode()  # shown as new once, then seen
     assert not Notification.objects.filter(user=alice, read_at__isnull=True).exists()
+    assert 'data-testid="unread"' not in client.get("/").content.decode()
 
 
 def test_email_notices_go_to_the_address_set_on_the_page(client, settings, monkeypatch, django_capture_on_commit_callbacks):

@@ -79,13 +79,27 @@
     extend("accuracy", [1], m.step, [m.valid_mean_token_accuracy]);
   }
 
+  // Every event time in the browser's own zone, 24-hour, whether the server drew it or it came live.
+  const clock = (date) => date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
+  function localTimes(root) {
+    for (const time of root.querySelectorAll("time[datetime]")) time.textContent = clock(new Date(time.getAttribute("datetime")));
+  }
+  localTimes(document);
+  document.body.addEventListener("htmx:afterSwap", (e) => localTimes(e.target));
+
+  // The server's list of events: on joining the live stream, anything said before it is missed.
+  function reloadEvents() {
+    document.body.dispatchEvent(new Event("job-events-changed"));
+  }
+
   function onEvent(e) {
     const list = document.getElementById("events");
     const item = document.createElement("li");
     item.className = e.level || "info";
     const time = document.createElement("time");
-    time.textContent = new Date((e.created_at || Date.now() / 1000) * 1000).toLocaleTimeString();
+    time.textContent = clock(new Date((e.created_at || Date.now() / 1000) * 1000));
     item.append(time, " " + e.message);
+    list.querySelector("li.muted")?.remove();  // "No events yet."
     list.prepend(item);
     if (e.level === "warn" || e.level === "error") refreshParts();
   }
@@ -94,8 +108,10 @@
     // A run that starts again (resume, retry, recovery after a lost worker) retrains the steps
     // after its checkpoint: redraw from the server's history instead of keeping the old points.
     const restarted = s.status === "running" && status !== "running" && points > 0;
+    const changed = s.status !== status;
     status = s.status;
     if (restarted) { setTimeout(() => location.reload(), 300); return; }
+    if (!changed) return;
     const badge = document.getElementById("job-status");
     badge.textContent = status;
     badge.className = "badge " + status;
@@ -111,7 +127,7 @@
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     const socket = new WebSocket(scheme + "://" + location.host + "/ws/jobs/" + meta.dataset.job + "/");
     // Ask for anything emitted between rendering this page and joining the group.
-    socket.onopen = () => socket.send(JSON.stringify({ type: "sync", after_step: lastStep }));
+    socket.onopen = () => { socket.send(JSON.stringify({ type: "sync", after_step: lastStep })); reloadEvents(); };
     socket.onmessage = (msg) => {
       const data = JSON.parse(msg.data);
       (handlers[data.type] || (() => {}))(data);

@@ -69,12 +69,28 @@
     }
   }
 
+  const FINISHED = { stop: "finished", length: "stopped at the max tokens limit", tool_calls: "called a tool" };
+
+  // Under an answer: how long it is, how long it took, and why it ended.
+  function caption(pane, usage, seconds, finish) {
+    const parts = [];
+    if (usage) parts.push(`${usage.completion_tokens} tokens`);
+    parts.push(`${seconds.toFixed(1)} s`);
+    if (usage && seconds > 0) parts.push(`${(usage.completion_tokens / seconds).toFixed(1)} tokens/s`);
+    if (finish) parts.push(FINISHED[finish] || finish);
+    const note = document.createElement("div");
+    note.className = "msg-meta";
+    note.textContent = parts.join(" · ");
+    pane.querySelector(".transcript").append(note);
+  }
+
   async function ask(pane, userText) {
-    const body = requestBody(pane, userText, true);
+    const body = Object.assign(requestBody(pane, userText, true), { stream_options: { include_usage: true } });
     history.get(pane).push({ role: "user", content: userText });
     bubble(pane, "user", userText);
     const out = bubble(pane, "assistant pending", "");
-    let answer = "";
+    const started = Date.now();
+    let answer = "", usage = null, finish = null;
     try {
       const response = await postJson("/v1/chat/completions", body);
       for await (const record of records(response, "\n\n")) {
@@ -84,11 +100,21 @@
         if (data === "[DONE]") continue;
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
-        const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-        if (delta && delta.content) { answer += delta.content; out.textContent = answer; }
+        const choice = chunk.choices && chunk.choices[0];
+        if (choice && choice.delta && choice.delta.content) {
+          answer += choice.delta.content;
+          out.textContent = answer.trimEnd();  // trailing newlines would only stretch the bubble
+        }
+        if (choice && choice.finish_reason) finish = choice.finish_reason;
+        if (chunk.usage) usage = chunk.usage;
       }
       out.classList.remove("pending");
+      if (!answer.trim()) {
+        out.textContent = "(no visible text: the answer was only whitespace)";
+        out.classList.add("empty");
+      }
       out.dataset.done = "1";
+      caption(pane, usage, (Date.now() - started) / 1000, finish);
       history.get(pane).push({ role: "assistant", content: answer });
     } catch (error) {
       out.classList.remove("pending");
