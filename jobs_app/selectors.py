@@ -94,7 +94,9 @@ def job_figures(points: list[dict]) -> dict:
         "accuracy": {"data": [_trace("train token accuracy", points, "train_mean_token_accuracy", "#2563eb"),
                               _trace("validation token accuracy", points, "valid_mean_token_accuracy", "#dc2626", mode="lines+markers")],
                      "layout": _layout("token accuracy")},
-        "lr": {"data": [_trace("learning rate", points, "learning_rate", "#7c3aed")], "layout": _layout("learning rate")},
+        "lr": {"data": [_trace("learning rate", points, "learning_rate", "#7c3aed")],
+               # "2e-4" as people write learning rates, not Plotly's SI "200µ".
+               "layout": {**_layout("learning rate"), "yaxis": {"title": {"text": "learning rate"}, "tickformat": ".1~e"}}},
         "grad_norm": {"data": [_trace("gradient norm", points, "grad_norm", "#059669")], "layout": _layout("gradient norm")},
         "throughput": {"data": [_trace("tokens / s", points, "tokens_per_second", "#d97706")], "layout": _layout("tokens per second")},
         "smoothing": SMOOTHING,

@@ -49,7 +49,7 @@
       .then((response) => (response.ok ? response.text() : Promise.reject(response.status)))
       .then((html) => {
         const fresh = new DOMParser().parseFromString(html, "text/html");
-        for (const id of ["job-summary", "checkpoints"]) {
+        for (const id of ["job-summary", "checkpoints", "job-actions"]) {
           const now = document.getElementById(id), next = fresh.getElementById(id);
           if (now && next) now.replaceWith(next);
         }
@@ -115,6 +115,7 @@
     const badge = document.getElementById("job-status");
     badge.textContent = status;
     badge.className = "badge " + status;
+    refreshParts();  // the buttons follow the status: Pause while running, Resume when paused
     // The final page shows the new model and other buttons: fetch it once.
     if (finalStatuses.includes(status) || status === "paused") setTimeout(() => location.reload(), 800);
   }
