@@ -22,9 +22,22 @@ def test_login_page_logs_in(client):
     assert "Create fine-tuning task" in client.get("/").content.decode()
 
 
-def test_a_wrong_password_says_so(client):
+def test_a_wrong_password_says_so_and_keeps_the_username(client):
     response = client.post("/accounts/login/", {"username": "nobody", "password": "x"})
-    assert "didn't match" in response.content.decode()
+    assert "didn't match" in response.content.decode() and 'value="nobody"' in response.content.decode()
+
+
+def test_logging_out_says_so(client, alice):
+    response = client.post("/accounts/logout/", follow=True)
+    assert response.request["PATH_INFO"] == "/accounts/login/" and "You have logged out." in response.content.decode()
+
+
+def test_the_overview_offers_getting_started_until_there_is_a_model(client, alice):
+    from deployments_app.models import ModelCard
+
+    assert "Getting started" in client.get("/").content.decode()
+    ModelCard.objects.create(model_id="ft:x:alice::12345678", owner=alice, base_model="x", method="lora", path="/nowhere")
+    assert "Getting started" not in client.get("/").content.decode()
 
 
 def test_an_api_key_is_shown_once_then_only_its_id(client, alice):
