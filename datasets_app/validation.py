@@ -115,6 +115,7 @@ def validate_stream(fp, *, out=None, max_listed: int = 100) -> ValidationReport:
             continue
         checked = check_example(obj)
         run.formats[checked.format] += 1
+        run.first_line_of.setdefault(checked.format, number)
         for issue in checked.errors:
             run.error(number, issue.path, issue.code, issue.message)
         if checked.errors:
@@ -153,6 +154,7 @@ class _Run:
         self.error_counts: Counter = Counter()
         self.warning_counts: Counter = Counter()
         self.formats: Counter = Counter()
+        self.first_line_of: dict[str, int] = {}
         self.seen = _Fingerprints()
         self.kind: str | None = None
         self.lines = self.blank_lines = self.bytes = 0
@@ -198,6 +200,25 @@ class _Run:
                 self.max_image_width = max(self.max_image_width, image.width or 0)
                 self.max_image_height = max(self.max_image_height, image.height or 0)
 
+    def _warn_mixed_formats(self) -> None:
+        """Lines written in several ways (chat, prompt/completion, alpaca, sharegpt) are all taken,
+        each converted to chat; say so, since a stray line of another kind is often a mistake."""
+        families = Counter()
+        first = {}
+        for name, count in self.formats.items():
+            family = name if name in CONVERTED_FORMATS else ("chat" if name != "unknown" else None)
+            if family:
+                families[family] += count
+                first[family] = min(first.get(family, self.first_line_of[name]), self.first_line_of[name])
+        if len(families) < 2:
+            return
+        main = families.most_common(1)[0][0]
+        others = ", ".join(f"{count} {family.replace('_', '/')} (first at line {first[family]})"
+                           for family, count in families.items() if family != main)
+        self.warn(None, "", "mixed_formats",
+                  f"most examples are {main.replace('_', '/')}, but {others}; each line is converted to chat, "
+                  "which is fine if the mix is intended")
+
     def finish(self) -> ValidationReport:
         report = self.report
         if self.lines == 0 and not self.error_counts:
@@ -210,6 +231,7 @@ class _Run:
                 f"{self.without_system} of {self.examples} examples have no system message; "
                 "that is fine if you will not send one when using the model",
             )
+        self._warn_mixed_formats()
         if 0 < self.examples < RECOMMENDED_MIN_EXAMPLES:
             self.warn(
                 None, "", "too_few_examples",

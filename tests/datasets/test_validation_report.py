@@ -37,6 +37,15 @@ def test_it_copies_chat_lines_and_converts_other_formats_in_the_output():
     assert report.stats["formats"] == {"chat": 1, "prompt_completion": 1, "function_calling": 1}
 
 
+def test_a_stray_line_in_another_format_is_taken_with_a_warning_that_names_it():
+    report, _ = validate(jsonl(*MANY[:5], {"prompt": "2+2?", "completion": "4"}, {"instruction": "a", "output": "b"}))
+    assert report.ok
+    [mixed] = [w for w in report.warnings if w.code == "mixed_formats"]
+    assert mixed.message.startswith("most examples are chat, but 1 prompt/completion (first at line 6), 1 alpaca (first at line 7)")
+    # Chat with tool calls or images is one family: no warning.
+    assert "mixed_formats" not in validate(jsonl(function_calling_example(), GOOD))[0].warning_counts
+
+
 def test_it_writes_preference_pairs_as_they_are():
     pair = {
         "input": {"messages": [{"role": "system", "content": "Be kind"}, {"role": "user", "content": "Hi"}]},
@@ -98,6 +107,8 @@ def test_it_warns_about_empty_assistant_content():
         "line 51: messages[2].content: the assistant reply is empty, so the model learns to say nothing",
         "line 52: completion: the completion is empty, so the model learns to say nothing",
         "1 of 52 examples have no system message; that is fine if you will not send one when using the model",
+        "most examples are chat, but 1 prompt/completion (first at line 52); each line is converted to chat, "
+        "which is fine if the mix is intended",
     ]
     assert report.ok
 
