@@ -156,7 +156,8 @@ REST_FRAMEWORK = {
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Finetune Console API",
-    "DESCRIPTION": "OpenAI- and Zhipu-compatible API for datasets, fine-tuning jobs, models and chat.",
+    "DESCRIPTION": "OpenAI- and Zhipu-compatible API for datasets, fine-tuning jobs, models and chat.\n\n"
+                   "[← Back to the console](/) · create a key on the [API keys](/keys/) page.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
     # The schema and docs are for signed-in users and API keys, like every other page (the default is AllowAny).
