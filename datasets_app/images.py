@@ -95,7 +95,10 @@ def _check_data_url(url: str) -> ImageInfo:
     info = read_image_info(data)
     if info is None:
         raise ValueError(f"the decoded data is not an image: expected {', '.join(k.upper() for k in IMAGE_KINDS)}")
-    missing = _missing_end(info.kind, data)
+    try:
+        missing = _missing_end(info.kind, data)
+    except (IndexError, struct.error):
+        missing = "its structure is cut short"
     if missing:
         raise ValueError(f"the {info.kind.upper()} data ends early ({missing}): the image was cut short, "
                          "as by an interrupted download or copy")
@@ -180,12 +183,7 @@ def _missing_end(kind: str, data: bytes) -> str | None:
         end = data.rfind(b"IEND")
         return None if end > 8 and len(data) >= end + 8 else "no IEND chunk"  # its type, then its CRC
     if kind == "jpeg":
-        body = data.rstrip(b"\x00")
-        if body.endswith(b"\xff\xd9"):
-            return None
-        # Trailing bytes after the image happen (camera trailers); the end-of-image marker
-        # must still follow the last scan. Scan data cannot hold it: an FF there is FF00.
-        return None if data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") > 0 else "no end-of-image marker"
+        return _jpeg_missing_end(data)
     if kind == "gif":
         return _gif_missing_end(data)
     if kind == "webp":
@@ -197,6 +195,35 @@ def _missing_end(kind: str, data: bytes) -> str | None:
     return None
 
 
+def _jpeg_missing_end(data: bytes) -> str | None:
+    """Walk the segments to the main image's first scan; its end-of-image marker must follow.
+
+    Walking by segment lengths steps over an EXIF thumbnail (a whole JPEG inside
+    APP1, with its own scan and end marker), which a plain search would take for
+    the photo's. Bytes after the end marker (camera trailers) are allowed.
+    """
+    at = 2
+    while True:
+        if at + 4 > len(data):
+            return "the headers are cut short"
+        if data[at] != 0xFF:
+            return f"byte 0x{data[at]:02x} at offset {at:,} where a marker should be"
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            at += 2
+            continue
+        if marker == 0xD9:
+            return "no image data before the end-of-image marker"
+        (length,) = struct.unpack(">H", data[at + 2:at + 4])
+        if marker == 0xDA:
+            # Scan data cannot hold FF D9: an FF byte there is written FF 00.
+            return None if data.find(b"\xff\xd9", at + 2 + length) >= 0 else "no end-of-image marker"
+        at += 2 + length
+
+
 def _gif_missing_end(data: bytes) -> str | None:
     """Walk a GIF's blocks; say what is cut short, if anything.
 
@@ -204,6 +231,8 @@ def _gif_missing_end(data: bytes) -> str | None:
     decoders show it, and such files are in circulation (older CPython releases
     ship one among IDLE's icons).
     """
+    if len(data) < 13:
+        return "the screen descriptor is cut short"
     flags, at = data[10], 13
     if flags & 0x80:  # a global colour table follows the screen descriptor
         at += 3 * (2 << (flags & 7))

@@ -59,12 +59,18 @@ def model_card_delete(*, card: ModelCard) -> None:
     elif Path(card.path).parent.parent == settings.FT_ARTIFACTS_DIR / "jobs":
         # The job was deleted before its model: nothing else uses the run's folder now.
         folders.append(Path(card.path).parent)
-    for deployment in Deployment.objects.owned_by(card.owner).active().filter(
-        Q(model_id=model_id) | Q(model_id__startswith=f"{model_id}:ckpt-step-")
-    ):
-        deployment_cancel(deployment=deployment)
+    cancel_deployments_of(card.owner, model_id)
     card.delete()
     transaction.on_commit(lambda: [shutil.rmtree(f, ignore_errors=True) for f in folders])
+
+
+def cancel_deployments_of(owner, model_id: str, *, checkpoints_only: bool = False) -> None:
+    """Cancel the active deployments of a model and of its checkpoints (`...:ckpt-step-N`), before their files go."""
+    wanted = Q(model_id__startswith=f"{model_id}:ckpt-step-")
+    if not checkpoints_only:
+        wanted |= Q(model_id=model_id)
+    for deployment in Deployment.objects.owned_by(owner).active().filter(wanted):
+        deployment_cancel(deployment=deployment)
 
 
 def export_dir(card: ModelCard) -> Path:
@@ -95,7 +101,7 @@ def _check_capacity(extra: int) -> None:
     """
     if extra <= 0:
         return
-    hold_until_commit("serving-capacity")
+    hold_until_commit("serving-capacity")  # held until commit; taking it again in one transaction is free
     slots = settings.FT_SERVING_SLOTS
     in_use = Instance.objects.filter(status__in=(Instance.STARTING, Instance.RUNNING), deployment__in=Deployment.objects.active()).count()
     if in_use + extra > slots:
@@ -129,6 +135,9 @@ def deployment_create(*, user, model_id: str, instances: int = 1, max_concurrent
 def deployment_scale(*, deployment: Deployment, instances: int) -> Deployment:
     """Change how many instances serve the deployment; requests in flight always finish."""
     _check_counts(instances)
+    # Before counting: a scale that raced another one would count instances it is about to change.
+    hold_until_commit("serving-capacity")
+    deployment.refresh_from_db()
     if not deployment.is_active:
         raise ApiError(f"The deployment is {deployment.status}; only a deploying or running deployment can be scaled.", param="instances")
     serving = deployment.instance_set.filter(status__in=(Instance.STARTING, Instance.RUNNING)).count()

@@ -18,4 +18,4 @@ def _say_logged_out(sender, request, user, **kwargs):
 
     # Stored in the messages cookie, which outlives the session that logout() flushes next.
     if request is not None and user is not None:
-        messages.info(request, "You have logged out.")
+        messages.info(request, "You have logged out.", fail_silently=True)  # a request without the middleware (tests, scripts)

@@ -10,11 +10,20 @@ import json
 import re
 
 # A surrogate can only reach a parsed string through a \\uD800-\\uDFFF escape.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 def loads(raw: bytes | str):
-    """json.loads, but a ValueError (not RecursionError) for deep nesting and for lone surrogates."""
+    """json.loads of UTF-8 text, but a ValueError (not RecursionError) for deep nesting and lone surrogates.
+
+    Bytes are decoded strictly first: json.loads(bytes) would also take UTF-16 and
+    UTF-32, and lets UTF-8-encoded surrogates through.
+    """
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            raw = raw.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError as problem:
+            raise ValueError(f"the body is not valid UTF-8 (byte {problem.start + 1})") from None
     try:
         value = json.loads(raw)
     except RecursionError:
@@ -23,9 +32,9 @@ def loads(raw: bytes | str):
     return value
 
 
-def check_text(value, raw: bytes | str | None = None) -> None:
+def check_text(value, raw: str | None = None) -> None:
     """Raise ValueError naming where value holds a string that is not valid Unicode."""
-    if raw is not None and not _SURROGATE_ESCAPE.search(raw.encode() if isinstance(raw, str) else raw):
+    if raw is not None and not _SURROGATE_ESCAPE.search(raw):
         return  # the cheap, usual case: no escape could have made one
     stack = [(value, "")]
     while stack:  # iterative: the value may be as deep as the parser allowed

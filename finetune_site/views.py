@@ -128,14 +128,13 @@ def notifications(request):
     prefs, _ = NotificationSettings.objects.get_or_create(user=request.user)
     form = NotificationSettingsForm(request.POST or None, instance=prefs)
     if request.method == "POST":
-        if "mark_read" in request.POST:
-            Notification.objects.filter(user=request.user, read_at__isnull=True).update(read_at=timezone.now())
-            return redirect("notifications")
         if form.is_valid():
             form.save()
             messages.success(request, "Notification settings saved.")
             return redirect("notifications")
     else:
-        # Seen now: the bell clears, and this page still marks what was new (items were read above).
-        Notification.objects.filter(user=request.user, read_at__isnull=True).update(read_at=timezone.now())
+        # The ones shown are seen now: the bell counts only what is not on this page yet,
+        # and the page still marks what was new (items were read before this update).
+        shown = [n.pk for n in items if n.read_at is None]
+        Notification.objects.filter(user=request.user, pk__in=shown).update(read_at=timezone.now())
     return render(request, "notifications.html", {"items": items, "form": form, "prefs": prefs})

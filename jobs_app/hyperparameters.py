@@ -103,20 +103,23 @@ SETTING_LABELS = {
 }
 
 
-def describe_setting(name: str, value) -> str:
+def describe_setting(name: str, value, *, validation: bool = True) -> str:
     """A resolved setting's value as a person reads it: "at the end", not eval_every 0."""
     if name == "eval_every":
+        if not validation:
+            return "never (no validation data)"
         return f"every {value} steps and at the end" if value else "at the end"
     if name == "save_every":
         return f"every {value} steps and each epoch" if value else "each epoch"
     if name == "early_stopping_patience":
         return f"after {value} evaluations without a better validation loss" if value else "off"
     if name == "warmup_ratio":
-        return f"{value:.0%} of the steps" if isinstance(value, (int, float)) else str(value)
+        return f"{value * 100:.4g}% of the steps" if isinstance(value, (int, float)) else str(value)
     return str(value)
 
 
-def described_settings(resolved: dict) -> list[tuple[str, str]]:
+def described_settings(resolved: dict, *, validation: bool = True) -> list[tuple[str, str]]:
     """(label, value) for each resolved setting, in the order they were resolved."""
-    return [(SETTING_LABELS.get(name, name), describe_setting(name, value)) for name, value in (resolved or {}).items()]
+    return [(SETTING_LABELS.get(name, name), describe_setting(name, value, validation=validation))
+            for name, value in (resolved or {}).items()]
 

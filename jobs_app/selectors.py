@@ -135,9 +135,20 @@ def compare_figure(jobs: list[FineTuningJob]) -> dict:
 def settings_diff(jobs: list[FineTuningJob]) -> list[dict]:
     """One row per setting, marking the ones that differ between the jobs."""
     def settings_of(job):
-        return {"Base model": job.base_model, "Method": job.method, "Training file": job.training_file_ref,
-                "Validation file": job.validation_file_ref or "—", "Seed": job.seed, **dict(described_settings(job.resolved))}
+        """label -> (the value compared, the value shown): 0.031 and 0.034 differ even if shown alike."""
+        plain = {"Base model": job.base_model, "Method": job.method, "Training file": job.training_file_ref,
+                 "Validation file": job.validation_file_ref or "—", "Seed": job.seed}
+        shown = described_settings(job.resolved, validation=has_validation(job))
+        return {**{k: (v, v) for k, v in plain.items()},
+                **{label: (raw, text) for (label, text), raw in zip(shown, (job.resolved or {}).values())}}
 
     all_settings = [settings_of(job) for job in jobs]
     keys = list(dict.fromkeys(k for s in all_settings for k in s))
-    return [{"name": k, "values": [s.get(k, "—") for s in all_settings], "differs": len({str(s.get(k)) for s in all_settings}) > 1} for k in keys]
+    missing = (None, "—")
+    return [{"name": k, "values": [s.get(k, missing)[1] for s in all_settings],
+             "differs": len({repr(s.get(k, missing)[0]) for s in all_settings}) > 1} for k in keys]
+
+
+def has_validation(job: FineTuningJob) -> bool:
+    """Whether the run evaluates: a validation file, or a share held out for one."""
+    return bool(job.validation_file_ref or job.holdout_percent)

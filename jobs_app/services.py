@@ -163,8 +163,8 @@ def _enqueue(job: FineTuningJob) -> None:
 
 
 def _note(job: FineTuningJob, message: str, *, level: str = "info", status: str | None = None) -> None:
-    JobEvent.objects.create(job=job, level=level, message=message)
-    publish(job.public_id, {"type": "event", "level": level, "message": message, "created_at": int(timezone.now().timestamp())})
+    row = JobEvent.objects.create(job=job, level=level, message=message)
+    publish(job.public_id, {"type": "event", "level": level, "message": message, "created_at": int(row.created_at.timestamp())})
     if status:
         publish(job.public_id, {"type": "status", "status": status})
 
@@ -228,9 +228,13 @@ def job_delete(*, job: FineTuningJob) -> FineTuningJob:
     """Delete a job that is not running (zhipuai's jobs.delete); its model stays."""
     if job.status in (FineTuningJob.RUNNING,):
         raise ApiError(f"Job {job.public_id} is running; cancel it first.", code="invalid_state")
+    from deployments_app.services import cancel_deployments_of
+
     snapshot = FineTuningJob.objects.get(pk=job.pk)
     output_dir = job.output_dir
     has_model = hasattr(job, "model_card")
+    # Deployments of its checkpoints would lose their weights; the model's own keep serving.
+    cancel_deployments_of(job.owner, job.fine_tuned_model_id, checkpoints_only=has_model)
     job.delete()
     # The checkpoints go with the job (their rows cascade, their ids stop resolving);
     # the model, when there is one, stays in its folder until it is deleted itself.

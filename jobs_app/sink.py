@@ -130,6 +130,22 @@ def _control_key(job_pk: int) -> str:
     return f"ft:job-control:{job_pk}"
 
 
+def _redis(read_timeout: float):
+    """A Redis client that gives up quickly: a wake-up is a courtesy, never worth a stall."""
+    import redis
+    from django.conf import settings
+
+    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=read_timeout, socket_connect_timeout=1)
+
+
+def _push_wake(job_pk: int, client=None) -> None:
+    try:
+        client = client or _redis(2)
+        client.pipeline().rpush(_control_key(job_pk), 1).expire(_control_key(job_pk), 300).execute()
+    except Exception:  # noqa: BLE001 - a missed wake-up costs one poll interval, nothing else
+        log.warning("could not wake the watchdog of job %s; it will see the change at its next poll", job_pk)
+
+
 def wake_watchdog(job_pk: int) -> None:
     """After this transaction commits, tell the job's watchdog to read its control now.
 
@@ -137,16 +153,7 @@ def wake_watchdog(job_pk: int) -> None:
     wait, so a cancel or pause reaches the engine within one step, not one poll.
     Without Redis the watchdog still finds it at its next poll.
     """
-    def push():
-        from deployments_app.streams import sync_client
-
-        try:
-            client = sync_client()
-            client.pipeline().rpush(_control_key(job_pk), 1).expire(_control_key(job_pk), 300).execute()
-        except Exception:  # noqa: BLE001 - a missed wake-up costs one poll interval, nothing else
-            log.warning("could not wake the watchdog of job %s; it will see the change at its next poll", job_pk)
-
-    transaction.on_commit(push)
+    transaction.on_commit(lambda: _push_wake(job_pk))
 
 
 class Watchdog:
@@ -161,6 +168,7 @@ class Watchdog:
         self.poll_seconds = poll_seconds
         self.control = ""
         self._redis = None
+        self._redis_broken = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"watchdog-{job.public_id}", daemon=True)
 
@@ -170,6 +178,8 @@ class Watchdog:
 
     def __exit__(self, *exc):
         self._stop.set()
+        if self._redis is not None and not self._redis_broken:
+            _push_wake(self.job_pk)  # end its wait now rather than after a poll interval
         self._thread.join(timeout=10)
 
     def should_stop(self):
@@ -200,11 +210,14 @@ class Watchdog:
         """Sleep one poll interval, or less when wake_watchdog() is called for this job."""
         if self._stop.is_set():
             return
-        try:
-            from deployments_app.streams import sync_client
-
-            if self._redis is None:
-                self._redis = sync_client()
-            self._redis.blpop([_control_key(self.job_pk)], timeout=self.poll_seconds)
-        except Exception:  # noqa: BLE001 - no Redis: poll the database only
-            self._stop.wait(self.poll_seconds)
+        if not self._redis_broken:
+            try:
+                if self._redis is None:
+                    self._redis = _redis(self.poll_seconds + 5)
+                self._redis.blpop([_control_key(self.job_pk)], timeout=self.poll_seconds)
+                return
+            except Exception:  # noqa: BLE001 - no Redis: from now on poll the database only
+                log.warning("the watchdog of job %s cannot reach Redis; it polls the database every %s s",
+                            self.job_pk, self.poll_seconds)
+                self._redis_broken = True
+        self._stop.wait(self.poll_seconds)

@@ -132,7 +132,7 @@ def job_detail(request, public_id):
         "warnings": selectors.warnings_of(job),
         "last_step": max((p["step"] for p in points), default=0),
         "queue_position": selectors.queue_position(job),
-        "settings": described_settings(job.resolved),
+        "settings": described_settings(job.resolved, validation=selectors.has_validation(job)),
     }
     return render(request, "jobs/detail.html", context)
 

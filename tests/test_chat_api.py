@@ -98,6 +98,8 @@ def test_a_body_that_is_not_a_json_object_is_a_400(client, alice, raw):
     ("[" * 100_000, "nested too deeply"),
     ('{"model": "x", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content holds a lone UTF-16 surrogate"),
     ('{"model": "\\udfff", "messages": []}', "model holds a lone UTF-16 surrogate"),
+    (b'{"model": "x", "messages": [{"role": "user", "content": "\xed\xa0\x80"}]}', "not valid UTF-8 (byte 58)"),
+    ('{"model": "x", "messages": []}'.encode("utf-16"), "not valid UTF-8"),
 ])
 def test_text_no_model_could_read_is_a_400_saying_where(client, alice, raw, why):
     assert why in refused(chat(client, raw))["message"]

@@ -162,5 +162,7 @@ def test_a_cancel_reaches_the_watchdog_at_once_not_at_its_next_poll(alice, datas
             time.sleep(0.01)
         waited = time.monotonic() - asked
         assert watchdog.should_stop() == "cancel" and waited < 2, waited
+        leaving = time.monotonic()
+    assert time.monotonic() - leaving < 2  # leaving ends the watchdog's 30 s wait at once
     server.shutdown()
 

@@ -150,6 +150,15 @@ def test_the_job_page_names_settings_and_files_as_people_read_them(client, alice
     assert "<dt>Batch size (examples per step)</dt>" in page and "<dt>n_epochs</dt>" not in page
     assert "after 3 evaluations without a better validation loss" in page and "<dd>each epoch</dd>" in page
     assert "Saved adapter" in page and str(job.output_dir) not in page
+    assert "<dd>never (no validation data)</dd>" in page and "<dd>3% of the steps</dd>" in page
+
+
+def test_compare_marks_settings_that_differ_even_when_they_read_alike(client, alice, dataset):
+    jobs = [make_job(alice, dataset, resolved=resolve_hyperparameters({"warmup_ratio": ratio}, method="lora", examples=40))
+            for ratio in (0.031, 0.0310001)]
+    page = client.get(f"/jobs/compare/?ids={jobs[0].public_id}&ids={jobs[1].public_id}").content.decode()
+    assert '<tr class="differs"><td>Warmup</td><td>3.1% of the steps</td><td>3.1% of the steps</td>' in page
+    assert '<tr><td>Epochs</td>' in page
 
 
 def test_metrics_csv_and_log_downloads(client, alice, dataset):

@@ -174,19 +174,27 @@ def test_delete_cancels_deployments_removes_files_and_the_id_is_404_everywhere(c
     assert client.get(f"/models/{card.model_id}/download/adapter.zip").status_code == 404
 
 
-def test_a_job_deleted_before_its_model_leaves_no_files_behind(client, card, settings, tmp_path, django_capture_on_commit_callbacks):
+def test_a_job_deleted_before_its_model_leaves_no_files_behind(client, alice, card, settings, tmp_path, monkeypatch,
+                                                                django_capture_on_commit_callbacks):
     from jobs_app.services import job_delete
 
+    monkeypatch.setattr("deployments_app.tasks.run_instance.delay", lambda pk: None)
     settings.FT_ARTIFACTS_DIR = tmp_path / "artifacts"
     run = card.job.output_dir
     shutil.copytree(card.path, run / "adapter")
     ModelCard.objects.filter(pk=card.pk).update(path=str(run / "adapter"))
-    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    shutil.copytree(card.path, run / "checkpoints" / "step-2" / "adapter")
     (run / "checkpoints" / "step-2" / "optimizer.pt").write_bytes(b"0" * 1000)
     (run / "metrics.jsonl").write_text("{}\n")
+    checkpoint = Checkpoint.objects.create(job=card.job, step=2, path=str(run / "checkpoints" / "step-2"))
+    on_checkpoint = services.deployment_create(user=alice, model_id=checkpoint.model_id, instances=1)
+    on_model = services.deployment_create(user=alice, model_id=card.model_id, instances=1)
     with django_capture_on_commit_callbacks(execute=True):
         job_delete(job=card.job)
     assert not (run / "checkpoints").exists() and (run / "adapter" / "adapter_config.json").exists()
+    # The checkpoint's deployment stops before its files go; the model's keeps serving.
+    assert Deployment.objects.get(pk=on_checkpoint.pk).status == "cancelled"
+    assert Deployment.objects.get(pk=on_model.pk).is_active
     assert client.get(f"/v1/models/{card.model_id}").status_code == 200  # the model stays usable
     with django_capture_on_commit_callbacks(execute=True):
         assert client.post(f"/models/{card.model_id}/delete/").status_code == 302

@@ -84,8 +84,17 @@
   function localTimes(root) {
     for (const time of root.querySelectorAll("time[datetime]")) time.textContent = clock(new Date(time.getAttribute("datetime")));
   }
+  // Events shown live, newest last: the server's list swapped in on joining may have been read
+  // just before one of them was written, so any it lacks are put back on top.
+  const live = [];
   localTimes(document);
-  document.body.addEventListener("htmx:afterSwap", (e) => localTimes(e.target));
+  document.body.addEventListener("htmx:afterSwap", (e) => {
+    localTimes(e.target);
+    if (e.target.id !== "events") return;
+    const shown = new Set(Array.from(e.target.children, (li) => li.dataset.key));
+    for (const item of live) if (!shown.has(item.dataset.key)) e.target.prepend(item);
+    if (live.length) e.target.querySelector("li.muted")?.remove();
+  });
 
   // The server's list of events: on joining the live stream, anything said before it is missed.
   function reloadEvents() {
@@ -96,6 +105,9 @@
     const list = document.getElementById("events");
     const item = document.createElement("li");
     item.className = e.level || "info";
+    item.dataset.key = `${e.created_at}|${e.message}`;
+    live.push(item);
+    if (live.length > 50) live.shift();
     const time = document.createElement("time");
     time.textContent = clock(new Date((e.created_at || Date.now() / 1000) * 1000));
     item.append(time, " " + e.message);

@@ -102,7 +102,8 @@ def bmp_bytes(width: int, height: int) -> bytes:
 def jpeg_bytes(width: int, height: int) -> bytes:
     app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
     sof0 = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
-    return b"\xff\xd8" + app0 + sof0 + b"\xff\xd9"
+    scan = b"\xff\xda" + struct.pack(">H", 8) + b"\x01\x01\x00\x00\x3f\x00" + b"\x12\xff\x00\x34"
+    return b"\xff\xd8" + app0 + sof0 + scan + b"\xff\xd9"
 
 
 def webp_bytes(width: int, height: int, chunk: bytes = b"VP8X") -> bytes:

@@ -126,7 +126,23 @@ def test_it_refuses_an_image_cut_short_and_takes_it_whole(data, media_type, dama
 
 
 def test_a_jpeg_with_bytes_after_its_end_is_whole():
-    scanned = jpeg_bytes(64, 48)[:-2] + b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" + b"\x12\x34\xff\x00\x56" + b"\xff\xd9"
+    scanned = jpeg_bytes(64, 48)
     assert check_image_url(data_url(scanned + b"trailer from a camera", "image/jpeg")).kind == "jpeg"
     with pytest.raises(ValueError, match="no end-of-image marker"):
         check_image_url(data_url(scanned[:-2], "image/jpeg"))
+
+
+def test_a_photo_cut_before_its_scan_is_not_taken_whole_because_of_its_thumbnail():
+    photo = jpeg_bytes(64, 48)
+    thumbnail = jpeg_bytes(8, 8)  # a whole JPEG, with its own scan and end marker, inside APP1
+    app1 = b"\xff\xe1" + struct.pack(">H", 2 + 6 + len(thumbnail)) + b"Exif\x00\x00" + thumbnail
+    with_thumbnail = photo[:2] + app1 + photo[2:]
+    assert check_image_url(data_url(with_thumbnail, "image/jpeg")).kind == "jpeg"
+    cut_before_scan = with_thumbnail[:with_thumbnail.rfind(b"\xff\xda")]
+    with pytest.raises(ValueError, match="cut short"):
+        check_image_url(data_url(cut_before_scan, "image/jpeg"))
+
+
+def test_a_gif_of_a_few_bytes_is_an_error_on_its_line_not_a_crash():
+    with pytest.raises(ValueError, match="screen descriptor is cut short"):
+        check_image_url(data_url(b"GIF89a\x01\x00\x01\x00", "image/gif"))
