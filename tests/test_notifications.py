@@ -84,3 +84,13 @@ def test_email_notices_go_to_the_address_set_on_the_page(client, settings, monke
     assert sent and sent[0][0] == "alice@example.org"
     send_notification_email.apply(args=sent[0])
     assert mail.outbox[-1].to == ["alice@example.org"] and "ftjob-1" in mail.outbox[-1].subject
+
+
+def test_viewing_notifications_marks_only_the_ones_shown_as_seen(client):
+    alice = get_user_model().objects.create_user("alice", password="pw-alice-123")
+    for i in range(52):
+        Notification.objects.create(user=alice, message=f"Job {i} succeeded.")
+    client.force_login(alice)
+    client.get("/notifications/")
+    assert Notification.objects.filter(user=alice, read_at__isnull=True).count() == 2  # the page shows 50
+
