@@ -156,11 +156,17 @@ _JPEG_STANDALONE = {0x01, *range(0xD0, 0xDA)}
 _JPEG_FRAMES = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int]:
+def _jpeg_segments(data: bytes):
+    """Yield (marker, offset, length) of each header segment up to the first scan (SOS), the last one yielded.
+
+    Raises ValueError saying where the walk cannot go on.
+    """
     at = 2
     while True:
+        if at + 4 > len(data):
+            raise ValueError("the headers are cut short")
         if data[at] != 0xFF:
-            raise IndexError
+            raise ValueError(f"byte 0x{data[at]:02x} at offset {at:,} where a marker should be")
         marker = data[at + 1]
         if marker == 0xFF:  # fill byte
             at += 1
@@ -168,13 +174,22 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
         if marker in _JPEG_STANDALONE:
             at += 2
             continue
-        if marker == 0xDA:  # pixel data starts before any frame header
-            raise IndexError
         (length,) = struct.unpack(">H", data[at + 2:at + 4])
-        if marker in _JPEG_FRAMES:
-            height, width = struct.unpack(">HH", data[at + 5:at + 9])
-            return width, height
+        yield marker, at, length
+        if marker == 0xDA:
+            return
         at += 2 + length
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    try:
+        for marker, at, _ in _jpeg_segments(data):
+            if marker in _JPEG_FRAMES:
+                height, width = struct.unpack(">HH", data[at + 5:at + 9])
+                return width, height
+    except ValueError:
+        raise IndexError from None
+    raise IndexError  # pixel data starts before any frame header
 
 
 def _missing_end(kind: str, data: bytes) -> str | None:
@@ -202,26 +217,14 @@ def _jpeg_missing_end(data: bytes) -> str | None:
     APP1, with its own scan and end marker), which a plain search would take for
     the photo's. Bytes after the end marker (camera trailers) are allowed.
     """
-    at = 2
-    while True:
-        if at + 4 > len(data):
-            return "the headers are cut short"
-        if data[at] != 0xFF:
-            return f"byte 0x{data[at]:02x} at offset {at:,} where a marker should be"
-        marker = data[at + 1]
-        if marker == 0xFF:  # fill byte
-            at += 1
-            continue
-        if marker in _JPEG_STANDALONE:
-            at += 2
-            continue
-        if marker == 0xD9:
-            return "no image data before the end-of-image marker"
-        (length,) = struct.unpack(">H", data[at + 2:at + 4])
-        if marker == 0xDA:
-            # Scan data cannot hold FF D9: an FF byte there is written FF 00.
-            return None if data.find(b"\xff\xd9", at + 2 + length) >= 0 else "no end-of-image marker"
-        at += 2 + length
+    try:
+        for marker, at, length in _jpeg_segments(data):
+            if marker == 0xDA:
+                # Scan data cannot hold FF D9: an FF byte there is written FF 00.
+                return None if data.find(b"\xff\xd9", at + 2 + length) >= 0 else "no end-of-image marker"
+    except ValueError as problem:
+        return str(problem)
+    return None  # not reached: the walk ends at a scan or raises
 
 
 def _gif_missing_end(data: bytes) -> str | None:

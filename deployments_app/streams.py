@@ -78,10 +78,10 @@ def as_text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def sync_client():
+def sync_client(*, socket_timeout: float = 30, connect_timeout: float = 5):
     import redis
 
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=30, socket_connect_timeout=5)
+    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout)
 
 
 def async_client():

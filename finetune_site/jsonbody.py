@@ -11,6 +11,7 @@ import re
 
 # A surrogate can only reach a parsed string through a \\uD800-\\uDFFF escape.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE_ESCAPE_BYTES = re.compile(_SURROGATE_ESCAPE.pattern.encode())
 
 
 def loads(raw: bytes | str):
@@ -32,9 +33,14 @@ def loads(raw: bytes | str):
     return value
 
 
-def check_text(value, raw: str | None = None) -> None:
-    """Raise ValueError naming where value holds a string that is not valid Unicode."""
-    if raw is not None and not _SURROGATE_ESCAPE.search(raw):
+def check_text(value, raw: str | bytes | None = None) -> None:
+    """Raise ValueError naming where value holds a string that is not valid Unicode.
+
+    With raw, the UTF-8 text value was parsed from, the walk runs only when raw has
+    a surrogate escape at all.
+    """
+    pattern = _SURROGATE_ESCAPE_BYTES if isinstance(raw, (bytes, bytearray)) else _SURROGATE_ESCAPE
+    if raw is not None and not pattern.search(raw):
         return  # the cheap, usual case: no escape could have made one
     stack = [(value, "")]
     while stack:  # iterative: the value may be as deep as the parser allowed

@@ -132,10 +132,9 @@ def _control_key(job_pk: int) -> str:
 
 def _redis(read_timeout: float):
     """A Redis client that gives up quickly: a wake-up is a courtesy, never worth a stall."""
-    import redis
-    from django.conf import settings
+    from deployments_app.streams import sync_client
 
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=read_timeout, socket_connect_timeout=1)
+    return sync_client(socket_timeout=read_timeout, connect_timeout=1)
 
 
 def _push_wake(job_pk: int, client=None) -> None:

@@ -5,11 +5,13 @@ and port; base models are linked from the test cache instead of converted again.
 """
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,3 +116,32 @@ def chat_lines(n: int, *, seed_word: str = "blue") -> bytes:
         ]}
         lines.append(json.dumps(example))
     return ("\n".join(lines) + "\n").encode()
+
+
+POSTGRES = "postgres://postgres@127.0.0.1:5432"
+
+
+def postgres_up() -> bool:
+    try:
+        import psycopg
+
+        psycopg.connect(f"{POSTGRES}/postgres", connect_timeout=2).close()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@contextmanager
+def fresh_postgres_database(prefix: str):
+    """The URL of a new, empty PostgreSQL database, dropped afterwards (PostgreSQL must be up)."""
+    import psycopg
+
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{POSTGRES}/{name}"
+    finally:
+        with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+

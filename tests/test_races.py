@@ -6,15 +6,12 @@ interleave; PostgreSQL does, and there the product must serialise them itself.
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 
 import pytest
 
-from .live import REPO
-
-PG = "postgres://postgres@127.0.0.1:5432"
+from .live import REPO, fresh_postgres_database, postgres_up
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -23,18 +20,10 @@ def database_url(request):
     if request.param == "sqlite":
         yield ""
         return
-    try:
-        import psycopg
-
-        psycopg.connect(f"{PG}/postgres", connect_timeout=2).close()
-    except Exception:  # noqa: BLE001
+    if not postgres_up():
         pytest.skip("PostgreSQL on 127.0.0.1:5432 is needed for this test")
-    name = f"ft_race_{secrets.token_hex(4)}"
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"{PG}/{name}"
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres_database("ft_race") as url:
+        yield url
 
 
 @pytest.mark.parametrize("mode, slots, expected", [

@@ -1,7 +1,5 @@
 """Scale-out: PostgreSQL and an external Redis, with a second training worker joining like another machine."""
 
-import os
-import secrets
 import subprocess
 import sys
 import time
@@ -11,19 +9,16 @@ import pytest
 
 from deployments_app.serving.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID
 
-from .live import REPO, chat_lines, start_stack, stop_stack
+from .live import REPO, chat_lines, fresh_postgres_database, postgres_up, start_stack, stop_stack
 
 pytestmark = [pytest.mark.live, pytest.mark.timeout(600)]
-PG = "postgres://postgres@127.0.0.1:5432"
 REDIS = "redis://127.0.0.1:6379/7"
 
 
-def _services_up() -> bool:
+def _redis_up() -> bool:
     try:
-        import psycopg
         import redis
 
-        psycopg.connect(f"{PG}/postgres", connect_timeout=2).close()
         redis.Redis.from_url(REDIS, socket_connect_timeout=2).ping()
         return True
     except Exception:  # noqa: BLE001
@@ -32,33 +27,27 @@ def _services_up() -> bool:
 
 @pytest.fixture
 def scale_out_stack(tmp_path, tiny_model_dir, bundled_model_dir, monkeypatch):
-    if not _services_up():
+    if not (postgres_up() and _redis_up()):
         pytest.skip("PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 are needed for this test")
-    import psycopg
     import redis
 
-    name = f"ft_test_{secrets.token_hex(4)}"
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    redis.Redis.from_url(REDIS).flushdb()
-    monkeypatch.setenv("DATABASE_URL", f"{PG}/{name}")
-    monkeypatch.setenv("REDIS_URL", REDIS)
-    stack = start_stack(tmp_path / "home", {TINY_MODEL_ID: tiny_model_dir, BUNDLED_MODEL_ID: bundled_model_dir}, keep_env=True)
-    # A second training worker, as if on another machine: same database, Redis and shared
-    # artifact storage (FT_HOME stands in for the shared mount).
-    env = dict(stack.env)
-    second = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "finetune_site", "worker", "-Q", "training", "--pool", "threads",
-         "--concurrency", "1", "-n", "train-other@%h", "--without-gossip", "--without-mingle"],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    yield stack
-    second.terminate()
-    second.wait(timeout=60)
-    stop_stack(stack)
-    redis.Redis.from_url(REDIS).flushdb()
-    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres_database("ft_test") as database_url:
+        redis.Redis.from_url(REDIS).flushdb()
+        monkeypatch.setenv("DATABASE_URL", database_url)
+        monkeypatch.setenv("REDIS_URL", REDIS)
+        stack = start_stack(tmp_path / "home", {TINY_MODEL_ID: tiny_model_dir, BUNDLED_MODEL_ID: bundled_model_dir}, keep_env=True)
+        # A second training worker, as if on another machine: same database, Redis and shared
+        # artifact storage (FT_HOME stands in for the shared mount).
+        second = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "finetune_site", "worker", "-Q", "training", "--pool", "threads",
+             "--concurrency", "1", "-n", "train-other@%h", "--without-gossip", "--without-mingle"],
+            cwd=REPO, env=dict(stack.env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        yield stack
+        second.terminate()
+        second.wait(timeout=60)
+        stop_stack(stack)
+        redis.Redis.from_url(REDIS).flushdb()
 
 
 def test_two_workers_train_two_jobs_at_once_on_postgres(scale_out_stack):
