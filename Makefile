@@ -46,7 +46,7 @@ test-fast: install-test
 bench: install-bench install-test
 	$(PY) manage.py prepare_models
 	$(PY) -m benchmarks.train_vs_trl
-	$(PY) -m deployments_app.serving.bench --model "$(FT_HOME)/models/SmolLM2-135M-Instruct"
+	$(PY) -m llm.serve.bench --model "$(FT_HOME)/models/SmolLM2-135M-Instruct"
 	$(PY) -m benchmarks.chat_api_throughput --repeats 5
 	$(PY) -m benchmarks.curve_latency --clients 20
 	$(PY) -m datasets_app.bench_validation --mb 1024

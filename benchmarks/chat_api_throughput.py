@@ -20,7 +20,7 @@ import httpx
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from deployments_app.serving.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID, build_tiny_model, prepare_bundled_model
+from llm.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID, build_tiny_model, prepare_bundled_model
 from tests.live import start_stack, stop_stack
 
 CACHE = Path(__file__).resolve().parent.parent / "var" / "test-cache"

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from deployments_app.serving.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID, build_tiny_model, prepare_bundled_model
+from llm.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID, build_tiny_model, prepare_bundled_model
 from tests.live import ADMIN_PASSWORD, chat_lines, start_stack, stop_stack
 
 CACHE = Path(__file__).resolve().parent.parent / "var" / "test-cache"

@@ -10,7 +10,7 @@ data (Banking77-derived, a few dozen to ~1,000 tokens an example), same LoRA
 examples per step, epochs, seed, data order and loss mask (assistant replies
 only). Each trainer runs in its own process, one after the other:
 
-- engine       python -m jobs_app.engine train ... (its CLI, as users run it)
+- engine       python -m llm.train train ... (its CLI, as users run it)
 - trl_default  SFTTrainer with TRL's defaults, except what must match the job
 - trl_tuned    SFTTrainer with its best switches on CPU: padding_free=True and
                gradient checkpointing off (liger kernels are reported, not used,
@@ -409,7 +409,7 @@ def build_random_model(dest: Path, shape: dict, *, tokenizer_dir: Path, seed: in
     from transformers import AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    from deployments_app.serving.bundled import build_random_llama
+    from llm.bundled import build_random_llama
 
     transformers_logging.disable_progress_bar()
     dest = Path(dest)
@@ -465,7 +465,7 @@ def prepare_gpu_carry(args) -> int:
 
 def _ensure_model(path: Path) -> Path:
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
-        from deployments_app.serving.bundled import prepare_bundled_model
+        from llm.bundled import prepare_bundled_model
 
         prepare_bundled_model(path)
     return path
@@ -485,7 +485,7 @@ def _prepare(args, shape: str, model_dir: Path, workdir: Path) -> dict:
     """Build the data, check that every trainer will see the same tokens and mask, write the spec the children read."""
     from transformers import AutoTokenizer
 
-    from jobs_app.engine.data import render_example
+    from llm.train.data import render_example
 
     from .data import build_conversations, load_rows
 
@@ -612,7 +612,7 @@ def _run_trainer(name: str, spec: dict, out: Path, engine_extra: list[str]) -> d
     if name == "engine":
         job = spec["job"]
         command = [
-            sys.executable, "-m", "jobs_app.engine", "train", "--model", spec["model"], "--train-file", spec["train_file"],
+            sys.executable, "-m", "llm.train", "train", "--model", spec["model"], "--train-file", spec["train_file"],
             "--out", str(out), "--method", "lora", "--epochs", str(job["epochs"]), "--batch-size", str(job["batch_size"]),
             "--lr", str(job["lr"]), "--lora-r", str(job["lora_r"]), "--lora-alpha", str(job["lora_alpha"]),
             "--lora-dropout", str(job["lora_dropout"]), "--target-modules", job["target_modules"],
@@ -699,7 +699,7 @@ def trl_child(spec: dict, variant: str, out: Path) -> int:
     from transformers.utils import logging as transformers_logging
     from trl import SFTConfig, SFTTrainer
 
-    from jobs_app.engine.data import epoch_order
+    from llm.train.data import epoch_order
 
     transformers_logging.disable_progress_bar()
     job = spec["job"]
@@ -774,7 +774,7 @@ def trl_child(spec: dict, variant: str, out: Path) -> int:
 
         from torch.optim.lr_scheduler import LambdaLR
 
-        from jobs_app.engine.loop import get_lr
+        from llm.train.loop import get_lr
 
         class EngineScheduleTrainer(SFTTrainer):
             def create_scheduler(self, num_training_steps, optimizer=None):

@@ -9,6 +9,8 @@ from functools import lru_cache
 from itertools import islice
 from urllib.parse import urlsplit
 
+from llm.chat import ChatFormatError, chat_format
+
 from .formats import CONVERTED_FORMATS, normalize_example
 from .token_stats import IMAGE_TOKENS, count_images, training_sequences, without_images
 from .validation import example_lines
@@ -105,11 +107,9 @@ def trained_segments(tokenizer, example: dict, *, max_seq_len: int) -> list[dict
     Images are left out of the text (the template renders text only) and named in
     a note; a template that refuses the example gets a note instead of the text.
     """
-    from jobs_app.engine.data import render_example
-
     try:
-        rendered = render_example(tokenizer, without_images(example), loss_on="assistant", max_seq_len=max_seq_len)
-    except Exception as problem:  # noqa: BLE001 - one example the template refuses must not take the page down
+        rendered = chat_format(tokenizer).render(without_images(example), max_seq_len=max_seq_len)
+    except ChatFormatError as problem:  # one example the template refuses must not take the page down
         log.info("preview cannot render an example: %s", problem)
         return [_note(f"The trained tokens cannot be shown for this example: {problem}")]
     mask = rendered.loss_mask

@@ -128,7 +128,6 @@ def dataset_compute_statistics(*, dataset_id: int, max_seq_len: int = 1024) -> D
 
 def _count_tokens(dataset: Dataset, *, max_seq_len: int) -> dict:
     from deployments_app.catalog import tokenizer_path
-    from jobs_app.engine.data import render_example
 
     from .preview import load_tokenizer
     from .token_stats import estimate_cost, token_statistics
@@ -140,7 +139,7 @@ def _count_tokens(dataset: Dataset, *, max_seq_len: int) -> dict:
     # The uploaded file, not the normalized copy: its line numbers are the ones the user
     # sees in the file (the copy has no blank lines), and every format normalizes the same.
     with dataset.file.open("rb") as lines:
-        stats = token_statistics(lines, tokenizer, max_seq_len=max_seq_len, render=render_example)
+        stats = token_statistics(lines, tokenizer, max_seq_len=max_seq_len)
     stats["cost_per_epoch"] = estimate_cost(stats["billable_tokens"], 1, settings.FT_PRICE_PER_1K_TOKENS)
     stats["price_per_1k_tokens"] = settings.FT_PRICE_PER_1K_TOKENS
     return stats

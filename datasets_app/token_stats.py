@@ -1,18 +1,19 @@
 """Token statistics of a dataset: lengths, trained and billable tokens, truncation.
 
 A second, optional pass after validation, slower because it needs the base
-model's tokenizer. Examples are rendered with the chat template, as training
-will see them; tokens inside assistant replies (weight not 0) are the trained
-ones. The training engine's own renderer can be plugged in for exact counts.
-Plain Python (no Django); transformers is only used through the tokenizer given.
+model's tokenizer. Examples are rendered by the one chat format (`llm.chat`),
+exactly as training renders them, so trained and billable tokens are the ones
+training will see. Plain Python (no Django); transformers is only used through
+the tokenizer given.
 """
 
 import json
 import math
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from datasets_app.formats import InvalidExample, Issue, normalize_example
+from llm.chat import ChatFormatError, chat_format
 
 IMAGE_TOKENS = 1024
 """What one image counts for, whatever its size."""
@@ -28,7 +29,6 @@ def token_statistics(
     tokenizer,
     *,
     max_seq_len: int,
-    render: Callable | None = None,
     max_listed: int = 100,
 ) -> dict:
     """Count the tokens of each example in lines and describe them for a page and a cost estimate.
@@ -36,14 +36,12 @@ def token_statistics(
     lines holds JSON lines (bytes or str, as from iterating a file) or decoded
     dicts, in any accepted format; invalid ones are skipped. Warning line
     numbers count every item, blank lines included, so they match the file.
-    render, when given, is called as render(tokenizer, example, loss_on="assistant",
-    max_seq_len=None), with the example's image parts left out (see
-    without_images), and returns input_ids with labels (-100 = not trained) or
-    a loss_mask, as a dict or an object; without it the tokenizer's chat
-    template is used.
+    An example the chat template refuses is skipped with a warning: training
+    would refuse it too.
     """
     lengths = array("I")
-    totals = {"total": 0, "trained": 0, "billable": 0, "images": 0, "lost": 0, "over": 0, "skipped": 0}
+    totals = {"total": 0, "trained": 0, "billable": 0, "images": 0, "lost": 0, "over": 0, "skipped": 0, "refused": 0}
+    render = chat_format(tokenizer).render
     caps = sorted({*BILLABLE_CAPS, max_seq_len})
     billable_at = dict.fromkeys(caps, 0)
     warnings: list[Issue] = []
@@ -51,9 +49,16 @@ def token_statistics(
         if example is None:
             totals["skipped"] += 1
             continue
+        try:
+            masks = [render(without_images(sequence)).loss_mask for sequence in training_sequences(example)]
+        except ChatFormatError as refusal:
+            totals["skipped"] += 1
+            totals["refused"] += 1
+            if len(warnings) < max_listed:
+                warnings.append(Issue(number, "", "template_refused", f"training cannot render this example: {refusal}"))
+            continue
         longest = 0
-        for sequence in training_sequences(example):
-            mask = _loss_mask(tokenizer, sequence, render)
+        for sequence, mask in zip(training_sequences(example), masks, strict=True):
             image_count, trained_images = count_images(sequence["messages"])
             tokens = len(mask) + IMAGE_TOKENS * image_count
             longest = max(longest, tokens)
@@ -94,7 +99,9 @@ def token_statistics(
         "examples_over_max_seq_len": totals["over"],
         "tokens_lost": totals["lost"],
         "warnings": [issue.to_dict() for issue in warnings],
-        "warning_counts": {"too_long": totals["over"]} if totals["over"] else {},
+        "warning_counts": {
+            kind: count for kind, count in (("too_long", totals["over"]), ("template_refused", totals["refused"])) if count
+        },
     }
 
 
@@ -209,106 +216,3 @@ def without_images(example: dict) -> dict:
         for message in example["messages"]
     ]
     return {**example, "messages": messages}
-
-
-def _loss_mask(tokenizer, example: dict, render: Callable | None) -> list[int]:
-    """One item per token: 1 where training learns from the token, 0 elsewhere."""
-    if render is not None:
-        return _mask_from_render(render(tokenizer, without_images(example), loss_on="assistant", max_seq_len=None))
-    messages = [_plain_message(message) for message in example["messages"]]
-    trained = [
-        i for i, message in enumerate(example["messages"])
-        if message["role"] == "assistant" and message.get("weight", 1) != 0
-    ]
-    try:
-        text = _apply_template(tokenizer, messages, example.get("tools"), generation=False)
-    except Exception:  # no chat template, or one that refuses this conversation
-        text, spans = _plain_render(messages, trained)
-    else:
-        spans = _assistant_spans(tokenizer, messages, example.get("tools"), trained, text)
-    return _mask(tokenizer, text, spans)
-
-
-def _assistant_spans(tokenizer, messages, tools, trained: list[int], text: str) -> list[tuple[int, int]]:
-    """Where each trained reply sits in text: from after its header to its end-of-turn tokens."""
-    spans = []
-    searched_to = 0
-    for i in trained:
-        try:
-            before = _apply_template(tokenizer, messages[:i], tools, generation=True) if i else ""
-            upto = _apply_template(tokenizer, messages[: i + 1], tools, generation=False)
-        except Exception:
-            before = upto = None
-        if upto is not None and text.startswith(upto) and upto.startswith(before) and len(before) >= searched_to:
-            span = (len(before), len(upto))
-        else:
-            # The template rewrites earlier turns: fall back to finding the reply's own text.
-            start = text.find(messages[i]["content"], searched_to)
-            span = (start, start + len(messages[i]["content"])) if start >= 0 else (searched_to, searched_to)
-        spans.append(span)
-        searched_to = span[1]
-    return spans
-
-
-def _plain_render(messages: list[dict], trained: list[int]) -> tuple[str, list[tuple[int, int]]]:
-    text, spans = "", []
-    for i, message in enumerate(messages):
-        text += f"{message['role']}: "
-        if i in trained:
-            spans.append((len(text), len(text) + len(message["content"])))
-        text += message["content"] + "\n"
-    return text, spans
-
-
-def _mask(tokenizer, text: str, spans: list[tuple[int, int]]) -> list[int]:
-    mask: list[int] = []
-    at = 0
-    for start, end in [*spans, (len(text), len(text))]:
-        mask += [0] * _token_count(tokenizer, text[at:start])
-        mask += [1] * _token_count(tokenizer, text[start:end])
-        at = end
-    return mask
-
-
-def _token_count(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-
-
-def _apply_template(tokenizer, messages, tools, *, generation: bool) -> str:
-    extra = {"tools": tools} if tools else {}
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation, **extra)
-
-
-def _plain_message(message: dict) -> dict:
-    """The message as role and text: image parts drop out (counted apart), tool calls become JSON text."""
-    content = message.get("content") or ""
-    if isinstance(content, list):
-        content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
-    pieces = [content] if content else []
-    for call in message.get("tool_calls") or []:
-        function = call["function"]
-        try:
-            arguments = json.loads(function["arguments"])
-        except (TypeError, ValueError):
-            arguments = function["arguments"]
-        pieces.append(json.dumps({"name": function["name"], "arguments": arguments}, ensure_ascii=False))
-    return {"role": message["role"], "content": "\n".join(pieces)}
-
-
-def _mask_from_render(result) -> list[int]:
-    if isinstance(result, tuple):
-        input_ids, labels = result[0], result[1]
-        result = {"input_ids": input_ids, "labels": labels}
-    get = result.get if isinstance(result, dict) else (lambda key: getattr(result, key, None))
-    if get("loss_mask") is not None:
-        return [1 if value else 0 for value in _flat(get("loss_mask"))]
-    if get("labels") is not None:
-        return [0 if value == _IGNORED_LABEL else 1 for value in _flat(get("labels"))]
-    return [0] * len(_flat(get("input_ids")))
-
-
-def _flat(values) -> list:
-    values = values.tolist() if hasattr(values, "tolist") else list(values)
-    if len(values) == 1 and isinstance(values[0], list):  # a batch of one
-        values = values[0]
-    return values

@@ -7,7 +7,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from .serving.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID, is_ready
+from llm.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID, is_ready
 
 
 @dataclass(frozen=True)

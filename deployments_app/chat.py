@@ -28,9 +28,9 @@ from .catalog import resolve_model
 from .routing import deployment_events
 from .selectors import serving_deployment
 from .streams import RemoteError
-from .serving.errors import InvalidRequest, ServingError
-from .serving.pool import ModelPool
-from .serving.schema import Completion, GenerationRequest
+from llm.serve.errors import InvalidRequest, ServingError
+from llm.serve.pool import ModelPool
+from llm.serve.schema import Completion, GenerationRequest
 
 log = logging.getLogger(__name__)
 _executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="chat")

@@ -18,9 +18,9 @@ from django.utils import timezone
 
 from .catalog import ResolvedModel, resolve_model
 from .models import Deployment, Instance
-from .serving.errors import InvalidRequest, ServingError
-from .serving.pool import ModelPool
-from .serving.schema import Completion, GenerationRequest
+from llm.serve.errors import InvalidRequest, ServingError
+from llm.serve.pool import ModelPool
+from llm.serve.schema import Completion, GenerationRequest
 from . import streams
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,10 @@ from . import metrics
 from .catalog import resolve_model
 from .chat import ChatFailure, _session_csrf_error, open_events, parse_chat_body
 from .models import ModelCard
-from .serving.errors import ServingError
-from .serving.schema import Completion
+from llm.chat import check_messages, check_tools
+from llm.serve.errors import InvalidRequest, ServingError
+from llm.serve.prompt import render_prompt
+from llm.serve.schema import Completion
 
 _MAX_LINES_SCANNED = 5000
 MAX_BATCH = 50
@@ -95,9 +97,6 @@ def _tokenizer(base_path: str):
 
 def render_chat_template(user, model_id: str, messages: list, tools: list | None = None) -> dict:
     """The exact prompt text the model receives for these messages, and its token count."""
-    from .serving.errors import InvalidRequest
-    from .serving.prompt import check_messages, check_tools, render_prompt, template_has_tools
-
     resolved = resolve_model(user, model_id)
     if resolved is None:
         raise ApiError(f"The model {model_id!r} does not exist or you do not have access to it.", status_code=404, param="model")
@@ -106,7 +105,7 @@ def render_chat_template(user, model_id: str, messages: list, tools: list | None
         raise ApiError("; ".join(problems), param="messages")
     tokenizer = _tokenizer(str(resolved.base_path))
     try:
-        ids = render_prompt(tokenizer, messages, tools, template_has_tools=template_has_tools(tokenizer))
+        ids = render_prompt(tokenizer, messages, tools)
     except (InvalidRequest, ServingError) as exc:
         raise ApiError(str(exc), param="messages") from exc
     return {"model": model_id, "prompt": tokenizer.decode(ids), "prompt_tokens": len(ids)}

@@ -53,7 +53,7 @@ def model_card_delete(*, card: ModelCard) -> None:
     model_id = card.model_id
     folders = [Path(card.path), export_dir(card)]
     if card.job is not None:
-        # The engine writes every checkpoint under here (jobs_app/engine/checkpoint.py).
+        # The engine writes every checkpoint under here (llm/train/checkpoint.py).
         folders.append(card.job.output_dir / "checkpoints")
         card.job.checkpoints.all().delete()
     elif Path(card.path).parent.parent == settings.FT_ARTIFACTS_DIR / "jobs":

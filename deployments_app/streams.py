@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 from django.conf import settings
 
-from .serving.schema import Completion
+from llm.serve.schema import Completion
 
 GROUP = "instances"
 REPLY_TTL_SECONDS = 300

@@ -1,4 +1,9 @@
-"""One error shape for the whole API: {"error": {"message", "type", "param", "code"}}."""
+"""One error shape for the whole API: {"error": {"message", "type", "param", "code"}}.
+
+This is where domain errors (`finetune_site.errors`) become HTTP statuses for the
+API: DRF views through `exception_handler`, the plain async views (chat, the
+playground's JSON endpoints) through `application_error_response`.
+"""
 
 import logging
 
@@ -6,6 +11,8 @@ from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
+
+from .errors import ApplicationError, CapacityExceeded, InvalidInput, InvalidState, NotAllowed, NotFound, TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +28,27 @@ _TYPES = {
 }
 
 
+# The status of each kind of domain error; a kind not listed (ApplicationError itself) is a 400.
+_STATUS_OF_ERROR: dict[type[ApplicationError], int] = {
+    InvalidInput: 400,
+    InvalidState: 400,
+    CapacityExceeded: 400,
+    NotFound: 404,
+    NotAllowed: 403,
+    TooLarge: 413,
+}
+
+
+def status_of(error: ApplicationError) -> int:
+    """The HTTP status a domain error is answered with."""
+    return next((_STATUS_OF_ERROR[kind] for kind in type(error).__mro__ if kind in _STATUS_OF_ERROR), 400)
+
+
 class ApiError(exceptions.APIException):
-    """An error with the fields the SDKs read; raise it from services and views."""
+    """An error of the API layer itself (a bad query parameter, a body that is not JSON).
+
+    Services raise domain errors (`finetune_site.errors`) instead.
+    """
 
     def __init__(self, message: str, *, status_code: int = 400, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -53,6 +79,11 @@ def error_response(message: str, *, status_code: int = 400, param=None, code=Non
     return response
 
 
+def application_error_response(error: ApplicationError) -> JsonResponse:
+    """A domain error in the API's shape, for views outside DRF."""
+    return error_response(error.message, status_code=status_of(error), param=error.param, code=error.code)
+
+
 def _first_validation_message(detail, prefix: str = "") -> tuple[str, str | None]:
     if isinstance(detail, dict):
         for field, value in detail.items():
@@ -67,6 +98,8 @@ def _first_validation_message(detail, prefix: str = "") -> tuple[str, str | None
 
 
 def exception_handler(exc, context):
+    if isinstance(exc, ApplicationError):
+        return _respond(exc.message, status_of(exc), exc.param, exc.code)
     if isinstance(exc, ApiError):
         return _respond(exc.message, exc.status_code, exc.param, exc.code)
     if isinstance(exc, Http404):

@@ -47,6 +47,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "finetune_site.middleware.ApplicationErrorMiddleware",
 ]
 
 ROOT_URLCONF = "finetune_site.urls"

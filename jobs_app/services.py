@@ -275,7 +275,7 @@ def recover_stale_jobs() -> list[str]:
 
 
 def build_train_config(job: FineTuningJob, *, resume_from: str | None):
-    from .engine import TrainConfig
+    from llm.train import TrainConfig
 
     hp = job.resolved
     lora = {"lora_r": hp["lora_rank"], "lora_alpha": hp["lora_alpha"], "lora_dropout": hp["lora_dropout"],
@@ -309,7 +309,7 @@ def _local_path(dataset: Dataset) -> str:
 
 def job_run(*, job_id: int, worker: str | None = None) -> None:
     """Claim a queued job and train it to the end, a pause, a cancel or a failure."""
-    from .engine import ConfigError, train
+    from llm.train import ConfigError, train
 
     job = FineTuningJob.objects.filter(pk=job_id).first()
     worker = worker or socket.gethostname()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments_app.serving.bundled import build_tiny_model, prepare_bundled_model
+from llm.bundled import build_tiny_model, prepare_bundled_model
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_CACHE = REPO / "var" / "test-cache"
@@ -37,7 +37,7 @@ def banking77_dir() -> Path:
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, tiny_model_dir, bundled_model_dir):
     """The whole product running as `make run` runs it, in its own FT_HOME and port."""
-    from deployments_app.serving.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID
+    from llm.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID
 
     from .live import start_stack, stop_stack
 

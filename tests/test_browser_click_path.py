@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from deployments_app.serving.bundled import BUNDLED_MODEL_ID
+from llm.bundled import BUNDLED_MODEL_ID
 
 from .live import ADMIN_PASSWORD
 

@@ -8,7 +8,7 @@ import torch
 
 from deployments_app.chat import _completion_object
 from deployments_app.models import ModelCard
-from deployments_app.serving.schema import Completion
+from llm.serve.schema import Completion
 
 from .test_model_square import BASE, alice, body_of, card, folders  # noqa: F401 - shared fixtures
 

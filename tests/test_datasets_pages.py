@@ -148,13 +148,13 @@ def test_the_preview_shows_image_examples_without_loading_web_images(client, ali
 
 
 def test_the_preview_names_an_example_it_cannot_render(client, alice, monkeypatch):
-    from jobs_app.engine import data
+    from llm.chat import ChatFormat, ChatFormatError
 
     def refuse(*args, **kwargs):
-        raise ValueError("Conversation roles must alternate")
+        raise ChatFormatError("Conversation roles must alternate")
 
     dataset = upload(client, chat_lines(2))
-    monkeypatch.setattr(data, "render_example", refuse)
+    monkeypatch.setattr(ChatFormat, "render", refuse)
     response = client.get(f"/datasets/{dataset.public_id}/preview/")
 
     assert response.status_code == 200

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from deployments_app.serving.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID
+from llm.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID
 
 from .live import chat_lines
 

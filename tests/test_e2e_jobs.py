@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from deployments_app.serving.bundled import TINY_MODEL_ID
+from llm.bundled import TINY_MODEL_ID
 
 from .live import ADMIN_PASSWORD, chat_lines
 

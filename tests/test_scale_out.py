@@ -7,7 +7,7 @@ import time
 import openai
 import pytest
 
-from deployments_app.serving.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID
+from llm.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID
 
 from .live import REPO, chat_lines, fresh_postgres_database, postgres_up, start_stack, stop_stack
 

@@ -29,7 +29,7 @@ def test_it_counts_all_tokens_and_the_assistant_ones(tokenizer):
 
     total = rendered_length(tokenizer, example["messages"])
     assert stats["total_tokens"] == stats["billable_tokens"] == total
-    assert stats["trained_tokens"] == count(tokenizer, "Paris is the capital.<|im_end|>\n")
+    assert stats["trained_tokens"] == count(tokenizer, "Paris is the capital.<|im_end|>")
     assert stats["tokens_per_example"] == {"mean": total, "p50": total, "p95": total, "max": total}
     assert stats["examples_over_max_seq_len"] == 0 and stats["warnings"] == []
 
@@ -39,7 +39,7 @@ def test_it_leaves_out_replies_with_weight_0(tokenizer):
     example["messages"][2]["weight"] = 0
     stats = token_statistics([example], tokenizer, max_seq_len=512)
 
-    assert stats["trained_tokens"] == count(tokenizer, "Goodbye<|im_end|>\n")
+    assert stats["trained_tokens"] == count(tokenizer, "Goodbye<|im_end|>")
 
 
 def test_it_counts_converted_examples_and_tool_calls(tokenizer):
@@ -47,8 +47,8 @@ def test_it_counts_converted_examples_and_tool_calls(tokenizer):
     calls = token_statistics([function_calling_example()], tokenizer, max_seq_len=512)
 
     assert converted["total_tokens"] == rendered_length(tokenizer, [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}])
-    call_text = '{"name": "get_weather", "arguments": {"city": "Paris"}}<|im_end|>\n'
-    assert calls["trained_tokens"] == count(tokenizer, call_text) + count(tokenizer, "It is 21 C in Paris.<|im_end|>\n")
+    call_text = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>'
+    assert calls["trained_tokens"] == count(tokenizer, call_text) + count(tokenizer, "It is 21 C in Paris.<|im_end|>")
 
 
 def test_it_counts_each_image_as_1024_tokens(tokenizer):
@@ -94,19 +94,6 @@ def test_it_counts_both_answers_of_a_preference_pair(tokenizer):
     assert stats["tokens_per_example"]["max"] == max(chosen, rejected)
 
 
-def test_it_uses_a_plugged_in_renderer(tokenizer):
-    calls = []
-
-    def render(tokenizer_given, example, *, loss_on, max_seq_len):
-        calls.append((tokenizer_given, loss_on, max_seq_len))
-        return {"input_ids": [1] * 10, "labels": [-100] * 6 + [5] * 4}
-
-    stats = token_statistics([chat("Hi", "Hello")], tokenizer, max_seq_len=8, render=render)
-
-    assert calls == [(tokenizer, "assistant", None)]
-    assert (stats["total_tokens"], stats["trained_tokens"], stats["tokens_lost"]) == (10, 2, 2)
-
-
 def test_it_gives_percentiles_and_a_histogram_for_a_bar_chart(tokenizer):
     examples = [chat("x " * n, "ok") for n in range(0, 200, 10)]
     stats = token_statistics(examples, tokenizer, max_seq_len=1024)
@@ -136,25 +123,25 @@ def test_it_estimates_cost_from_billable_tokens_epochs_and_price():
         estimate_cost(1000, -1, 0.008)
 
 
-def test_it_takes_the_training_engines_renderer(tokenizer):
-    data = pytest.importorskip("jobs_app.engine.data")
+def test_it_counts_what_the_training_engine_renders(tokenizer):
+    data = pytest.importorskip("llm.train.data")
     examples = [chat("Hi", "Hello there", "Bye", "See you"), function_calling_example()]
-    stats = token_statistics(examples, tokenizer, max_seq_len=4096, render=data.render_example)
+    stats = token_statistics(examples, tokenizer, max_seq_len=4096)
 
     rendered = [data.render_example(tokenizer, example) for example in examples]
     assert stats["total_tokens"] == sum(len(r.input_ids) for r in rendered)
     assert stats["trained_tokens"] == sum(r.trained_tokens for r in rendered) > 0
 
 
-def test_the_training_engines_renderer_counts_image_examples(tokenizer):
-    data = pytest.importorskip("jobs_app.engine.data")
+def test_it_counts_image_examples_as_the_training_engine_renders_their_text(tokenizer):
+    data = pytest.importorskip("llm.train.data")
     question = image_question("https://example.com/cat.jpg")
     question["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": "https://example.com/dog.jpg"}})
     drawing = {"messages": [
         {"role": "user", "content": "Draw a cat."},
         {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/drawn.png"}}]},
     ]}
-    stats = token_statistics([question, drawing], tokenizer, max_seq_len=4096, render=data.render_example)
+    stats = token_statistics([question, drawing], tokenizer, max_seq_len=4096)
 
     question_text = data.render_example(tokenizer, chat("What is this?", "A cat.", system=None))
     drawing_text = data.render_example(tokenizer, chat("Draw a cat.", "", system=None))

@@ -1,4 +1,4 @@
-"""python -m jobs_app.engine train --model DIR --train-file F.jsonl --out DIR [options]
+"""python -m llm.train train --model DIR --train-file F.jsonl --out DIR [options]
 
 Metrics, evaluations and the summary go to stdout as JSON lines (the lines of
 OUT/metrics.jsonl); events go to stderr. Config problems are printed one per
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs_app.engine")
+    parser = argparse.ArgumentParser(prog="python -m llm.train")
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser("train", help="fine-tune a model on a chat JSONL file")
     for field in fields(TrainConfig):

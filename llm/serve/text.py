@@ -1,6 +1,6 @@
 """From token ids to the text a caller may see: incremental decoding and held-back stop strings."""
 
-from .tools import TOOL_CALL_OPEN, parse_tool_calls
+from llm.chat.tools import TOOL_CALL_OPEN, parse_tool_calls
 
 _PARTIAL_CHARACTER = "\ufffd"
 

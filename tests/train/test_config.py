@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs_app.engine import ConfigError, get_lr, train
+from llm.train import ConfigError, get_lr, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,7 @@ def test_qlora_on_a_machine_without_cuda_is_a_clear_config_error(tiny_config):
 
 def test_the_cli_prints_one_problem_a_line_and_exits_2(tiny_model_dir, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "jobs_app.engine", "train", "--model", str(tiny_model_dir),
+        [sys.executable, "-m", "llm.train", "train", "--model", str(tiny_model_dir),
          "--train-file", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out"),
          "--epochs", "two", "--lora-r", "0", "--scheduler", "step"],
         cwd=REPO, capture_output=True, text=True, timeout=120,

@@ -1,6 +1,6 @@
 """Measure the serving engine on a real model: first-token latency, adapter switching, tokens/s.
 
-    python -m deployments_app.serving.bench --model var/test-cache/SmolLM2-135M-Instruct
+    python -m llm.serve.bench --model var/test-cache/SmolLM2-135M-Instruct
 
 Runs on CPU unless --device says otherwise. Two random LoRA adapters are made in
 a temporary folder. Each figure is the median of --repeats runs, and the runs of

@@ -5,8 +5,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from jobs_app.engine import ConfigError, render_example
-from jobs_app.engine.data import IGNORE_INDEX, load_examples
+from llm.train import ConfigError, render_example
+from llm.train.data import IGNORE_INDEX, load_examples
 
 from .conftest import write_jsonl
 

@@ -24,7 +24,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import InvalidRequest, ModelLoadError, PromptTooLong, ServingError
 from .generate import stream_completion
-from .prompt import check_messages, check_tools, render_prompt, template_has_tools
+from llm.chat import check_messages, check_tools
+
+from .prompt import render_prompt
 from .schema import Completion, GenerationRequest, StreamEvent
 
 
@@ -64,7 +66,6 @@ class _LoadedBase:
     tokenizer: object
     end_token_ids: frozenset[int]
     context_length: int | None
-    template_has_tools: bool
     lock: FairLock = field(default_factory=FairLock)
     adapters: OrderedDict = field(default_factory=OrderedDict)  # adapter path -> peft adapter name, least recent first
     unloaded: bool = False
@@ -284,11 +285,10 @@ class ModelPool:
             tokenizer=tokenizer,
             end_token_ids=_end_token_ids(model, tokenizer),
             context_length=getattr(model.config, "max_position_embeddings", None),
-            template_has_tools=template_has_tools(tokenizer),
         )
 
     def _prompt_ids(self, base: _LoadedBase, messages, tools) -> list[int]:
-        return render_prompt(base.tokenizer, messages, tools, template_has_tools=base.template_has_tools)
+        return render_prompt(base.tokenizer, messages, tools)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

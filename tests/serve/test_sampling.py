@@ -1,6 +1,6 @@
 import torch
 
-from deployments_app.serving.sampling import make_generator, sample_next_token
+from llm.serve.sampling import make_generator, sample_next_token
 
 LOGITS = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from jobs_app.engine import train
+from llm.train import train
 
 
 def test_it_finishes_early_when_validation_loss_stops_improving(tiny_config, chat_files):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from deployments_app.serving.schema import Completion, GenerationRequest
+from llm.serve.schema import Completion, GenerationRequest
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

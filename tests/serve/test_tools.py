@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from deployments_app.serving.errors import InvalidRequest, ServingError
-from deployments_app.serving.prompt import check_messages, render_prompt, template_has_tools
-from deployments_app.serving.tools import parse_tool_calls
+from llm.serve.errors import InvalidRequest, ServingError
+from llm.chat import check_messages, template_shows_tools as template_has_tools
+from llm.serve.prompt import render_prompt
+from llm.chat.tools import parse_tool_calls
 
 WEATHER_TOOL = {
     "type": "function",
@@ -72,7 +73,7 @@ def tokenizer(tiny_model_dir):
 
 
 def rendered(tokenizer, messages, tools):
-    ids = render_prompt(tokenizer, messages, tools, template_has_tools=template_has_tools(tokenizer))
+    ids = render_prompt(tokenizer, messages, tools)
     return tokenizer.decode(ids)
 
 
@@ -125,11 +126,11 @@ def test_it_reports_a_conversation_the_template_refuses(tokenizer):
     strict = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     strict.chat_template = "{% if messages[0].role != 'user' %}{{ raise_exception('first message must be user') }}{% endif %}x"
     with pytest.raises(InvalidRequest, match="first message must be user"):
-        render_prompt(strict, [{"role": "assistant", "content": "hi"}], None, template_has_tools=False)
+        render_prompt(strict, [{"role": "assistant", "content": "hi"}], None)
 
 
 def test_it_says_when_a_model_has_no_chat_template(tokenizer):
     bare = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     bare.chat_template = None
     with pytest.raises(ServingError, match="cannot chat"):
-        render_prompt(bare, [{"role": "user", "content": "hi"}], None, template_has_tools=False)
+        render_prompt(bare, [{"role": "user", "content": "hi"}], None)

@@ -3,8 +3,8 @@ import threading
 import pytest
 import torch
 
-from deployments_app.serving.errors import ModelLoadError
-from deployments_app.serving.pool import ModelPool
+from llm.serve.errors import ModelLoadError
+from llm.serve.pool import ModelPool
 
 from .helpers import chat, drain
 

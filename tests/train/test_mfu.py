@@ -104,7 +104,7 @@ def test_device_command_is_the_documented_one():
 def test_the_tiny_model_is_built_by_the_same_builder_and_returns_its_folder(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from deployments_app.serving.bundled import build_tiny_model
+    from llm.bundled import build_tiny_model
 
     dest = tmp_path / "tiny"
     assert build_tiny_model(dest, tokenizer_source=tiny_model_dir) == dest

@@ -1,9 +1,9 @@
 """The training engine: plain Python on torch, transformers and peft; no Django.
 
-    from jobs_app.engine import TrainConfig, train
+    from llm.train import TrainConfig, train
     summary = train(TrainConfig(model=..., train_file=..., out_dir=...), sink=print_sink)
 
-or from a shell: python -m jobs_app.engine train --model DIR --train-file F --out DIR
+or from a shell: python -m llm.train train --model DIR --train-file F --out DIR
 """
 
 from .config import ConfigError, TrainConfig

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from deployments_app.serving.text import IncrementalDecoder, OutputFilter
+from llm.serve.text import IncrementalDecoder, OutputFilter
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jobs_app.engine import train
+from llm.train import train
 
 from .conftest import Recorder
 
@@ -180,7 +180,7 @@ def test_the_cli_trains_and_writes_every_output(tiny_model_dir, chat_files, tmp_
     train_file, validation_file = chat_files
     out = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "jobs_app.engine", "train", "--model", str(tiny_model_dir),
+        [sys.executable, "-m", "llm.train", "train", "--model", str(tiny_model_dir),
          "--train-file", str(train_file), "--validation-file", str(validation_file), "--out", str(out),
          "--method", "lora", "--epochs", "1", "--batch-size", "6", "--lr", "1e-2", "--lora-r", "4",
          "--scheduler", "linear", "--eval-every", "1", "--device", "cpu"],

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jobs_app.engine import render_example, train
-from jobs_app.engine.data import IGNORE_INDEX, epoch_order, load_examples
-from jobs_app.engine.packing import ATTENTION, pack, trained_logits
+from llm.train import render_example, train
+from llm.train.data import IGNORE_INDEX, epoch_order, load_examples
+from llm.train.packing import ATTENTION, pack, trained_logits
 
 from .conftest import Recorder, chat_examples
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from deployments_app.serving.errors import InvalidRequest, PromptTooLong, ServingError
-from deployments_app.serving.generate import stream_completion
-from deployments_app.serving.schema import GenerationRequest
+from llm.serve.errors import InvalidRequest, PromptTooLong, ServingError
+from llm.serve.generate import stream_completion
+from llm.serve.schema import GenerationRequest
 
 from .helpers import chat, drain
 

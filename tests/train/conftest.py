@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs_app.engine import TrainConfig
+from llm.train import TrainConfig
 
 _WORDS = "the quick brown fox jumps over a lazy dog while the model learns every token of this small chat".split()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deployments_app.serving.pool import ModelPool
+from llm.serve.pool import ModelPool
 
 from .helpers import make_lora_adapter
 

@@ -1,0 +1,55 @@
+"""Domain errors: what services raise when they refuse, with no HTTP in them.
+
+A service says *why* it refuses (bad input, not found, not allowed now...); the
+API (`finetune_site.api_errors`) and the pages (`finetune_site.middleware`) each
+map these to a response in one place. `param` names the input at fault and
+`code` is a stable machine-readable reason; both reach API callers unchanged.
+"""
+
+
+class ApplicationError(Exception):
+    """A request a service refuses; the message is written for the user and safe to show."""
+
+    default_code = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+
+
+class InvalidInput(ApplicationError):
+    """The input is wrong: a field out of range, a file of the wrong kind."""
+
+    default_code = "invalid_value"
+
+
+class NotFound(ApplicationError):
+    """The thing does not exist, or the caller may not see it (the two are never told apart)."""
+
+    default_code = "not_found"
+
+
+class NotAllowed(ApplicationError):
+    """The caller may see the thing but not do this to it (delete a base model)."""
+
+    default_code = "not_allowed"
+
+
+class InvalidState(ApplicationError):
+    """The thing exists but is not in a state that allows this now (cancel a finished job)."""
+
+    default_code = "invalid_state"
+
+
+class TooLarge(ApplicationError):
+    """The input is larger than this installation accepts."""
+
+    default_code = "too_large"
+
+
+class CapacityExceeded(ApplicationError):
+    """Not enough capacity (serving slots, storage) left for this now."""
+
+    default_code = "insufficient_capacity"

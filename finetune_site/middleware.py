@@ -1,0 +1,39 @@
+"""Domain errors on pages: the one place a page turns a service's refusal into a response.
+
+A form post that a service refuses comes back to the page it was sent from with
+the reason as a message, so nothing the user typed elsewhere on the page is
+lost to a bare error page. Other requests get a small page with the reason and
+the status the API would give. API routes are left to the API's own mapping
+(`finetune_site.api_errors`).
+"""
+
+from django.contrib import messages
+from django.shortcuts import redirect, render
+from django.utils.deprecation import MiddlewareMixin
+from django.utils.http import url_has_allowed_host_and_scheme
+
+from .api_errors import application_error_response, status_of
+from .errors import ApplicationError
+
+_API_PREFIXES = ("/v1/", "/api/")
+
+
+class ApplicationErrorMiddleware(MiddlewareMixin):
+    def process_exception(self, request, exception):
+        if not isinstance(exception, ApplicationError):
+            return None
+        if request.path.startswith(_API_PREFIXES):
+            return application_error_response(exception)
+        if request.method == "POST" and not getattr(request, "htmx", False):
+            messages.error(request, exception.message)
+            return redirect(_back(request))
+        status = status_of(exception)
+        return render(request, "error.html", {"message": exception.message, "status": status}, status=status)
+
+
+def _back(request) -> str:
+    """The page the form was posted from, when it is one of ours; else the same path."""
+    referer = request.headers.get("Referer", "")
+    if referer and url_has_allowed_host_and_scheme(referer, allowed_hosts={request.get_host()}):
+        return referer
+    return request.path

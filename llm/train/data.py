@@ -1,0 +1,84 @@
+"""Training data: JSONL files of chat examples, rendered through the one chat format (`llm.chat`).
+
+`render_example` is `llm.chat.ChatFormat.render`: the tokens and loss mask of one
+example. This module reads files of them, names every bad line, and orders epochs.
+"""
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llm.chat import IGNORE_INDEX, RenderedExample, chat_format
+from llm.chat.format import LossOn, Tokenizer
+
+from .config import ConfigError
+
+__all__ = ["IGNORE_INDEX", "ExampleSet", "RenderedExample", "epoch_order", "load_examples", "render_example"]
+
+_MAX_LISTED_PROBLEMS = 20
+
+
+def render_example(
+    tokenizer: Tokenizer, example: dict[str, Any], *, loss_on: LossOn = "assistant", max_seq_len: int | None = None
+) -> RenderedExample:
+    """Tokenize one {"messages": [...], "tools": [...]} example and mark the tokens training learns from."""
+    return chat_format(tokenizer).render(example, loss_on=loss_on, max_seq_len=max_seq_len)
+
+
+# --- Files -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExampleSet:
+    """A JSONL file rendered for training: only examples with at least one trained token."""
+
+    examples: list[RenderedExample]
+    total_lines: int
+    truncated_examples: int
+    skipped_examples: int
+    """Examples with nothing to learn from (all replies weight 0, or cut away by truncation)."""
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(example.input_ids) for example in self.examples)
+
+
+def load_examples(path: str | Path, tokenizer, *, loss_on: str, max_seq_len: int, name: str = "train_file") -> ExampleSet:
+    """Read and render every example of a JSONL file; raise ConfigError listing the bad lines."""
+    examples, problems = [], []
+    total = truncated = skipped = 0
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            total += 1
+            try:
+                example = json.loads(line)
+                if not isinstance(example, dict) or not isinstance(example.get("messages"), list) or not example["messages"]:
+                    raise ValueError('expected an object with a non-empty "messages" list')
+                rendered = render_example(tokenizer, example, loss_on=loss_on, max_seq_len=max_seq_len)
+            except Exception as error:  # bad JSON, bad shape, or a template that refuses the conversation
+                problems.append(f"{name} line {number}: {error}")
+                continue
+            truncated += rendered.truncated_tokens > 0
+            if rendered.trained_tokens == 0:
+                skipped += 1
+                continue
+            examples.append(rendered)
+    if total == 0:
+        problems.append(f"{name}: {path} holds no examples")
+    if problems:
+        listed = problems[:_MAX_LISTED_PROBLEMS]
+        if len(problems) > len(listed):
+            listed.append(f"{name}: ... and {len(problems) - len(listed)} more bad lines")
+        raise ConfigError(listed)
+    return ExampleSet(examples=examples, total_lines=total, truncated_examples=truncated, skipped_examples=skipped)
+
+
+def epoch_order(count: int, *, seed: int, epoch: int) -> list[int]:
+    """The order examples are visited in one epoch: a function of (seed, epoch) only, so resume replays it."""
+    order = list(range(count))
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    return order
