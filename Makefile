@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 export FT_HOME ?= $(CURDIR)/var
 
-.PHONY: install install-test install-bench run test test-fast bench clean
+.PHONY: install install-test install-bench run lint format test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -37,7 +37,18 @@ run: install
 	@mkdir -p "$(FT_HOME)"
 	exec $(PY) manage.py runstack
 
-test: install-test
+# Lint: ruff (rules and formatting), mypy (strict on llm/), import-linter (the layering contracts).
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+format: install-test
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: install-test lint
 	$(PY) -m pytest
 
 test-fast: install-test

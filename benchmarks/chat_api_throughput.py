@@ -28,10 +28,18 @@ PROMPT = "Write a long story about a dragon who learns to fly."
 
 
 def api_once(url: str, key: str, max_tokens: int) -> tuple[int, float]:
-    body = {"model": BUNDLED_MODEL_ID, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": BUNDLED_MODEL_ID,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started, tokens = time.perf_counter(), 0
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=300) as r:
+    with httpx.stream(
+        "POST", url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=300
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 chunk = json.loads(line[6:])
@@ -41,7 +49,9 @@ def api_once(url: str, key: str, max_tokens: int) -> tuple[int, float]:
 
 
 def generate_once(model, tokenizer, new_tokens: int) -> float:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     started = time.perf_counter()
     with torch.inference_mode():
         model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)

@@ -28,16 +28,19 @@ CACHE = Path(__file__).resolve().parent.parent / "var" / "test-cache"
 def login_cookie_header(url: str) -> str:
     with httpx.Client(base_url=url) as http:
         http.get("/accounts/login/")
-        http.post("/accounts/login/", data={"username": "admin", "password": ADMIN_PASSWORD,
-                                           "csrfmiddlewaretoken": http.cookies["csrftoken"]})
+        http.post(
+            "/accounts/login/",
+            data={"username": "admin", "password": ADMIN_PASSWORD, "csrfmiddlewaretoken": http.cookies["csrftoken"]},
+        )
         return "; ".join(f"{k}={v}" for k, v in http.cookies.items())
 
 
 async def watch(url: str, job_id: str, cookie: str, points: int, latencies: list[float]) -> None:
     import websockets
 
-    async with websockets.connect(f"ws://{url.split('://')[1]}/ws/jobs/{job_id}/",
-                                  additional_headers={"Cookie": cookie, "Origin": url}) as socket:
+    async with websockets.connect(
+        f"ws://{url.split('://')[1]}/ws/jobs/{job_id}/", additional_headers={"Cookie": cookie, "Origin": url}
+    ) as socket:
         seen = 0
         while seen < points:
             message = json.loads(await asyncio.wait_for(socket.recv(), timeout=300))
@@ -57,8 +60,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--points", type=int, default=150, help="metric messages each client waits for")
     args = parser.parse_args()
-    models = {TINY_MODEL_ID: build_tiny_model(CACHE / TINY_MODEL_ID),
-              BUNDLED_MODEL_ID: prepare_bundled_model(CACHE / BUNDLED_MODEL_ID)}
+    models = {
+        TINY_MODEL_ID: build_tiny_model(CACHE / TINY_MODEL_ID),
+        BUNDLED_MODEL_ID: prepare_bundled_model(CACHE / BUNDLED_MODEL_ID),
+    }
     with tempfile.TemporaryDirectory() as home:
         stack = start_stack(Path(home) / "stack", models)
         try:
@@ -66,8 +71,9 @@ def main() -> None:
             uploaded = client.files.create(file=("bench.jsonl", chat_lines(200)), purpose="fine-tune")
             client.files.wait_for_processing(uploaded.id, poll_interval=0.5)
             cookie = login_cookie_header(stack.url)
-            job = client.fine_tuning.jobs.create(model=TINY_MODEL_ID, training_file=uploaded.id,
-                                                 hyperparameters={"n_epochs": 3, "batch_size": 1})
+            job = client.fine_tuning.jobs.create(
+                model=TINY_MODEL_ID, training_file=uploaded.id, hyperparameters={"n_epochs": 3, "batch_size": 1}
+            )
             latencies = asyncio.run(run_clients(stack.url, job.id, cookie, args.clients, args.points))
             client.fine_tuning.jobs.cancel(job.id)
         finally:

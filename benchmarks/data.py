@@ -27,16 +27,33 @@ SYSTEM_PROMPTS = (
 )
 
 _TEAMS = (
-    ("card", "Cards"), ("pin", "Cards"), ("contactless", "Cards"), ("atm", "Cash"), ("cash", "Cash"),
-    ("transfer", "Payments"), ("payment", "Payments"), ("direct_debit", "Payments"), ("top_up", "Top-ups"),
-    ("exchange", "Foreign exchange"), ("currenc", "Foreign exchange"), ("fiat", "Foreign exchange"),
-    ("verif", "Identity"), ("identity", "Identity"), ("passcode", "Security"), ("compromised", "Security"),
-    ("refund", "Disputes"), ("charge", "Disputes"),
+    ("card", "Cards"),
+    ("pin", "Cards"),
+    ("contactless", "Cards"),
+    ("atm", "Cash"),
+    ("cash", "Cash"),
+    ("transfer", "Payments"),
+    ("payment", "Payments"),
+    ("direct_debit", "Payments"),
+    ("top_up", "Top-ups"),
+    ("exchange", "Foreign exchange"),
+    ("currenc", "Foreign exchange"),
+    ("fiat", "Foreign exchange"),
+    ("verif", "Identity"),
+    ("identity", "Identity"),
+    ("passcode", "Security"),
+    ("compromised", "Security"),
+    ("refund", "Disputes"),
+    ("charge", "Disputes"),
 )
 
 _OPENINGS = (
-    "Thanks for reaching out.", "I can help with that.", "Sorry to hear about this.", "Good question.",
-    "Let me look into it.", "Understood.",
+    "Thanks for reaching out.",
+    "I can help with that.",
+    "Sorry to hear about this.",
+    "Good question.",
+    "Let me look into it.",
+    "Understood.",
 )
 
 _NEXT_STEPS = (
@@ -65,15 +82,17 @@ def load_rows(path: Path | None = None, *, seed: int = 0) -> tuple[list[tuple[st
     path = Path(path) if path else BANKING77_TRAIN
     if path.is_file():
         with open(path, encoding="utf-8", newline="") as handle:
-            rows = [(row["text"].strip(), row["category"].strip()) for row in csv.DictReader(handle) if row["text"].strip()]
+            rows = [
+                (row["text"].strip(), row["category"].strip()) for row in csv.DictReader(handle) if row["text"].strip()
+            ]
         source = str(path)
     else:
         rng = random.Random(f"synthetic/{seed}")
         rows = []
-        for i in range(4000):
+        for _ in range(4000):
             intent, pattern = rng.choice(_SYNTHETIC_TOPICS)
             rows.append((pattern.format(n=rng.randint(2, 9), cur=rng.choice(("EUR", "USD", "GBP", "CHF"))), intent))
-        source = "synthetic (Banking77 not found at %s)" % path
+        source = f"synthetic (Banking77 not found at {path})"
     random.Random(f"rows/{seed}").shuffle(rows)
     return rows, source
 
@@ -121,7 +140,9 @@ class _Rows:
         return row
 
 
-def build_conversations(count: int, rows: list[tuple[str, str]], count_tokens, *, seed: int, max_tokens: int = 1000) -> list[dict]:
+def build_conversations(
+    count: int, rows: list[tuple[str, str]], count_tokens, *, seed: int, max_tokens: int = 1000
+) -> list[dict]:
     """count conversations ({"messages": [...]}) whose lengths spread from a few dozen to max_tokens tokens.
 
     count_tokens(messages) -> int measures a conversation as the trainer will see it.

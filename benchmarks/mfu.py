@@ -51,7 +51,9 @@ def _value(config, name: str, default=None):
 
 
 def head_dim(config) -> int:
-    return int(_value(config, "head_dim", None) or _value(config, "hidden_size") // _value(config, "num_attention_heads"))
+    return int(
+        _value(config, "head_dim", None) or _value(config, "hidden_size") // _value(config, "num_attention_heads")
+    )
 
 
 def attention_width(config) -> int:
@@ -65,9 +67,13 @@ def linear_shapes(config) -> dict[str, tuple[int, int]]:
     query = attention_width(config)
     key_value = int(_value(config, "num_key_value_heads", _value(config, "num_attention_heads"))) * head_dim(config)
     return {
-        "q_proj": (hidden, query), "k_proj": (hidden, key_value), "v_proj": (hidden, key_value),
+        "q_proj": (hidden, query),
+        "k_proj": (hidden, key_value),
+        "v_proj": (hidden, key_value),
         "o_proj": (query, hidden),
-        "gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden),
+        "gate_proj": (hidden, intermediate),
+        "up_proj": (hidden, intermediate),
+        "down_proj": (intermediate, hidden),
         "lm_head": (hidden, int(_value(config, "vocab_size"))),
     }
 
@@ -107,8 +113,9 @@ def attention_seq_len(lengths: Iterable[int]) -> float:
     return sum(length * length for length in lengths) / sum(lengths)
 
 
-def training_flops_per_token(config, *, lora_rank: int, target_modules: str | Iterable[str] = "all-linear",
-                             mean_seq_len: float) -> float:
+def training_flops_per_token(
+    config, *, lora_rank: int, target_modules: str | Iterable[str] = "all-linear", mean_seq_len: float
+) -> float:
     """4 * N_matmul + 6 * N_lora + 12 * layers * d_attn * mean_seq_len."""
     return (
         4 * matmul_parameters(config)
@@ -117,9 +124,17 @@ def training_flops_per_token(config, *, lora_rank: int, target_modules: str | It
     )
 
 
-def mfu(config, *, lora_rank: int, target_modules: str | Iterable[str] = "all-linear", mean_seq_len: float,
-        tokens_per_second: float, peak_flops: float = H100_BF16_PEAK_FLOPS) -> float:
+def mfu(
+    config,
+    *,
+    lora_rank: int,
+    target_modules: str | Iterable[str] = "all-linear",
+    mean_seq_len: float,
+    tokens_per_second: float,
+    peak_flops: float = H100_BF16_PEAK_FLOPS,
+) -> float:
     """Model-FLOPs utilisation of a LoRA run that trains tokens_per_second tokens (0.3 = 30%)."""
-    flops = training_flops_per_token(config, lora_rank=lora_rank, target_modules=target_modules,
-                                     mean_seq_len=mean_seq_len)
+    flops = training_flops_per_token(
+        config, lora_rank=lora_rank, target_modules=target_modules, mean_seq_len=mean_seq_len
+    )
     return flops * tokens_per_second / peak_flops

@@ -92,6 +92,7 @@ Internal: the same module runs the TRL and evaluation children (--child).
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -105,7 +106,12 @@ import time
 from pathlib import Path
 
 from .mfu import (
-    H100_BF16_PEAK_FLOPS, attention_seq_len, attention_width, lora_parameters, matmul_parameters, mfu,
+    H100_BF16_PEAK_FLOPS,
+    attention_seq_len,
+    attention_width,
+    lora_parameters,
+    matmul_parameters,
+    mfu,
     training_flops_per_token,
 )
 
@@ -131,12 +137,30 @@ DEVICE_COMMAND = (
 """The device tool's command, run from the repository root with carry ["var/gpu-carry"]."""
 SHAPES = {
     "smollm2-135m": None,  # the real model: --model
-    "smollm2-135m-random": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                            "num_attention_heads": 9, "num_key_value_heads": 3, "rope_theta": 100000.0},
-    "qwen2-0.5b": {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-                   "num_attention_heads": 14, "num_key_value_heads": 2, "rope_theta": 1000000.0},
-    "qwen2-1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-                   "num_attention_heads": 12, "num_key_value_heads": 2, "rope_theta": 1000000.0},
+    "smollm2-135m-random": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "rope_theta": 100000.0,
+    },
+    "qwen2-0.5b": {
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "rope_theta": 1000000.0,
+    },
+    "qwen2-1.5b": {
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "rope_theta": 1000000.0,
+    },
 }
 """Model bodies by name: the public configs' widths, depths and heads; randomly initialised (build_random_model).
 Llama layers throughout, so the Qwen2 shapes lack Qwen2's q/k/v biases (bias adds, no matmul FLOPs)."""
@@ -177,11 +201,22 @@ the device tool's command has 10 minutes in all: a hung child must not take the 
 def job_settings(args) -> dict:
     """What every trainer must share."""
     return {
-        "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear",
-        "lr": args.lr, "scheduler": "cosine", "warmup_ratio": args.warmup_ratio, "batch_size": args.batch_size,
-        "epochs": args.epochs, "seed": args.seed, "max_seq_len": args.max_seq_len, "loss_on": "assistant",
-        "grad_clip": 1.0, "weight_decay": 0.0,
-        "device": args.device, "precision": "bf16" if args.device == "cuda" else "fp32",
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "target_modules": "all-linear",
+        "lr": args.lr,
+        "scheduler": "cosine",
+        "warmup_ratio": args.warmup_ratio,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "max_seq_len": args.max_seq_len,
+        "loss_on": "assistant",
+        "grad_clip": 1.0,
+        "weight_decay": 0.0,
+        "device": args.device,
+        "precision": "bf16" if args.device == "cuda" else "fp32",
     }
 
 
@@ -227,7 +262,7 @@ def assistant_tokens(tokenizer, messages: list[dict], template: str, max_seq_len
     )
     input_ids = list(rendered["input_ids"])[:max_seq_len]
     mask = list(rendered["assistant_masks"])[:max_seq_len]
-    return input_ids, [token if keep else -100 for token, keep in zip(input_ids, mask)]
+    return input_ids, [token if keep else -100 for token, keep in zip(input_ids, mask, strict=True)]
 
 
 def held_out_loss(model, examples: list[tuple[list[int], list[int]]]) -> dict:
@@ -271,39 +306,68 @@ def main(argv=None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_vs_trl", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL),
-                        help="safetensors folder of --shape smollm2-135m (built from the bundled GGUF if missing)")
+    parser.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL),
+        help="safetensors folder of --shape smollm2-135m (built from the bundled GGUF if missing)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), help=f"default: {DEFAULTS['device']}")
-    parser.add_argument("--shape", help=f"comma-separated subset of {','.join(SHAPES)} (default: {DEFAULTS['shape']}, "
-                                        "the real model; the others are random weights)")
-    parser.add_argument("--preset", choices=tuple(PRESETS),
-                        help="gpu: " + " ".join(f"--{key.replace('_', '-')} {value}" for key, value in PRESETS["gpu"].items())
-                             + " (flags given explicitly win)")
-    parser.add_argument("--peak-tflops", type=float,
-                        help="peak rate for MFU (default: 989 on cuda, the H100/H200 dense bf16 peak; none on cpu)")
+    parser.add_argument(
+        "--shape",
+        help=f"comma-separated subset of {','.join(SHAPES)} (default: {DEFAULTS['shape']}, "
+        "the real model; the others are random weights)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help="gpu: "
+        + " ".join(f"--{key.replace('_', '-')} {value}" for key, value in PRESETS["gpu"].items())
+        + " (flags given explicitly win)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="peak rate for MFU (default: 989 on cuda, the H100/H200 dense bf16 peak; none on cpu)",
+    )
     parser.add_argument("--train-examples", type=int, help=f"default: {DEFAULTS['train_examples']}")
     parser.add_argument("--eval-examples", type=int, help=f"default: {DEFAULTS['eval_examples']}")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--warmup-ratio", type=float, default=0.0,
-                        help="0 (default): both trainers follow the same cosine schedule; above 0 the warmups differ "
-                             "(step 0 gets lr 0 in transformers, lr/(warmup+1) in the engine) and the control run is added")
+    parser.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=0.0,
+        help="0 (default): both trainers follow the same cosine schedule; above 0 the warmups differ "
+        "(step 0 gets lr 0 in transformers, lr/(warmup+1) in the engine) and the control run is added",
+    )
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--repeats", type=int, default=1, help="measure every trainer this many times (variance)")
-    parser.add_argument("--runs", help=f"comma-separated subset of {','.join(RUNS)} (default: all, the control only with warmup)")
+    parser.add_argument(
+        "--runs", help=f"comma-separated subset of {','.join(RUNS)} (default: all, the control only with warmup)"
+    )
     parser.add_argument("--engine-extra", default="", help='extra engine CLI flags, e.g. "--micro-batch-tokens 1024"')
     parser.add_argument("--workdir", help="keep data, logs and adapters here (default: a temporary folder, removed)")
-    parser.add_argument("--results", help=f"JSON file (default: {RESULTS.relative_to(ROOT)} for cpu and smollm2-135m, "
-                                          "else train_vs_trl-DEVICE-SHAPE.json beside it); with several shapes "
-                                          "-SHAPE is added to the name")
-    parser.add_argument("--rows", help="Banking77 train.csv (default: ../shared/data/banking77/train.csv, else "
-                                       "var/gpu-carry/banking77-train.csv, else synthetic queries)")
-    parser.add_argument("--tokenizer", help="tokenizer folder for the random shapes (default: SmolLM2's, wherever "
-                                            "this checkout has it)")
-    parser.add_argument("--prepare-gpu-carry", action="store_true",
-                        help="gather var/gpu-carry/ for the device machine and print its command, then exit")
+    parser.add_argument(
+        "--results",
+        help=f"JSON file (default: {RESULTS.relative_to(ROOT)} for cpu and smollm2-135m, "
+        "else train_vs_trl-DEVICE-SHAPE.json beside it); with several shapes "
+        "-SHAPE is added to the name",
+    )
+    parser.add_argument(
+        "--rows",
+        help="Banking77 train.csv (default: ../shared/data/banking77/train.csv, else "
+        "var/gpu-carry/banking77-train.csv, else synthetic queries)",
+    )
+    parser.add_argument(
+        "--tokenizer", help="tokenizer folder for the random shapes (default: SmolLM2's, wherever this checkout has it)"
+    )
+    parser.add_argument(
+        "--prepare-gpu-carry",
+        action="store_true",
+        help="gather var/gpu-carry/ for the device machine and print its command, then exit",
+    )
     parser.add_argument("--child", choices=("trl", "eval"), help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=("default", "tuned", "tuned_engine_lr", "bs1"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -342,14 +406,17 @@ def benchmark_shape(args, shape: str, runs: list[str], workdir: Path | None) -> 
     keep = workdir is not None
     workdir = workdir or Path(tempfile.mkdtemp(prefix="train_vs_trl-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"[{shape} on {args.device}] load average at start: {_load(load_start)} ({os.cpu_count()} CPUs); "
-          f"work folder {workdir}", flush=True)
+    print(
+        f"[{shape} on {args.device}] load average at start: {_load(load_start)} ({os.cpu_count()} CPUs); "
+        f"work folder {workdir}",
+        flush=True,
+    )
     try:
         spec = _prepare(args, shape, model_dir, workdir)
         measured = []
         for repeat in range(1, args.repeats + 1):
             # Every other repeat runs the trainers in reverse order, so slow drifts of the machine's load even out.
-            for name in (runs if repeat % 2 else runs[::-1]):
+            for name in runs if repeat % 2 else runs[::-1]:
                 if name in CONTROL_RUNS and repeat > 1:
                     continue
                 print(f"[repeat {repeat}/{args.repeats}] {name} ...", flush=True)
@@ -380,7 +447,9 @@ def _model_dir(args, shape: str) -> Path:
         try:
             return _ensure_model(Path(args.model))
         except RuntimeError as error:  # no bundled GGUF here (the device machine): the random twin has the same shape
-            raise SystemExit(f"{error}\n--shape smollm2-135m-random runs SmolLM2-135M's shape without its weights")
+            raise SystemExit(
+                f"{error}\n--shape smollm2-135m-random runs SmolLM2-135M's shape without its weights"
+            ) from None
     return build_random_model(TEST_CACHE / f"random-{shape}", SHAPES[shape], tokenizer_dir=_tokenizer_dir(args))
 
 
@@ -420,12 +489,18 @@ def build_random_model(dest: Path, shape: dict, *, tokenizer_dir: Path, seed: in
         return dest
     started = time.monotonic()
     fields = {key: value for key, value in shape.items() if key != "rope_theta"}
-    fields.update(head_dim=shape["hidden_size"] // shape["num_attention_heads"], max_position_embeddings=8192,
-                  rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]})
+    fields.update(
+        head_dim=shape["hidden_size"] // shape["num_attention_heads"],
+        max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]},
+    )
     model = build_random_llama(dest, tokenizer, fields, seed=seed, name=dest.name, ready=recipe, dtype=torch.bfloat16)
     parameters = sum(parameter.numel() for parameter in model.parameters())
-    print(f"built {dest.name}: {parameters / 1e9:.2f}B random parameters (seed {seed}) in "
-          f"{time.monotonic() - started:.0f} s", flush=True)
+    print(
+        f"built {dest.name}: {parameters / 1e9:.2f}B random parameters (seed {seed}) in "
+        f"{time.monotonic() - started:.0f} s",
+        flush=True,
+    )
     return dest
 
 
@@ -446,11 +521,31 @@ def prepare_gpu_carry(args) -> int:
     shutil.rmtree(wheels, ignore_errors=True)
     wheels.mkdir(parents=True)
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in CARRIED_PACKAGES]
-    subprocess.run([
-        sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-        "--python-version", DEVICE_PYTHON, "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
-        "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "--dest", str(wheels), *pins,
-    ], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            DEVICE_PYTHON,
+            "--implementation",
+            "cp",
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "--platform",
+            "manylinux_2_17_x86_64",
+            "--platform",
+            "manylinux2014_x86_64",
+            "--dest",
+            str(wheels),
+            *pins,
+        ],
+        check=True,
+    )
     AutoTokenizer.from_pretrained(_tokenizer_dir(args)).save_pretrained(GPU_CARRY / "tokenizer")
     rows = Path(args.rows) if args.rows else BANKING77_TRAIN
     if rows.is_file():
@@ -512,13 +607,17 @@ def _prepare(args, shape: str, model_dir: Path, workdir: Path) -> dict:
             engine_view = render_example(tokenizer, example, loss_on="assistant", max_seq_len=args.max_seq_len)
             if engine_view.input_ids != input_ids or engine_view.labels != labels:
                 checks["mask_differs_from_engine"] += 1
-            tokenized[split].append({"input_ids": input_ids, "labels": labels,
-                                     "full_length": count_tokens(messages)})
+            tokenized[split].append({"input_ids": input_ids, "labels": labels, "full_length": count_tokens(messages)})
     if any(length > args.max_seq_len for length in (example["full_length"] for example in tokenized["train"])):
-        print("warning: some examples are longer than --max-seq-len; trl_tuned (padding_free, max_length=None) "
-              "would train them whole, so its mask check will report them", file=sys.stderr)
+        print(
+            "warning: some examples are longer than --max-seq-len; trl_tuned (padding_free, max_length=None) "
+            "would train them whole, so its mask check will report them",
+            file=sys.stderr,
+        )
     if checks["rendering_differs"]:
-        raise SystemExit(f"the marked template renders {checks['rendering_differs']} conversations differently: fix marked_template()")
+        raise SystemExit(
+            f"the marked template renders {checks['rendering_differs']} conversations differently: fix marked_template()"
+        )
 
     lengths = [example["full_length"] for example in tokenized["train"]]
     kept = [example for example in tokenized["train"] if any(label != -100 for label in example["labels"])]
@@ -531,8 +630,10 @@ def _prepare(args, shape: str, model_dir: Path, workdir: Path) -> dict:
         "train_loss_tokens_per_epoch": sum(sum(label != -100 for label in example["labels"]) for example in kept),
         "eval_loss_tokens": sum(sum(label != -100 for label in example["labels"]) for example in tokenized["eval"]),
         "truncated_examples": sum(length > args.max_seq_len for length in lengths),
-        "length_min": min(lengths), "length_median": statistics.median(lengths),
-        "length_mean": round(statistics.mean(lengths), 1), "length_max": max(lengths),
+        "length_min": min(lengths),
+        "length_median": statistics.median(lengths),
+        "length_mean": round(statistics.mean(lengths), 1),
+        "length_max": max(lengths),
         "eval_tokens": sum(len(example["input_ids"]) for example in tokenized["eval"]),
         # What the MFU formula's attention term needs: the length a trained token attends over (benchmarks/mfu.py).
         "attention_seq_len": round(attention_seq_len(len(example["input_ids"]) for example in kept), 1),
@@ -612,17 +713,60 @@ def _run_trainer(name: str, spec: dict, out: Path, engine_extra: list[str]) -> d
     if name == "engine":
         job = spec["job"]
         command = [
-            sys.executable, "-m", "llm.train", "train", "--model", spec["model"], "--train-file", spec["train_file"],
-            "--out", str(out), "--method", "lora", "--epochs", str(job["epochs"]), "--batch-size", str(job["batch_size"]),
-            "--lr", str(job["lr"]), "--lora-r", str(job["lora_r"]), "--lora-alpha", str(job["lora_alpha"]),
-            "--lora-dropout", str(job["lora_dropout"]), "--target-modules", job["target_modules"],
-            "--max-seq-len", str(job["max_seq_len"]), "--loss-on", job["loss_on"], "--seed", str(job["seed"]),
-            "--warmup-ratio", str(job["warmup_ratio"]), "--scheduler", job["scheduler"], "--device", job["device"],
+            sys.executable,
+            "-m",
+            "llm.train",
+            "train",
+            "--model",
+            spec["model"],
+            "--train-file",
+            spec["train_file"],
+            "--out",
+            str(out),
+            "--method",
+            "lora",
+            "--epochs",
+            str(job["epochs"]),
+            "--batch-size",
+            str(job["batch_size"]),
+            "--lr",
+            str(job["lr"]),
+            "--lora-r",
+            str(job["lora_r"]),
+            "--lora-alpha",
+            str(job["lora_alpha"]),
+            "--lora-dropout",
+            str(job["lora_dropout"]),
+            "--target-modules",
+            job["target_modules"],
+            "--max-seq-len",
+            str(job["max_seq_len"]),
+            "--loss-on",
+            job["loss_on"],
+            "--seed",
+            str(job["seed"]),
+            "--warmup-ratio",
+            str(job["warmup_ratio"]),
+            "--scheduler",
+            job["scheduler"],
+            "--device",
+            job["device"],
             *engine_extra,
         ]
     else:
-        command = [sys.executable, "-m", "benchmarks.train_vs_trl", "--child", "trl",
-                   "--variant", name.removeprefix("trl_"), "--spec", spec["spec_file"], "--out", str(out)]
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.train_vs_trl",
+            "--child",
+            "trl",
+            "--variant",
+            name.removeprefix("trl_"),
+            "--spec",
+            spec["spec_file"],
+            "--out",
+            str(out),
+        ]
     process = _run_child(command, out / "log.txt", CHILD_TIMEOUT_S[spec["job"]["device"]])
     result = {"run": name, "command": " ".join(command), **process}
     try:
@@ -653,8 +797,8 @@ def _engine_result(out: Path) -> dict:
     cumulative = [0] + [metric["tokens"] for metric in steps]
     return {
         "loop_seconds": last["elapsed_s"] - loop_began,
-        "step_seconds": [b - a for a, b in zip(stamps, stamps[1:])],
-        "step_tokens": [b - a for a, b in zip(cumulative, cumulative[1:])],
+        "step_seconds": [b - a for a, b in itertools.pairwise(stamps)],
+        "step_tokens": [b - a for a, b in itertools.pairwise(cumulative)],
         "own_train_seconds": summary["train_seconds"],
         "own_tokens": summary["train_tokens"],
         "own_peak_memory_mb": summary["peak_memory_mb"],
@@ -665,21 +809,50 @@ def _engine_result(out: Path) -> dict:
         "final_train_loss": summary["final_train_loss"],
         "mean_train_loss": statistics.mean(metric["loss"] for metric in steps),
         "steps": summary["steps"],
-        "settings": {key: config.get(key) for key in (
-            "gradient_checkpointing", "micro_batch_tokens", "cpu_threads", "weights_dtype", "autocast_dtype",
-            "warmup_steps", "total_steps")},
+        "settings": {
+            key: config.get(key)
+            for key in (
+                "gradient_checkpointing",
+                "micro_batch_tokens",
+                "cpu_threads",
+                "weights_dtype",
+                "autocast_dtype",
+                "warmup_steps",
+                "total_steps",
+            )
+        },
     }
 
 
 def _evaluate(spec: dict, measured: list[dict], workdir: Path) -> dict:
     adapters = {f"{result['run']}#{result['repeat']}": result["adapter"] for result in measured if "adapter" in result}
     eval_spec = workdir / "eval_spec.json"
-    eval_spec.write_text(json.dumps({"model": spec["model"], "device": spec["job"]["device"],
-                                     "examples": spec["eval_examples"], "adapters": adapters}))
+    eval_spec.write_text(
+        json.dumps(
+            {
+                "model": spec["model"],
+                "device": spec["job"]["device"],
+                "examples": spec["eval_examples"],
+                "adapters": adapters,
+            }
+        )
+    )
     out = workdir / "eval"
-    process = _run_child([sys.executable, "-m", "benchmarks.train_vs_trl", "--child", "eval",
-                          "--spec", str(eval_spec), "--out", str(out)], out / "log.txt",
-                         CHILD_TIMEOUT_S[spec["job"]["device"]])
+    process = _run_child(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.train_vs_trl",
+            "--child",
+            "eval",
+            "--spec",
+            str(eval_spec),
+            "--out",
+            str(out),
+        ],
+        out / "log.txt",
+        CHILD_TIMEOUT_S[spec["job"]["device"]],
+    )
     try:
         return json.loads((out / "result.json").read_text())
     except (OSError, ValueError):
@@ -711,7 +884,9 @@ def trl_child(spec: dict, variant: str, out: Path) -> int:
 
     # The engine's data order (its seeded per-epoch shuffle), fed to TRL sequentially: both see the same batches.
     conversations = [json.loads(line) for line in Path(spec["train_file"]).read_text().splitlines() if line.strip()]
-    order = [i for epoch in range(job["epochs"]) for i in epoch_order(len(conversations), seed=job["seed"], epoch=epoch)]
+    order = [
+        i for epoch in range(job["epochs"]) for i in epoch_order(len(conversations), seed=job["seed"], epoch=epoch)
+    ]
     dataset = Dataset.from_list([{"messages": conversations[i]["messages"]} for i in order])
 
     tuned = variant in ("tuned", "tuned_engine_lr")
@@ -721,15 +896,27 @@ def trl_child(spec: dict, variant: str, out: Path) -> int:
         per_device_train_batch_size=spec["trl_per_device_batch"],
         gradient_accumulation_steps=spec["trl_gradient_accumulation"],
         num_train_epochs=1,  # the epochs are laid end to end in `dataset`, in the engine's order
-        learning_rate=job["lr"], lr_scheduler_type=job["scheduler"], warmup_steps=job["warmup_ratio"],
-        max_grad_norm=job["grad_clip"], weight_decay=job["weight_decay"],
-        seed=job["seed"], data_seed=job["seed"], train_sampling_strategy="sequential",
+        learning_rate=job["lr"],
+        lr_scheduler_type=job["scheduler"],
+        warmup_steps=job["warmup_ratio"],
+        max_grad_norm=job["grad_clip"],
+        weight_decay=job["weight_decay"],
+        seed=job["seed"],
+        data_seed=job["seed"],
+        train_sampling_strategy="sequential",
         max_length=job["max_seq_len"],
-        assistant_only_loss=True, chat_template_path=spec["template_file"],
+        assistant_only_loss=True,
+        chat_template_path=spec["template_file"],
         # fp32 on CPU; bf16 autocast on CUDA (TRL's own default there), like the engine
-        bf16=cuda, fp16=False, use_cpu=not cuda,
+        bf16=cuda,
+        fp16=False,
+        use_cpu=not cuda,
         # Measurement plumbing, not training behaviour:
-        logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
     )
     if tuned:
         # padding_free flattens each batch into one row with per-example position ids (transformers then masks
@@ -737,8 +924,9 @@ def trl_child(spec: dict, variant: str, out: Path) -> int:
         # longer than max_seq_len (the parent checks), so max_length=None trains the same tokens.
         settings.update(padding_free=True, max_length=None, gradient_checkpointing=False)
     if variant == "bs1":
-        settings.update(per_device_train_batch_size=1, gradient_accumulation_steps=job["batch_size"],
-                        gradient_checkpointing=False)
+        settings.update(
+            per_device_train_batch_size=1, gradient_accumulation_steps=job["batch_size"], gradient_checkpointing=False
+        )
     args = SFTConfig(**settings)
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
@@ -746,8 +934,12 @@ def trl_child(spec: dict, variant: str, out: Path) -> int:
     weights_dtype = torch.bfloat16 if cuda and variant != "default" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=weights_dtype)
     peft_config = LoraConfig(
-        r=job["lora_r"], lora_alpha=job["lora_alpha"], lora_dropout=job["lora_dropout"],
-        target_modules=job["target_modules"], task_type="CAUSAL_LM", bias="none",
+        r=job["lora_r"],
+        lora_alpha=job["lora_alpha"],
+        lora_dropout=job["lora_dropout"],
+        target_modules=job["target_modules"],
+        task_type="CAUSAL_LM",
+        bias="none",
     )
 
     def now() -> float:
@@ -780,24 +972,42 @@ def trl_child(spec: dict, variant: str, out: Path) -> int:
             def create_scheduler(self, num_training_steps, optimizer=None):
                 if self.lr_scheduler is None:
                     warmup = math.ceil(job["warmup_ratio"] * num_training_steps)
-                    self.lr_scheduler = LambdaLR(optimizer or self.optimizer, lambda step: get_lr(
-                        step, lr=1.0, total_steps=num_training_steps, warmup_steps=warmup, scheduler=job["scheduler"]))
+                    self.lr_scheduler = LambdaLR(
+                        optimizer or self.optimizer,
+                        lambda step: get_lr(
+                            step,
+                            lr=1.0,
+                            total_steps=num_training_steps,
+                            warmup_steps=warmup,
+                            scheduler=job["scheduler"],
+                        ),
+                    )
                 return self.lr_scheduler
 
         trainer_class = EngineScheduleTrainer
 
     clock = Clock()
     set_seed(job["seed"])  # as the engine seeds right before get_peft_model: the same initial adapter
-    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[clock])
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[clock],
+    )
 
     # TRL's own tokenization and mask must equal the parent's (= the engine's): compare every example.
     expected = spec["expected_train"]
     prepared = trainer.train_dataset
-    mask_differs = sum(
-        prepared[k]["input_ids"] != expected[i][0] or prepared[k]["labels"] != expected[i][1]
-        for k, i in enumerate(order)
-    ) if len(prepared) == len(order) else len(order)
+    mask_differs = (
+        sum(
+            prepared[k]["input_ids"] != expected[i][0] or prepared[k]["labels"] != expected[i][1]
+            for k, i in enumerate(order)
+        )
+        if len(prepared) == len(order)
+        else len(order)
+    )
 
     output = trainer.train()
     trainer.model.save_pretrained(out / "adapter")
@@ -806,8 +1016,8 @@ def trl_child(spec: dict, variant: str, out: Path) -> int:
     cumulative = [0] + [int(entry.get("num_tokens", 0)) for entry in steps]
     result = {
         "loop_seconds": clock.end - clock.begin,
-        "step_seconds": [b - a for a, b in zip(stamps, stamps[1:])],
-        "step_tokens": [b - a for a, b in zip(cumulative, cumulative[1:])],
+        "step_seconds": [b - a for a, b in itertools.pairwise(stamps)],
+        "step_tokens": [b - a for a, b in itertools.pairwise(cumulative)],
         "own_tokens": int(steps[-1].get("num_tokens", 0)) if steps else None,
         "own_peak_memory_mb": _self_peak_rss_mb(),
         "gpu_peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
@@ -822,11 +1032,16 @@ def trl_child(spec: dict, variant: str, out: Path) -> int:
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "gradient_checkpointing": args.gradient_checkpointing,
             "padding_free": getattr(trainer, "padding_free", None),
-            "max_length": args.max_length, "optim": str(args.optim), "bf16": args.bf16,
+            "max_length": args.max_length,
+            "optim": str(args.optim),
+            "bf16": args.bf16,
             "weights_dtype": str(weights_dtype).removeprefix("torch."),
-            "use_liger_kernel": args.use_liger_kernel, "assistant_only_loss": args.assistant_only_loss,
-            "attn_implementation": trainer.model.config._attn_implementation, "cpu_threads": torch.get_num_threads(),
-            "warmup_steps": args.get_warmup_steps(trainer.state.max_steps), "total_steps": trainer.state.max_steps,
+            "use_liger_kernel": args.use_liger_kernel,
+            "assistant_only_loss": args.assistant_only_loss,
+            "attn_implementation": trainer.model.config._attn_implementation,
+            "cpu_threads": torch.get_num_threads(),
+            "warmup_steps": args.get_warmup_steps(trainer.state.max_steps),
+            "total_steps": trainer.state.max_steps,
         },
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
@@ -880,7 +1095,8 @@ def _one_line(result: dict, spec: dict) -> str:
     gpu = result.get("gpu_peak_memory_mb")
     return (
         f"{result['tokens_per_second']:.1f} tok/s ({spec['train_tokens']:,} tokens in {result['loop_seconds']:.1f} s), "
-        f"peak RSS {result['peak_rss_mb']:.0f} MB" + (f", peak GPU {gpu:.0f} MB" if gpu is not None else "")
+        f"peak RSS {result['peak_rss_mb']:.0f} MB"
+        + (f", peak GPU {gpu:.0f} MB" if gpu is not None else "")
         + f", step-1 loss {result['step_losses'][0]:.4f}, "
         f"final loss {result['final_train_loss']:.4f}, load before {_load(result['load_before'])}"
     )
@@ -888,12 +1104,17 @@ def _one_line(result: dict, spec: dict) -> str:
 
 def _liger_status(device: str = "cpu") -> str:
     if importlib.util.find_spec("liger_kernel") is None:
-        return ("liger-kernel is not installed (not installed, per instructions); its kernels are Triton GPU kernels"
-                + (", so TRL runs without them here too" if device == "cuda"
-                   else " and would not run on this CPU-only torch build anyway")
-                + ". TRL's replacement (model_init_kwargs use_kernels=True) needs the `kernels` package"
-                + (" (not installed)" if importlib.util.find_spec("kernels") is None else "")
-                + " and downloads kernels from the Hub, which this benchmark never does.")
+        return (
+            "liger-kernel is not installed (not installed, per instructions); its kernels are Triton GPU kernels"
+            + (
+                ", so TRL runs without them here too"
+                if device == "cuda"
+                else " and would not run on this CPU-only torch build anyway"
+            )
+            + ". TRL's replacement (model_init_kwargs use_kernels=True) needs the `kernels` package"
+            + (" (not installed)" if importlib.util.find_spec("kernels") is None else "")
+            + " and downloads kernels from the Hub, which this benchmark never does."
+        )
     if device == "cuda":
         return "liger-kernel is importable; not used: every TRL variant here runs without it"
     return "liger-kernel is importable but needs a GPU (Triton); not used on CPU"
@@ -911,9 +1132,10 @@ def _mfu_basis(spec: dict, args) -> dict:
     return {
         "peak_flops": _peak_flops(args),
         "formula": "(4*N_matmul + 6*N_lora + 12*layers*d_attn*seq_len) * tokens_per_second / peak_flops; "
-                   "full-vocab LM head for every token; seq_len = sum(len^2)/sum(len) of the trained examples",
-        "flops_per_token": training_flops_per_token(config, lora_rank=job["lora_r"], target_modules=job["target_modules"],
-                                                    mean_seq_len=seq_len),
+        "full-vocab LM head for every token; seq_len = sum(len^2)/sum(len) of the trained examples",
+        "flops_per_token": training_flops_per_token(
+            config, lora_rank=job["lora_r"], target_modules=job["target_modules"], mean_seq_len=seq_len
+        ),
         "n_matmul": matmul_parameters(config),
         "n_lora": lora_parameters(config, rank=job["lora_r"], target_modules=job["target_modules"]),
         "layers": config["num_hidden_layers"],
@@ -926,8 +1148,9 @@ def _mfu_basis(spec: dict, args) -> dict:
 def _gpu_name() -> str | None:
     """The GPU's name from nvidia-smi, without starting CUDA in this process (the children measure its memory)."""
     try:
-        answer = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                capture_output=True, text=True, timeout=30)
+        answer = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return answer.stdout.strip().splitlines()[0] if answer.returncode == 0 and answer.stdout.strip() else None
@@ -945,9 +1168,13 @@ def _report(args, spec, measured, evaluation, load_start, load_end, seconds) -> 
         for field in ("tokens_per_second", "steady_tokens_per_second"):
             if basis["peak_flops"] and result.get(field):
                 result[field.replace("tokens_per_second", "mfu")] = mfu(
-                    spec["model_config"], lora_rank=spec["job"]["lora_r"], target_modules=spec["job"]["target_modules"],
-                    mean_seq_len=basis["attention_seq_len"], tokens_per_second=result[field],
-                    peak_flops=basis["peak_flops"])
+                    spec["model_config"],
+                    lora_rank=spec["job"]["lora_r"],
+                    target_modules=spec["job"]["target_modules"],
+                    mean_seq_len=basis["attention_seq_len"],
+                    tokens_per_second=result[field],
+                    peak_flops=basis["peak_flops"],
+                )
     engine_params = next((result["trainable_params"] for result in ok if result.get("trainable_params")), None)
     basis["engine_trainable_params"] = engine_params  # the engine's own count of LoRA parameters: n_lora's check
 
@@ -958,12 +1185,26 @@ def _report(args, spec, measured, evaluation, load_start, load_end, seconds) -> 
     for run in RUNS:
         if not values(run, "tokens_per_second"):
             continue
-        row = summary[run] = {field: statistics.median(values(run, field)) if values(run, field) else None for field in (
-            "tokens_per_second", "steady_tokens_per_second", "loop_seconds", "peak_rss_mb", "gpu_peak_memory_mb",
-            "mfu", "steady_mfu", "final_train_loss", "mean_train_loss", "eval_loss", "load_during", "cpus_used")}
+        row = summary[run] = {
+            field: statistics.median(values(run, field)) if values(run, field) else None
+            for field in (
+                "tokens_per_second",
+                "steady_tokens_per_second",
+                "loop_seconds",
+                "peak_rss_mb",
+                "gpu_peak_memory_mb",
+                "mfu",
+                "steady_mfu",
+                "final_train_loss",
+                "mean_train_loss",
+                "eval_loss",
+                "load_during",
+                "cpus_used",
+            )
+        }
         row["tokens_per_second_best"] = max(values(run, "tokens_per_second"))
         row["repeats"] = len(values(run, "tokens_per_second"))
-    for run, row in summary.items():
+    for row in summary.values():
         for baseline in ("trl_default", "trl_tuned", "trl_bs1"):
             base = summary.get(baseline, {}).get("tokens_per_second")
             row[f"vs_{baseline}"] = row["tokens_per_second"] / base if base else None
@@ -971,38 +1212,57 @@ def _report(args, spec, measured, evaluation, load_start, load_end, seconds) -> 
             row[f"best_vs_{baseline}"] = row["tokens_per_second_best"] / best if best else None
             steady = summary.get(baseline, {}).get("steady_tokens_per_second")
             row[f"steady_vs_{baseline}"] = (
-                row["steady_tokens_per_second"] / steady if steady and row["steady_tokens_per_second"] else None)
+                row["steady_tokens_per_second"] / steady if steady and row["steady_tokens_per_second"] else None
+            )
             base_eval = summary.get(baseline, {}).get("eval_loss")
             row[f"eval_rel_diff_vs_{baseline}"] = (
-                (row["eval_loss"] - base_eval) / base_eval if base_eval and row["eval_loss"] is not None else None)
+                (row["eval_loss"] - base_eval) / base_eval if base_eval and row["eval_loss"] is not None else None
+            )
 
     targets = {}
     wanted_of = CUDA_TARGETS if cuda else TARGETS
     memory_field, memory_name = ("gpu_peak_memory_mb", "peak GPU memory") if cuda else ("peak_rss_mb", "peak RSS")
     engine = summary.get("engine")
     if engine:
+
         def check(name, value, passed):
             targets[name] = {"value": value, "met": passed if value is not None else None}
 
-        for baseline, wanted in (("trl_default", wanted_of["vs_trl_default"]), ("trl_tuned", wanted_of["vs_trl_tuned"]),
-                                 ("trl_bs1", wanted_of["vs_trl_tuned"])):
+        for baseline, wanted in (
+            ("trl_default", wanted_of["vs_trl_default"]),
+            ("trl_tuned", wanted_of["vs_trl_tuned"]),
+            ("trl_bs1", wanted_of["vs_trl_tuned"]),
+        ):
             if baseline in summary:
                 ratio = engine["tokens_per_second"] / summary[baseline]["tokens_per_second"]
                 check(f">= {wanted}x {baseline}", ratio, ratio >= wanted)
         if cuda and spec["shape"] == MFU_TARGET_SHAPE:
-            check(f"MFU >= {wanted_of['mfu']:.0%} ({spec['shape']})", engine["mfu"],
-                  engine["mfu"] is not None and engine["mfu"] >= wanted_of["mfu"])
+            check(
+                f"MFU >= {wanted_of['mfu']:.0%} ({spec['shape']})",
+                engine["mfu"],
+                engine["mfu"] is not None and engine["mfu"] >= wanted_of["mfu"],
+            )
         control = summary.get("trl_tuned_engine_lr", {}).get("eval_loss")
         if control and engine["eval_loss"] is not None:
             diff = (engine["eval_loss"] - control) / control
-            check("eval loss within 1% of trl_tuned_engine_lr (control)", diff, abs(diff) <= wanted_of["eval_loss_rel_diff"])
+            check(
+                "eval loss within 1% of trl_tuned_engine_lr (control)",
+                diff,
+                abs(diff) <= wanted_of["eval_loss_rel_diff"],
+            )
         for baseline in ("trl_default", "trl_tuned", "trl_bs1"):
             if baseline not in summary:
                 continue
-            diff = (engine["eval_loss"] - summary[baseline]["eval_loss"]) / summary[baseline]["eval_loss"] if (
-                engine["eval_loss"] is not None and summary[baseline]["eval_loss"]) else None
-            check(f"eval loss within 1% of {baseline}", diff,
-                  diff is not None and abs(diff) <= wanted_of["eval_loss_rel_diff"])
+            diff = (
+                (engine["eval_loss"] - summary[baseline]["eval_loss"]) / summary[baseline]["eval_loss"]
+                if (engine["eval_loss"] is not None and summary[baseline]["eval_loss"])
+                else None
+            )
+            check(
+                f"eval loss within 1% of {baseline}",
+                diff,
+                diff is not None and abs(diff) <= wanted_of["eval_loss_rel_diff"],
+            )
             base_memory, engine_memory = summary.get(baseline, {}).get(memory_field), engine[memory_field]
             extra = engine_memory - base_memory if base_memory is not None and engine_memory is not None else None
             check(f"{memory_name} <= {baseline}", extra, extra is not None and extra <= 0)
@@ -1021,24 +1281,47 @@ def _report(args, spec, measured, evaluation, load_start, load_end, seconds) -> 
         "device": spec["job"]["device"],
         "shape": spec["shape"],
         "model": spec["model"],
-        "model_config": {key: spec["model_config"].get(key) for key in (
-            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "head_dim", "vocab_size", "tie_word_embeddings")},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "gpu": _gpu_name() if cuda else None,
-                    "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-                    "peft": peft.__version__, "load_average_start": load_start, "load_average_end": load_end},
+        "model_config": {
+            key: spec["model_config"].get(key)
+            for key in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "vocab_size",
+                "tie_word_embeddings",
+            )
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "gpu": _gpu_name() if cuda else None,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "peft": peft.__version__,
+            "load_average_start": load_start,
+            "load_average_end": load_end,
+        },
         "job": spec["job"],
-        "trl_batch": {"per_device_train_batch_size": spec["trl_per_device_batch"],
-                      "gradient_accumulation_steps": spec["trl_gradient_accumulation"]},
+        "trl_batch": {
+            "per_device_train_batch_size": spec["trl_per_device_batch"],
+            "gradient_accumulation_steps": spec["trl_gradient_accumulation"],
+        },
         "data": spec["data"],
         "checks": spec["checks"],
         "liger": _liger_status(spec["job"]["device"]),
         "mfu": basis,
         "summary": summary,
         "targets": targets,
-        "runs": [{key: value for key, value in result.items() if key != "log_tail"} | (
-            {"log_tail": result["log_tail"]} if "log_tail" in result else {}) for result in measured],
+        "runs": [
+            {key: value for key, value in result.items() if key != "log_tail"}
+            | ({"log_tail": result["log_tail"]} if "log_tail" in result else {})
+            for result in measured
+        ],
         "evaluation": evaluation,
     }
 
@@ -1057,52 +1340,71 @@ def _print_table(spec, ok, summary, targets, measured, evaluation, args, load_st
     def mfu_text(value) -> str:
         return "n/a" if not basis["peak_flops"] else _fmt(value, "{:.1%}")
 
-    print(f"\n=== Training: engine vs TRL SFTTrainer ({job['device'].upper()}, {job['precision']}, "
-          f"LoRA r{job['lora_r']}/a{job['lora_alpha']} {job['target_modules']}) ===")
-    print(f"model {Path(spec['model']).name} (shape {spec['shape']}); {data['train_examples']} train conversations "
-          f"({data['train_tokens_per_epoch']:,} tokens/epoch, {data['train_loss_tokens_per_epoch']:,} trained), "
-          f"{data['eval_examples']} held-out ({data['eval_loss_tokens']:,} assistant tokens); batch {args.batch_size} "
-          f"examples/step (TRL {spec['trl_per_device_batch']} x {spec['trl_gradient_accumulation']}), "
-          f"{args.epochs} epoch(s), lr {args.lr}, cosine, warmup ratio {args.warmup_ratio}, seed {args.seed}, max len {args.max_seq_len}")
-    header = (f"{'run':<19} {'rep':>3} {'tok/s':>7} {'steady':>7} {'loop s':>7} {'load':>5} {'CPUs':>5} {'peak RSS MB':>11}"
-              + (f" {'GPU MB':>10}" if cuda else "") + f" {'MFU':>6} "
-              f"{'step-1 loss':>11} {'final loss':>10} {'mean loss':>9} {'eval loss':>9}")
+    print(
+        f"\n=== Training: engine vs TRL SFTTrainer ({job['device'].upper()}, {job['precision']}, "
+        f"LoRA r{job['lora_r']}/a{job['lora_alpha']} {job['target_modules']}) ==="
+    )
+    print(
+        f"model {Path(spec['model']).name} (shape {spec['shape']}); {data['train_examples']} train conversations "
+        f"({data['train_tokens_per_epoch']:,} tokens/epoch, {data['train_loss_tokens_per_epoch']:,} trained), "
+        f"{data['eval_examples']} held-out ({data['eval_loss_tokens']:,} assistant tokens); batch {args.batch_size} "
+        f"examples/step (TRL {spec['trl_per_device_batch']} x {spec['trl_gradient_accumulation']}), "
+        f"{args.epochs} epoch(s), lr {args.lr}, cosine, warmup ratio {args.warmup_ratio}, seed {args.seed}, max len {args.max_seq_len}"
+    )
+    header = (
+        f"{'run':<19} {'rep':>3} {'tok/s':>7} {'steady':>7} {'loop s':>7} {'load':>5} {'CPUs':>5} {'peak RSS MB':>11}"
+        + (f" {'GPU MB':>10}" if cuda else "")
+        + f" {'MFU':>6} "
+        f"{'step-1 loss':>11} {'final loss':>10} {'mean loss':>9} {'eval loss':>9}"
+    )
     print("\nper run:")
     print(header)
     for result in measured:
         if "error" in result:
             print(f"{result['run']:<19} {result['repeat']:>3}  FAILED: {result['error']}")
             continue
-        print(f"{result['run']:<19} {result['repeat']:>3} {result['tokens_per_second']:>7.1f} "
-              f"{_fmt(result.get('steady_tokens_per_second')):>7} {result['loop_seconds']:>7.1f} {result['load_during']:>5.2f} "
-              f"{result['cpus_used']:>5.2f} {result['peak_rss_mb']:>11.0f}{gpu_column(result.get('gpu_peak_memory_mb'))} "
-              f"{mfu_text(result.get('mfu')):>6} {result['step_losses'][0]:>11.4f} {result['final_train_loss']:>10.4f} "
-              f"{result['mean_train_loss']:>9.4f} {_fmt(result.get('eval_loss'), '{:.4f}'):>9}")
-    print(f"\nsummary (median of {args.repeats} repeat(s)); base model eval loss "
-          f"{_fmt(evaluation.get('base', {}).get('loss'), '{:.4f}')}:")
-    print(f"{'run':<19} {'tok/s':>7} {'vs TRL def':>10} {'vs TRL tuned':>12} {'vs TRL bs1':>10} {'best tok/s':>10} {'best vs def':>11} "
-          f"{'best vs tuned':>13} {'peak RSS MB':>11}" + (f" {'GPU MB':>10}" if cuda else "") + f" {'MFU':>6} "
-          f"{'final loss':>10} {'eval loss':>9} {'eval vs def':>11} {'eval vs tuned':>13}")
+        print(
+            f"{result['run']:<19} {result['repeat']:>3} {result['tokens_per_second']:>7.1f} "
+            f"{_fmt(result.get('steady_tokens_per_second')):>7} {result['loop_seconds']:>7.1f} {result['load_during']:>5.2f} "
+            f"{result['cpus_used']:>5.2f} {result['peak_rss_mb']:>11.0f}{gpu_column(result.get('gpu_peak_memory_mb'))} "
+            f"{mfu_text(result.get('mfu')):>6} {result['step_losses'][0]:>11.4f} {result['final_train_loss']:>10.4f} "
+            f"{result['mean_train_loss']:>9.4f} {_fmt(result.get('eval_loss'), '{:.4f}'):>9}"
+        )
+    print(
+        f"\nsummary (median of {args.repeats} repeat(s)); base model eval loss "
+        f"{_fmt(evaluation.get('base', {}).get('loss'), '{:.4f}')}:"
+    )
+    print(
+        f"{'run':<19} {'tok/s':>7} {'vs TRL def':>10} {'vs TRL tuned':>12} {'vs TRL bs1':>10} {'best tok/s':>10} {'best vs def':>11} "
+        f"{'best vs tuned':>13} {'peak RSS MB':>11}" + (f" {'GPU MB':>10}" if cuda else "") + f" {'MFU':>6} "
+        f"{'final loss':>10} {'eval loss':>9} {'eval vs def':>11} {'eval vs tuned':>13}"
+    )
     for run, row in summary.items():
-        print(f"{run:<19} {row['tokens_per_second']:>7.1f} {_fmt(row['vs_trl_default'], '{:.2f}x'):>10} "
-              f"{_fmt(row['vs_trl_tuned'], '{:.2f}x'):>12} {_fmt(row['vs_trl_bs1'], '{:.2f}x'):>10} {row['tokens_per_second_best']:>10.1f} "
-              f"{_fmt(row['best_vs_trl_default'], '{:.2f}x'):>11} {_fmt(row['best_vs_trl_tuned'], '{:.2f}x'):>13} "
-              f"{row['peak_rss_mb']:>11.0f}{gpu_column(row['gpu_peak_memory_mb'])} {mfu_text(row['mfu']):>6} "
-              f"{_fmt(row['final_train_loss'], '{:.4f}'):>10} "
-              f"{_fmt(row['eval_loss'], '{:.4f}'):>9} {_fmt(row['eval_rel_diff_vs_trl_default'], '{:+.2%}'):>11} "
-              f"{_fmt(row['eval_rel_diff_vs_trl_tuned'], '{:+.2%}'):>13}")
-    print("tok/s: non-pad tokens of the trained examples / wall time of the training loop (model loading excluded); "
-          "steady: the same without the first step; load: mean 1-min load average during the run; CPUs: CPU time of "
-          f"the process / its wall time ({os.cpu_count()} = every core to itself)"
-          + ("; GPU MB: torch.cuda.max_memory_allocated from model load to the end of training" if cuda else ""))
+        print(
+            f"{run:<19} {row['tokens_per_second']:>7.1f} {_fmt(row['vs_trl_default'], '{:.2f}x'):>10} "
+            f"{_fmt(row['vs_trl_tuned'], '{:.2f}x'):>12} {_fmt(row['vs_trl_bs1'], '{:.2f}x'):>10} {row['tokens_per_second_best']:>10.1f} "
+            f"{_fmt(row['best_vs_trl_default'], '{:.2f}x'):>11} {_fmt(row['best_vs_trl_tuned'], '{:.2f}x'):>13} "
+            f"{row['peak_rss_mb']:>11.0f}{gpu_column(row['gpu_peak_memory_mb'])} {mfu_text(row['mfu']):>6} "
+            f"{_fmt(row['final_train_loss'], '{:.4f}'):>10} "
+            f"{_fmt(row['eval_loss'], '{:.4f}'):>9} {_fmt(row['eval_rel_diff_vs_trl_default'], '{:+.2%}'):>11} "
+            f"{_fmt(row['eval_rel_diff_vs_trl_tuned'], '{:+.2%}'):>13}"
+        )
+    print(
+        "tok/s: non-pad tokens of the trained examples / wall time of the training loop (model loading excluded); "
+        "steady: the same without the first step; load: mean 1-min load average during the run; CPUs: CPU time of "
+        f"the process / its wall time ({os.cpu_count()} = every core to itself)"
+        + ("; GPU MB: torch.cuda.max_memory_allocated from model load to the end of training" if cuda else "")
+    )
     engine_count = basis["engine_trainable_params"]
-    print(f"MFU: {basis['flops_per_token'] / 1e9:.3f} GFLOP a token = 4 x N_matmul {basis['n_matmul']:,} + "
-          f"6 x N_lora {basis['n_lora']:,}"
-          + (f" (engine counts {engine_count:,})" if engine_count is not None else "")
-          + f" + 12 x {basis['layers']} layers x d_attn {basis['d_attn']} x {basis['attention_seq_len']} "
-          "(token-weighted mean length; "
-          f"plain mean {basis['mean_seq_len']}), "
-          + (f"over {basis['peak_flops'] / 1e12:g} TFLOP/s" if basis["peak_flops"] else "n/a without --peak-tflops"))
+    print(
+        f"MFU: {basis['flops_per_token'] / 1e9:.3f} GFLOP a token = 4 x N_matmul {basis['n_matmul']:,} + "
+        f"6 x N_lora {basis['n_lora']:,}"
+        + (f" (engine counts {engine_count:,})" if engine_count is not None else "")
+        + f" + 12 x {basis['layers']} layers x d_attn {basis['d_attn']} x {basis['attention_seq_len']} "
+        "(token-weighted mean length; "
+        f"plain mean {basis['mean_seq_len']}), "
+        + (f"over {basis['peak_flops'] / 1e12:g} TFLOP/s" if basis["peak_flops"] else "n/a without --peak-tflops")
+    )
     if targets:
         print("\ntargets (engine, on median tok/s):")
         for name, target in targets.items():
@@ -1119,14 +1421,23 @@ def _print_table(spec, ok, summary, targets, measured, evaluation, args, load_st
             else:
                 shown = f"{value:.2f}x"
             print(f"  {name:<52} {shown:>10}  {verdict}")
-    print("\nchecks: " + json.dumps(spec["checks"]) + "; TRL masks vs expected: "
-          + ", ".join(f"{r['run']}#{r['repeat']}={r.get('mask_differs_from_expected')}" for r in ok if r["run"] != "engine")
-          + "; tokens counted by each trainer: "
-          + ", ".join(f"{r['run']}#{r['repeat']}={r.get('own_tokens')}" for r in ok)
-          + f" (benchmark count {spec['train_tokens']})")
+    print(
+        "\nchecks: "
+        + json.dumps(spec["checks"])
+        + "; TRL masks vs expected: "
+        + ", ".join(
+            f"{r['run']}#{r['repeat']}={r.get('mask_differs_from_expected')}" for r in ok if r["run"] != "engine"
+        )
+        + "; tokens counted by each trainer: "
+        + ", ".join(f"{r['run']}#{r['repeat']}={r.get('own_tokens')}" for r in ok)
+        + f" (benchmark count {spec['train_tokens']})"
+    )
     print("liger: " + _liger_status(job["device"]))
-    print(f"load average: start {_load(load_start)}, end {_load(load_end)} on {os.cpu_count()} CPUs; "
-          f"benchmark took {seconds / 60:.1f} min")
+    print(
+        f"load average: start {_load(load_start)}, end {_load(load_end)} on {os.cpu_count()} CPUs; "
+        f"benchmark took {seconds / 60:.1f} min"
+    )
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,9 +1,9 @@
 """The Files API (OpenAI shape): upload, list, retrieve, delete, content."""
 
 from django.http import FileResponse, Http404
-from rest_framework.parsers import FormParser, MultiPartParser
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -45,11 +45,21 @@ class FileListCreate(APIView):
         datasets = selectors.datasets_for(request.user)
         if request.query_params.get("purpose"):
             datasets = datasets.filter(purpose=request.query_params["purpose"])
-        return Response(cursor_page(datasets, request.query_params, to_dict=file_object, default_limit=100, max_limit=10000))
+        return Response(
+            cursor_page(datasets, request.query_params, to_dict=file_object, default_limit=100, max_limit=10000)
+        )
 
     @extend_schema(
-        request={"multipart/form-data": {"type": "object", "required": ["file", "purpose"], "properties": {
-            "file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["fine-tune"]}}}},
+        request={
+            "multipart/form-data": {
+                "type": "object",
+                "required": ["file", "purpose"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary"},
+                    "purpose": {"type": "string", "enum": ["fine-tune"]},
+                },
+            }
+        },
         responses=OpenApiTypes.OBJECT,
     )
     def post(self, request):
@@ -80,4 +90,6 @@ def file_content(request, file_id):
     dataset = selectors.dataset_for(user, file_id)
     if dataset is None:
         return error_response(f"No file with id {file_id!r} was found.", status_code=404, code="not_found")
-    return FileResponse(dataset.file.open("rb"), content_type="application/octet-stream", as_attachment=True, filename=dataset.filename)
+    return FileResponse(
+        dataset.file.open("rb"), content_type="application/octet-stream", as_attachment=True, filename=dataset.filename
+    )

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from datasets_app.images import ImageInfo, check_image_url
 
-ROLES = ("system", "user", "assistant", "tool")
+# "developer" is OpenAI's newer name for system instructions; the chat format writes it as system.
+ROLES = ("system", "developer", "user", "assistant", "tool")
 CHAT_FORMATS = ("chat", "function_calling", "image")
 CONVERTED_FORMATS = ("prompt_completion", "alpaca", "sharegpt")
 SHAREGPT_ROLES = {
@@ -100,7 +101,7 @@ def check_example(obj: dict) -> CheckedExample:
         checked.error(
             "",
             "unknown_format",
-            f"no known format (keys: {keys}); expected \"messages\", or prompt/completion, "
+            f'no known format (keys: {keys}); expected "messages", or prompt/completion, '
             "instruction/output (alpaca), conversations (sharegpt), or input/preferred_output/non_preferred_output",
         )
         return checked
@@ -188,7 +189,7 @@ def _check_conversation(
             assistants += 1
             trained += message.get("weight", 1) != 0
     checked.messages += len(messages)
-    checked.has_system = checked.has_system or "system" in seen
+    checked.has_system = checked.has_system or "system" in seen or "developer" in seen
     if not complete:
         return seen
     last = messages[-1].get("role") if isinstance(messages[-1], dict) else None
@@ -342,8 +343,11 @@ def _check_tool_calls(checked, calls, path, call_ids, tool_names) -> None:
         checked.tool_calls += 1
         call_id = call.get("id")
         if isinstance(call_id, str) and call_id in in_this_message:
-            checked.error(f"{call_path}.id", "bad_tool_calls",
-                          f"{describe(call_id)} is already the id of an earlier call in this message; each call needs its own id")
+            checked.error(
+                f"{call_path}.id",
+                "bad_tool_calls",
+                f"{describe(call_id)} is already the id of an earlier call in this message; each call needs its own id",
+            )
         elif isinstance(call_id, str) and call_id:
             call_ids.add(call_id)
             in_this_message.add(call_id)

@@ -17,8 +17,16 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_IMAGE_SIDE = 16384
 """Wider or taller than this is no photo or drawing a vision model takes; most likely a broken header."""
 IMAGE_KINDS = ("jpeg", "png", "gif", "webp", "bmp")
-_DECLARED_KINDS = {"jpeg": "jpeg", "jpg": "jpeg", "pjpeg": "jpeg", "png": "png", "gif": "gif", "webp": "webp",
-                   "bmp": "bmp", "x-ms-bmp": "bmp"}
+_DECLARED_KINDS = {
+    "jpeg": "jpeg",
+    "jpg": "jpeg",
+    "pjpeg": "jpeg",
+    "png": "png",
+    "gif": "gif",
+    "webp": "webp",
+    "bmp": "bmp",
+    "x-ms-bmp": "bmp",
+}
 """The subtype of "data:image/<subtype>" each image kind may be declared as."""
 
 
@@ -79,7 +87,7 @@ def check_image_url(url: str) -> ImageInfo | None:
 
 def _check_data_url(url: str) -> ImageInfo:
     header, comma, payload = url.partition(",")
-    params = header[len("data:"):].split(";")
+    params = header[len("data:") :].split(";")
     if not comma or params[-1] != "base64" or not params[0].lower().startswith("image/"):
         raise ValueError('expected a data URL of the form "data:image/<type>;base64,<data>"')
     # Refuse before decoding so a huge payload never gets allocated twice.
@@ -91,7 +99,7 @@ def _check_data_url(url: str) -> ImageInfo:
     try:
         data = base64.b64decode(payload, validate=True)
     except binascii.Error:
-        raise ValueError("the data after \"base64,\" is not valid base64") from None
+        raise ValueError('the data after "base64," is not valid base64') from None
     info = read_image_info(data)
     if info is None:
         raise ValueError(f"the decoded data is not an image: expected {', '.join(k.upper() for k in IMAGE_KINDS)}")
@@ -100,17 +108,25 @@ def _check_data_url(url: str) -> ImageInfo:
     except (IndexError, struct.error):
         missing = "its structure is cut short"
     if missing:
-        raise ValueError(f"the {info.kind.upper()} data ends early ({missing}): the image was cut short, "
-                         "as by an interrupted download or copy")
+        raise ValueError(
+            f"the {info.kind.upper()} data ends early ({missing}): the image was cut short, "
+            "as by an interrupted download or copy"
+        )
     declared = params[0].lower().removeprefix("image/")
     if _DECLARED_KINDS.get(declared, info.kind) != info.kind:
-        raise ValueError(f"the data URL says image/{declared} but the data is a {info.kind.upper()} image: "
-                         f'declare it as "data:image/{info.kind};base64,..."')
-    if info.width is not None and info.height is not None and not (
-        1 <= info.width <= MAX_IMAGE_SIDE and 1 <= info.height <= MAX_IMAGE_SIDE
+        raise ValueError(
+            f"the data URL says image/{declared} but the data is a {info.kind.upper()} image: "
+            f'declare it as "data:image/{info.kind};base64,..."'
+        )
+    if (
+        info.width is not None
+        and info.height is not None
+        and not (1 <= info.width <= MAX_IMAGE_SIDE and 1 <= info.height <= MAX_IMAGE_SIDE)
     ):
-        raise ValueError(f"the image header says {info.width} x {info.height} pixels; expected 1 to "
-                         f"{MAX_IMAGE_SIDE:,} pixels a side (the header is probably damaged)")
+        raise ValueError(
+            f"the image header says {info.width} x {info.height} pixels; expected 1 to "
+            f"{MAX_IMAGE_SIDE:,} pixels a side (the header is probably damaged)"
+        )
     return info
 
 
@@ -174,7 +190,7 @@ def _jpeg_segments(data: bytes):
         if marker in _JPEG_STANDALONE:
             at += 2
             continue
-        (length,) = struct.unpack(">H", data[at + 2:at + 4])
+        (length,) = struct.unpack(">H", data[at + 2 : at + 4])
         yield marker, at, length
         if marker == 0xDA:
             return
@@ -185,7 +201,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
     try:
         for marker, at, _ in _jpeg_segments(data):
             if marker in _JPEG_FRAMES:
-                height, width = struct.unpack(">HH", data[at + 5:at + 9])
+                height, width = struct.unpack(">HH", data[at + 5 : at + 9])
                 return width, height
     except ValueError:
         raise IndexError from None
@@ -203,7 +219,9 @@ def _missing_end(kind: str, data: bytes) -> str | None:
         return _gif_missing_end(data)
     if kind == "webp":
         (riff_size,) = struct.unpack("<I", data[4:8])
-        return None if len(data) >= 8 + riff_size else f"{len(data):,} of the {8 + riff_size:,} bytes its header declares"
+        return (
+            None if len(data) >= 8 + riff_size else f"{len(data):,} of the {8 + riff_size:,} bytes its header declares"
+        )
     if kind == "bmp":
         (file_size,) = struct.unpack("<I", data[2:6])  # 0 is allowed: the writer did not say
         return None if len(data) >= file_size else f"{len(data):,} of the {file_size:,} bytes its header declares"

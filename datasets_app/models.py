@@ -50,8 +50,13 @@ class Dataset(models.Model):
     def mark_processed(self, *, examples: int, fmt: str, report: dict, details: str = "") -> bool:
         """Record a valid file (with its normalized copy); False when the dataset was deleted meanwhile."""
         return self._update_row(
-            status=self.PROCESSED, examples=examples, format=fmt, report=report, status_details=details,
-            normalized=self.normalized, processed_at=timezone.now(),
+            status=self.PROCESSED,
+            examples=examples,
+            format=fmt,
+            report=report,
+            status_details=details,
+            normalized=self.normalized,
+            processed_at=timezone.now(),
         )
 
     def mark_error(self, details: str, *, report: dict | None = None) -> bool:

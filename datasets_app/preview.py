@@ -28,7 +28,9 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def preview_page(original_fp, normalized_fp, *, page: int, per_page: int, tokenizer=None, max_seq_len: int = 1024) -> list[dict]:
+def preview_page(
+    original_fp, normalized_fp, *, page: int, per_page: int, tokenizer=None, max_seq_len: int = 1024
+) -> list[dict]:
     """Examples page (1-based): original line, messages to show, conversion and trained segments.
 
     Each item has "messages" (a chat, or a preference pair's input), "answers"
@@ -40,18 +42,24 @@ def preview_page(original_fp, normalized_fp, *, page: int, per_page: int, tokeni
     originals = islice(example_lines(original_fp), start, start + per_page)
     normalized = islice(example_lines(normalized_fp), start, start + per_page)
     items = []
-    for offset, (raw, chat_line) in enumerate(zip(originals, normalized)):
+    for offset, (raw, chat_line) in enumerate(zip(originals, normalized, strict=False)):
         example = json.loads(chat_line)
         source = json.loads(raw.decode("utf-8"))
         _, source_format = normalize_example(source)
-        items.append({
-            "number": start + offset + 1,
-            "messages": shown_messages(example["messages"] if "messages" in example else example["input"]["messages"]),
-            "answers": _shown_answers(example),
-            "source_format": source_format,
-            "converted_from": json.dumps(source, ensure_ascii=False, indent=1) if source_format in CONVERTED_FORMATS else "",
-            "rendered": _rendered(tokenizer, example, max_seq_len=max_seq_len) if tokenizer else [],
-        })
+        items.append(
+            {
+                "number": start + offset + 1,
+                "messages": shown_messages(
+                    example["messages"] if "messages" in example else example["input"]["messages"]
+                ),
+                "answers": _shown_answers(example),
+                "source_format": source_format,
+                "converted_from": json.dumps(source, ensure_ascii=False, indent=1)
+                if source_format in CONVERTED_FORMATS
+                else "",
+                "rendered": _rendered(tokenizer, example, max_seq_len=max_seq_len) if tokenizer else [],
+            }
+        )
     return items
 
 
@@ -88,7 +96,11 @@ def _shown_answers(example: dict) -> list[dict]:
         return []
     return [
         {"label": "Preferred answer", "preferred": True, "messages": shown_messages(example["preferred_output"])},
-        {"label": "Non-preferred answer", "preferred": False, "messages": shown_messages(example["non_preferred_output"])},
+        {
+            "label": "Non-preferred answer",
+            "preferred": False,
+            "messages": shown_messages(example["non_preferred_output"]),
+        },
     ]
 
 
@@ -97,7 +109,7 @@ def _rendered(tokenizer, example: dict, *, max_seq_len: int) -> list[dict]:
     labels = [""] if "messages" in example else ["input + preferred answer", "input + non-preferred answer"]
     return [
         {"label": label, "segments": trained_segments(tokenizer, sequence, max_seq_len=max_seq_len)}
-        for label, sequence in zip(labels, training_sequences(example))
+        for label, sequence in zip(labels, training_sequences(example), strict=True)
     ]
 
 
@@ -114,7 +126,7 @@ def trained_segments(tokenizer, example: dict, *, max_seq_len: int) -> list[dict
         return [_note(f"The trained tokens cannot be shown for this example: {problem}")]
     mask = rendered.loss_mask
     segments, run, current = [], [], None
-    for token, trained in zip(rendered.input_ids, mask):
+    for token, trained in zip(rendered.input_ids, mask, strict=True):
         if trained != current and run:
             segments.append({"text": tokenizer.decode(run), "trained": bool(current)})
             run = []
@@ -126,7 +138,11 @@ def trained_segments(tokenizer, example: dict, *, max_seq_len: int) -> list[dict
         segments.append(_note(f" … {rendered.truncated_tokens} tokens cut at max length {max_seq_len}"))
     images, _ = count_images(example["messages"])
     if images:
-        segments.append(_note(f" … plus {images} image{'s' if images != 1 else ''}, {IMAGE_TOKENS:,} tokens each, not shown as text"))
+        segments.append(
+            _note(
+                f" … plus {images} image{'s' if images != 1 else ''}, {IMAGE_TOKENS:,} tokens each, not shown as text"
+            )
+        )
     return segments
 
 

@@ -22,9 +22,21 @@ def token_histogram_figure(tokens: dict) -> dict | None:
     centers = [(edges[i] + edges[i + 1]) / 2 for i in range(len(counts))]
     widths = [edges[i + 1] - edges[i] for i in range(len(counts))]
     return {
-        "data": [{"type": "bar", "x": centers, "y": counts, "width": widths, "marker": {"color": "#2563eb"}, "name": "examples"}],
+        "data": [
+            {
+                "type": "bar",
+                "x": centers,
+                "y": counts,
+                "width": widths,
+                "marker": {"color": "#2563eb"},
+                "name": "examples",
+            }
+        ],
         "layout": {
-            "margin": {"l": 50, "r": 10, "t": 10, "b": 40}, "height": 260, "bargap": 0.05,
-            "xaxis": {"title": {"text": "tokens per example"}}, "yaxis": {"title": {"text": "examples"}},
+            "margin": {"l": 50, "r": 10, "t": 10, "b": 40},
+            "height": 260,
+            "bargap": 0.05,
+            "xaxis": {"title": {"text": "tokens per example"}},
+            "yaxis": {"title": {"text": "examples"}},
         },
     }

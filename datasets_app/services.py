@@ -1,7 +1,9 @@
 """Writes for datasets: store an upload, validate it in the background, delete."""
 
+import hashlib
 import logging
 import os
+import random
 import tempfile
 
 from django.conf import settings
@@ -9,10 +11,14 @@ from django.core.files import File
 from django.db import transaction
 from django.db.models import Q
 
-from finetune_site.api_errors import ApiError
+from finetune_site.errors import InvalidInput, InvalidState, TooLarge
 from finetune_site.units import human_bytes
+from jobs_app.models import FineTuningJob
 
 from .models import Dataset
+from .preview import load_tokenizer
+from .token_stats import estimate_cost, token_statistics
+from .validation import validate_stream
 
 log = logging.getLogger(__name__)
 
@@ -21,15 +27,19 @@ log = logging.getLogger(__name__)
 def dataset_create(*, owner, upload, purpose: str = "fine-tune", filename: str | None = None) -> Dataset:
     """Store an uploaded file and queue its validation."""
     if purpose != "fine-tune":
-        raise ApiError(f"purpose must be 'fine-tune', got {purpose!r}.", param="purpose")
+        raise InvalidInput(f"purpose must be 'fine-tune', got {purpose!r}.", param="purpose")
     if upload is None:
-        raise ApiError("No file was uploaded (multipart field 'file'). A file part is dropped when its file name is "
-                       "empty, '.', '..' or not valid UTF-8: give the file a plain name.", param="file")
+        raise InvalidInput(
+            "No file was uploaded (multipart field 'file'). A file part is dropped when its file name is "
+            "empty, '.', '..' or not valid UTF-8: give the file a plain name.",
+            param="file",
+        )
     limit = settings.FT_MAX_UPLOAD_BYTES
     if upload.size > limit:
-        raise ApiError(
+        raise TooLarge(
             f"File is {human_bytes(upload.size)}, over the limit of {human_bytes(limit)} (FT_MAX_UPLOAD_BYTES).",
-            param="file", status_code=413, code="file_too_large",
+            param="file",
+            code="file_too_large",
         )
     name = os.path.basename(filename or upload.name or "upload") or "upload"
     dataset = Dataset(owner=owner, filename=name[:255], purpose=purpose, bytes=upload.size)
@@ -47,8 +57,6 @@ def dataset_validate(*, dataset_id: int) -> Dataset | None:
 
     Returns None, quietly, when the dataset is deleted before or while it is validated.
     """
-    from .validation import validate_stream
-
     dataset = Dataset.objects.filter(pk=dataset_id).first()
     if dataset is None or dataset.status != Dataset.UPLOADED:
         return dataset
@@ -58,14 +66,16 @@ def dataset_validate(*, dataset_id: int) -> Dataset | None:
             if report.ok:
                 normalized.seek(0)
                 dataset.normalized.save(f"{dataset.public_id}.chat.jsonl", File(normalized), save=False)
-    except Exception as exc:  # noqa: BLE001 - a broken file must end as an error, not a stuck upload
+    except Exception as exc:  # a broken file must end as an error, not a stuck upload
         if not dataset.mark_error(f"The file could not be read: {type(exc).__name__}: {exc}"):
             return _gone(dataset)
         log.exception("validation of %s crashed", dataset.public_id)
         return dataset
     if report.ok:
         details = report.summary_text() if report.warnings else ""
-        if not dataset.mark_processed(examples=report.examples, fmt=report.format, report=report.to_dict(), details=details):
+        if not dataset.mark_processed(
+            examples=report.examples, fmt=report.format, report=report.to_dict(), details=details
+        ):
             return _gone(dataset)
         from .tasks import compute_statistics
 
@@ -85,12 +95,10 @@ def _gone(dataset: Dataset) -> None:
 @transaction.atomic
 def dataset_delete(*, dataset: Dataset) -> None:
     """Delete a dataset and its files, unless a queued or running job still needs it."""
-    from jobs_app.models import FineTuningJob
-
     using = FineTuningJob.objects.filter(Q(training_file=dataset) | Q(validation_file=dataset))
     blocking = using.filter(status__in=FineTuningJob.ACTIVE_STATUSES + (FineTuningJob.PAUSED,)).first()
     if blocking is not None:
-        raise ApiError(
+        raise InvalidState(
             f"File {dataset.public_id} is used by job {blocking.public_id} ({blocking.status}); cancel the job first.",
             code="file_in_use",
         )
@@ -116,7 +124,7 @@ def dataset_compute_statistics(*, dataset_id: int, max_seq_len: int = 1024) -> D
         return dataset
     try:
         tokens = _count_tokens(dataset, max_seq_len=max_seq_len)
-    except Exception as exc:  # noqa: BLE001 - a failure must show on the page, not leave it polling
+    except Exception as exc:  # a failure must show on the page, not leave it polling
         log.exception("token statistics of %s failed", dataset.public_id)
         tokens = {"error": f"Counting tokens failed: {type(exc).__name__}: {exc}"}
     report = dict(dataset.report or {})
@@ -128,9 +136,6 @@ def dataset_compute_statistics(*, dataset_id: int, max_seq_len: int = 1024) -> D
 
 def _count_tokens(dataset: Dataset, *, max_seq_len: int) -> dict:
     from deployments_app.catalog import tokenizer_path
-
-    from .preview import load_tokenizer
-    from .token_stats import estimate_cost, token_statistics
 
     folder = tokenizer_path()
     if folder is None:
@@ -160,28 +165,30 @@ def _derived(owner, source: Dataset, suffix: str, path: str, size: int, *, valid
 
 def _require_processed(dataset: Dataset) -> None:
     if dataset.status != Dataset.PROCESSED or not dataset.normalized:
-        raise ApiError(f"File {dataset.public_id} is not processed yet ({dataset.status}).", code="file_not_ready")
+        raise InvalidState(f"File {dataset.public_id} is not processed yet ({dataset.status}).", code="file_not_ready")
 
 
 @transaction.atomic
-def dataset_split(*, dataset: Dataset, validation_percent: float, test_percent: float = 0.0, seed: int = 42, validate: bool = True) -> list[Dataset]:
+def dataset_split(
+    *, dataset: Dataset, validation_percent: float, test_percent: float = 0.0, seed: int = 42, validate: bool = True
+) -> list[Dataset]:
     """Split into train/validation(/test) by percentage and seed; the original stays."""
-    import random
-
     _require_processed(dataset)
     if not 0 < validation_percent < 100 or not 0 <= test_percent < 100 or validation_percent + test_percent >= 100:
-        raise ApiError("Percentages must be above 0, and validation + test must stay below 100.", param="validation_percent")
+        raise InvalidInput(
+            "Percentages must be above 0, and validation + test must stay below 100.", param="validation_percent"
+        )
     total = dataset.examples or 0
     n_valid = max(1, round(total * validation_percent / 100))
     n_test = round(total * test_percent / 100) if test_percent else 0
     if total - n_valid - n_test < 1:
-        raise ApiError(f"{total} examples are too few to split this way.", param="validation_percent")
+        raise InvalidInput(f"{total} examples are too few to split this way.", param="validation_percent")
     order = list(range(total))
     random.Random(seed).shuffle(order)
     part = bytearray(total)  # 0 train, 1 validation, 2 test
     for i in order[:n_valid]:
         part[i] = 1
-    for i in order[n_valid:n_valid + n_test]:
+    for i in order[n_valid : n_valid + n_test]:
         part[i] = 2
     names = ["train", "validation", "test"][: 3 if n_test else 2]
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,14 +201,15 @@ def dataset_split(*, dataset: Dataset, validation_percent: float, test_percent: 
         finally:
             for out in outputs:
                 out.close()
-        return [_derived(dataset.owner, dataset, name, p, os.path.getsize(p), validate=validate) for name, p in zip(names, paths)]
+        return [
+            _derived(dataset.owner, dataset, name, p, os.path.getsize(p), validate=validate)
+            for name, p in zip(names, paths, strict=True)
+        ]
 
 
 @transaction.atomic
 def dataset_dedupe(*, dataset: Dataset) -> Dataset:
     """A copy without exact duplicate examples; the original stays."""
-    import hashlib
-
     _require_processed(dataset)
     seen: set[bytes] = set()
     with tempfile.TemporaryDirectory() as tmp:

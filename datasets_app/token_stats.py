@@ -55,7 +55,9 @@ def token_statistics(
             totals["skipped"] += 1
             totals["refused"] += 1
             if len(warnings) < max_listed:
-                warnings.append(Issue(number, "", "template_refused", f"training cannot render this example: {refusal}"))
+                warnings.append(
+                    Issue(number, "", "template_refused", f"training cannot render this example: {refusal}")
+                )
             continue
         longest = 0
         for sequence, mask in zip(training_sequences(example), masks, strict=True):
@@ -100,7 +102,9 @@ def token_statistics(
         "tokens_lost": totals["lost"],
         "warnings": [issue.to_dict() for issue in warnings],
         "warning_counts": {
-            kind: count for kind, count in (("too_long", totals["over"]), ("template_refused", totals["refused"])) if count
+            kind: count
+            for kind, count in (("too_long", totals["over"]), ("template_refused", totals["refused"]))
+            if count
         },
     }
 
@@ -211,8 +215,12 @@ def without_images(example: dict) -> dict:
     An assistant image reply (text-to-image) becomes an empty reply.
     """
     messages = [
-        {**message, "content": "".join(part.get("text", "") for part in message["content"] if part.get("type") == "text")}
-        if isinstance(message.get("content"), list) else message
+        {
+            **message,
+            "content": "".join(part.get("text", "") for part in message["content"] if part.get("type") == "text"),
+        }
+        if isinstance(message.get("content"), list)
+        else message
         for message in example["messages"]
     ]
     return {**example, "messages": messages}

@@ -213,11 +213,18 @@ class _Run:
         if len(families) < 2:
             return
         main = families.most_common(1)[0][0]
-        others = ", ".join(f"{count} {family.replace('_', '/')} (first at line {first[family]})"
-                           for family, count in families.items() if family != main)
-        self.warn(None, "", "mixed_formats",
-                  f"most examples are {main.replace('_', '/')}, but {others}; each line is converted to chat, "
-                  "which is fine if the mix is intended")
+        others = ", ".join(
+            f"{count} {family.replace('_', '/')} (first at line {first[family]})"
+            for family, count in families.items()
+            if family != main
+        )
+        self.warn(
+            None,
+            "",
+            "mixed_formats",
+            f"most examples are {main.replace('_', '/')}, but {others}; each line is converted to chat, "
+            "which is fine if the mix is intended",
+        )
 
     def finish(self) -> ValidationReport:
         report = self.report
@@ -227,14 +234,18 @@ class _Run:
             self.error(None, "", "empty_file", "the file holds only blank lines; expected one JSON example per line")
         if self.without_system:
             self.warn(
-                None, "", "no_system_message",
+                None,
+                "",
+                "no_system_message",
                 f"{self.without_system} of {self.examples} examples have no system message; "
                 "that is fine if you will not send one when using the model",
             )
         self._warn_mixed_formats()
         if 0 < self.examples < RECOMMENDED_MIN_EXAMPLES:
             self.warn(
-                None, "", "too_few_examples",
+                None,
+                "",
+                "too_few_examples",
                 f"only {self.examples} example{'s' if self.examples != 1 else ''}: fine-tuning needs "
                 "at least 50 to 100, and several hundred for good results",
             )
@@ -294,7 +305,7 @@ def _lines(fp, run: _Run):
                 )
                 return
             if raw.startswith(_BOM):
-                raw = raw[len(_BOM):]
+                raw = raw[len(_BOM) :]
         if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
             run.bytes += _skip_rest_of_line(readline)
             run.error(
@@ -346,7 +357,7 @@ def _json_problem(text: str, problem: json.JSONDecodeError) -> str:
 def _not_an_object(obj) -> str:
     if isinstance(obj, list):
         return "is a JSON array; expected one JSON object per line (JSON Lines), not an array of examples"
-    return f"is {type_name(obj)}; expected a JSON object such as {{\"messages\": [...]}}"
+    return f'is {type_name(obj)}; expected a JSON object such as {{"messages": [...]}}'
 
 
 def _file_format(formats: Counter) -> str:
@@ -397,7 +408,7 @@ class _Fingerprints:
         old_keys, old_lines = self.keys, self.lines
         self.__init__(len(old_keys) * 2)
         keys, lines, mask = self.keys, self.lines, len(self.keys) - 1
-        for key, line in zip(old_keys, old_lines):
+        for key, line in zip(old_keys, old_lines, strict=False):
             if key:
                 slot = key & mask
                 while keys[slot]:

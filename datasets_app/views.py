@@ -6,7 +6,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from finetune_site.api_errors import ApiError
+from finetune_site.errors import ApplicationError, InvalidInput
 
 from . import selectors, services
 from .models import Dataset
@@ -26,11 +26,14 @@ def dataset_list(request):
 def dataset_upload(request):
     try:
         dataset = services.dataset_create(owner=request.user, upload=request.FILES.get("file"))
-    except ApiError as exc:
+    except ApplicationError as exc:  # the upload script reads the outcome from the messages, not a redirect
         messages.error(request, exc.message)
     else:
-        messages.success(request, f"Uploaded {dataset.filename}. Every line is checked in the background; "
-                                  "its status below changes by itself.")
+        messages.success(
+            request,
+            f"Uploaded {dataset.filename}. Every line is checked in the background; "
+            "its status below changes by itself.",
+        )
     if request.headers.get("X-Upload-Progress"):
         # Sent by the page's script (static/js/upload.js), which shows progress and then
         # goes where it is told; a redirect would be followed inside the request, and
@@ -96,15 +99,14 @@ def dataset_preview(request, public_id):
 def dataset_split(request, public_id):
     dataset = _owned(request, public_id)
     try:
-        created = services.dataset_split(
-            dataset=dataset,
-            validation_percent=float(request.POST.get("validation_percent") or 10),
-            test_percent=float(request.POST.get("test_percent") or 0),
-            seed=int(request.POST.get("seed") or 42),
-        )
-    except (ApiError, ValueError) as exc:
-        messages.error(request, getattr(exc, "message", None) or f"Invalid split settings: {exc}")
-        return redirect("dataset_detail", public_id=public_id)
+        settings_asked = {
+            "validation_percent": float(request.POST.get("validation_percent") or 10),
+            "test_percent": float(request.POST.get("test_percent") or 0),
+            "seed": int(request.POST.get("seed") or 42),
+        }
+    except ValueError as exc:
+        raise InvalidInput(f"Invalid split settings: {exc}") from None
+    created = services.dataset_split(dataset=dataset, **settings_asked)
     messages.success(request, "Created " + ", ".join(d.filename for d in created) + "; the original is unchanged.")
     return redirect("dataset_list")
 
@@ -113,11 +115,7 @@ def dataset_split(request, public_id):
 @require_POST
 def dataset_dedupe(request, public_id):
     dataset = _owned(request, public_id)
-    try:
-        created = services.dataset_dedupe(dataset=dataset)
-    except ApiError as exc:
-        messages.error(request, exc.message)
-        return redirect("dataset_detail", public_id=public_id)
+    created = services.dataset_dedupe(dataset=dataset)
     messages.success(request, f"Created {created.filename} without duplicates; the original is unchanged.")
     return redirect("dataset_list")
 
@@ -126,10 +124,6 @@ def dataset_dedupe(request, public_id):
 @require_POST
 def dataset_delete(request, public_id):
     dataset = _owned(request, public_id)
-    try:
-        services.dataset_delete(dataset=dataset)
-    except ApiError as exc:
-        messages.error(request, exc.message)
-        return redirect("dataset_detail", public_id=public_id)
+    services.dataset_delete(dataset=dataset)
     messages.success(request, f"Deleted {dataset.filename}.")
     return redirect("dataset_list")

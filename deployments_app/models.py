@@ -17,7 +17,9 @@ class ModelCard(models.Model):
 
     model_id = models.CharField(max_length=300, unique=True)
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="model_cards")
-    job = models.OneToOneField("jobs_app.FineTuningJob", on_delete=models.SET_NULL, null=True, related_name="model_card")
+    job = models.OneToOneField(
+        "jobs_app.FineTuningJob", on_delete=models.SET_NULL, null=True, related_name="model_card"
+    )
     base_model = models.CharField(max_length=200)
     method = models.CharField(max_length=16, default="lora")
     # A PEFT adapter folder for adapter methods, a full model folder otherwise.
@@ -58,7 +60,9 @@ class Deployment(models.Model):
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="deployments")
     model_id = models.CharField(max_length=300)
     instances = models.PositiveSmallIntegerField(default=1, help_text="How many instances are wanted.")
-    max_concurrent_requests = models.PositiveSmallIntegerField(default=1, help_text="Requests one instance takes at once.")
+    max_concurrent_requests = models.PositiveSmallIntegerField(
+        default=1, help_text="Requests one instance takes at once."
+    )
     status = models.CharField(max_length=12, choices=STATUS_CHOICES, default=DEPLOYING)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -86,7 +90,11 @@ class Deployment(models.Model):
         running = self.instance_set.filter(status=Instance.RUNNING).count()
         if running < self.instances:
             return False
-        return bool(Deployment.objects.filter(pk=self.pk, status=self.DEPLOYING).update(status=self.RUNNING, updated_at=timezone.now()))
+        return bool(
+            Deployment.objects.filter(pk=self.pk, status=self.DEPLOYING).update(
+                status=self.RUNNING, updated_at=timezone.now()
+            )
+        )
 
 
 class Instance(models.Model):
@@ -133,8 +141,13 @@ class Instance(models.Model):
     def claim_running(self, worker: str) -> bool:
         """starting -> running once the model is loaded; False if it was stopped meanwhile."""
         now = timezone.now()
-        return bool(Instance.objects.filter(pk=self.pk, status=self.STARTING).update(
-            status=self.RUNNING, worker=worker, started_at=now, heartbeat_at=now))
+        return bool(
+            Instance.objects.filter(pk=self.pk, status=self.STARTING).update(
+                status=self.RUNNING, worker=worker, started_at=now, heartbeat_at=now
+            )
+        )
 
     def mark_final(self, status: str, detail: str = "") -> None:
-        Instance.objects.filter(pk=self.pk, status__in=self.LIVE).update(status=status, stopped_at=timezone.now(), detail=detail[:2000])
+        Instance.objects.filter(pk=self.pk, status__in=self.LIVE).update(
+            status=status, stopped_at=timezone.now(), detail=detail[:2000]
+        )

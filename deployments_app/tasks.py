@@ -1,9 +1,18 @@
+"""Celery tasks of deployments and the catalog: each fetches by id and calls one function.
+
+They stay in this module, under these names, because Celery finds an app's tasks
+in `<app>.tasks` and because queued messages, CELERY_TASK_ROUTES and the beat
+schedule name them.
+"""
+
 import socket
 
 from celery import shared_task
 from celery.signals import worker_shutting_down
 
-from . import instance, services
+from .catalog import services as catalog_services
+from .deployments import instance
+from .deployments import services as deployment_services
 
 
 @shared_task(name="deployments_app.tasks.run_instance", acks_late=False)
@@ -14,7 +23,7 @@ def run_instance(instance_id: int) -> None:
 
 @shared_task(name="deployments_app.tasks.reconcile_deployments")
 def reconcile_deployments() -> dict:
-    return services.reconcile_deployments()
+    return deployment_services.reconcile_deployments()
 
 
 @worker_shutting_down.connect
@@ -24,4 +33,4 @@ def _stop_instances_on_shutdown(**kwargs):
 
 @shared_task(name="deployments_app.tasks.build_merged_model")
 def build_merged_model(card_id: int) -> None:
-    services.model_merge(card_id=card_id)
+    catalog_services.model_merge(card_id=card_id)

@@ -12,7 +12,17 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from .errors import ApplicationError, CapacityExceeded, InvalidInput, InvalidState, NotAllowed, NotFound, TooLarge
+from .errors import (
+    ApplicationError,
+    CapacityExceeded,
+    InvalidInput,
+    InvalidState,
+    ModelFailed,
+    NotAllowed,
+    NotFound,
+    TooLarge,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +46,8 @@ _STATUS_OF_ERROR: dict[type[ApplicationError], int] = {
     NotFound: 404,
     NotAllowed: 403,
     TooLarge: 413,
+    ModelFailed: 500,
+    Unavailable: 503,
 }
 
 

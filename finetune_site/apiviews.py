@@ -1,5 +1,6 @@
 """Helpers for API views that live outside DRF (streams, raw downloads)."""
 
+from django.middleware.csrf import CsrfViewMiddleware
 from rest_framework.exceptions import AuthenticationFailed
 
 from .api_errors import error_response
@@ -16,4 +17,18 @@ def api_user_or_error(request):
             return None, error_response(str(exc.detail), status_code=401, code="invalid_api_key")
     if request.user.is_authenticated:
         return request.user, None
-    return None, error_response("Missing API key: send Authorization: Bearer <key>.", status_code=401, code="invalid_api_key")
+    return None, error_response(
+        "Missing API key: send Authorization: Bearer <key>.", status_code=401, code="invalid_api_key"
+    )
+
+
+def session_csrf_error(request):
+    """None for a call with an API key or a valid CSRF token, else the 403 response.
+
+    Browser calls ride on the session cookie, so they must carry the CSRF token; a
+    call with an API key sends no cookie and needs none.
+    """
+    if "HTTP_AUTHORIZATION" in request.META:
+        return None
+    reason = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
+    return error_response("CSRF check failed for a session-authenticated call.", status_code=403) if reason else None

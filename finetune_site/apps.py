@@ -18,4 +18,6 @@ def _say_logged_out(sender, request, user, **kwargs):
 
     # Stored in the messages cookie, which outlives the session that logout() flushes next.
     if request is not None and user is not None:
-        messages.info(request, "You have logged out.", fail_silently=True)  # a request without the middleware (tests, scripts)
+        messages.info(
+            request, "You have logged out.", fail_silently=True
+        )  # a request without the middleware (tests, scripts)

@@ -77,19 +77,37 @@ async def _refuse(scope, send, size: int, limit: int, upload: bool, *, at_least:
     allowed = settings.FT_MAX_UPLOAD_BYTES if upload else limit
     setting = "FT_MAX_UPLOAD_BYTES" if upload else "DATA_UPLOAD_MAX_MEMORY_SIZE"
     what = "The upload" if upload else "The request body"
-    message = (f"{what} is {'more than ' if at_least else ''}{human_bytes(size)}, over the limit of "
-               f"{human_bytes(allowed)} ({setting}); nothing was stored.")
+    message = (
+        f"{what} is {'more than ' if at_least else ''}{human_bytes(size)}, over the limit of "
+        f"{human_bytes(allowed)} ({setting}); nothing was stored."
+    )
     if scope.get("path", "").startswith(API_PREFIXES):
-        body = json.dumps(error_body(message, status_code=413, param="file" if upload else None,
-                                     code="file_too_large" if upload else "request_too_large")).encode()
+        body = json.dumps(
+            error_body(
+                message,
+                status_code=413,
+                param="file" if upload else None,
+                code="file_too_large" if upload else "request_too_large",
+            )
+        ).encode()
         content_type = b"application/json"
     else:
-        body = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Too large · Finetune Console</title>'
-                f'<link rel="stylesheet" href="{settings.STATIC_URL}css/app.css"></head><body><main><section class="card">'
-                f'<h1>Too large</h1><p class="flash error">{message}</p><p><a href="javascript:history.back()">Go back</a>'
-                f'</p></section></main></body></html>').encode()
+        body = (
+            f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Too large · Finetune Console</title>'
+            f'<link rel="stylesheet" href="{settings.STATIC_URL}css/app.css"></head><body><main><section class="card">'
+            f'<h1>Too large</h1><p class="flash error">{message}</p><p><a href="javascript:history.back()">Go back</a>'
+            f"</p></section></main></body></html>"
+        ).encode()
         content_type = b"text/html; charset=utf-8"
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -53,3 +53,15 @@ class CapacityExceeded(ApplicationError):
     """Not enough capacity (serving slots, storage) left for this now."""
 
     default_code = "insufficient_capacity"
+
+
+class Unavailable(ApplicationError):
+    """Nothing could take this in time (no serving instance picked the request up); the same request may work later."""
+
+    default_code = "unavailable"
+
+
+class ModelFailed(ApplicationError):
+    """The model failed while answering: a fault on our side, not in the request."""
+
+    default_code = "model_error"

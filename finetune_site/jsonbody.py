@@ -60,5 +60,7 @@ def _check_string(text: str, where: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as problem:
         code = ord(text[problem.start])
-        raise ValueError(f"{where} holds a lone UTF-16 surrogate (\\u{code:04x}), which is not a character; "
-                         "send valid Unicode (a surrogate pair stands for one character)") from None
+        raise ValueError(
+            f"{where} holds a lone UTF-16 surrogate (\\u{code:04x}), which is not a character; "
+            "send valid Unicode (a surrogate pair stands for one character)"
+        ) from None

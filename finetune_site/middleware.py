@@ -2,7 +2,9 @@
 
 A form post that a service refuses comes back to the page it was sent from with
 the reason as a message, so nothing the user typed elsewhere on the page is
-lost to a bare error page. Other requests get a small page with the reason and
+lost to a bare error page. Without a Referer it goes to the parent path: action
+URLs here end in a verb under the page they act on (/jobs/<id>/cancel/ ->
+/jobs/<id>/). Other requests get a small page with the reason and
 the status the API would give. API routes are left to the API's own mapping
 (`finetune_site.api_errors`).
 """
@@ -32,8 +34,8 @@ class ApplicationErrorMiddleware(MiddlewareMixin):
 
 
 def _back(request) -> str:
-    """The page the form was posted from, when it is one of ours; else the same path."""
+    """The page the form was posted from, when it is one of ours; else the page the action is under."""
     referer = request.headers.get("Referer", "")
     if referer and url_has_allowed_host_and_scheme(referer, allowed_hosts={request.get_host()}):
         return referer
-    return request.path
+    return request.path.rstrip("/").rsplit("/", 1)[0] + "/"

@@ -83,7 +83,9 @@ class Notification(models.Model):
 class NotificationSettings(models.Model):
     """Where a user wants job notices besides the bell: email and a signed webhook."""
 
-    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="notification_settings")
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="notification_settings"
+    )
     email_enabled = models.BooleanField(default=False)
     webhook_url = models.URLField(blank=True, max_length=500)
     webhook_secret = models.CharField(max_length=64, default=secrets.token_hex)

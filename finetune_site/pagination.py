@@ -3,7 +3,9 @@
 from .api_errors import ApiError
 
 
-def cursor_page(queryset, params, *, to_dict, id_field: str = "public_id", default_limit: int = 20, max_limit: int = 100) -> dict:
+def cursor_page(
+    queryset, params, *, to_dict, id_field: str = "public_id", default_limit: int = 20, max_limit: int = 100
+) -> dict:
     """Newest first; `has_more` must be exact or the openai SDK's auto-pagination loops forever."""
     raw_limit = params.get("limit")
     try:

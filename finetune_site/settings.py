@@ -104,7 +104,7 @@ if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
 
 def _celery_redis_url(url: str) -> str:
     # kombu spells unix sockets as redis+socket://
-    return "redis+socket://" + url[len("unix://"):] if url.startswith("unix://") else url
+    return "redis+socket://" + url[len("unix://") :] if url.startswith("unix://") else url
 
 
 CELERY_BROKER_URL = _celery_redis_url(REDIS_URL)
@@ -158,7 +158,7 @@ REST_FRAMEWORK = {
 SPECTACULAR_SETTINGS = {
     "TITLE": "Finetune Console API",
     "DESCRIPTION": "OpenAI- and Zhipu-compatible API for datasets, fine-tuning jobs, models and chat.\n\n"
-                   "[← Back to the console](/) · create a key on the [API keys](/keys/) page.",
+    "[← Back to the console](/) · create a key on the [API keys](/keys/) page.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
     # The schema and docs are for signed-in users and API keys, like every other page (the default is AllowAny).

@@ -5,9 +5,9 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
 
 from datasets_app import api as files_api
-from deployments_app import api as models_api
-from deployments_app import chat as chat_api
-from deployments_app import deployments_api
+from deployments_app.catalog import api as models_api
+from deployments_app.chat import api_router as chat_api
+from deployments_app.deployments import api as deployments_api
 from jobs_app import api as jobs_api
 
 from . import views

@@ -1,16 +1,21 @@
 import logging
 
+import redis
 from django import forms
-
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
+from datasets_app.selectors import datasets_for
+from deployments_app.models import ModelCard
+from jobs_app.selectors import jobs_for
+
+from .celery import app as celery_app
 from .models import ApiKey, Notification, NotificationSettings
 
 log = logging.getLogger(__name__)
@@ -19,10 +24,6 @@ QUEUES = ("training", "default", "serving")
 
 @login_required
 def home(request):
-    from datasets_app.selectors import datasets_for
-    from deployments_app.models import ModelCard
-    from jobs_app.selectors import jobs_for
-
     context = {
         "jobs": jobs_for(request.user)[:8],
         "dataset_count": datasets_for(request.user).count(),
@@ -33,19 +34,15 @@ def home(request):
 
 
 def _check_redis() -> str | None:
-    import redis
-
     try:
         redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1).ping()
-    except Exception as exc:  # noqa: BLE001
+    except (redis.RedisError, OSError) as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
 
 
 def _workers_per_queue() -> dict[str, int]:
-    from finetune_site.celery import app
-
-    replies = app.control.inspect(timeout=1.0).active_queues() or {}
+    replies = celery_app.control.inspect(timeout=1.0).active_queues() or {}
     counts = {queue: 0 for queue in QUEUES}
     for queues in replies.values():
         for queue in queues:
@@ -60,7 +57,7 @@ def healthz(request):
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
         report["database"] = {"ok": True, "vendor": connection.vendor}
-    except Exception as exc:  # noqa: BLE001
+    except DatabaseError as exc:
         report["database"] = {"ok": False, "error": str(exc)}
         down.append("database")
     redis_error = _check_redis()
@@ -84,7 +81,9 @@ def api_keys(request):
         name = request.POST.get("name", "").strip()[:100]
         _, new_key = ApiKey.issue(request.user, name=name)
     keys = ApiKey.objects.filter(user=request.user)
-    return render(request, "api_keys.html", {"keys": keys, "new_key": new_key, "base_url": request.build_absolute_uri("/v1")})
+    return render(
+        request, "api_keys.html", {"keys": keys, "new_key": new_key, "base_url": request.build_absolute_uri("/v1")}
+    )
 
 
 @login_required
@@ -98,11 +97,15 @@ def api_key_revoke(request, key_pk):
 
 class NotificationSettingsForm(forms.ModelForm):
     email = forms.EmailField(required=False, label="Email address")
+    # A URL typed without a scheme means https, as Django 6 will assume.
+    webhook_url = forms.URLField(
+        required=False, max_length=500, assume_scheme="https", label="Webhook URL (JSON POST, signed)"
+    )
 
     class Meta:
         model = NotificationSettings
         fields = ["email_enabled", "email", "webhook_url"]
-        labels = {"email_enabled": "Email me when a job succeeds or fails", "webhook_url": "Webhook URL (JSON POST, signed)"}
+        labels = {"email_enabled": "Email me when a job succeeds or fails"}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

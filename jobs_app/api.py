@@ -4,9 +4,9 @@ from django.db.models import TextField
 from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import Cast
 from django.http import Http404
-from rest_framework import serializers
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -15,7 +15,14 @@ from finetune_site.ids import unix
 from finetune_site.pagination import cursor_page
 
 from . import selectors, services
-from .hyperparameters import public_hyperparameters
+from .hyperparameters import (
+    HOLDOUT_PERCENT,
+    METHODS,
+    DefinedValue,
+    HyperparametersField,
+    MethodField,
+    public_hyperparameters,
+)
 from .models import Checkpoint, FineTuningJob, JobEvent
 
 
@@ -72,8 +79,14 @@ def checkpoint_object(checkpoint: Checkpoint) -> dict:
     }
 
 
-CHECKPOINT_METRICS = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
-                      "full_valid_loss", "full_valid_mean_token_accuracy")
+CHECKPOINT_METRICS = (
+    "train_loss",
+    "train_mean_token_accuracy",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "full_valid_loss",
+    "full_valid_mean_token_accuracy",
+)
 """The engine stores a checkpoint's metrics under the names of OpenAI's checkpoint object."""
 
 
@@ -81,9 +94,12 @@ class JobCreateInput(serializers.Serializer):
     model = serializers.CharField()
     training_file = serializers.CharField()
     validation_file = serializers.CharField(required=False, allow_null=True, allow_blank=True)
-    hyperparameters = serializers.JSONField(required=False, allow_null=True)
-    method = serializers.JSONField(required=False, allow_null=True)
-    training_type = serializers.CharField(required=False, allow_null=True)
+    hyperparameters = HyperparametersField(required=False, allow_null=True)
+    method = MethodField(required=False, allow_null=True)
+    training_type = serializers.CharField(
+        required=False, allow_null=True, help_text=f"One of {', '.join(METHODS)}; default lora."
+    )
+    holdout_percent = DefinedValue(HOLDOUT_PERCENT)  # the form's name; openai's SDK sends it in extra_body
     suffix = serializers.CharField(required=False, allow_null=True, allow_blank=True, max_length=64)
     seed = serializers.IntegerField(required=False, allow_null=True)
     metadata = serializers.JSONField(required=False, allow_null=True)
@@ -94,13 +110,15 @@ def _hyperparameters_from(data: dict) -> dict | None:
     method = data.get("method")
     if method:
         if not isinstance(method, dict):
-            raise ApiError("method must be an object like {\"type\": \"supervised\", ...}.", param="method")
+            raise ApiError('method must be an object like {"type": "supervised", ...}.', param="method")
         kind = method.get("type", "supervised")
         if kind != "supervised":
-            raise ApiError(f"method.type {kind!r} is not supported yet; use \"supervised\".", param="method.type")
+            raise ApiError(f'method.type {kind!r} is not supported yet; use "supervised".', param="method.type")
         supervised = method.get("supervised") or {}
         if not isinstance(supervised, dict):
-            raise ApiError("method.supervised must be an object like {\"hyperparameters\": {...}}.", param="method.supervised")
+            raise ApiError(
+                'method.supervised must be an object like {"hyperparameters": {...}}.', param="method.supervised"
+            )
         nested = supervised.get("hyperparameters")
         if nested:
             return nested
@@ -139,6 +157,7 @@ class JobListCreate(APIView):
             validation_file=data.get("validation_file") or None,
             method=(data.get("training_type") or "lora").lower(),
             hyperparameters=_hyperparameters_from(data),
+            holdout_percent=data.get("holdout_percent") or 0,
             suffix=data.get("suffix"),
             seed=data.get("seed"),
             metadata=data.get("metadata"),
@@ -187,4 +206,11 @@ class JobEvents(APIView):
 class JobCheckpoints(APIView):
     def get(self, request, job_id):
         job = _owned(request, job_id)
-        return Response(cursor_page(job.checkpoints.select_related("job__owner"), request.query_params, to_dict=checkpoint_object, default_limit=10))
+        return Response(
+            cursor_page(
+                job.checkpoints.select_related("job__owner"),
+                request.query_params,
+                to_dict=checkpoint_object,
+                default_limit=10,
+            )
+        )

@@ -1,87 +1,61 @@
-"""Checking and resolving the hyperparameters of a job ("auto" becomes a number)."""
+"""The Django side of the hyperparameter definitions (`llm.train.hyperparameters`).
 
-import math
+The definitions say what each hyperparameter is; this module turns them into what
+the web needs: domain errors for refusals, form fields, the API schema's
+description, and the words the job pages use for each resolved setting.
+"""
 
-from finetune_site.api_errors import ApiError
+from django import forms
+from django.core.exceptions import ValidationError
+from drf_spectacular.extensions import OpenApiSerializerFieldExtension
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
 
-METHODS = ("lora", "dora", "full", "qlora")
-# name -> (type, minimum, maximum)
-_LIMITS = {
-    "n_epochs": (int, 1, 50),
-    "batch_size": (int, 1, 256),
-    "learning_rate_multiplier": (float, 1e-4, 100.0),
-    "lora_rank": (int, 1, 256),
-    "lora_alpha": (int, 1, 1024),
-    "lora_dropout": (float, 0.0, 0.9),
-    "max_seq_len": (int, 32, 32768),
-    "eval_every": (int, 0, 1_000_000),
-    "save_every": (int, 0, 1_000_000),
-    "warmup_ratio": (float, 0.0, 0.5),
-    "early_stopping_patience": (int, 0, 1000),
-    "target_modules": (str, None, None),
-}
-_BASE_LEARNING_RATE = {"lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+from finetune_site.errors import InvalidInput
+from llm.train.config import METHODS
+from llm.train.hyperparameters import HYPERPARAMETERS, Hyperparameter, check, resolve
+
+__all__ = [
+    "HOLDOUT_PERCENT",
+    "METHODS",
+    "DefinedValue",
+    "HyperparametersField",
+    "MethodField",
+    "check_hyperparameters",
+    "described_settings",
+    "form_field",
+    "public_hyperparameters",
+    "resolve_hyperparameters",
+]
+
+HOLDOUT_PERCENT = Hyperparameter(
+    name="holdout_percent",
+    label="Or hold out % for validation",
+    doc="Share of the training file split off as validation data, when no validation file is given; 0 splits nothing.",
+    type=int,
+    default=0,
+    minimum=0,
+    maximum=50,
+    accepts_auto=False,
+)
+"""A job setting, not a training one: the split happens before the engine starts, so it lives here."""
 
 
-def check_hyperparameters(raw: dict | None, *, param_prefix: str = "hyperparameters") -> dict:
-    """Return the requested values with types checked; raise ApiError naming the first bad one."""
+def check_hyperparameters(raw: object, *, param_prefix: str = "hyperparameters") -> dict:
+    """Return the requested values with types checked; raise InvalidInput naming the first bad one."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ApiError("hyperparameters must be an object.", param=param_prefix)
-    checked = {}
-    for name, value in raw.items():
-        if name not in _LIMITS:
-            allowed = ", ".join(sorted(_LIMITS))
-            raise ApiError(f"Unknown hyperparameter {name!r}; expected one of {allowed}.", param=f"{param_prefix}.{name}")
-        if value is None or value == "auto":
-            checked[name] = "auto"
-            continue
-        kind, low, high = _LIMITS[name]
-        if kind is str:
-            if not isinstance(value, str) or not value.strip() or not all(part.strip().replace("_", "").replace(".", "").replace("-", "").isalnum() for part in value.split(",")):
-                raise ApiError(f"{name} must be \"all-linear\" or a comma-separated list of module names, got {value!r}.", param=f"{param_prefix}.{name}")
-            checked[name] = value.strip()
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-            expected = "an integer" if kind is int else "a number"
-            raise ApiError(f"{name} must be {expected} or \"auto\", got {value!r}.", param=f"{param_prefix}.{name}")
-        if not low <= value <= high:
-            raise ApiError(f"{name} must be between {low} and {high}, got {value}.", param=f"{param_prefix}.{name}")
-        checked[name] = kind(value)
-    return checked
+        raise InvalidInput("hyperparameters must be an object.", param=param_prefix)
+    cleaned, problems = check(raw)
+    if problems:
+        raise InvalidInput(problems[0].message, param=f"{param_prefix}.{problems[0].name}")
+    return cleaned
 
 
 def resolve_hyperparameters(requested: dict, *, method: str, examples: int) -> dict:
     """Fill every "auto" from the method and the size of the training set."""
-    def pick(name, default):
-        value = requested.get(name, "auto")
-        return default if value == "auto" else value
-
-    batch_size = pick("batch_size", max(1, min(8, examples // 8 or 1)))
-    # Small sets need more passes to move the model; large sets fewer.
-    epochs = pick("n_epochs", max(1, min(10, math.ceil(240 / max(examples, 1)))) if examples < 80 else 3)
-    multiplier = pick("learning_rate_multiplier", 1.0)
-    resolved = {
-        "n_epochs": int(epochs),
-        "batch_size": int(batch_size),
-        "learning_rate_multiplier": float(multiplier),
-        "learning_rate": _BASE_LEARNING_RATE[method] * float(multiplier),
-        "max_seq_len": int(pick("max_seq_len", 1024)),
-        "eval_every": int(pick("eval_every", 0)),
-        "save_every": int(pick("save_every", 0)),
-        "warmup_ratio": float(pick("warmup_ratio", 0.03)),
-        "early_stopping_patience": int(pick("early_stopping_patience", 0)),
-    }
-    if method != "full":
-        rank = int(pick("lora_rank", 16))
-        resolved.update(lora_rank=rank, lora_alpha=int(pick("lora_alpha", 2 * rank)), lora_dropout=float(pick("lora_dropout", 0.0)),
-                        target_modules=str(pick("target_modules", "all-linear")))
-    resolved["total_steps"] = math.ceil(examples / resolved["batch_size"]) * resolved["n_epochs"]
-    if resolved["early_stopping_patience"] and not resolved["eval_every"]:
-        # Early stopping compares validations: about ten per run unless asked otherwise.
-        resolved["eval_every"] = max(1, resolved["total_steps"] // 10)
-    return resolved
+    return resolve(requested, method=method, examples=examples)
 
 
 def public_hyperparameters(resolved: dict, requested: dict) -> dict:
@@ -94,12 +68,129 @@ def public_hyperparameters(resolved: dict, requested: dict) -> dict:
     }
 
 
+# --- The create form -------------------------------------------------------------
+
+
+def form_field(definition: Hyperparameter) -> forms.Field:
+    """A blank-means-auto form field that refuses with the same sentence as the API."""
+
+    def validate(value):
+        message = definition.public_problem(value)
+        if message is not None:
+            raise ValidationError(message, code="refused")  # not "invalid": Django would swap in its own text
+
+    blank = f"auto ({definition.auto_description()})" if definition.accepts_auto else str(definition.default)
+    options = {
+        "label": definition.label,
+        "required": False,
+        "validators": [validate],
+        "help_text": f"{definition.doc} Blank = {blank}.",
+    }
+    if definition.type is str:
+        return forms.CharField(**options)
+    # Bounds as widget attributes only: the validator above gives the message, not Django's own.
+    widget = forms.NumberInput(attrs={"min": definition.minimum, "max": definition.maximum})
+    field_class = forms.IntegerField if definition.type is int else forms.FloatField
+    return field_class(widget=widget, **options)
+
+
+# --- The API schema ----------------------------------------------------------------
+
+
+class DefinedValue(serializers.Field):
+    """One defined value in the API, documented from its definition and refused with its sentence."""
+
+    def __init__(self, definition: Hyperparameter, **kwargs):
+        self.definition = definition
+        auto = f" auto: {definition.auto_description()}." if definition.accepts_auto else ""
+        super().__init__(required=False, allow_null=True, help_text=definition.doc + auto, **kwargs)
+
+    def to_internal_value(self, data):
+        if self.definition.accepts_auto and data == "auto":
+            return data
+        message = self.definition.public_problem(data)
+        if message is not None:
+            # The domain error, not a DRF ValidationError: the same message and param as the form and the service.
+            raise InvalidInput(message, param=self.definition.name)
+        return self.definition.clean(data)
+
+    def to_representation(self, value):
+        return value
+
+
+class DefinedValueSchema(OpenApiSerializerFieldExtension):
+    """Type, bounds and doc of a DefinedValue, straight from its definition."""
+
+    target_class = DefinedValue
+
+    def map_serializer_field(self, auto_schema, direction):
+        definition = self.target.definition
+        value = {"type": {int: "integer", float: "number", str: "string"}[definition.type]}
+        if definition.minimum is not None:
+            value.update(minimum=definition.minimum, maximum=definition.maximum)
+        if definition.accepts_auto:
+            return {
+                "oneOf": [value, {"type": "string", "enum": ["auto"]}],
+                "default": "auto",
+                "description": self.target.help_text,
+                "nullable": True,
+            }
+        return {**value, "default": definition.default, "description": self.target.help_text, "nullable": True}
+
+
+Hyperparameters = type(
+    "Hyperparameters",
+    (serializers.Serializer,),
+    {
+        "__doc__": 'Training hyperparameters; each is a value or "auto".',
+        **{definition.name: DefinedValue(definition) for definition in HYPERPARAMETERS},
+    },
+)
+"""Documentation only: the schema of the `hyperparameters` object, generated from the definitions."""
+
+
+@extend_schema_field(Hyperparameters)
+class HyperparametersField(serializers.JSONField):
+    """The `hyperparameters` object: taken as JSON, refused by check_hyperparameters with the API's own messages."""
+
+
+class SupervisedMethod(serializers.Serializer):
+    """Documentation only: `method.supervised`."""
+
+    hyperparameters = Hyperparameters(required=False)
+
+
+class FineTuningMethod(serializers.Serializer):
+    """Documentation only: openai's `method` object, the newer home of the same hyperparameters."""
+
+    type = serializers.ChoiceField(choices=["supervised"], default="supervised")
+    supervised = SupervisedMethod(required=False)
+
+
+@extend_schema_field(FineTuningMethod)
+class MethodField(serializers.JSONField):
+    """The `method` object: taken as JSON; the API view reads the hyperparameters out of it."""
+
+
+# --- The job pages ---------------------------------------------------------------
+
+
 # How the pages name each resolved setting, and what a 0 means where it means something.
 SETTING_LABELS = {
-    "n_epochs": "Epochs", "batch_size": "Batch size (examples per step)", "learning_rate_multiplier": "Learning rate multiplier",
-    "learning_rate": "Learning rate", "max_seq_len": "Max sequence length", "eval_every": "Evaluate", "save_every": "Checkpoint",
-    "warmup_ratio": "Warmup", "early_stopping_patience": "Early stopping", "lora_rank": "LoRA rank", "lora_alpha": "LoRA alpha",
-    "lora_dropout": "LoRA dropout", "target_modules": "LoRA target modules", "total_steps": "Total steps",
+    "n_epochs": "Epochs",
+    "batch_size": "Batch size (examples per step)",
+    "learning_rate_multiplier": "Learning rate multiplier",
+    "learning_rate": "Learning rate",
+    "max_seq_len": "Max sequence length",
+    "eval_every": "Evaluate",
+    "save_every": "Checkpoint",
+    "warmup_ratio": "Warmup",
+    "early_stopping_patience": "Early stopping",
+    "lora_rank": "LoRA rank",
+    "lora_alpha": "LoRA alpha",
+    "lora_dropout": "LoRA dropout",
+    "target_modules": "LoRA target modules",
+    "total_steps": "Total steps",
 }
 
 
@@ -120,6 +211,7 @@ def describe_setting(name: str, value, *, validation: bool = True) -> str:
 
 def described_settings(resolved: dict, *, validation: bool = True) -> list[tuple[str, str]]:
     """(label, value) for each resolved setting, in the order they were resolved."""
-    return [(SETTING_LABELS.get(name, name), describe_setting(name, value, validation=validation))
-            for name, value in (resolved or {}).items()]
-
+    return [
+        (SETTING_LABELS.get(name, name), describe_setting(name, value, validation=validation))
+        for name, value in (resolved or {}).items()
+    ]

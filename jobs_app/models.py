@@ -1,3 +1,5 @@
+"""Fine-tuning jobs, their events (log lines and metric points) and checkpoints."""
+
 from functools import partial
 
 from django.conf import settings
@@ -53,6 +55,7 @@ class FineTuningJob(models.Model):
     queued_at = models.DateTimeField(default=timezone.now)
     metadata = models.JSONField(null=True, blank=True)
 
+    # Written only by jobs_app.transitions, the one place that knows which moves are allowed.
     status = models.CharField(max_length=20, choices=STATUS_CHOICES, default=QUEUED)
     # A request from the user that the running worker acts on at its next step.
     control = models.CharField(max_length=10, blank=True)
@@ -103,25 +106,6 @@ class FineTuningJob(models.Model):
     @property
     def output_dir(self):
         return settings.FT_ARTIFACTS_DIR / "jobs" / self.public_id
-
-    def claim(self, worker: str) -> bool:
-        """Move queued -> running for this worker; False if another worker won."""
-        now = timezone.now()
-        won = FineTuningJob.objects.filter(pk=self.pk, status=self.QUEUED).update(
-            status=self.RUNNING, worker=worker, heartbeat_at=now, started_at=self.started_at or now,
-            attempts=models.F("attempts") + 1,
-        )
-        if won:
-            self.refresh_from_db()
-        return bool(won)
-
-    def finish(self, status: str, *, error: dict | None = None) -> None:
-        self.status = status
-        self.error = error
-        self.control = ""
-        self.finished_at = timezone.now()
-        self.estimated_finish = None
-        self.save(update_fields=["status", "error", "control", "finished_at", "estimated_finish"])
 
 
 class JobEvent(models.Model):

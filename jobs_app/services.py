@@ -11,9 +11,10 @@ from django.utils import timezone
 
 from datasets_app.models import Dataset
 from deployments_app.catalog import get_base_model
-from finetune_site.api_errors import ApiError
+from finetune_site.errors import ApplicationError, InvalidInput, InvalidState
 
-from .hyperparameters import METHODS, check_hyperparameters, resolve_hyperparameters
+from . import transitions
+from .hyperparameters import HOLDOUT_PERCENT, METHODS, check_hyperparameters, resolve_hyperparameters
 from .models import FineTuningJob, JobEvent
 from .publish import publish
 from .sink import JobSink, Watchdog, wake_watchdog
@@ -24,14 +25,18 @@ log = logging.getLogger(__name__)
 def _usable_file(owner, file_id: str, param: str) -> Dataset:
     dataset = Dataset.objects.owned_by(owner).filter(public_id=file_id).first()
     if dataset is None:
-        raise ApiError(f"No file with id {file_id!r} was found.", param=param, code="file_not_found")
+        raise InvalidInput(f"No file with id {file_id!r} was found.", param=param, code="file_not_found")
     if dataset.status == Dataset.UPLOADED:
-        raise ApiError(f"File {file_id} is still being validated; retry when its status is processed.", param=param, code="file_not_ready")
+        raise InvalidState(
+            f"File {file_id} is still being validated; retry when its status is processed.",
+            param=param,
+            code="file_not_ready",
+        )
     if dataset.status == Dataset.ERROR:
         first = (dataset.status_details or "").splitlines()[:1]
-        raise ApiError(f"File {file_id} failed validation: {' '.join(first)}", param=param, code="invalid_file")
+        raise InvalidInput(f"File {file_id} failed validation: {' '.join(first)}", param=param, code="invalid_file")
     if dataset.purpose != "fine-tune":
-        raise ApiError(f"File {file_id} has purpose {dataset.purpose!r}, expected 'fine-tune'.", param=param)
+        raise InvalidInput(f"File {file_id} has purpose {dataset.purpose!r}, expected 'fine-tune'.", param=param)
     return dataset
 
 
@@ -43,15 +48,22 @@ def _check_metadata(metadata) -> None:
     if metadata is None:
         return
     if not isinstance(metadata, dict):
-        raise ApiError("metadata must be an object of string keys and string values.", param="metadata")
+        raise InvalidInput("metadata must be an object of string keys and string values.", param="metadata")
     if len(metadata) > METADATA_LIMITS["keys"]:
-        raise ApiError(f"metadata may hold at most {METADATA_LIMITS['keys']} pairs, got {len(metadata)}.", param="metadata")
+        raise InvalidInput(
+            f"metadata may hold at most {METADATA_LIMITS['keys']} pairs, got {len(metadata)}.", param="metadata"
+        )
     for key, value in metadata.items():
         if len(key) > METADATA_LIMITS["key_chars"]:
-            raise ApiError(f"metadata key {key[:20]!r}... is longer than {METADATA_LIMITS['key_chars']} characters.", param="metadata")
+            raise InvalidInput(
+                f"metadata key {key[:20]!r}... is longer than {METADATA_LIMITS['key_chars']} characters.",
+                param="metadata",
+            )
         if not isinstance(value, str) or len(value) > METADATA_LIMITS["value_chars"]:
-            raise ApiError(f"metadata[{key!r}] must be a string of at most {METADATA_LIMITS['value_chars']} characters.",
-                           param="metadata")
+            raise InvalidInput(
+                f"metadata[{key!r}] must be a string of at most {METADATA_LIMITS['value_chars']} characters.",
+                param="metadata",
+            )
 
 
 @transaction.atomic
@@ -71,27 +83,36 @@ def job_create(
     """Check everything a run needs, save the job queued and enqueue it after commit."""
     base = get_base_model(model or "")
     if base is None:
-        raise ApiError(f"Model {model!r} is not a base model here; see GET /v1/models.", param="model", code="model_not_found")
+        raise InvalidInput(
+            f"Model {model!r} is not a base model here; see GET /v1/models.", param="model", code="model_not_found"
+        )
     if not base.ready:
-        raise ApiError(f"Base model {model} is not prepared on this server yet.", param="model", code="model_not_ready")
+        raise InvalidState(
+            f"Base model {model} is not prepared on this server yet.", param="model", code="model_not_ready"
+        )
     if method not in METHODS:
-        raise ApiError(f"method must be one of {', '.join(METHODS)}, got {method!r}.", param="method")
+        raise InvalidInput(f"method must be one of {', '.join(METHODS)}, got {method!r}.", param="method")
     suffix = (suffix or "").strip()
     if len(suffix) > 64:
-        raise ApiError("suffix must be at most 64 characters.", param="suffix")
+        raise InvalidInput("suffix must be at most 64 characters.", param="suffix")
     if suffix and not all(ch.isalnum() or ch in "-_." for ch in suffix):
-        raise ApiError("suffix may contain only letters, digits, '-', '_' and '.'.", param="suffix")
+        raise InvalidInput("suffix may contain only letters, digits, '-', '_' and '.'.", param="suffix")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**31 - 1):
-        raise ApiError("seed must be an integer between 0 and 2147483647.", param="seed")
+        raise InvalidInput("seed must be an integer between 0 and 2147483647.", param="seed")
     _check_metadata(metadata)
     requested = check_hyperparameters(hyperparameters)
     train_set = _usable_file(owner, training_file, "training_file")
     valid_set = _usable_file(owner, validation_file, "validation_file") if validation_file else None
-    if holdout_percent and (valid_set is not None or not 1 <= holdout_percent <= 50):
-        raise ApiError("Hold out 1-50% for validation, and only when no validation file is given.", param="holdout_percent")
+    most = HOLDOUT_PERCENT.maximum
+    if holdout_percent and (valid_set is not None or not 1 <= holdout_percent <= most):
+        raise InvalidInput(
+            f"Hold out 1-{most}% for validation, and only when no validation file is given.", param="holdout_percent"
+        )
     if requested.get("early_stopping_patience") not in (None, "auto", 0) and valid_set is None and not holdout_percent:
-        raise ApiError("Early stopping watches the validation loss: give a validation file or hold out a share of the data.",
-                       param="hyperparameters.early_stopping_patience")
+        raise InvalidInput(
+            "Early stopping watches the validation loss: give a validation file or hold out a share of the data.",
+            param="hyperparameters.early_stopping_patience",
+        )
 
     job = FineTuningJob.objects.create(
         owner=owner,
@@ -123,36 +144,39 @@ def job_prepare_holdout(*, job_id: int, percent: int) -> None:
     """Split the training file into train and validation parts, then queue the job."""
     from datasets_app.services import dataset_split, dataset_validate
 
-    job = FineTuningJob.objects.filter(pk=job_id, status=FineTuningJob.VALIDATING).select_related("training_file").first()
+    job = (
+        FineTuningJob.objects.filter(pk=job_id, status=FineTuningJob.VALIDATING).select_related("training_file").first()
+    )
     if job is None:
         return
     try:
-        train_part, valid_part = dataset_split(dataset=job.training_file, validation_percent=percent, seed=job.seed, validate=False)
+        train_part, valid_part = dataset_split(
+            dataset=job.training_file, validation_percent=percent, seed=job.seed, validate=False
+        )
         for part in (train_part, valid_part):
             dataset_validate(dataset_id=part.pk)
             part.refresh_from_db()
             if part.status != Dataset.PROCESSED:
-                raise ApiError(f"The {part.filename} part failed validation: {part.status_details[:300]}")
-    except Exception as exc:  # noqa: BLE001 - whatever went wrong, the job must fail visibly, not stay validating
-        message = exc.message if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, ApiError):
+                raise InvalidInput(f"The {part.filename} part failed validation: {part.status_details[:300]}")
+    except Exception as exc:
+        refused = isinstance(exc, ApplicationError)  # a refusal explains itself; anything else is a bug to log
+        message = exc.message if refused else f"{type(exc).__name__}: {exc}"
+        if not refused:
             log.exception("holding out validation data for job %s failed", job.public_id)
-        if FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.VALIDATING).update(
-            status=FineTuningJob.FAILED, finished_at=timezone.now(),
-            error={"code": "invalid_file", "message": message, "param": "holdout_percent"},
-        ):
+        if transitions.fail(job, error={"code": "invalid_file", "message": message, "param": "holdout_percent"}):
             _note(job, f"Could not hold out validation data: {message}", level="error", status=FineTuningJob.FAILED)
             _notify_finished(job)
         return
     with transaction.atomic():
         resolved = resolve_hyperparameters(job.hyperparameters, method=job.method, examples=train_part.examples or 0)
-        if not FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.VALIDATING).update(
-            training_file=train_part, validation_file=valid_part, training_file_ref=train_part.public_id,
-            validation_file_ref=valid_part.public_id, resolved=resolved, status=FineTuningJob.QUEUED, queued_at=timezone.now(),
-        ):
+        if not transitions.validated(job, training_file=train_part, validation_file=valid_part, resolved=resolved):
             return
         job.refresh_from_db()
-        _note(job, f"Held out {valid_part.examples} examples ({percent}%) for validation as {valid_part.public_id}.", status=job.status)
+        _note(
+            job,
+            f"Held out {valid_part.examples} examples ({percent}%) for validation as {valid_part.public_id}.",
+            status=job.status,
+        )
         _enqueue(job)
 
 
@@ -164,7 +188,10 @@ def _enqueue(job: FineTuningJob) -> None:
 
 def _note(job: FineTuningJob, message: str, *, level: str = "info", status: str | None = None) -> None:
     row = JobEvent.objects.create(job=job, level=level, message=message)
-    publish(job.public_id, {"type": "event", "level": level, "message": message, "created_at": int(row.created_at.timestamp())})
+    publish(
+        job.public_id,
+        {"type": "event", "level": level, "message": message, "created_at": int(row.created_at.timestamp())},
+    )
     if status:
         publish(job.public_id, {"type": "status", "status": status})
 
@@ -173,13 +200,10 @@ def _note(job: FineTuningJob, message: str, *, level: str = "info", status: str 
 def job_cancel(*, job: FineTuningJob) -> FineTuningJob:
     """Stop a job: at once if it is not running, else at the worker's next step."""
     if job.is_final:
-        raise ApiError(f"Job {job.public_id} has already {job.status}.", code="invalid_state")
-    waiting = (FineTuningJob.VALIDATING, FineTuningJob.QUEUED, FineTuningJob.PAUSED)
-    if FineTuningJob.objects.filter(pk=job.pk, status__in=waiting).update(
-        status=FineTuningJob.CANCELLED, finished_at=timezone.now(), control=""
-    ):
+        raise InvalidState(f"Job {job.public_id} has already {job.status}.", code="invalid_state")
+    if transitions.cancel(job):
         _note(job, "Job cancelled.", status=FineTuningJob.CANCELLED)
-    elif FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.RUNNING).update(control="cancel"):
+    elif transitions.request_cancel(job):
         wake_watchdog(job.pk)
         _note(job, "Cancellation requested; stopping at the next step.")
     job.refresh_from_db()
@@ -189,8 +213,8 @@ def job_cancel(*, job: FineTuningJob) -> FineTuningJob:
 @transaction.atomic
 def job_pause(*, job: FineTuningJob) -> FineTuningJob:
     """Ask the running worker to checkpoint and stop; resume continues from there."""
-    if not FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.RUNNING).update(control="pause"):
-        raise ApiError(f"Only a running job can be paused; {job.public_id} is {job.status}.", code="invalid_state")
+    if not transitions.request_pause(job):
+        raise InvalidState(f"Only a running job can be paused; {job.public_id} is {job.status}.", code="invalid_state")
     wake_watchdog(job.pk)
     _note(job, "Pause requested; saving a checkpoint at the next step.")
     job.refresh_from_db()
@@ -199,10 +223,8 @@ def job_pause(*, job: FineTuningJob) -> FineTuningJob:
 
 @transaction.atomic
 def job_resume(*, job: FineTuningJob) -> FineTuningJob:
-    if not FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.PAUSED).update(
-        status=FineTuningJob.QUEUED, control="", queued_at=timezone.now()
-    ):
-        raise ApiError(f"Only a paused job can be resumed; {job.public_id} is {job.status}.", code="invalid_state")
+    if not transitions.resume(job):
+        raise InvalidState(f"Only a paused job can be resumed; {job.public_id} is {job.status}.", code="invalid_state")
     job.refresh_from_db()
     _note(job, "Job resumed; waiting for a training worker.", status=job.status)
     _enqueue(job)
@@ -212,13 +234,17 @@ def job_resume(*, job: FineTuningJob) -> FineTuningJob:
 @transaction.atomic
 def job_retry(*, job: FineTuningJob) -> FineTuningJob:
     """Run a failed or cancelled job again, from its last checkpoint when it has one."""
-    if not FineTuningJob.objects.filter(pk=job.pk, status__in=(FineTuningJob.FAILED, FineTuningJob.CANCELLED)).update(
-        status=FineTuningJob.QUEUED, error=None, control="", finished_at=None, attempts=0, queued_at=timezone.now()
-    ):
-        raise ApiError(f"Only a failed or cancelled job can be retried; {job.public_id} is {job.status}.", code="invalid_state")
+    if not transitions.retry(job):
+        raise InvalidState(
+            f"Only a failed or cancelled job can be retried; {job.public_id} is {job.status}.", code="invalid_state"
+        )
     job.refresh_from_db()
     last = job.checkpoints.order_by("-step").first()
-    _note(job, "Retrying" + (f" from the checkpoint at step {last.step}." if last else " from the start."), status=job.status)
+    _note(
+        job,
+        "Retrying" + (f" from the checkpoint at step {last.step}." if last else " from the start."),
+        status=job.status,
+    )
     _enqueue(job)
     return job
 
@@ -227,8 +253,8 @@ def job_retry(*, job: FineTuningJob) -> FineTuningJob:
 def job_delete(*, job: FineTuningJob) -> FineTuningJob:
     """Delete a job that is not running (zhipuai's jobs.delete); its model stays."""
     if job.status in (FineTuningJob.RUNNING,):
-        raise ApiError(f"Job {job.public_id} is running; cancel it first.", code="invalid_state")
-    from deployments_app.services import cancel_deployments_of
+        raise InvalidState(f"Job {job.public_id} is running; cancel it first.", code="invalid_state")
+    from deployments_app.deployments.services import cancel_deployments_of
 
     snapshot = FineTuningJob.objects.get(pk=job.pk)
     output_dir = job.output_dir
@@ -249,23 +275,27 @@ def recover_stale_jobs() -> list[str]:
     recovered = []
     for job in FineTuningJob.objects.filter(status=FineTuningJob.RUNNING, heartbeat_at__lt=cutoff):
         if job.attempts >= settings.FT_MAX_JOB_ATTEMPTS:
-            message = (f"The worker stopped responding {job.attempts} times while running this job "
-                       f"(last: {job.worker or '?'}); it was not re-queued again. Checkpoints are kept: retry to resume.")
-            if FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.RUNNING, heartbeat_at__lt=cutoff).update(
-                status=FineTuningJob.FAILED, finished_at=timezone.now(), worker="",
-                error={"code": "worker_lost", "message": message, "param": None},
+            message = (
+                f"The worker stopped responding {job.attempts} times while running this job "
+                f"(last: {job.worker or '?'}); it was not re-queued again. Checkpoints are kept: retry to resume."
+            )
+            if transitions.fail(
+                job, error={"code": "worker_lost", "message": message, "param": None}, stale_before=cutoff
             ):
                 _note(job, message, level="error", status=FineTuningJob.FAILED)
                 _notify_finished(job)
             continue
         with transaction.atomic():
-            if not FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.RUNNING, heartbeat_at__lt=cutoff).update(
-                status=FineTuningJob.QUEUED, worker="", queued_at=timezone.now()
-            ):
+            if not transitions.requeue(job, stale_before=cutoff):
                 continue
             last = job.checkpoints.order_by("-step").first()
             where = f"from the checkpoint at step {last.step}" if last else "from the start"
-            _note(job, f"Worker {job.worker or '?'} stopped responding; job re-queued and resumes {where}.", level="warn", status=FineTuningJob.QUEUED)
+            _note(
+                job,
+                f"Worker {job.worker or '?'} stopped responding; job re-queued and resumes {where}.",
+                level="warn",
+                status=FineTuningJob.QUEUED,
+            )
             _enqueue(job)
         recovered.append(job.public_id)
     return recovered
@@ -276,28 +306,22 @@ def recover_stale_jobs() -> list[str]:
 
 def build_train_config(job: FineTuningJob, *, resume_from: str | None):
     from llm.train import TrainConfig
+    from llm.train.hyperparameters import to_engine
 
-    hp = job.resolved
-    lora = {"lora_r": hp["lora_rank"], "lora_alpha": hp["lora_alpha"], "lora_dropout": hp["lora_dropout"],
-            "target_modules": hp.get("target_modules", "all-linear")} if job.method != "full" else {}
+    # The resolved settings carry OpenAI's names; to_engine is the one place they become the engine's.
+    hyperparameters = to_engine(job.resolved)
+    if not job.validation_file:
+        hyperparameters["early_stopping_patience"] = 0  # nothing to watch
     return TrainConfig(
         model=str(get_base_model(job.base_model).path),
         train_file=_local_path(job.training_file),
         validation_file=_local_path(job.validation_file) if job.validation_file else None,
         out_dir=str(job.output_dir),
         method=job.method,
-        epochs=hp["n_epochs"],
-        batch_size=hp["batch_size"],
-        lr=hp["learning_rate"],
-        max_seq_len=hp["max_seq_len"],
-        eval_every=hp["eval_every"],
-        save_every=hp["save_every"],
-        early_stopping_patience=hp.get("early_stopping_patience", 0) if job.validation_file else 0,
-        warmup_ratio=hp["warmup_ratio"],
         seed=job.seed,
         resume_from=resume_from,
         device=settings.FT_DEVICE,
-        **lora,
+        **hyperparameters,
     )
 
 
@@ -313,7 +337,7 @@ def job_run(*, job_id: int, worker: str | None = None) -> None:
 
     job = FineTuningJob.objects.filter(pk=job_id).first()
     worker = worker or socket.gethostname()
-    if job is None or not job.claim(worker):
+    if job is None or not transitions.start(job, worker=worker):
         return
     checkpoint = job.checkpoints.order_by("-step").first()
     # Steps after the checkpoint we resume from will be trained again: drop
@@ -332,7 +356,7 @@ def job_run(*, job_id: int, worker: str | None = None) -> None:
             summary = train(config, sink=sink, should_stop=watchdog.should_stop)
     except ConfigError as exc:
         failure = {"code": "invalid_config", "message": "; ".join(exc.problems), "param": None}
-    except Exception as exc:  # noqa: BLE001 - any failure must end as a failed job, not a stuck one
+    except Exception as exc:
         log.exception("job %s failed", job.public_id)
         failure = {"code": "training_failed", "message": f"{type(exc).__name__}: {exc}", "param": None}
     finally:
@@ -340,37 +364,42 @@ def job_run(*, job_id: int, worker: str | None = None) -> None:
             sink.discard()
         sink.flush()
     if watchdog.lost:
-        log.warning("job %s: %s stopped; the job was handed to another worker after its heartbeat lapsed", job.public_id, worker)
+        log.warning(
+            "job %s: %s stopped; the job was handed to another worker after its heartbeat lapsed", job.public_id, worker
+        )
         return
     _finish_run(job, summary, failure, sink)
 
 
 def _finish_run(job: FineTuningJob, summary: dict | None, failure: dict | None, sink: JobSink) -> None:
-    from deployments_app.services import model_card_create_from_job
+    from deployments_app.catalog.services import model_card_create_from_job
 
-    running = FineTuningJob.objects.filter(pk=job.pk, status=FineTuningJob.RUNNING, worker=job.worker)
+    worker = job.worker  # the claimer, read before the refresh below: only its own run may end the job
     if failure is not None:
-        running.update(status=FineTuningJob.FAILED, error=failure, control="", finished_at=timezone.now(), estimated_finish=None)
-        sink.event(f"Training failed: {failure['message']}", level="error")
-        final = FineTuningJob.FAILED
+        won = transitions.fail(job, error=failure, worker=worker)
+        final, note, level = FineTuningJob.FAILED, f"Training failed: {failure['message']}", "error"
     elif summary.get("stopped") == "pause":
-        running.update(status=FineTuningJob.PAUSED, control="", estimated_finish=None)
-        sink.event("Job paused; resume continues from the last checkpoint.")
-        final = FineTuningJob.PAUSED
+        won = transitions.pause(job, worker=worker)
+        final, note, level = FineTuningJob.PAUSED, "Job paused; resume continues from the last checkpoint.", "info"
     elif summary.get("stopped"):
-        running.update(status=FineTuningJob.CANCELLED, control="", finished_at=timezone.now(), estimated_finish=None)
-        sink.event("Job cancelled; finished checkpoints are kept.")
-        final = FineTuningJob.CANCELLED
+        won = transitions.stop(job, worker=worker)
+        final, note, level = FineTuningJob.CANCELLED, "Job cancelled; finished checkpoints are kept.", "info"
     else:
         job.refresh_from_db()
         card = model_card_create_from_job(job=job, summary=summary)
-        running.update(
-            status=FineTuningJob.SUCCEEDED, fine_tuned_model=card.model_id, control="",
-            trained_tokens=summary.get("train_tokens"), step=job.total_steps or job.step,
-            finished_at=timezone.now(), estimated_finish=None,
+        won = transitions.finish(
+            job,
+            worker=worker,
+            fine_tuned_model=card.model_id,
+            trained_tokens=summary.get("train_tokens"),
+            step=job.total_steps or job.step,
         )
-        sink.event(f"Fine-tuning succeeded. New model: {card.model_id}")
-        final = FineTuningJob.SUCCEEDED
+        final, note, level = FineTuningJob.SUCCEEDED, f"Fine-tuning succeeded. New model: {card.model_id}", "info"
+    if not won:
+        # The job was handed to another worker meanwhile: its news is that worker's to tell.
+        log.warning("job %s: %s ended the run (%s) but no longer holds the job", job.public_id, worker, final)
+        return
+    sink.event(note, level=level)
     publish(job.public_id, {"type": "status", "status": final})
     if final in (FineTuningJob.SUCCEEDED, FineTuningJob.FAILED):
         _notify_finished(job)
@@ -382,8 +411,15 @@ def _notify_finished(job: FineTuningJob) -> None:
 
     job.refresh_from_db()
     notify(
-        job.owner, f"Job {job.public_id} {job.status}." + (f" Model: {job.fine_tuned_model}" if job.fine_tuned_model else ""),
-        level="info" if job.status == FineTuningJob.SUCCEEDED else "error", link=f"/jobs/{job.public_id}/",
+        job.owner,
+        f"Job {job.public_id} {job.status}." + (f" Model: {job.fine_tuned_model}" if job.fine_tuned_model else ""),
+        level="info" if job.status == FineTuningJob.SUCCEEDED else "error",
+        link=f"/jobs/{job.public_id}/",
         event=f"fine_tuning.job.{job.status}",
-        data={"id": job.public_id, "status": job.status, "fine_tuned_model": job.fine_tuned_model or None, "error": job.error},
+        data={
+            "id": job.public_id,
+            "status": job.status,
+            "fine_tuned_model": job.fine_tuned_model or None,
+            "error": job.error,
+        },
     )

@@ -6,9 +6,11 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import redis
 from django.db import connections, transaction
 from django.utils import timezone
 
+from . import transitions
 from .models import Checkpoint, FineTuningJob, JobEvent
 from .publish import metrics_event_data, publish
 from .selectors import SMOOTHING
@@ -43,11 +45,15 @@ class JobSink:
     def _on_metric(self, payload: dict) -> None:
         data = metrics_event_data("metric", payload)
         message = f"Step {payload['step']}/{payload.get('total_steps')}: training loss={payload.get('loss', 0):.4f}"
-        self._pending.append(JobEvent(job=self.job, type=JobEvent.METRICS, step=payload["step"], message=message, data=data))
+        self._pending.append(
+            JobEvent(job=self.job, type=JobEvent.METRICS, step=payload["step"], message=message, data=data)
+        )
         self._progress = payload
         if payload.get("loss") is not None:
             previous = self._smoothed_train
-            self._smoothed_train = payload["loss"] if previous is None else SMOOTHING * previous + (1 - SMOOTHING) * payload["loss"]
+            self._smoothed_train = (
+                payload["loss"] if previous is None else SMOOTHING * previous + (1 - SMOOTHING) * payload["loss"]
+            )
         # emitted_at lets a client measure engine-to-browser latency (benchmarks/curve_latency.py).
         publish(self.job.public_id, {"type": "metric", **data, "emitted_at": time.time()})
         self._maybe_flush()
@@ -55,7 +61,9 @@ class JobSink:
     def _on_eval(self, payload: dict) -> None:
         data = metrics_event_data("eval", payload)
         message = f"Step {payload['step']}: validation loss={payload.get('eval_loss', 0):.4f}"
-        self._pending.append(JobEvent(job=self.job, type=JobEvent.METRICS, step=payload["step"], message=message, data=data))
+        self._pending.append(
+            JobEvent(job=self.job, type=JobEvent.METRICS, step=payload["step"], message=message, data=data)
+        )
         publish(self.job.public_id, {"type": "eval", **data})
         self._watch_overfitting(payload.get("eval_loss"))
         self._maybe_flush()
@@ -81,7 +89,8 @@ class JobSink:
     def _on_checkpoint(self, payload: dict) -> None:
         self.flush()
         checkpoint, _ = Checkpoint.objects.update_or_create(
-            job=self.job, step=payload["step"],
+            job=self.job,
+            step=payload["step"],
             defaults={"path": str(Path(payload["path"]).resolve()), "metrics": payload.get("metrics") or {}},
         )
         self.event(f"Checkpoint saved at step {checkpoint.step}.")
@@ -96,7 +105,10 @@ class JobSink:
         for folder in {str(self.job.output_dir), str(Path(self.job.output_dir).resolve())}:
             message = message.replace(folder + "/", "").replace(folder, "the run's folder")
         row = JobEvent.objects.create(job=self.job, level=level, message=message)
-        publish(self.job.public_id, {"type": "event", "level": level, "message": message, "created_at": int(row.created_at.timestamp())})
+        publish(
+            self.job.public_id,
+            {"type": "event", "level": level, "message": message, "created_at": int(row.created_at.timestamp())},
+        )
 
     def _maybe_flush(self) -> None:
         if len(self._pending) >= _FLUSH_ROWS or time.monotonic() - self._last_flush >= _FLUSH_SECONDS:
@@ -122,8 +134,15 @@ class JobSink:
                 )
         self._pending = []
         if self._progress:
-            publish(self.job.public_id, {"type": "progress", "step": self._progress["step"],
-                                         "total_steps": self._progress.get("total_steps"), "eta_s": self._progress.get("eta_s")})
+            publish(
+                self.job.public_id,
+                {
+                    "type": "progress",
+                    "step": self._progress["step"],
+                    "total_steps": self._progress.get("total_steps"),
+                    "eta_s": self._progress.get("eta_s"),
+                },
+            )
 
 
 def _control_key(job_pk: int) -> str:
@@ -132,7 +151,7 @@ def _control_key(job_pk: int) -> str:
 
 def _redis(read_timeout: float):
     """A Redis client that gives up quickly: a wake-up is a courtesy, never worth a stall."""
-    from deployments_app.streams import sync_client
+    from deployments_app.deployments.streams import sync_client
 
     return sync_client(socket_timeout=read_timeout, connect_timeout=1)
 
@@ -141,7 +160,7 @@ def _push_wake(job_pk: int, client=None) -> None:
     try:
         client = client or _redis(2)
         client.pipeline().rpush(_control_key(job_pk), 1).expire(_control_key(job_pk), 300).execute()
-    except Exception:  # noqa: BLE001 - a missed wake-up costs one poll interval, nothing else
+    except (redis.RedisError, OSError):  # a missed wake-up costs one poll interval, nothing else
         log.warning("could not wake the watchdog of job %s; it will see the change at its next poll", job_pk)
 
 
@@ -190,8 +209,7 @@ class Watchdog:
             while not self._stop.is_set():
                 now = time.monotonic()
                 if now - last_beat >= self.heartbeat_seconds:
-                    FineTuningJob.objects.filter(pk=self.job_pk, status=FineTuningJob.RUNNING, worker=self.worker).update(
-                        heartbeat_at=timezone.now())
+                    transitions.heartbeat(self.job_pk, worker=self.worker)
                     last_beat = now
                 row = FineTuningJob.objects.filter(pk=self.job_pk).values_list("control", "status", "worker").first()
                 if row is None or row[1] != FineTuningJob.RUNNING or row[2] != self.worker:
@@ -215,8 +233,11 @@ class Watchdog:
                     self._redis = _redis(self.poll_seconds + 5)
                 self._redis.blpop([_control_key(self.job_pk)], timeout=self.poll_seconds)
                 return
-            except Exception:  # noqa: BLE001 - no Redis: from now on poll the database only
-                log.warning("the watchdog of job %s cannot reach Redis; it polls the database every %s s",
-                            self.job_pk, self.poll_seconds)
+            except (redis.RedisError, OSError):  # no Redis: from now on poll the database only
+                log.warning(
+                    "the watchdog of job %s cannot reach Redis; it polls the database every %s s",
+                    self.job_pk,
+                    self.poll_seconds,
+                )
                 self._redis_broken = True
         self._stop.wait(self.poll_seconds)

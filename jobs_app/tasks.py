@@ -1,3 +1,5 @@
+"""Celery entry points for jobs: each fetches by id and calls one service."""
+
 import socket
 
 from celery import shared_task

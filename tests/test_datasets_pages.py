@@ -63,8 +63,11 @@ def test_an_oversized_upload_gets_a_clear_message(client, alice, settings):
 
 def test_the_upload_script_is_told_where_to_go_and_the_message_waits_there(client, alice, settings):
     settings.FT_MAX_UPLOAD_BYTES = 100
-    response = client.post("/datasets/upload/", {"file": SimpleUploadedFile("big.jsonl", chat_lines(10))},
-                           headers={"X-Upload-Progress": "1"})
+    response = client.post(
+        "/datasets/upload/",
+        {"file": SimpleUploadedFile("big.jsonl", chat_lines(10))},
+        headers={"X-Upload-Progress": "1"},
+    )
     assert response.status_code == 200 and response.json() == {"location": "/datasets/"}
     assert "over the limit of 100 bytes" in client.get("/datasets/").content.decode()
 
@@ -80,8 +83,12 @@ def test_token_statistics_are_stored_and_shown(client, alice):
 
 
 def test_the_page_lists_which_lines_are_too_long(client, alice):
-    long_answer = {"messages": [{"role": "user", "content": "Tell me a story"},
-                                {"role": "assistant", "content": "Once upon a time " * 60}]}
+    long_answer = {
+        "messages": [
+            {"role": "user", "content": "Tell me a story"},
+            {"role": "assistant", "content": "Once upon a time " * 60},
+        ]
+    }
     content = chat_lines(2) + b"\n" + json.dumps(long_answer).encode() + b"\n"  # line 3 is blank
     dataset = upload(client, content)
     services.dataset_compute_statistics(dataset_id=dataset.pk, max_seq_len=128)
@@ -108,18 +115,25 @@ def test_the_preview_highlights_trained_tokens_and_shows_conversions(client, ali
 
 def image_examples() -> bytes:
     """A GLM-4V question about an inline and a web image, and a CogView drawing answered with an image."""
-    question = {"messages": [
-        {"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_url(png_bytes(2, 2))}},
-            {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
-            {"type": "text", "text": "Which of these is a cat?"},
-        ]},
-        {"role": "assistant", "content": "The second one."},
-    ]}
-    drawing = {"messages": [
-        {"role": "user", "content": "Draw a red square."},
-        {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes(4, 4))}}]},
-    ]}
+    question = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(png_bytes(2, 2))}},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+                    {"type": "text", "text": "Which of these is a cat?"},
+                ],
+            },
+            {"role": "assistant", "content": "The second one."},
+        ]
+    }
+    drawing = {
+        "messages": [
+            {"role": "user", "content": "Draw a red square."},
+            {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes(4, 4))}}]},
+        ]
+    }
     return jsonl(question, drawing)
 
 
@@ -158,7 +172,10 @@ def test_the_preview_names_an_example_it_cannot_render(client, alice, monkeypatc
     response = client.get(f"/datasets/{dataset.public_id}/preview/")
 
     assert response.status_code == 200
-    assert "The trained tokens cannot be shown for this example: Conversation roles must alternate" in response.content.decode()
+    assert (
+        "The trained tokens cannot be shown for this example: Conversation roles must alternate"
+        in response.content.decode()
+    )
 
 
 def test_the_preview_shows_both_answers_of_a_preference_pair(client, alice):
@@ -170,7 +187,9 @@ def test_the_preview_shows_both_answers_of_a_preference_pair(client, alice):
     dataset = upload(client, jsonl(pair))
     page = client.get(f"/datasets/{dataset.public_id}/preview/").content.decode()
 
-    question, preferred, rejected = (page.index(text) for text in ("Is the sky blue?", "Preferred answer", "Non-preferred answer"))
+    question, preferred, rejected = (
+        page.index(text) for text in ("Is the sky blue?", "Preferred answer", "Non-preferred answer")
+    )
     assert question < preferred < page.index("Yes, on a clear day.") < rejected < page.index("Who cares.")
     assert '<mark class="trained">Yes, on a clear day.' in page and '<mark class="trained">Who cares.' in page
 
@@ -197,13 +216,12 @@ def test_statistics_without_a_ready_base_model_say_so_and_stop_polling(client, a
 
 
 def test_statistics_that_crash_are_stored_logged_and_shown(client, alice, monkeypatch, caplog):
-    from datasets_app import token_stats
 
     def crash(*args, **kwargs):
         raise RuntimeError("tokenizer exploded")
 
     dataset = upload(client, chat_lines(3))
-    monkeypatch.setattr(token_stats, "token_statistics", crash)
+    monkeypatch.setattr(services, "token_statistics", crash)
     services.dataset_compute_statistics(dataset_id=dataset.pk)
     dataset.refresh_from_db()
 
@@ -238,7 +256,7 @@ def test_a_dataset_deleted_while_validated_stays_deleted(client, alice, monkeypa
         services.dataset_delete(dataset=Dataset.objects.get(pk=dataset.pk))
         return report
 
-    monkeypatch.setattr(validation, "validate_stream", deleted_meanwhile)
+    monkeypatch.setattr(services, "validate_stream", deleted_meanwhile)
     assert services.dataset_validate(dataset_id=dataset.pk) is None
     assert not Dataset.objects.filter(pk=dataset.pk).exists()
     assert list((Path(settings.MEDIA_ROOT) / "datasets" / "normalized").glob("*")) == []
@@ -247,7 +265,7 @@ def test_a_dataset_deleted_while_validated_stays_deleted(client, alice, monkeypa
 def test_split_creates_new_datasets_and_keeps_the_original(client, alice):
     dataset = upload(client, chat_lines(20))
     created = services.dataset_split(dataset=dataset, validation_percent=25, seed=1)
-    sizes = [len([l for l in d.file.open("rb") if l.strip()]) for d in created]
+    sizes = [len([line for line in d.file.open("rb") if line.strip()]) for d in created]
     assert sizes == [15, 5]
     assert Dataset.objects.filter(pk=dataset.pk).exists()
 
@@ -255,13 +273,18 @@ def test_split_creates_new_datasets_and_keeps_the_original(client, alice):
 def test_dedupe_drops_exact_duplicates(client, alice):
     dataset = upload(client, chat_lines(5) + chat_lines(5))
     copy = services.dataset_dedupe(dataset=dataset)
-    assert len([l for l in copy.file.open("rb") if l.strip()]) == 5
+    assert len([line for line in copy.file.open("rb") if line.strip()]) == 5
 
 
 def test_delete_is_refused_while_a_queued_job_uses_the_file(client, alice):
     dataset = upload(client, chat_lines(5))
-    job = FineTuningJob.objects.create(owner=alice, base_model="tiny-random-smollm2", training_file=dataset,
-                                       training_file_ref=dataset.public_id, status=FineTuningJob.QUEUED)
+    job = FineTuningJob.objects.create(
+        owner=alice,
+        base_model="tiny-random-smollm2",
+        training_file=dataset,
+        training_file_ref=dataset.public_id,
+        status=FineTuningJob.QUEUED,
+    )
     response = client.post(f"/datasets/{dataset.public_id}/delete/", follow=True)
     assert f"used by job {job.public_id}" in response.content.decode()
     assert Dataset.objects.filter(pk=dataset.pk).exists()
@@ -276,3 +299,40 @@ def test_bob_cannot_open_alices_dataset(client, alice):
     client.force_login(bob)
     assert client.get(f"/datasets/{dataset.public_id}/").status_code == 404
     assert client.get(f"/datasets/{dataset.public_id}/preview/").status_code == 404
+
+
+def test_a_refusal_is_one_domain_error_that_the_api_and_the_page_each_answer(client, alice):
+    from finetune_site.errors import InvalidState
+
+    dataset = upload(client, chat_lines(5))
+    FineTuningJob.objects.create(
+        owner=alice,
+        base_model="tiny-random-smollm2",
+        training_file=dataset,
+        training_file_ref=dataset.public_id,
+        status=FineTuningJob.RUNNING,
+    )
+    with pytest.raises(InvalidState) as refused:
+        services.dataset_delete(dataset=dataset)
+    assert not hasattr(refused.value, "status_code") and refused.value.code == "file_in_use"
+
+    api = client.delete(f"/v1/files/{dataset.public_id}")
+    assert api.status_code == 400
+    assert api.json()["error"]["code"] == "file_in_use" and "cancel the job first" in api.json()["error"]["message"]
+
+    page = client.post(
+        f"/datasets/{dataset.public_id}/delete/", HTTP_REFERER=f"http://testserver/datasets/{dataset.public_id}/"
+    )
+    assert page.status_code == 302 and page.url == f"http://testserver/datasets/{dataset.public_id}/"
+    assert "cancel the job first" in client.get(page.url).content.decode()
+
+
+def test_split_settings_that_are_not_numbers_come_back_to_the_dataset_page(client, alice):
+    dataset = upload(client, chat_lines(20))
+    response = client.post(f"/datasets/{dataset.public_id}/split/", {"validation_percent": "ten"})
+    assert response.status_code == 302 and response.url == f"/datasets/{dataset.public_id}/"
+    assert "Invalid split settings" in client.get(response.url).content.decode()
+    too_many = client.post(
+        f"/datasets/{dataset.public_id}/split/", {"validation_percent": "60", "test_percent": "40"}, follow=True
+    )
+    assert "must stay below 100" in too_many.content.decode()

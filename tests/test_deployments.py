@@ -8,10 +8,11 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from deployments_app import services
-from deployments_app.instance import percentile
+from deployments_app.deployments import services
+from deployments_app.deployments.instance import percentile
 from deployments_app.models import Deployment, Instance
-from finetune_site.api_errors import ApiError
+from finetune_site.api_errors import status_of
+from finetune_site.errors import CapacityExceeded, InvalidInput, InvalidState
 
 pytestmark = pytest.mark.django_db
 MODEL = "tiny-random-smollm2"
@@ -75,13 +76,13 @@ def test_it_is_running_only_when_every_instance_loaded(alice, started, django_ca
 
 
 def test_create_refuses_unknown_models_and_bad_counts(alice, bob, started):
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(InvalidInput) as caught:
         services.deployment_create(user=alice, model_id="no-such-model")
-    assert caught.value.param == "model"
-    with pytest.raises(ApiError) as caught:
+    assert caught.value.param == "model" and caught.value.code == "model_not_found"
+    with pytest.raises(InvalidInput) as caught:
         services.deployment_create(user=alice, model_id=MODEL, instances=0)
     assert caught.value.param == "instances"
-    with pytest.raises(ApiError):
+    with pytest.raises(InvalidInput):
         services.deployment_create(user=alice, model_id=MODEL, max_concurrent_requests=0)
     assert not Deployment.objects.exists()
 
@@ -109,11 +110,13 @@ def test_cancel_stops_every_instance_and_cannot_be_scaled(alice, started, django
     deployment.refresh_from_db()
     assert deployment.status == "cancelled" and deployment.finished_at
     assert statuses(deployment) == ["stopped", "stopping"]
-    with pytest.raises(ApiError):
+    with pytest.raises(InvalidState):
         services.deployment_scale(deployment=deployment, instances=2)
 
 
-def test_reconcile_marks_silent_instances_dead_and_replaces_them(alice, started, settings, django_capture_on_commit_callbacks):
+def test_reconcile_marks_silent_instances_dead_and_replaces_them(
+    alice, started, settings, django_capture_on_commit_callbacks
+):
     settings.FT_HEARTBEAT_TIMEOUT = 15
     with django_capture_on_commit_callbacks(execute=True):
         deployment = services.deployment_create(user=alice, model_id=MODEL, instances=2)
@@ -144,8 +147,12 @@ def test_usage_counts_instance_hours_tokens_and_cost(alice, started, settings):
     deployment = services.deployment_create(user=alice, model_id=MODEL, instances=1)
     now = timezone.now()
     Instance.objects.filter(deployment=deployment).update(
-        status="stopped", started_at=now - timedelta(hours=1, minutes=30), stopped_at=now,
-        tokens_generated=300, busy_seconds=10, requests_served=4,
+        status="stopped",
+        started_at=now - timedelta(hours=1, minutes=30),
+        stopped_at=now,
+        tokens_generated=300,
+        busy_seconds=10,
+        requests_served=4,
     )
     body = api(alice).get(f"/api/deployments/{deployment.public_id}").json()
     assert body["instance_hours"] == pytest.approx(1.5)
@@ -167,7 +174,9 @@ def test_the_rest_api_creates_lists_scales_and_cancels(alice, started):
     assert body["object"] == "deployment" and body["status"] == "deploying" and body["instances"] == 2
     assert len(body["instance_list"]) == 2 and body["instance_list"][0]["status"] == "starting"
     listed = client.get("/api/deployments").json()
-    assert listed["object"] == "list" and [d["id"] for d in listed["data"]] == [body["id"]] and listed["has_more"] is False
+    assert (
+        listed["object"] == "list" and [d["id"] for d in listed["data"]] == [body["id"]] and listed["has_more"] is False
+    )
     scaled = client.patch(f"/api/deployments/{body['id']}", {"instances": 1}, format="json").json()
     assert scaled["instances"] == 1
     cancelled = client.delete(f"/api/deployments/{body['id']}").json()
@@ -220,6 +229,16 @@ def test_the_pages_create_show_scale_and_cancel(client, alice, started, django_c
     assert deployment.public_id in client.get("/deployments/").content.decode()
 
 
+def test_a_refused_scale_goes_back_to_the_deployment_page_with_the_reason(client, alice, started, settings):
+    settings.FT_SERVING_SLOTS = 2
+    deployment = services.deployment_create(user=alice, model_id=MODEL)
+    client.force_login(alice)
+    response = client.post(f"/deployments/{deployment.public_id}/scale/", {"instances": "3"}, follow=True)
+    assert response.redirect_chain == [(f"/deployments/{deployment.public_id}/", 302)]
+    assert "Not enough serving capacity: 1 of 2 instance slots are in use" in response.content.decode()
+    assert Deployment.objects.get().instances == 1
+
+
 def test_the_create_form_names_the_problem(client, alice, started):
     client.force_login(alice)
     response = client.post("/deployments/", {"model": "nope", "instances": "1", "max_concurrent_requests": "1"})
@@ -236,12 +255,18 @@ def test_bob_cannot_open_alices_deployment_page(client, alice, bob, started):
 def test_instances_beyond_the_serving_slots_are_refused_across_deployments(alice, bob, started, settings):
     settings.FT_SERVING_SLOTS = 4
     first = services.deployment_create(user=alice, model_id=MODEL, instances=3)
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(CapacityExceeded) as caught:
         services.deployment_create(user=bob, model_id=MODEL, instances=2)
-    assert caught.value.param == "instances" and caught.value.status_code == 400
-    assert caught.value.message.startswith("Not enough serving capacity: 3 of 4 instance slots are in use (FT_SERVING_SLOTS)")
+    assert (
+        caught.value.param == "instances"
+        and caught.value.code == "insufficient_capacity"
+        and status_of(caught.value) == 400
+    )
+    assert caught.value.message.startswith(
+        "Not enough serving capacity: 3 of 4 instance slots are in use (FT_SERVING_SLOTS)"
+    )
     second = services.deployment_create(user=bob, model_id=MODEL, instances=1)
-    with pytest.raises(ApiError, match="4 of 4 instance slots"):
+    with pytest.raises(CapacityExceeded, match="4 of 4 instance slots"):
         services.deployment_scale(deployment=first, instances=4)
     services.deployment_scale(deployment=second, instances=1)  # no more than it has: always allowed
     services.deployment_cancel(deployment=first)

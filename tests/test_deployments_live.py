@@ -37,8 +37,12 @@ def tuned(client):
     """A LoRA model of the tiny base with a checkpoint: (fine-tuned id, checkpoint id)."""
     uploaded = client.files.create(file=("train.jsonl", chat_lines(16)), purpose="fine-tune")
     client.files.wait_for_processing(uploaded.id, poll_interval=0.5, max_wait_seconds=120)
-    job = client.fine_tuning.jobs.create(model=TINY_MODEL_ID, training_file=uploaded.id, suffix="dep",
-                                         hyperparameters={"n_epochs": 1, "batch_size": 4, "save_every": 2})
+    job = client.fine_tuning.jobs.create(
+        model=TINY_MODEL_ID,
+        training_file=uploaded.id,
+        suffix="dep",
+        hyperparameters={"n_epochs": 1, "batch_size": 4, "save_every": 2},
+    )
     deadline = time.monotonic() + 300
     while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
         assert time.monotonic() < deadline, "the job did not finish"
@@ -55,8 +59,16 @@ def ask(client, model, *, stream=False, max_tokens=6):
         answer = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
         assert answer.usage.completion_tokens >= 1
         return answer.choices[0].message.content
-    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, stream=True, temperature=0,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=max_tokens,
+            stream=True,
+            temperature=0,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-2].choices[0].finish_reason in ("stop", "length")
     assert chunks[-1].usage.completion_tokens >= 1
@@ -86,8 +98,12 @@ def test_the_sdks_chat_with_base_fine_tuned_and_checkpoint_models(stack, key, cl
 
     # The Zhipu fine-tuning guide's call, unchanged.
     zhipu = ZhipuAI(api_key=key, base_url=stack.url + "/api/paas/v4/", max_retries=0)
-    deltas = [chunk.choices[0].delta for chunk in zhipu.chat.completions.create(
-        model=fine_tuned, messages=[{"role": "user", "content": "Hi"}], stream=True, max_tokens=5)]
+    deltas = [
+        chunk.choices[0].delta
+        for chunk in zhipu.chat.completions.create(
+            model=fine_tuned, messages=[{"role": "user", "content": "Hi"}], stream=True, max_tokens=5
+        )
+    ]
     assert deltas[0].role == "assistant" and any(d.content for d in deltas)
 
 
@@ -125,8 +141,13 @@ def test_a_deployment_scales_up_down_and_cancels_without_failing_a_request(rest,
     try:
         assert rest.patch(f"/api/deployments/{dep}", json={"instances": 2}).json()["instances"] == 2
         # Requests spread over both instances once the second is loaded.
-        wait_for(rest, dep, lambda b: [i["requests_served"] > 0 for i in b["instance_list"]] == [True, True],
-                 what="both instances serving", timeout=90)
+        wait_for(
+            rest,
+            dep,
+            lambda b: [i["requests_served"] > 0 for i in b["instance_list"]] == [True, True],
+            what="both instances serving",
+            timeout=90,
+        )
         rest.patch(f"/api/deployments/{dep}", json={"instances": 1})
         body = wait_for(rest, dep, lambda b: statuses(b) == ["running", "stopped"], what="scaled to 1")
         served = body["requests_served"]
@@ -150,8 +171,13 @@ def test_a_killed_instance_is_replaced(stack, rest, client):
     ask(client, TINY_MODEL_ID)
     pid = int(stack.supervisorctl("pid", "worker-serve").strip())
     os.kill(pid, signal.SIGKILL)
-    body = wait_for(rest, dep, lambda b: any(i["status"] == "running" and i["id"] != first for i in b["instance_list"]),
-                    what="a replacement running", timeout=120)
+    body = wait_for(
+        rest,
+        dep,
+        lambda b: any(i["status"] == "running" and i["id"] != first for i in b["instance_list"]),
+        what="a replacement running",
+        timeout=120,
+    )
     assert {i["id"]: i["status"] for i in body["instance_list"]}[first] == "dead"
     served = body["requests_served"]
     ask(client, TINY_MODEL_ID, stream=True)
@@ -166,8 +192,12 @@ def test_a_caller_who_leaves_stops_the_instance_generating(rest):
     dep = rest.post("/api/deployments", json={"model": BUNDLED_MODEL_ID, "instances": 1}).json()["id"]
     wait_for(rest, dep, lambda b: b["status"] == "running", what="running")
     most = 200
-    body = {"model": BUNDLED_MODEL_ID, "messages": [{"role": "user", "content": "Write a long story about a dragon who learns to fly."}],
-            "max_tokens": most, "temperature": 0}
+    body = {
+        "model": BUNDLED_MODEL_ID,
+        "messages": [{"role": "user", "content": "Write a long story about a dragon who learns to fly."}],
+        "max_tokens": most,
+        "temperature": 0,
+    }
     # Waited for, this request runs to max_tokens.
     whole = rest.post("/v1/chat/completions", json=body, timeout=300).json()
     assert whole["usage"]["completion_tokens"] == most, whole["usage"]
@@ -194,8 +224,12 @@ def test_the_playground_compares_three_models_side_by_side_in_the_browser(stack,
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (make test installs it)")
     fine_tuned, checkpoint = tuned
-    stack.manage("shell", "-c", "from django.contrib.auth import get_user_model as g; u = g().objects.get(username='dora'); "
-                                "u.set_password('pw-dora-123'); u.save()")
+    stack.manage(
+        "shell",
+        "-c",
+        "from django.contrib.auth import get_user_model as g; u = g().objects.get(username='dora'); "
+        "u.set_password('pw-dora-123'); u.save()",
+    )
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})

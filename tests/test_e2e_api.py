@@ -48,8 +48,11 @@ def test_it_lists_the_bundled_base_model(alice):
 def test_it_runs_upload_job_and_chat_end_to_end(alice, processed_file):
     assert processed_file.status == "processed"
     job = alice.fine_tuning.jobs.create(
-        model=TINY_MODEL_ID, training_file=processed_file.id, suffix="e2e",
-        hyperparameters={"n_epochs": 2, "batch_size": 4}, seed=7,
+        model=TINY_MODEL_ID,
+        training_file=processed_file.id,
+        suffix="e2e",
+        hyperparameters={"n_epochs": 2, "batch_size": 4},
+        seed=7,
     )
     assert job.status in ("queued", "running")
     assert job.hyperparameters.n_epochs == 2
@@ -67,16 +70,23 @@ def test_it_runs_upload_job_and_chat_end_to_end(alice, processed_file):
     assert done.fine_tuned_model in [m.id for m in alice.models.list()]
 
     answer = alice.chat.completions.create(
-        model=done.fine_tuned_model, messages=[{"role": "user", "content": "What is the code for item 3?"}], max_tokens=8,
+        model=done.fine_tuned_model,
+        messages=[{"role": "user", "content": "What is the code for item 3?"}],
+        max_tokens=8,
     )
     assert answer.choices[0].message.role == "assistant"
     assert answer.usage.completion_tokens >= 1
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
 
-    chunks = list(alice.chat.completions.create(
-        model=done.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        alice.chat.completions.create(
+            model=done.fine_tuned_model,
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-2].choices[0].finish_reason in ("stop", "length")
     assert chunks[-1].usage.completion_tokens >= 1
@@ -84,8 +94,10 @@ def test_it_runs_upload_job_and_chat_end_to_end(alice, processed_file):
 
 def test_the_real_model_answers_through_the_api(alice):
     answer = alice.chat.completions.create(
-        model=BUNDLED_MODEL_ID, messages=[{"role": "user", "content": "What is the capital of France?"}],
-        max_tokens=12, temperature=0,
+        model=BUNDLED_MODEL_ID,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=12,
+        temperature=0,
     )
     assert "Paris" in answer.choices[0].message.content
 

@@ -81,7 +81,9 @@ def test_pause_saves_a_checkpoint_and_resume_finishes_without_repeated_steps(sta
     job = create_long_job(client, long_file.id, n_epochs=2)
     wait_until(lambda: job_step(client, job.id) >= 5, what="training to start")
     client.fine_tuning.jobs.pause(job.id)
-    paused = wait_until(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status == "paused" and j, timeout=60, what="pause")
+    paused = wait_until(
+        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status == "paused" and j, timeout=60, what="pause"
+    )
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     paused_step = (paused.model_extra or {})["progress"]["step"]
     assert checkpoints and checkpoints[0].step_number == paused_step
@@ -111,7 +113,9 @@ def login_cookies(stack) -> dict:
     with httpx.Client(base_url=stack.url) as http:
         http.get("/accounts/login/")
         token = http.cookies["csrftoken"]
-        response = http.post("/accounts/login/", data={"username": "admin", "password": ADMIN_PASSWORD, "csrfmiddlewaretoken": token})
+        response = http.post(
+            "/accounts/login/", data={"username": "admin", "password": ADMIN_PASSWORD, "csrfmiddlewaretoken": token}
+        )
         assert response.status_code == 302
         return dict(http.cookies)
 
@@ -146,7 +150,9 @@ def test_a_stranger_cannot_watch_the_websocket(stack, client, long_file):
     job = create_long_job(client, long_file.id, n_epochs=1)
 
     async def connect():
-        async with websockets.connect(f"ws://127.0.0.1:{stack.port}/ws/jobs/{job.id}/", additional_headers={"Origin": stack.url}) as socket:
+        async with websockets.connect(
+            f"ws://127.0.0.1:{stack.port}/ws/jobs/{job.id}/", additional_headers={"Origin": stack.url}
+        ) as socket:
             await socket.recv()
 
     with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
@@ -160,12 +166,33 @@ def test_zhipuai_sdk_runs_a_job_and_streams_chat(stack, long_file):
 
     zhipu = ZhipuAI(api_key=stack.api_key("admin"), base_url=stack.url + "/api/paas/v4/", max_retries=0)
     small = zhipu.files.create(file=("z.jsonl", chat_lines(8)), purpose="fine-tune")
-    wait_until(lambda: httpx.get(f"{stack.url}/v1/files/{small.id}", headers={"Authorization": f"Bearer {stack.api_key('admin')}"}).json()["status"] == "processed", what="processing")
-    job = zhipu.fine_tuning.jobs.create(model=TINY_MODEL_ID, training_file=small.id, hyperparameters={"n_epochs": 1}, suffix="zp")
-    done = wait_until(lambda: (j := zhipu.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j, what="the zhipu job")
+    wait_until(
+        lambda: (
+            httpx.get(
+                f"{stack.url}/v1/files/{small.id}", headers={"Authorization": f"Bearer {stack.api_key('admin')}"}
+            ).json()["status"]
+            == "processed"
+        ),
+        what="processing",
+    )
+    job = zhipu.fine_tuning.jobs.create(
+        model=TINY_MODEL_ID, training_file=small.id, hyperparameters={"n_epochs": 1}, suffix="zp"
+    )
+    done = wait_until(
+        lambda: (j := zhipu.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
+        what="the zhipu job",
+    )
     assert done.status == "succeeded"
-    pieces = [chunk.choices[0].delta.content or "" for chunk in zhipu.chat.completions.create(
-        model=done.fine_tuned_model, messages=[{"role": "user", "content": "hello"}], stream=True, max_tokens=5, temperature=0.0)]
+    pieces = [
+        chunk.choices[0].delta.content or ""
+        for chunk in zhipu.chat.completions.create(
+            model=done.fine_tuned_model,
+            messages=[{"role": "user", "content": "hello"}],
+            stream=True,
+            max_tokens=5,
+            temperature=0.0,
+        )
+    ]
     assert "".join(pieces)
     events = zhipu.fine_tuning.jobs.list_events(job.id)
     assert any(e.type == "metrics" for e in events.data)

@@ -36,25 +36,31 @@ def test_a_malformed_method_is_a_400_naming_the_field(client, headers, dataset):
     assert response.json()["error"]["param"] == "method.supervised"
 
 
-@pytest.mark.parametrize("metadata, why", [
-    ("team-a", "must be an object"),
-    ({f"k{i}": "v" for i in range(17)}, "at most 16"),
-    ({"team": 7}, "must be a string"),
-])
+@pytest.mark.parametrize(
+    "metadata, why",
+    [
+        ("team-a", "must be an object"),
+        ({f"k{i}": "v" for i in range(17)}, "at most 16"),
+        ({"team": 7}, "must be a string"),
+    ],
+)
 def test_metadata_must_be_a_small_object_of_strings(client, headers, dataset, metadata, why):
     response = create(client, headers, dataset, metadata=metadata)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "metadata" and why in response.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("raw, why", [
-    ('{"metadata": {"team": "\\ud800"}}', "metadata.team holds a lone UTF-16 surrogate"),
-    ('{"metadata": {"\\ud800": "x"}}', "a key in metadata holds a lone UTF-16 surrogate"),
-    ('{"hyperparameters": {"\\ud800": 1}}', "a key in hyperparameters holds"),
-    ('{"a":' * 5000 + "1" + "}" * 5000, "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "raw, why",
+    [
+        ('{"metadata": {"team": "\\ud800"}}', "metadata.team holds a lone UTF-16 surrogate"),
+        ('{"metadata": {"\\ud800": "x"}}', "a key in metadata holds a lone UTF-16 surrogate"),
+        ('{"hyperparameters": {"\\ud800": 1}}', "a key in hyperparameters holds"),
+        ('{"a":' * 5000 + "1" + "}" * 5000, "nested too deeply"),
+    ],
+)
 def test_text_that_cannot_be_stored_is_a_400_and_no_job_is_made(client, headers, dataset, raw, why):
-    body = raw.replace("{", '{"model": "tiny-random-smollm2", "training_file": "%s", ' % dataset.public_id, 1)
+    body = raw.replace("{", f'{{"model": "tiny-random-smollm2", "training_file": "{dataset.public_id}", ', 1)
     response = client.post("/v1/fine_tuning/jobs", body, content_type="application/json", **headers)
     assert response.status_code == 400 and why in response.json()["error"]["message"], response.content
     assert not FineTuningJob.objects.exists()
@@ -78,8 +84,15 @@ def test_the_metadata_filter_matches_values_and_never_builds_lookups_from_keys(c
 
 def test_checkpoint_metrics_come_back_under_openais_names(client, headers, alice, dataset):
     job = make_job(alice, dataset, status="running", suffix="s")
-    metrics = {"step": 4, "train_loss": 1.5, "train_mean_token_accuracy": 0.4, "valid_loss": 1.7,
-               "valid_mean_token_accuracy": 0.35, "full_valid_loss": 1.7, "full_valid_mean_token_accuracy": 0.35}
+    metrics = {
+        "step": 4,
+        "train_loss": 1.5,
+        "train_mean_token_accuracy": 0.4,
+        "valid_loss": 1.7,
+        "valid_mean_token_accuracy": 0.35,
+        "full_valid_loss": 1.7,
+        "full_valid_mean_token_accuracy": 0.35,
+    }
     Checkpoint.objects.create(job=job, step=4, path="/nowhere", metrics=metrics)
     response = client.get(f"/v1/fine_tuning/jobs/{job.public_id}/checkpoints", **headers)
     assert response.json()["data"][0]["metrics"] == metrics
@@ -89,8 +102,9 @@ def test_checkpoint_metrics_come_back_under_openais_names(client, headers, alice
     assert "1.5000" in page and "1.7000" in page  # the checkpoints table's train and validation loss
 
 
-def test_a_job_whose_worker_keeps_dying_fails_instead_of_looping(alice, dataset, settings, monkeypatch,
-                                                                   django_capture_on_commit_callbacks):
+def test_a_job_whose_worker_keeps_dying_fails_instead_of_looping(
+    alice, dataset, settings, monkeypatch, django_capture_on_commit_callbacks
+):
     settings.FT_MAX_JOB_ATTEMPTS = 3
     sent = []
     monkeypatch.setattr("jobs_app.tasks.train_job.delay", lambda pk: sent.append(pk))
@@ -165,4 +179,3 @@ def test_a_cancel_reaches_the_watchdog_at_once_not_at_its_next_poll(alice, datas
         leaving = time.monotonic()
     assert time.monotonic() - leaving < 2  # leaving ends the watchdog's 30 s wait at once
     server.shutdown()
-

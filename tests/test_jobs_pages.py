@@ -5,11 +5,11 @@ from django.contrib.auth import get_user_model
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from datasets_app.models import Dataset
+from finetune_site.errors import InvalidInput, InvalidState
 from jobs_app import services
 from jobs_app.hyperparameters import check_hyperparameters, resolve_hyperparameters
 from jobs_app.models import FineTuningJob, JobEvent
 from jobs_app.sink import JobSink
-from finetune_site.api_errors import ApiError
 
 pytestmark = pytest.mark.django_db
 
@@ -29,15 +29,26 @@ def alice(client):
 
 @pytest.fixture
 def dataset(alice):
-    ds = Dataset(owner=alice, filename="d.jsonl", bytes=4000, status=Dataset.PROCESSED, examples=40,
-                 report={"tokens": {"billable_tokens": 2000}})
+    ds = Dataset(
+        owner=alice,
+        filename="d.jsonl",
+        bytes=4000,
+        status=Dataset.PROCESSED,
+        examples=40,
+        report={"tokens": {"billable_tokens": 2000}},
+    )
     ds.file.save("d.jsonl", SimpleUploadedFile("d.jsonl", b"{}\n"), save=True)
     return ds
 
 
 def make_job(owner, dataset, **fields):
-    defaults = dict(owner=owner, base_model="tiny-random-smollm2", training_file=dataset, training_file_ref=dataset.public_id,
-                    resolved=resolve_hyperparameters({}, method="lora", examples=40))
+    defaults = dict(
+        owner=owner,
+        base_model="tiny-random-smollm2",
+        training_file=dataset,
+        training_file_ref=dataset.public_id,
+        resolved=resolve_hyperparameters({}, method="lora", examples=40),
+    )
     return FineTuningJob.objects.create(**{**defaults, **fields})
 
 
@@ -49,10 +60,10 @@ def test_auto_hyperparameters_resolve_to_numbers():
 
 
 def test_check_hyperparameters_names_the_bad_field():
-    with pytest.raises(ApiError) as caught:
+    with pytest.raises(InvalidInput) as caught:
         check_hyperparameters({"batch_size": 2.5})
     assert caught.value.param == "hyperparameters.batch_size"
-    with pytest.raises(ApiError):
+    with pytest.raises(InvalidInput):
         check_hyperparameters({"target_modules": "q_proj; rm -rf"})
     assert check_hyperparameters({"target_modules": "q_proj,v_proj"}) == {"target_modules": "q_proj,v_proj"}
 
@@ -62,18 +73,27 @@ def test_the_create_page_shows_resolved_values_tokens_cost_and_time(client, alic
     page = client.get(f"/jobs/new/?training_file={dataset.public_id}").content.decode()
     assert "Create fine-tuning task" in page and "Before you start" in page
     assert "2,000 per epoch" in page
-    response = client.post("/jobs/estimate/", {"model": "tiny-random-smollm2", "training_file": dataset.public_id,
-                                                "method": "lora", "n_epochs": "3"})
+    response = client.post(
+        "/jobs/estimate/",
+        {"model": "tiny-random-smollm2", "training_file": dataset.public_id, "method": "lora", "n_epochs": "3"},
+    )
     html = response.content.decode()
     assert "6,000 in all" in html and "3.0000 at 0.5" in html and "tokens/s" in html
     settings.FT_PRICE_PER_1K_TOKENS = 0.0
-    html = client.post("/jobs/estimate/", {"model": "tiny-random-smollm2", "training_file": dataset.public_id}).content.decode()
+    html = client.post(
+        "/jobs/estimate/", {"model": "tiny-random-smollm2", "training_file": dataset.public_id}
+    ).content.decode()
     assert "set FT_PRICE_PER_1K_TOKENS to see a cost estimate" in html and "0.0000" not in html
 
 
 def test_the_estimate_follows_the_maximum_sequence_length(client, alice, dataset):
-    dataset.report = {"tokens": {"billable_tokens": 2000, "max_seq_len": 1024,
-                                 "billable_tokens_by_max_seq_len": {"256": 900, "512": 1500, "1024": 2000}}}
+    dataset.report = {
+        "tokens": {
+            "billable_tokens": 2000,
+            "max_seq_len": 1024,
+            "billable_tokens_by_max_seq_len": {"256": 900, "512": 1500, "1024": 2000},
+        }
+    }
     dataset.save()
     form = {"model": "tiny-random-smollm2", "training_file": dataset.public_id, "method": "lora", "n_epochs": "1"}
     assert "2,000 per epoch" in client.post("/jobs/estimate/", form).content.decode()
@@ -85,8 +105,17 @@ def test_submitting_the_form_queues_a_job(client, alice, dataset, django_capture
     sent = []
     monkeypatch.setattr("jobs_app.tasks.train_job.delay", lambda pk: sent.append(pk))
     with django_capture_on_commit_callbacks(execute=True):
-        response = client.post("/jobs/new/", {"model": "tiny-random-smollm2", "training_file": dataset.public_id, "method": "lora",
-                                              "n_epochs": "2", "suffix": "first", "seed": "7"})
+        response = client.post(
+            "/jobs/new/",
+            {
+                "model": "tiny-random-smollm2",
+                "training_file": dataset.public_id,
+                "method": "lora",
+                "n_epochs": "2",
+                "suffix": "first",
+                "seed": "7",
+            },
+        )
     job = FineTuningJob.objects.get()
     assert response.status_code == 302 and response["Location"] == f"/jobs/{job.public_id}/"
     assert job.status == "queued" and job.hyperparameters == {"n_epochs": 2} and job.seed == 7
@@ -107,8 +136,16 @@ def test_new_job_like_this_prefills_the_form(client, alice, dataset):
 
 def test_new_job_like_a_holdout_job_asks_for_the_same_holdout(client, alice, dataset, monkeypatch):
     monkeypatch.setattr("jobs_app.tasks.prepare_holdout.delay", lambda pk, percent: None)
-    client.post("/jobs/new/", {"model": "tiny-random-smollm2", "training_file": dataset.public_id, "method": "lora",
-                               "holdout_percent": "15", "early_stopping_patience": "2"})
+    client.post(
+        "/jobs/new/",
+        {
+            "model": "tiny-random-smollm2",
+            "training_file": dataset.public_id,
+            "method": "lora",
+            "holdout_percent": "15",
+            "early_stopping_patience": "2",
+        },
+    )
     job = FineTuningJob.objects.get()
     assert job.holdout_percent == 15 and job.status == "validating_files"
     page = client.get(f"/jobs/new/?like={job.public_id}").content.decode()
@@ -144,7 +181,9 @@ def test_a_retried_job_queues_behind_the_jobs_already_waiting(client, alice, dat
 
 
 def test_the_job_page_names_settings_and_files_as_people_read_them(client, alice, dataset):
-    job = make_job(alice, dataset, resolved=resolve_hyperparameters({"early_stopping_patience": 3}, method="lora", examples=40))
+    job = make_job(
+        alice, dataset, resolved=resolve_hyperparameters({"early_stopping_patience": 3}, method="lora", examples=40)
+    )
     JobSink(job).event(f"Saved {job.output_dir}/adapter")
     page = client.get(f"/jobs/{job.public_id}/").content.decode()
     assert "<dt>Batch size (examples per step)</dt>" in page and "<dt>n_epochs</dt>" not in page
@@ -154,11 +193,13 @@ def test_the_job_page_names_settings_and_files_as_people_read_them(client, alice
 
 
 def test_compare_marks_settings_that_differ_even_when_they_read_alike(client, alice, dataset):
-    jobs = [make_job(alice, dataset, resolved=resolve_hyperparameters({"warmup_ratio": ratio}, method="lora", examples=40))
-            for ratio in (0.031, 0.0310001)]
+    jobs = [
+        make_job(alice, dataset, resolved=resolve_hyperparameters({"warmup_ratio": ratio}, method="lora", examples=40))
+        for ratio in (0.031, 0.0310001)
+    ]
     page = client.get(f"/jobs/compare/?ids={jobs[0].public_id}&ids={jobs[1].public_id}").content.decode()
     assert '<tr class="differs"><td>Warmup</td><td>3.1% of the steps</td><td>3.1% of the steps</td>' in page
-    assert '<tr><td>Epochs</td>' in page
+    assert "<tr><td>Epochs</td>" in page
 
 
 def test_metrics_csv_and_log_downloads(client, alice, dataset):
@@ -203,7 +244,7 @@ def test_retry_requeues_a_failed_job(alice, dataset, django_capture_on_commit_ca
         services.job_retry(job=job)
     job.refresh_from_db()
     assert job.status == "queued" and job.error is None and sent == [job.pk]
-    with pytest.raises(ApiError):
+    with pytest.raises(InvalidState):
         services.job_retry(job=job)
 
 
@@ -231,9 +272,13 @@ def test_bob_cannot_see_alices_job_page(client, alice, dataset):
 def test_early_stopping_gets_validations_to_compare_and_needs_validation_data(alice, dataset):
     resolved = resolve_hyperparameters({"early_stopping_patience": 3}, method="lora", examples=40)
     assert resolved["eval_every"] >= 1 and resolved["early_stopping_patience"] == 3
-    with pytest.raises(ApiError) as caught:
-        services.job_create(owner=alice, model="tiny-random-smollm2", training_file=dataset.public_id,
-                            hyperparameters={"early_stopping_patience": 3})
+    with pytest.raises(InvalidInput) as caught:
+        services.job_create(
+            owner=alice,
+            model="tiny-random-smollm2",
+            training_file=dataset.public_id,
+            hyperparameters={"early_stopping_patience": 3},
+        )
     assert caught.value.param == "hyperparameters.early_stopping_patience"
 
 
@@ -254,8 +299,14 @@ def test_joining_the_live_stream_brings_the_points_and_the_status_missed_since_t
 
     async def sync():
         # The websocket protocol by hand: channels.testing would import daphne, which is not installed.
-        scope = {"type": "websocket", "path": f"/ws/jobs/{job.public_id}/", "headers": [], "subprotocols": [],
-                 "user": alice, "url_route": {"kwargs": {"public_id": job.public_id}}}
+        scope = {
+            "type": "websocket",
+            "path": f"/ws/jobs/{job.public_id}/",
+            "headers": [],
+            "subprotocols": [],
+            "user": alice,
+            "url_route": {"kwargs": {"public_id": job.public_id}},
+        }
         socket = ApplicationCommunicator(JobConsumer.as_asgi(), scope)
         await socket.send_input({"type": "websocket.connect"})
         assert (await socket.receive_output(5))["type"] == "websocket.accept"
@@ -268,4 +319,3 @@ def test_joining_the_live_stream_brings_the_points_and_the_status_missed_since_t
     replies = asyncio.run(sync())
     assert replies[0]["type"] == "metric" and replies[0]["step"] == 2
     assert replies[1] == {"type": "status", "status": "running"}
-

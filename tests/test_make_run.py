@@ -42,7 +42,9 @@ def test_make_run_starts_the_stack_and_sigterm_stops_every_process(tmp_path, tin
     env.update(FT_HOME=str(home), FT_PORT=str(port))
     output = tmp_path / "make-run.log"
     with output.open("w") as log:
-        make = subprocess.Popen(["make", "run"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        make = subprocess.Popen(
+            ["make", "run"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 240
         while "Ready:" not in output.read_text() and time.monotonic() < deadline:

@@ -3,7 +3,7 @@
 import pytest
 from django.contrib.auth import get_user_model
 
-from deployments_app.selectors import RECENT_CHECKPOINTS, model_choices
+from deployments_app.catalog.selectors import RECENT_CHECKPOINTS, model_choices
 from jobs_app.models import Checkpoint
 
 from .test_jobs_api import alice, dataset  # noqa: F401 - shared fixtures

@@ -13,8 +13,10 @@ from django.contrib.auth import get_user_model
 from django.core.files.base import ContentFile
 
 from datasets_app.models import Dataset
-from deployments_app import exports, services
+from deployments_app.catalog import exports, services
+from deployments_app.deployments import services as deployment_services
 from deployments_app.models import Deployment, ModelCard
+from finetune_site.errors import NotAllowed
 from jobs_app.models import Checkpoint, FineTuningJob, JobEvent
 
 from .live import chat_lines
@@ -43,37 +45,59 @@ def make_adapter(base_dir: Path, dest: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir)),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(base_dir)),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     model.save_pretrained(dest)
     return dest
 
 
 @pytest.fixture
 def card(alice, tmp_path, tiny_model_dir):
-    dataset = Dataset.objects.create(owner=alice, filename="train.jsonl", bytes=100, status=Dataset.PROCESSED, examples=6)
+    dataset = Dataset.objects.create(
+        owner=alice, filename="train.jsonl", bytes=100, status=Dataset.PROCESSED, examples=6
+    )
     dataset.file.save("train.jsonl", ContentFile(chat_lines(6)), save=False)
     dataset.normalized.save("train.jsonl", ContentFile(chat_lines(6)), save=True)
-    job = FineTuningJob.objects.create(owner=alice, base_model=BASE, training_file=dataset, training_file_ref=dataset.public_id,
-                                       status="succeeded", suffix="sq", resolved={"n_epochs": 2, "lora_rank": 4})
+    job = FineTuningJob.objects.create(
+        owner=alice,
+        base_model=BASE,
+        training_file=dataset,
+        training_file_ref=dataset.public_id,
+        status="succeeded",
+        suffix="sq",
+        resolved={"n_epochs": 2, "lora_rank": 4},
+    )
     for step, loss in enumerate([2.0, 1.5, 1.2], start=1):
         JobEvent.objects.create(job=job, type=JobEvent.METRICS, step=step, data={"step": step, "train_loss": loss})
     folder = make_adapter(tiny_model_dir, tmp_path / "run" / "adapter")
-    return ModelCard.objects.create(model_id=job.fine_tuned_model_id, owner=alice, job=job, base_model=BASE, method="lora",
-                                    path=str(folder), hyperparameters=job.resolved, size_bytes=1234,
-                                    metrics={"final_train_loss": 1.2, "eval_loss": 1.3})
+    return ModelCard.objects.create(
+        model_id=job.fine_tuned_model_id,
+        owner=alice,
+        job=job,
+        base_model=BASE,
+        method="lora",
+        path=str(folder),
+        hyperparameters=job.resolved,
+        size_bytes=1234,
+        metrics={"final_train_loss": 1.2, "eval_loss": 1.3},
+    )
 
 
 def body_of(response) -> bytes:
     async def collect():
         return b"".join([chunk async for chunk in response.streaming_content])
+
     return asyncio.run(collect())
 
 
 def test_model_square_shows_a_card_per_model_with_curve_and_buttons(client, card):
     page = client.get("/models/").content.decode()
     assert page.count('data-testid="model-card"') == 3  # two base models and the fine-tuned one
-    assert card.model_id in page and "train.jsonl" in page and "epochs 2 · " in page and "validation loss 1.3000" in page
+    assert (
+        card.model_id in page and "train.jsonl" in page and "epochs 2 · " in page and "validation loss 1.3000" in page
+    )
     assert 'data-testid="loss-thumbnail"' in page and f'id="loss-{card.pk}"' in page
     assert f"/jobs/new/?model={card.model_id.replace(':', '%3A')}" in page
     assert "Download adapter" in page and "Build merged model" in page and "Deploy" in page
@@ -98,7 +122,9 @@ def test_the_zip_is_streamed_in_pieces_not_built_in_memory(tmp_path):
     assert zipfile.ZipFile(io.BytesIO(b"".join(pieces))).read("m/big.bin") == b"x" * (3 * 1024 * 1024 + 7)
 
 
-def test_the_merged_model_loads_with_transformers_and_matches_the_adapter(client, card, tiny_model_dir, tmp_path, django_capture_on_commit_callbacks, monkeypatch):
+def test_the_merged_model_loads_with_transformers_and_matches_the_adapter(
+    client, card, tiny_model_dir, tmp_path, django_capture_on_commit_callbacks, monkeypatch
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,11 +151,13 @@ def test_the_merged_download_waits_until_it_is_built(client, card):
     assert client.get(f"/models/{card.model_id}/download/merged.zip").status_code == 302
 
 
-def test_a_merge_abandoned_by_a_dead_worker_can_be_asked_for_again(card, django_capture_on_commit_callbacks, monkeypatch):
+def test_a_merge_abandoned_by_a_dead_worker_can_be_asked_for_again(
+    card, django_capture_on_commit_callbacks, monkeypatch
+):
     import os
     import time
 
-    from deployments_app.exports import MERGE_STALE_SECONDS, merged_state
+    from deployments_app.catalog.exports import MERGE_STALE_SECONDS, merged_state
 
     queued = []
     monkeypatch.setattr("deployments_app.tasks.build_merged_model.delay", lambda pk: queued.append(pk))
@@ -146,15 +174,17 @@ def test_a_merge_abandoned_by_a_dead_worker_can_be_asked_for_again(card, django_
     assert queued == [card.pk, card.pk]
 
 
-def test_delete_cancels_deployments_removes_files_and_the_id_is_404_everywhere(client, alice, card, django_capture_on_commit_callbacks, monkeypatch):
+def test_delete_cancels_deployments_removes_files_and_the_id_is_404_everywhere(
+    client, alice, card, django_capture_on_commit_callbacks, monkeypatch
+):
     monkeypatch.setattr("deployments_app.tasks.run_instance.delay", lambda pk: None)
-    deployment = services.deployment_create(user=alice, model_id=card.model_id, instances=1)
+    deployment = deployment_services.deployment_create(user=alice, model_id=card.model_id, instances=1)
     folder = Path(card.path)
     # A checkpoint where the engine writes them, usable as a model of its own until the model is deleted.
     checkpoint_dir = card.job.output_dir / "checkpoints" / "step-2"
     shutil.copytree(folder, checkpoint_dir / "adapter")
     checkpoint = Checkpoint.objects.create(job=card.job, step=2, path=str(checkpoint_dir))
-    checkpoint_deployment = services.deployment_create(user=alice, model_id=checkpoint.model_id, instances=1)
+    checkpoint_deployment = deployment_services.deployment_create(user=alice, model_id=checkpoint.model_id, instances=1)
     assert chat(client, checkpoint.model_id).status_code == 200
     assert client.get(f"/v1/models/{card.model_id}").status_code == 200
     with django_capture_on_commit_callbacks(execute=True):
@@ -174,8 +204,9 @@ def test_delete_cancels_deployments_removes_files_and_the_id_is_404_everywhere(c
     assert client.get(f"/models/{card.model_id}/download/adapter.zip").status_code == 404
 
 
-def test_a_job_deleted_before_its_model_leaves_no_files_behind(client, alice, card, settings, tmp_path, monkeypatch,
-                                                                django_capture_on_commit_callbacks):
+def test_a_job_deleted_before_its_model_leaves_no_files_behind(
+    client, alice, card, settings, tmp_path, monkeypatch, django_capture_on_commit_callbacks
+):
     from jobs_app.services import job_delete
 
     monkeypatch.setattr("deployments_app.tasks.run_instance.delay", lambda pk: None)
@@ -187,8 +218,8 @@ def test_a_job_deleted_before_its_model_leaves_no_files_behind(client, alice, ca
     (run / "checkpoints" / "step-2" / "optimizer.pt").write_bytes(b"0" * 1000)
     (run / "metrics.jsonl").write_text("{}\n")
     checkpoint = Checkpoint.objects.create(job=card.job, step=2, path=str(run / "checkpoints" / "step-2"))
-    on_checkpoint = services.deployment_create(user=alice, model_id=checkpoint.model_id, instances=1)
-    on_model = services.deployment_create(user=alice, model_id=card.model_id, instances=1)
+    on_checkpoint = deployment_services.deployment_create(user=alice, model_id=checkpoint.model_id, instances=1)
+    on_model = deployment_services.deployment_create(user=alice, model_id=card.model_id, instances=1)
     with django_capture_on_commit_callbacks(execute=True):
         job_delete(job=card.job)
     assert not (run / "checkpoints").exists() and (run / "adapter" / "adapter_config.json").exists()
@@ -202,5 +233,28 @@ def test_a_job_deleted_before_its_model_leaves_no_files_behind(client, alice, ca
 
 
 def chat(client, model_id):
-    return client.post("/v1/chat/completions", {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
-                       content_type="application/json")
+    return client.post(
+        "/v1/chat/completions",
+        {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+        content_type="application/json",
+    )
+
+
+def test_deleting_a_base_model_is_refused_by_the_service_and_both_the_api_and_the_page_say_why(client, alice):
+    reason = f"{BASE} is a base model and cannot be deleted."
+    with pytest.raises(NotAllowed) as caught:
+        services.model_delete(user=alice, model_id=BASE)
+    # The service says why, with no HTTP in it; the status is the API's business.
+    assert (caught.value.message, caught.value.param, caught.value.code) == (reason, "model", "not_allowed")
+    assert not hasattr(caught.value, "status_code")
+
+    response = client.delete(f"/v1/models/{BASE}")
+    assert response.status_code == 403
+    assert response.json() == {
+        "error": {"message": reason, "type": "permission_error", "param": "model", "code": "not_allowed"}
+    }
+
+    page = client.post(f"/models/{BASE}/delete/", HTTP_REFERER="http://testserver/models/", follow=True)
+    assert page.redirect_chain == [("http://testserver/models/", 302)]
+    assert page.status_code == 200 and reason in page.content.decode()
+    assert client.get(f"/v1/models/{BASE}").status_code == 200  # still there

@@ -40,7 +40,9 @@ def receiver():
 
 def test_a_failed_delivery_is_retried_and_the_signature_verifies(receiver):
     url, received = receiver
-    result = deliver_webhook.apply(args=(url, {"event": "fine_tuning.job.succeeded", "data": {"id": "ftjob-1"}}, "s3cret"))
+    result = deliver_webhook.apply(
+        args=(url, {"event": "fine_tuning.job.succeeded", "data": {"id": "ftjob-1"}}, "s3cret")
+    )
     assert result.successful() and len(received) == 2
     headers, body = received[-1]
     expected = hmac.new(b"s3cret", headers["X-Finetune-Timestamp"].encode() + b"." + body, hashlib.sha256).hexdigest()
@@ -63,7 +65,9 @@ def test_notify_rings_the_bell_and_queues_the_webhook(client, django_capture_on_
     assert 'data-testid="unread"' not in client.get("/").content.decode()
 
 
-def test_email_notices_go_to_the_address_set_on_the_page(client, settings, monkeypatch, django_capture_on_commit_callbacks):
+def test_email_notices_go_to_the_address_set_on_the_page(
+    client, settings, monkeypatch, django_capture_on_commit_callbacks
+):
     from django.core import mail
 
     from finetune_site.tasks import send_notification_email
@@ -93,4 +97,3 @@ def test_viewing_notifications_marks_only_the_ones_shown_as_seen(client):
     client.force_login(alice)
     client.get("/notifications/")
     assert Notification.objects.filter(user=alice, read_at__isnull=True).count() == 2  # the page shows 50
-

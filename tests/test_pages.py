@@ -38,7 +38,9 @@ def test_the_overview_offers_getting_started_until_there_is_a_model(client, alic
     from deployments_app.models import ModelCard
 
     assert "Getting started" in client.get("/").content.decode()
-    ModelCard.objects.create(model_id="ft:x:alice::12345678", owner=alice, base_model="x", method="lora", path="/nowhere")
+    ModelCard.objects.create(
+        model_id="ft:x:alice::12345678", owner=alice, base_model="x", method="lora", path="/nowhere"
+    )
     assert "Getting started" not in client.get("/").content.decode()
 
 
@@ -68,7 +70,11 @@ def test_fine_tune_from_a_fine_tuned_card_starts_from_its_base(client, alice, se
     from deployments_app.models import ModelCard
 
     settings.FT_MODELS_DIR = tiny_model_dir.parent
-    card = ModelCard.objects.create(model_id="ft:tiny-random-smollm2:alice::abcd1234", owner=alice,
-                                    base_model="tiny-random-smollm2", path="/nowhere")
+    card = ModelCard.objects.create(
+        model_id="ft:tiny-random-smollm2:alice::abcd1234",
+        owner=alice,
+        base_model="tiny-random-smollm2",
+        path="/nowhere",
+    )
     page = client.get(f"/jobs/new/?model={card.model_id}").content.decode()
     assert '<option value="tiny-random-smollm2" selected>' in page

@@ -1,11 +1,10 @@
 """Playground helpers: ROUGE-L, validation samples, the rendered chat template, batch compare."""
 
-import asyncio
 import json
 
 import pytest
 
-from deployments_app.metrics import exact_match, lcs_length, rouge_l
+from deployments_app.playground.metrics import exact_match, lcs_length, rouge_l
 
 from .test_model_square import BASE, alice, body_of, card, folders  # noqa: F401 - shared fixtures
 
@@ -24,7 +23,20 @@ def test_rouge_l_is_the_lcs_f1_over_whitespace_tokens():
 
 def test_the_page_keeps_the_ids_the_browser_test_uses_and_offers_three_panes(client, card):
     page = client.get(f"/playground/?a={BASE}&b={card.model_id}").content.decode()
-    for testid in ("model-a", "model-b", "model-c", "answer-a", "answer-b", "prompt", "send", "sample", "batch-run", "copy-curl", "copy-python", "show-template"):
+    for testid in (
+        "model-a",
+        "model-b",
+        "model-c",
+        "answer-a",
+        "answer-b",
+        "prompt",
+        "send",
+        "sample",
+        "batch-run",
+        "copy-curl",
+        "copy-python",
+        "show-template",
+    ):
         assert f'data-testid="{testid}"' in page, testid
     assert "<span>Max tokens</span>" in page and "<span>Top p</span>" in page and "<span>Seed</span>" in page
 
@@ -32,25 +44,47 @@ def test_the_page_keeps_the_ids_the_browser_test_uses_and_offers_three_panes(cli
 def test_sample_fills_the_prompt_from_the_models_data(client, card):
     body = client.get("/playground/sample/", {"model": card.model_id}).json()
     assert body["system"] == "You answer with the colour code."
-    assert body["prompt"].startswith("What is the code for item ") and body["reference"].startswith("The code for item ")
+    assert body["prompt"].startswith("What is the code for item ") and body["reference"].startswith(
+        "The code for item "
+    )
     assert client.get("/playground/sample/", {"model": BASE}).status_code == 400
 
 
 def test_the_rendered_template_is_what_the_model_sees(client, card):
-    response = client.post("/playground/template/", {"model": card.model_id, "messages": [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]}, content_type="application/json")
+    response = client.post(
+        "/playground/template/",
+        {
+            "model": card.model_id,
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
+        },
+        content_type="application/json",
+    )
     body = response.json()
-    assert "<|im_start|>system\nBe brief.<|im_end|>" in body["prompt"] and body["prompt"].rstrip().endswith("<|im_start|>assistant")
+    assert "<|im_start|>system\nBe brief.<|im_end|>" in body["prompt"] and body["prompt"].rstrip().endswith(
+        "<|im_start|>assistant"
+    )
     assert body["prompt_tokens"] > 5
-    bad = client.post("/playground/template/", {"model": BASE, "messages": [{"role": "bot", "content": "x"}]}, content_type="application/json")
+    bad = client.post(
+        "/playground/template/",
+        {"model": BASE, "messages": [{"role": "bot", "content": "x"}]},
+        content_type="application/json",
+    )
     assert bad.status_code == 400
-    assert client.post("/playground/template/", {"model": "nope", "messages": []}, content_type="application/json").status_code == 404
+    assert (
+        client.post(
+            "/playground/template/", {"model": "nope", "messages": []}, content_type="application/json"
+        ).status_code
+        == 404
+    )
 
 
 @pytest.mark.django_db(transaction=True)  # rows are generated in other threads, which need committed data
 def test_batch_compare_streams_a_scored_row_per_prompt_then_totals(client, card):
-    response = client.post("/playground/batch/", {"models": [BASE, card.model_id], "n": 3, "max_tokens": 4, "temperature": 0,
-                                                  "source": card.model_id}, content_type="application/json")
+    response = client.post(
+        "/playground/batch/",
+        {"models": [BASE, card.model_id], "n": 3, "max_tokens": 4, "temperature": 0, "source": card.model_id},
+        content_type="application/json",
+    )
     assert response.status_code == 200 and response["Content-Type"] == "application/x-ndjson"
     lines = [json.loads(line) for line in body_of(response).decode().splitlines()]
     assert [line["type"] for line in lines] == ["start", "row", "row", "row", "total"]
@@ -60,12 +94,17 @@ def test_batch_compare_streams_a_scored_row_per_prompt_then_totals(client, card)
     assert answer["error"] is None and answer["text"] and 0 <= answer["rouge_l"] <= 1
     assert answer["rouge_l"] == pytest.approx(round(rouge_l(answer["text"], row["reference"]), 4))
     total = lines[-1]["models"][card.model_id]
-    assert total["rouge_l"] == pytest.approx(sum(r["answers"][card.model_id]["rouge_l"] for r in lines[1:4]) / 3, abs=1e-3)
+    assert total["rouge_l"] == pytest.approx(
+        sum(r["answers"][card.model_id]["rouge_l"] for r in lines[1:4]) / 3, abs=1e-3
+    )
 
 
 def test_batch_compare_refuses_bad_input(client, card):
     assert client.post("/playground/batch/", {"models": [], "n": 3}, content_type="application/json").status_code == 400
-    assert client.post("/playground/batch/", {"models": [BASE], "n": 500}, content_type="application/json").status_code == 400
+    assert (
+        client.post("/playground/batch/", {"models": [BASE], "n": 500}, content_type="application/json").status_code
+        == 400
+    )
 
 
 def refused(response, param=None) -> None:
@@ -75,28 +114,51 @@ def refused(response, param=None) -> None:
 
 
 @pytest.mark.parametrize("url", ["/playground/batch/", "/playground/template/"])
-@pytest.mark.parametrize("raw", ["[]", '["%s"]' % BASE, '"hi"', "3", "{"])
+@pytest.mark.parametrize("raw", ["[]", f'["{BASE}"]', '"hi"', "3", "{"])
 def test_playground_posts_refuse_a_body_that_is_not_a_json_object(client, card, url, raw):
     refused(client.post(url, raw, content_type="application/json"))
 
 
-@pytest.mark.parametrize("field, raw", [("max_tokens", "1e400"), ("max_tokens", "NaN"), ("temperature", "Infinity"), ("seed", "1e400")])
+@pytest.mark.parametrize(
+    "field, raw", [("max_tokens", "1e400"), ("max_tokens", "NaN"), ("temperature", "Infinity"), ("seed", "1e400")]
+)
 def test_batch_compare_refuses_numbers_that_are_not_finite(client, card, field, raw):
     body = json.dumps({"models": [BASE], "n": 1, "source": card.model_id, field: "RAW"}).replace('"RAW"', raw)
     refused(client.post("/playground/batch/", body, content_type="application/json"), param=field)
 
 
 def test_playground_posts_refuse_a_model_id_that_is_not_a_string(client, card):
-    refused(client.post("/playground/template/", {"model": [BASE], "messages": [{"role": "user", "content": "x"}]},
-                        content_type="application/json"), param="model")
-    refused(client.post("/playground/batch/", {"models": [BASE], "n": 1, "source": {"id": card.model_id}},
-                        content_type="application/json"), param="source")
+    refused(
+        client.post(
+            "/playground/template/",
+            {"model": [BASE], "messages": [{"role": "user", "content": "x"}]},
+            content_type="application/json",
+        ),
+        param="model",
+    )
+    refused(
+        client.post(
+            "/playground/batch/",
+            {"models": [BASE], "n": 1, "source": {"id": card.model_id}},
+            content_type="application/json",
+        ),
+        param="source",
+    )
 
 
 @pytest.mark.django_db(transaction=True)
 def test_batch_compare_scores_a_model_chosen_in_two_panes_once(client, card):
-    response = client.post("/playground/batch/", {"models": [card.model_id, BASE, card.model_id], "n": 2, "max_tokens": 2,
-                                                  "temperature": 0, "source": card.model_id}, content_type="application/json")
+    response = client.post(
+        "/playground/batch/",
+        {
+            "models": [card.model_id, BASE, card.model_id],
+            "n": 2,
+            "max_tokens": 2,
+            "temperature": 0,
+            "source": card.model_id,
+        },
+        content_type="application/json",
+    )
     lines = [json.loads(line) for line in body_of(response).decode().splitlines()]
     assert lines[0]["models"] == [card.model_id, BASE]
     assert all(list(line["answers"]) == [card.model_id, BASE] for line in lines[1:-1])
@@ -155,13 +217,25 @@ def test_a_sampled_example_keeps_its_earlier_turns_in_every_panes_conversation(t
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed")
-    sample = {"system": "Be terse.", "prompt": "And item 2?", "reference": "green",
-              "history": [{"role": "user", "content": "Code of item 1?"}, {"role": "assistant", "content": "blue"}]}
+    sample = {
+        "system": "Be terse.",
+        "prompt": "And item 2?",
+        "reference": "green",
+        "history": [{"role": "user", "content": "Code of item 1?"}, {"role": "assistant", "content": "blue"}],
+    }
     script = Path(__file__).resolve().parent.parent / "static" / "js" / "playground.js"
     harness = tmp_path / "harness.js"
-    harness.write_text(f"const SAMPLE = {json.dumps(sample)};\nconst SCRIPT = {json.dumps(str(script))};\n" + SAMPLE_HARNESS)
-    result = json.loads(subprocess.run([node, str(harness)], capture_output=True, text=True, check=True, timeout=60).stdout)
-    expected = [{"role": "system", "content": "Be terse."}, *sample["history"], {"role": "user", "content": "And item 2?"}]
+    harness.write_text(
+        f"const SAMPLE = {json.dumps(sample)};\nconst SCRIPT = {json.dumps(str(script))};\n" + SAMPLE_HARNESS
+    )
+    result = json.loads(
+        subprocess.run([node, str(harness)], capture_output=True, text=True, check=True, timeout=60).stdout
+    )
+    expected = [
+        {"role": "system", "content": "Be terse."},
+        *sample["history"],
+        {"role": "user", "content": "And item 2?"},
+    ]
     assert [r["model"] for r in result["requests"]] == ["base", "ft:base:alice:x:12345678"]
     assert all(r["messages"] == expected for r in result["requests"])
     assert result["shown"][0][:2] == ["msg user: Code of item 1?", "msg assistant: blue"]

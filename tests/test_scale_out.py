@@ -35,13 +35,34 @@ def scale_out_stack(tmp_path, tiny_model_dir, bundled_model_dir, monkeypatch):
         redis.Redis.from_url(REDIS).flushdb()
         monkeypatch.setenv("DATABASE_URL", database_url)
         monkeypatch.setenv("REDIS_URL", REDIS)
-        stack = start_stack(tmp_path / "home", {TINY_MODEL_ID: tiny_model_dir, BUNDLED_MODEL_ID: bundled_model_dir}, keep_env=True)
+        stack = start_stack(
+            tmp_path / "home", {TINY_MODEL_ID: tiny_model_dir, BUNDLED_MODEL_ID: bundled_model_dir}, keep_env=True
+        )
         # A second training worker, as if on another machine: same database, Redis and shared
         # artifact storage (FT_HOME stands in for the shared mount).
         second = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "finetune_site", "worker", "-Q", "training", "--pool", "threads",
-             "--concurrency", "1", "-n", "train-other@%h", "--without-gossip", "--without-mingle"],
-            cwd=REPO, env=dict(stack.env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "finetune_site",
+                "worker",
+                "-Q",
+                "training",
+                "--pool",
+                "threads",
+                "--concurrency",
+                "1",
+                "-n",
+                "train-other@%h",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            cwd=REPO,
+            env=dict(stack.env),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         yield stack
         second.terminate()
@@ -55,8 +76,12 @@ def test_two_workers_train_two_jobs_at_once_on_postgres(scale_out_stack):
     client = openai.OpenAI(base_url=stack.url + "/v1", api_key=stack.api_key("alice"), max_retries=0)
     uploaded = client.files.create(file=("t.jsonl", chat_lines(60)), purpose="fine-tune")
     client.files.wait_for_processing(uploaded.id, poll_interval=0.5)
-    jobs = [client.fine_tuning.jobs.create(model=TINY_MODEL_ID, training_file=uploaded.id,
-                                           hyperparameters={"n_epochs": 2, "batch_size": 1}) for _ in range(2)]
+    jobs = [
+        client.fine_tuning.jobs.create(
+            model=TINY_MODEL_ID, training_file=uploaded.id, hyperparameters={"n_epochs": 2, "batch_size": 1}
+        )
+        for _ in range(2)
+    ]
     deadline = time.monotonic() + 300
     both_running = False
     while time.monotonic() < deadline:
@@ -67,5 +92,9 @@ def test_two_workers_train_two_jobs_at_once_on_postgres(scale_out_stack):
         time.sleep(0.3)
     assert states == ["succeeded", "succeeded"], [client.fine_tuning.jobs.retrieve(j.id).error for j in jobs]
     assert both_running, "the second worker never took the second job"
-    workers = stack.manage("shell", "-c", "from jobs_app.models import FineTuningJob as J; print(sorted(set(J.objects.values_list('worker', flat=True))))").stdout
+    workers = stack.manage(
+        "shell",
+        "-c",
+        "from jobs_app.models import FineTuningJob as J; print(sorted(set(J.objects.values_list('worker', flat=True))))",
+    ).stdout
     assert "train-other@" in workers and f"train-{stack.port}@" in workers

@@ -58,6 +58,8 @@ class Tokenizer(Protocol):
 
     def __call__(self, text: str, **kwargs: Any) -> Any: ...
 
+    def __hash__(self) -> int: ...  # chat_format caches per tokenizer
+
 
 class ChatFormatError(ValueError):
     """A conversation this model's chat template cannot render (roles out of order, image parts...)."""
@@ -117,7 +119,9 @@ class ChatFormat:
         rendered, template_tools = self.template_messages(messages, tools)
         return self._apply(rendered, template_tools, generation_prompt=generation_prompt)
 
-    def prompt_ids(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+    def prompt_ids(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
         """The token ids a model is fed to answer this conversation next."""
         return self._encode(self.text(messages, tools, generation_prompt=True))
 
@@ -166,7 +170,9 @@ class ChatFormat:
             end -= 1
         return start, end
 
-    def _apply(self, messages: list[Message], tools: Sequence[Mapping[str, Any]] | None, *, generation_prompt: bool) -> str:
+    def _apply(
+        self, messages: list[Message], tools: Sequence[Mapping[str, Any]] | None, *, generation_prompt: bool
+    ) -> str:
         if not messages:
             return ""
         extra = {"tools": list(tools)} if tools else {}
@@ -201,9 +207,13 @@ def template_shows_tools(tokenizer: Tokenizer) -> bool:
     """Tell whether the chat template shows the tools it is given (many small models' templates do not)."""
     probe = [{"role": "user", "content": "hello"}]
     try:
-        with_tools = tokenizer.apply_chat_template(probe, tools=[_PROBE_TOOL], add_generation_prompt=True, tokenize=False)
+        with_tools = tokenizer.apply_chat_template(
+            probe, tools=[_PROBE_TOOL], add_generation_prompt=True, tokenize=False
+        )
         without = tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
-    except Exception:  # noqa: BLE001 - any template that cannot render the probe shows no tools
+    # A model's own template can raise anything (jinja2 errors, its raise_exception(), a TypeError on a value);
+    # one that cannot render the probe shows no tools.
+    except Exception:  # noqa: BLE001
         return False
     return bool(with_tools != without)
 
@@ -215,7 +225,10 @@ def text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
+        if not all(
+            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            for part in content
+        ):
             raise ChatFormatError("only text content is supported (this model reads text only)")
         return "".join(part["text"] for part in content)
     raise ChatFormatError(f"content must be a string or a list of text parts, got {type(content).__name__}")

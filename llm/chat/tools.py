@@ -3,6 +3,8 @@
 import json
 import re
 import secrets
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
@@ -12,7 +14,7 @@ _TAGGED_CALL = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TO
 _CODE_FENCE = re.compile(r"\A```(?:json)?\s*(.*?)\s*```\Z", re.DOTALL)
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
+def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     """Split generated text into its content and OpenAI-shaped tool calls.
 
     Understands `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks
@@ -20,7 +22,7 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
     object (or a list of them), optionally in a code fence. Markup that does not
     parse stays in the content untouched.
     """
-    calls: list[dict] = []
+    calls: list[dict[str, Any]] = []
     pieces: list[str] = []
     position = 0
     for match in _TAGGED_CALL.finditer(text):
@@ -42,7 +44,7 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
     return text, []
 
 
-def _calls_from_json(source: str, *, require_arguments: bool) -> list[dict] | None:
+def _calls_from_json(source: str, *, require_arguments: bool) -> list[dict[str, Any]] | None:
     try:
         value = json.loads(source.strip())
     except ValueError:
@@ -51,21 +53,21 @@ def _calls_from_json(source: str, *, require_arguments: bool) -> list[dict] | No
     calls = [_tool_call(item, require_arguments=require_arguments) for item in items]
     if not calls or any(call is None for call in calls):
         return None
-    return calls
+    return [call for call in calls if call is not None]
 
 
-def _tool_call(item, *, require_arguments: bool) -> dict | None:
+def _tool_call(item: object, *, require_arguments: bool) -> dict[str, Any] | None:
     if not isinstance(item, dict):
         return None
-    if isinstance(item.get("function"), dict):  # already OpenAI-shaped
-        item = item["function"]
-    name = item.get("name")
+    # Either already OpenAI-shaped ({"function": {...}}) or the function itself.
+    function: dict[Any, Any] = item["function"] if isinstance(item.get("function"), dict) else item
+    name = function.get("name")
     if not isinstance(name, str) or not name:
         return None
-    if "arguments" in item:
-        arguments = item["arguments"]
-    elif "parameters" in item:
-        arguments = item["parameters"]
+    if "arguments" in function:
+        arguments = function["arguments"]
+    elif "parameters" in function:
+        arguments = function["parameters"]
     elif require_arguments:
         # A bare {"name": ...} is as likely an answer as a call.
         return None
@@ -82,7 +84,7 @@ def _tool_call(item, *, require_arguments: bool) -> dict | None:
     }
 
 
-def describe_tools(tools: list[dict]) -> str:
+def describe_tools(tools: Sequence[Mapping[str, Any]]) -> str:
     """Return a system-prompt paragraph telling the model which tools it has and how to call them."""
     lines = [
         "You can call the following tools. To call one, reply with only",
@@ -101,7 +103,7 @@ def describe_tools(tools: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def tool_calls_as_text(tool_calls: list[dict]) -> str:
+def tool_calls_as_text(tool_calls: Sequence[Mapping[str, Any]]) -> str:
     """Write earlier assistant tool calls as the markup the model was told to use."""
     blocks = []
     for call in tool_calls:

@@ -12,6 +12,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,8 +23,11 @@ SHORT_PROMPT = "Hi! Who are you?"
 LONG_ANSWER_PROMPT = "Write a long story about a dragon who learns to fly."
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+Row = tuple[str, str, str, bool | None]
+"""A table row: what was measured, its value, the target, whether it was met (None: no target)."""
 
-def main(argv=None) -> None:
+
+def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -32,7 +36,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         adapter_a, adapter_b = (make_random_adapter(model_dir, Path(tmp) / name, seed=i) for i, name in enumerate("ab"))
         print(f"model {model_dir} on {pool.device}, {torch.get_num_threads()} threads, {args.repeats} repeats")
-        rows = []
+        rows: list[Row] = []
         rows += bench_first_token(pool, model_dir, args.repeats)
         # Before any adapter: loading one wraps the base's layers for good (see adapter rows below).
         rows += bench_throughput(pool, model_dir, args.new_tokens, args.repeats)
@@ -42,7 +46,7 @@ def main(argv=None) -> None:
     _print_table(rows)
 
 
-def bench_first_token(pool: ModelPool, model_dir: str, repeats: int) -> list[tuple]:
+def bench_first_token(pool: ModelPool, model_dir: str, repeats: int) -> list[Row]:
     pool.preload(model_dir)
     request = _chat(model_dir, SHORT_PROMPT, max_tokens=8)
     time_to_first_piece(pool, request)  # warm-up
@@ -50,7 +54,7 @@ def bench_first_token(pool: ModelPool, model_dir: str, repeats: int) -> list[tup
     return [("first token, short prompt, warm", f"{latency * 1000:.0f} ms", "<= 300 ms", latency <= 0.300)]
 
 
-def bench_adapter_switch(pool: ModelPool, model_dir: str, adapter_a: str, adapter_b: str, repeats: int) -> list[tuple]:
+def bench_adapter_switch(pool: ModelPool, model_dir: str, adapter_a: str, adapter_b: str, repeats: int) -> list[Row]:
     started = time.perf_counter()
     pool.preload(model_dir, adapter_a)
     cold_load = time.perf_counter() - started
@@ -71,11 +75,16 @@ def bench_adapter_switch(pool: ModelPool, model_dir: str, adapter_a: str, adapte
         ("first token, same adapter again", f"{same_ms:.0f} ms", "", None),
         ("first token, after switching adapter", f"{switched_ms:.0f} ms", "", None),
         ("adapter switch cost (difference)", f"{switch_cost:+.1f} ms", "<= 50 ms", switch_cost <= 50),
-        ("base loads after all of the above", str(sum(pool.stats()["base_loads"].values())), "1", sum(pool.stats()["base_loads"].values()) == 1),
+        (
+            "base loads after all of the above",
+            str(sum(pool.stats()["base_loads"].values())),
+            "1",
+            sum(pool.stats()["base_loads"].values()) == 1,
+        ),
     ]
 
 
-def bench_throughput(pool: ModelPool, model_dir: str, new_tokens: int, repeats: int) -> list[tuple]:
+def bench_throughput(pool: ModelPool, model_dir: str, new_tokens: int, repeats: int) -> list[Row]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -113,8 +122,10 @@ def bench_throughput(pool: ModelPool, model_dir: str, new_tokens: int, repeats: 
     ]
 
 
-def bench_throughput_with_adapters(pool: ModelPool, model_dir: str, adapter: str, new_tokens: int, repeats: int) -> list[tuple]:
-    rows = []
+def bench_throughput_with_adapters(
+    pool: ModelPool, model_dir: str, adapter: str, new_tokens: int, repeats: int
+) -> list[Row]:
+    rows: list[Row] = []
     for label, adapter_path in (("base only, adapters loaded", None), ("with an adapter", adapter)):
         request = _chat(model_dir, LONG_ANSWER_PROMPT, max_tokens=new_tokens, adapter_path=adapter_path)
         pool.generate(request)
@@ -144,7 +155,9 @@ def make_random_adapter(model_dir: str, dest: Path, *, seed: int, rank: int = 16
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=rank, target_modules=LORA_TARGETS))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=rank, target_modules=LORA_TARGETS)
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -154,8 +167,10 @@ def make_random_adapter(model_dir: str, dest: Path, *, seed: int, rank: int = 16
     return str(dest)
 
 
-def _chat(model_dir: str, text: str, **fields) -> GenerationRequest:
-    return GenerationRequest(base_path=model_dir, messages=[{"role": "user", "content": text}], temperature=0.0, **fields)
+def _chat(model_dir: str, text: str, **fields: Any) -> GenerationRequest:
+    return GenerationRequest(
+        base_path=model_dir, messages=[{"role": "user", "content": text}], temperature=0.0, **fields
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -163,7 +178,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _print_table(rows: list[tuple]) -> None:
+def _print_table(rows: list[Row]) -> None:
     width = max(len(row[0]) for row in rows)
     print(f"\n{'measure':<{width}}  {'value':>12}  {'target':>10}  ok")
     for name, value, target, ok in rows:
@@ -171,7 +186,7 @@ def _print_table(rows: list[tuple]) -> None:
         print(f"{name:<{width}}  {value:>12}  {target:>10}  {verdict}")
 
 
-def _parse_args(argv):
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="folder of a Hugging Face causal LM with a chat template")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")

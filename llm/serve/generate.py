@@ -1,26 +1,27 @@
 """The token loop: one forward pass per token over a KV cache, streamed as text pieces."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager, closing, nullcontext
 from functools import partial
 
 import torch
 from transformers import DynamicCache
 
+from .hf import CausalLM, TokenDecoder
 from .sampling import make_generator, sample_next_token
 from .schema import Completion, GenerationRequest, StreamEvent
 from .text import IncrementalDecoder, OutputFilter
 
 
 def stream_completion(
-    model,
-    tokenizer,
+    model: CausalLM,
+    tokenizer: TokenDecoder,
     prompt_ids: list[int],
     request: GenerationRequest,
     *,
     end_token_ids: frozenset[int],
-    step: Callable[[], AbstractContextManager] | None = None,
-) -> Iterator[StreamEvent]:
+    step: Callable[[], AbstractContextManager[CausalLM]] | None = None,
+) -> Generator[StreamEvent, None, None]:
     """Yield the answer to a rendered prompt as text pieces, then one Completion.
 
     step, when given, is entered around every forward pass and yields the model to
@@ -37,8 +38,9 @@ def stream_completion(
     output = OutputFilter(stop=request.stop_strings, tools=bool(request.tools))
     finish_reason = "length"
     completion_tokens = 0
-    tokens = generate_tokens(model, prompt_ids, max_new_tokens=request.max_tokens, pick=pick,
-                             end_token_ids=end_token_ids, step=step)
+    tokens = generate_tokens(
+        model, prompt_ids, max_new_tokens=request.max_tokens, pick=pick, end_token_ids=end_token_ids, step=step
+    )
     with closing(tokens):
         for token in tokens:
             completion_tokens += 1
@@ -67,14 +69,14 @@ def stream_completion(
 
 
 def generate_tokens(
-    model,
+    model: CausalLM,
     prompt_ids: list[int],
     *,
     max_new_tokens: int,
     pick: Callable[[torch.Tensor], int],
     end_token_ids: frozenset[int] = frozenset(),
-    step: Callable[[], AbstractContextManager] | None = None,
-) -> Iterator[int]:
+    step: Callable[[], AbstractContextManager[CausalLM]] | None = None,
+) -> Generator[int, None, None]:
     """Yield new token ids one at a time until an end token or max_new_tokens.
 
     The first pass reads the whole prompt; each later pass reads only the last token
@@ -97,6 +99,8 @@ def generate_tokens(
 # inference_mode wraps each step rather than the whole generator: a context held
 # across `yield` would leak into the consumer's code (and thread) while it is paused.
 @torch.inference_mode()
-def _next_token(model, input_ids: torch.Tensor, cache: DynamicCache, pick: Callable[[torch.Tensor], int]) -> int:
-    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+def _next_token(
+    model: CausalLM, input_ids: torch.Tensor, cache: DynamicCache, pick: Callable[[torch.Tensor], int]
+) -> int:
+    logits: torch.Tensor = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     return pick(logits[0, -1])

@@ -13,19 +13,21 @@ import itertools
 import os
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Self
 
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .errors import InvalidRequest, ModelLoadError, PromptTooLong, ServingError
-from .generate import stream_completion
 from llm.chat import check_messages, check_tools
 
+from .errors import InvalidRequest, ModelLoadError, PromptTooLong, ServingError
+from .generate import stream_completion
+from .hf import AdapterModel, ServedModel, ServingTokenizer
 from .prompt import render_prompt
 from .schema import Completion, GenerationRequest, StreamEvent
 
@@ -37,19 +39,19 @@ class FairLock:
     same thread again, so one stream would starve the others between its tokens.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._turns = threading.Condition()
         self._next_ticket = 0
         self._now_serving = 0
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         with self._turns:
             ticket = self._next_ticket
             self._next_ticket += 1
             self._turns.wait_for(lambda: self._now_serving == ticket)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         with self._turns:
             self._now_serving += 1
             self._turns.notify_all()
@@ -62,20 +64,38 @@ class FairLock:
 @dataclass(eq=False)
 class _LoadedBase:
     path: str
-    model: torch.nn.Module
-    tokenizer: object
+    model: ServedModel | None
+    """None once unloaded; loading the first adapter wraps it in a peft PeftModel."""
+    tokenizer: ServingTokenizer | None
+    """None once unloaded."""
     end_token_ids: frozenset[int]
     context_length: int | None
     lock: FairLock = field(default_factory=FairLock)
-    adapters: OrderedDict = field(default_factory=OrderedDict)  # adapter path -> peft adapter name, least recent first
+    adapters: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    """Adapter path -> peft adapter name, least recently used first."""
     unloaded: bool = False
     streams: int = 0
     """Streams that have started and not ended on this base."""
     active: str | None = None
     """What the model runs as now: an adapter's peft name, ADAPTERS_OFF, or None when unknown (after a load)."""
 
+    def loaded(self) -> tuple[ServedModel, ServingTokenizer]:
+        """The model and tokenizer; ServingError once the base was unloaded."""
+        if self.model is None or self.tokenizer is None:
+            raise ServingError(_UNLOADED)
+        return self.model, self.tokenizer
+
+    def adapter_model(self) -> AdapterModel:
+        """The model once an adapter is loaded into it: a peft PeftModel."""
+        model, _ = self.loaded()
+        if not isinstance(model, PeftModel):
+            raise TypeError(f"{self.path} has adapters but its model is a {type(model).__name__}, not a PeftModel")
+        adapter_model: AdapterModel = model  # peft is untyped here: say what we use of it
+        return adapter_model
+
 
 ADAPTERS_OFF = "<base>"
+_UNLOADED = "the model was unloaded while the request was answered; send it again"
 
 
 class ModelPool:
@@ -93,12 +113,12 @@ class ModelPool:
         self._lock = threading.Lock()
         self._bases: OrderedDict[str, _LoadedBase] = OrderedDict()  # least recently used first
         self._load_locks: dict[str, threading.Lock] = {}
-        self._base_loads: Counter = Counter()
-        self._adapter_loads: Counter = Counter()
+        self._base_loads: Counter[str] = Counter()
+        self._adapter_loads: Counter[str] = Counter()
         self._adapter_evictions = 0
         self._adapter_names = itertools.count(1)
 
-    def generate_stream(self, request: GenerationRequest) -> Iterator[StreamEvent]:
+    def generate_stream(self, request: GenerationRequest) -> Generator[StreamEvent, None, None]:
         """Check the request and return a stream of text pieces ending with one Completion.
 
         Bad requests raise here, before the stream starts. Generation starts when the
@@ -109,7 +129,9 @@ class ModelPool:
         adapter_path = _adapter_folder(request.adapter_path) if request.adapter_path else None
         prompt_ids = self._prompt_ids(base, request.messages, request.tools)
         if base.context_length and len(prompt_ids) + request.max_tokens > base.context_length:
-            raise PromptTooLong(prompt_tokens=len(prompt_ids), max_tokens=request.max_tokens, context_length=base.context_length)
+            raise PromptTooLong(
+                prompt_tokens=len(prompt_ids), max_tokens=request.max_tokens, context_length=base.context_length
+            )
         return self._stream(base, adapter_path, prompt_ids, request)
 
     def generate(self, request: GenerationRequest) -> Completion:
@@ -119,7 +141,9 @@ class ModelPool:
                 return event
         raise ServingError("the stream ended without a completion")
 
-    def count_prompt_tokens(self, base_path: str, messages: list[dict], tools: list[dict] | None = None) -> int:
+    def count_prompt_tokens(
+        self, base_path: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> int:
         """Return how many tokens the rendered prompt takes for this base model."""
         problems = check_messages(messages) + check_tools(tools)
         if problems:
@@ -143,7 +167,7 @@ class ModelPool:
             base = self._bases.get(_key(base_path))
             return base is not None and base.streams > 0
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """Return what is loaded and how often things were loaded, for monitoring and tests."""
         with self._lock:
             return {
@@ -175,21 +199,25 @@ class ModelPool:
         for path in self.stats()["bases"]:
             self.unload(path)
 
-    def _stream(self, base: _LoadedBase, adapter_path: str | None, prompt_ids: list[int], request) -> Iterator[StreamEvent]:
+    def _stream(
+        self, base: _LoadedBase, adapter_path: str | None, prompt_ids: list[int], request: GenerationRequest
+    ) -> Generator[StreamEvent, None, None]:
         @contextmanager
-        def turn():
+        def turn() -> Iterator[ServedModel]:
             # base.model is read under the lock: loading the first adapter wraps it in a PeftModel.
             with base.lock:
                 if base.unloaded:
-                    raise ServingError("the model was unloaded while the request was answered; send it again")
+                    raise ServingError(_UNLOADED)
                 self._activate(base, adapter_path)
-                yield base.model
+                yield base.loaded()[0]
 
         with self._lock:
             base.streams += 1
         try:
-            yield from stream_completion(base.model, base.tokenizer, prompt_ids, request,
-                                         end_token_ids=base.end_token_ids, step=turn)
+            model, tokenizer = base.loaded()
+            yield from stream_completion(
+                model, tokenizer, prompt_ids, request, end_token_ids=base.end_token_ids, step=turn
+            )
         finally:
             with self._lock:
                 base.streams -= 1
@@ -212,30 +240,35 @@ class ModelPool:
             base.active = None
         base.adapters.move_to_end(adapter_path)
         if base.active != name:
+            model = base.adapter_model()
             if base.active in (ADAPTERS_OFF, None):
-                base.model.base_model.enable_adapter_layers()
-            if base.model.active_adapter != name:
-                base.model.set_adapter(name, inference_mode=True)
+                model.base_model.enable_adapter_layers()
+            if model.active_adapter != name:
+                model.set_adapter(name, inference_mode=True)
             base.active = name
 
     def _load_adapter(self, base: _LoadedBase, adapter_path: str) -> str:
         name = f"adapter_{next(self._adapter_names)}"
+        model, _ = base.loaded()
         try:
-            if isinstance(base.model, PeftModel):
-                base.model.load_adapter(adapter_path, adapter_name=name)
+            if isinstance(model, PeftModel):
+                model.load_adapter(adapter_path, adapter_name=name)
             else:
-                base.model = PeftModel.from_pretrained(base.model, adapter_path, adapter_name=name)
+                base.model = PeftModel.from_pretrained(model, adapter_path, adapter_name=name)
+        # Not narrowed: a folder of any content can fail in peft, safetensors or torch in their own types;
+        # each becomes a ModelLoadError the caller can show.
         except Exception as error:
             raise ModelLoadError(f"could not load the adapter at {adapter_path}: {error}") from error
-        base.model.eval()
-        base.model.set_adapter(name, inference_mode=True)  # so eviction below never deletes the active one
+        model = base.adapter_model()
+        model.eval()
+        model.set_adapter(name, inference_mode=True)  # so eviction below never deletes the active one
         with self._lock:
             base.adapters[adapter_path] = name
             self._adapter_loads[adapter_path] += 1
             # The new adapter is loaded before the oldest goes, so a peft model always has one.
             while len(base.adapters) > self.max_adapters:
                 _, evicted = base.adapters.popitem(last=False)
-                base.model.delete_adapter(evicted)
+                model.delete_adapter(evicted)
                 self._adapter_evictions += 1
         return name
 
@@ -251,7 +284,7 @@ class ModelPool:
         with self._lock:
             idle = [path for path, other in self._bases.items() if other is not keep and other.streams == 0]
             surplus = len(self._bases) - self.max_bases
-        for path in idle[:max(0, surplus)]:
+        for path in idle[: max(0, surplus)]:
             self.unload(path)
 
     def _get_or_load(self, key: str) -> _LoadedBase:
@@ -276,6 +309,7 @@ class ModelPool:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        # Not narrowed: as for adapters, any folder content can fail in transformers, safetensors or torch.
         except Exception as error:
             raise ModelLoadError(f"could not load the model at {path}: {error}") from error
         model.to(self.device).eval()
@@ -287,8 +321,10 @@ class ModelPool:
             context_length=getattr(model.config, "max_position_embeddings", None),
         )
 
-    def _prompt_ids(self, base: _LoadedBase, messages, tools) -> list[int]:
-        return render_prompt(base.tokenizer, messages, tools)
+    def _prompt_ids(
+        self, base: _LoadedBase, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+    ) -> list[int]:
+        return render_prompt(base.loaded()[1], messages, tools)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -313,7 +349,9 @@ def _check_request(request: GenerationRequest) -> None:
     if not 0 < request.top_p <= 1:
         problems.append("top_p must be greater than 0 and at most 1")
     if request.stop is not None and not (
-        isinstance(request.stop, str) or isinstance(request.stop, list) and all(isinstance(s, str) for s in request.stop)
+        isinstance(request.stop, str)
+        or isinstance(request.stop, list)
+        and all(isinstance(s, str) for s in request.stop)
     ):
         problems.append("stop must be a string or a list of strings")
     if problems:
@@ -327,14 +365,18 @@ def _adapter_folder(adapter_path: str) -> str:
     return key
 
 
-def _key(path) -> str:
+def _key(path: str | os.PathLike[str]) -> str:
     return os.path.realpath(os.fspath(path))
 
 
-def _end_token_ids(model, tokenizer) -> frozenset[int]:
+def _end_token_ids(model: ServedModel, tokenizer: ServingTokenizer) -> frozenset[int]:
     """Every token that ends a turn: the generation config's, the model config's and the tokenizer's."""
-    found = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id, tokenizer.eos_token_id):
+    found: set[int] = set()
+    for value in (
+        getattr(model.generation_config, "eos_token_id", None),
+        model.config.eos_token_id,
+        tokenizer.eos_token_id,
+    ):
         if isinstance(value, int):
             found.add(value)
         elif value:

@@ -1,7 +1,7 @@
 """What crosses the serving boundary: a request in, text pieces and one Completion out."""
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -10,9 +10,9 @@ class GenerationRequest:
     """Folder of the base model: weights, tokenizer and chat template."""
     adapter_path: str | None = None
     """Folder of a LoRA adapter saved by peft, or None to answer with the base model alone."""
-    messages: list[dict]
+    messages: list[dict[str, Any]]
     """OpenAI-style chat messages: {"role", "content"} plus tool_calls / tool_call_id where relevant."""
-    tools: list[dict] | None = None
+    tools: list[dict[str, Any]] | None = None
     """OpenAI-style tool definitions: [{"type": "function", "function": {"name", ...}}]."""
     max_tokens: int = 256
     """The most tokens to generate; reaching it ends with finish_reason "length"."""
@@ -44,7 +44,7 @@ class Completion:
     """"stop" (end of turn or a stop string), "length" (max_tokens reached) or "tool_calls"."""
     prompt_tokens: int
     completion_tokens: int
-    tool_calls: list[dict] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
     """OpenAI-shaped: [{"id", "type": "function", "function": {"name", "arguments": "<json>"}}]."""
 
     @property
@@ -53,4 +53,4 @@ class Completion:
 
 
 # generate_stream yields str pieces of the answer, then exactly one Completion.
-StreamEvent = Union[str, Completion]
+StreamEvent = str | Completion

@@ -1,6 +1,10 @@
 """From token ids to the text a caller may see: incremental decoding and held-back stop strings."""
 
+from typing import Any
+
 from llm.chat.tools import TOOL_CALL_OPEN, parse_tool_calls
+
+from .hf import TokenDecoder
 
 _PARTIAL_CHARACTER = "\ufffd"
 
@@ -15,7 +19,7 @@ class IncrementalDecoder:
     of a character waits for the bytes that complete it.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer: TokenDecoder) -> None:
         self._tokenizer = tokenizer
         self._ids: list[int] = []
         self._window_start = 0
@@ -53,7 +57,7 @@ class OutputFilter:
     shown. What was shown is always the start of the final content.
     """
 
-    def __init__(self, *, stop: list[str] | None = None, tools: bool = False):
+    def __init__(self, *, stop: list[str] | None = None, tools: bool = False) -> None:
         self.text = ""
         self.stopped = False
         self._stop = [s for s in stop or [] if s]
@@ -73,7 +77,7 @@ class OutputFilter:
         self._cut_at_stop_string(searched_up_to)
         return self._show_up_to(self._safe_end())
 
-    def finish(self) -> tuple[str, list[dict], str]:
+    def finish(self) -> tuple[str, list[dict[str, Any]], str]:
         """Return the final content, its tool calls and the last piece to show."""
         if self._tools:
             content, tool_calls = parse_tool_calls(self.text)

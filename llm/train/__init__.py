@@ -6,13 +6,18 @@
 or from a shell: python -m llm.train train --model DIR --train-file F --out DIR
 """
 
+from typing import TYPE_CHECKING
+
 from .config import ConfigError, TrainConfig
 from .data import RenderedExample, render_example
+
+if TYPE_CHECKING:  # loaded lazily by __getattr__ below
+    from .loop import get_lr, train
 
 __all__ = ["ConfigError", "RenderedExample", "TrainConfig", "get_lr", "render_example", "train"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     # torch, transformers and peft load on first use: building or checking a config stays instant.
     if name in ("train", "get_lr"):
         from . import loop

@@ -10,7 +10,9 @@ import argparse
 import json
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import MISSING, fields
+from typing import Any
 
 from .config import ConfigError, TrainConfig
 
@@ -33,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers_logging.disable_progress_bar()
 
-    pause_requested = []
+    pause_requested: list[bool] = []
 
-    def request_pause(*_):
+    def request_pause(*_: object) -> None:
         if pause_requested:
             raise KeyboardInterrupt
         pause_requested.append(True)
@@ -61,17 +63,24 @@ def _parser() -> argparse.ArgumentParser:
         required = field.default is MISSING
         default = None if required else field.default
         command.add_argument(
-            flag, dest=field.name, required=required, type=_typed(field.type),
+            flag,
+            dest=field.name,
+            required=required,
+            type=_typed(field.type),
             help="required" if required else f"default: {default}",
         )
     return parser
 
 
-def _typed(annotation):
+def _typed(annotation: object) -> Callable[[str], object]:
     """A converter that keeps a value it cannot convert, so TrainConfig.problems() reports it with the rest."""
-    kinds = {int: (int,), float: (int, float)}.get(annotation, (str,))  # "32" stays an int for a float field
+    kinds: tuple[Callable[[str], object], ...] = (str,)
+    if annotation is int:
+        kinds = (int,)
+    elif annotation is float:
+        kinds = (int, float)  # "32" stays an int for a float field
 
-    def convert(text: str):
+    def convert(text: str) -> object:
         for kind in kinds:
             try:
                 return kind(text)
@@ -82,7 +91,7 @@ def _typed(annotation):
     return convert
 
 
-def _print(kind: str, payload: dict) -> None:
+def _print(kind: str, payload: dict[str, Any]) -> None:
     if kind == "event":
         print(f"[{payload['level']}] {payload['message']}", file=sys.stderr, flush=True)
     elif kind in ("metric", "eval", "summary"):

@@ -13,10 +13,12 @@ leaves a half-written one behind.
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .config import STATE_FILE
+from .hf import TrainableModel, TrainTokenizer
 from .modeling import save_weights
 
 
@@ -24,7 +26,9 @@ def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir).resolve() / "checkpoints" / f"step-{step}"
 
 
-def save_checkpoint(out_dir: str | Path, state: dict, model, tokenizer, *, full: bool) -> Path:
+def save_checkpoint(
+    out_dir: str | Path, state: dict[str, Any], model: TrainableModel, tokenizer: TrainTokenizer, *, full: bool
+) -> Path:
     """Write the weights and state of state["step"]; return the checkpoint folder."""
     final = checkpoint_dir(out_dir, state["step"])
     partial = final.with_name(final.name + ".partial")
@@ -37,18 +41,19 @@ def save_checkpoint(out_dir: str | Path, state: dict, model, tokenizer, *, full:
     return final
 
 
-def load_state(checkpoint: str | Path) -> dict:
-    return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
+def load_state(checkpoint: str | Path) -> dict[str, Any]:
+    state: dict[str, Any] = torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
+    return state
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
+def rng_state() -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    state: dict[str, torch.Tensor | list[torch.Tensor]] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng(state: dict) -> None:
+def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -5,6 +5,23 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .hyperparameters import (
+    BASE_LEARNING_RATE,
+    BATCH_SIZE,
+    EARLY_STOPPING_PATIENCE,
+    EVAL_EVERY,
+    HYPERPARAMETERS,
+    LEARNING_RATE_MULTIPLIER,
+    LORA_ALPHA,
+    LORA_DROPOUT,
+    LORA_RANK,
+    MAX_SEQ_LEN,
+    N_EPOCHS,
+    SAVE_EVERY,
+    TARGET_MODULES,
+    WARMUP_RATIO,
+)
+
 METHODS = ("lora", "dora", "full", "qlora")
 SCHEDULERS = ("cosine", "linear", "constant")
 LOSS_ON = ("assistant", "all")
@@ -24,6 +41,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
+    # The defaults and bounds of the fields a user may set come from their definitions
+    # (llm/train/hyperparameters.py), so the engine, the form and the API never disagree.
     model: str
     """Folder of a Hugging Face causal LM (config.json, weights, tokenizer with a chat template)."""
     train_file: str
@@ -34,35 +53,35 @@ class TrainConfig:
     """Optional JSONL file in the same format; enables eval_loss and eval_token_accuracy."""
     method: str = "lora"
     """lora, dora (weight-decomposed LoRA), full (every weight) or qlora (4-bit base, CUDA only)."""
-    epochs: int = 3
+    epochs: int = N_EPOCHS.default
     """Passes over the training file."""
-    batch_size: int = 8
+    batch_size: int = BATCH_SIZE.default
     """Examples per optimizer step, however they are split into micro-batches."""
-    lr: float = 2e-4
+    lr: float = BASE_LEARNING_RATE["lora"] * LEARNING_RATE_MULTIPLIER.default
     """Peak learning rate, reached after warmup."""
-    lora_r: int = 16
+    lora_r: int = LORA_RANK.default
     """LoRA rank."""
-    lora_alpha: float = 32
+    lora_alpha: float = LORA_ALPHA.default
     """LoRA scaling numerator: updates are scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."""
-    lora_dropout: float = 0.0
+    lora_dropout: float = LORA_DROPOUT.default
     """Dropout on the LoRA input; 0 skips the dropout op entirely."""
-    target_modules: str = "all-linear"
+    target_modules: str = TARGET_MODULES.default
     """all-linear, or comma-separated module names such as q_proj,v_proj."""
     use_rslora: bool = False
     """Rank-stabilised LoRA scaling (alpha / sqrt(r))."""
-    max_seq_len: int = 1024
+    max_seq_len: int = MAX_SEQ_LEN.default
     """Longer examples are cut to this many tokens and counted in the summary."""
     loss_on: str = "assistant"
     """assistant: learn only from assistant replies (weight 0 excluded); all: from every token."""
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = WARMUP_RATIO.default
     """Fraction of the optimizer steps spent ramping the learning rate up linearly."""
     scheduler: str = "cosine"
     """Learning-rate decay after warmup: cosine, linear (both to 0) or constant."""
-    eval_every: int = 0
+    eval_every: int = EVAL_EVERY.default
     """Validate every N optimizer steps; 0 validates only at the end."""
-    save_every: int = 0
+    save_every: int = SAVE_EVERY.default
     """Checkpoint every N optimizer steps; 0 checkpoints only at the end of each epoch."""
-    early_stopping_patience: int = 0
+    early_stopping_patience: int = EARLY_STOPPING_PATIENCE.default
     """Finish early after this many validations in a row without a lower validation loss; 0 never does."""
     seed: int = 42
     """Seeds weight init of the adapter, dropout and the per-epoch data order."""
@@ -83,9 +102,9 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         """Return every problem with this config, one line each; empty when it can run."""
-        found = []
+        found: list[str] = []
 
-        def check(ok, field, message):
+        def check(ok: bool, field: str, message: str) -> None:
             if not ok:
                 found.append(f"{field}: {message}")
 
@@ -101,48 +120,60 @@ class TrainConfig:
 
         check(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         check(self.loss_on in LOSS_ON, "loss_on", f"must be one of {', '.join(LOSS_ON)}, got {self.loss_on!r}")
-        check(self.scheduler in SCHEDULERS, "scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        check(
+            self.scheduler in SCHEDULERS, "scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"
+        )
         check(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
         check(
-            self.gradient_checkpointing in GRADIENT_CHECKPOINTING, "gradient_checkpointing",
+            self.gradient_checkpointing in GRADIENT_CHECKPOINTING,
+            "gradient_checkpointing",
             f"must be one of {', '.join(GRADIENT_CHECKPOINTING)}, got {self.gradient_checkpointing!r}",
         )
 
-        check(_is_int(self.epochs) and self.epochs >= 1, "epochs", f"must be a whole number >= 1, got {self.epochs!r}")
-        check(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", f"must be a whole number >= 1, got {self.batch_size!r}")
-        check(_is_number(self.lr) and 0 < self.lr < 1, "lr", f"must be between 0 and 1 (exclusive), got {self.lr!r}")
-        check(_is_int(self.max_seq_len) and self.max_seq_len >= 8, "max_seq_len", f"must be a whole number >= 8, got {self.max_seq_len!r}")
-        check(_is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio!r}")
-        check(_is_int(self.eval_every) and self.eval_every >= 0, "eval_every", f"must be a whole number >= 0, got {self.eval_every!r}")
-        check(_is_int(self.save_every) and self.save_every >= 0, "save_every", f"must be a whole number >= 0, got {self.save_every!r}")
-        check(
-            _is_int(self.early_stopping_patience) and self.early_stopping_patience >= 0, "early_stopping_patience",
-            f"must be a whole number >= 0 (0 = off), got {self.early_stopping_patience!r}",
-        )
+        for definition in HYPERPARAMETERS:
+            if definition is LEARNING_RATE_MULTIPLIER:
+                # The engine takes the rate the multiplier scaled, so it checks that rate instead.
+                check(
+                    _is_number(self.lr) and 0 < self.lr < 1,
+                    "lr",
+                    f"must be between 0 and 1 (exclusive), got {self.lr!r}",
+                )
+            elif definition.engine_name is not None and not (definition.adapter_only and not self.uses_adapter):
+                problem = definition.engine_problem(getattr(self, definition.engine_name))
+                check(problem is None, definition.engine_name, problem or "")
         if _is_int(self.early_stopping_patience) and self.early_stopping_patience > 0:
             check(bool(self.validation_file), "early_stopping_patience", "needs a validation file to watch")
-            check(_is_int(self.eval_every) and self.eval_every > 0, "early_stopping_patience", "needs eval_every > 0 (validations to compare)")
+            check(
+                _is_int(self.eval_every) and self.eval_every > 0,
+                "early_stopping_patience",
+                "needs eval_every > 0 (validations to compare)",
+            )
         check(_is_int(self.seed) and self.seed >= 0, "seed", f"must be a whole number >= 0, got {self.seed!r}")
-        check(_is_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip!r}")
-        check(_is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay!r}")
-        check(_is_int(self.log_every) and self.log_every >= 1, "log_every", f"must be a whole number >= 1, got {self.log_every!r}")
         check(
-            _is_int(self.micro_batch_tokens) and self.micro_batch_tokens >= 0, "micro_batch_tokens",
+            _is_number(self.grad_clip) and self.grad_clip >= 0,
+            "grad_clip",
+            f"must be >= 0 (0 = off), got {self.grad_clip!r}",
+        )
+        check(
+            _is_number(self.weight_decay) and self.weight_decay >= 0,
+            "weight_decay",
+            f"must be >= 0, got {self.weight_decay!r}",
+        )
+        check(
+            _is_int(self.log_every) and self.log_every >= 1,
+            "log_every",
+            f"must be a whole number >= 1, got {self.log_every!r}",
+        )
+        check(
+            _is_int(self.micro_batch_tokens) and self.micro_batch_tokens >= 0,
+            "micro_batch_tokens",
             f"must be a whole number >= 0 (0 = auto), got {self.micro_batch_tokens!r}",
         )
 
-        if self.method != "full":
-            check(_is_int(self.lora_r) and self.lora_r >= 1, "lora_r", f"must be a whole number >= 1, got {self.lora_r!r}")
-            check(_is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha!r}")
-            check(_is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}")
-            check(
-                isinstance(self.target_modules, str) and all(name.strip() for name in self.target_modules.split(",")),
-                "target_modules", f"must be all-linear or comma-separated module names, got {self.target_modules!r}",
-            )
-
         if self.method == "qlora":
             check(
-                _cuda_available() and self.device != "cpu", "method",
+                _cuda_available() and self.device != "cpu",
+                "method",
                 "qlora needs a CUDA GPU (its 4-bit base runs on bitsandbytes); use lora on this machine",
             )
             check(_has_module("bitsandbytes"), "method", "qlora needs the bitsandbytes package, which is not installed")
@@ -165,11 +196,11 @@ def field_names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

@@ -45,9 +45,16 @@ class ExampleSet:
         return sum(len(example.input_ids) for example in self.examples)
 
 
-def load_examples(path: str | Path, tokenizer, *, loss_on: str, max_seq_len: int, name: str = "train_file") -> ExampleSet:
-    """Read and render every example of a JSONL file; raise ConfigError listing the bad lines."""
-    examples, problems = [], []
+def load_examples(
+    path: str | Path, tokenizer: Tokenizer, *, loss_on: str, max_seq_len: int, name: str = "train_file"
+) -> ExampleSet:
+    """Read and render every example of a JSONL file; raise ConfigError listing the bad lines.
+
+    loss_on: "all" trains every token, anything else (the config allows only "assistant") the replies.
+    """
+    mode: LossOn = "all" if loss_on == "all" else "assistant"
+    examples: list[RenderedExample] = []
+    problems: list[str] = []
     total = truncated = skipped = 0
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
@@ -56,10 +63,17 @@ def load_examples(path: str | Path, tokenizer, *, loss_on: str, max_seq_len: int
             total += 1
             try:
                 example = json.loads(line)
-                if not isinstance(example, dict) or not isinstance(example.get("messages"), list) or not example["messages"]:
+                if (
+                    not isinstance(example, dict)
+                    or not isinstance(example.get("messages"), list)
+                    or not example["messages"]
+                ):
                     raise ValueError('expected an object with a non-empty "messages" list')
-                rendered = render_example(tokenizer, example, loss_on=loss_on, max_seq_len=max_seq_len)
-            except Exception as error:  # bad JSON, bad shape, or a template that refuses the conversation
+                rendered = render_example(tokenizer, example, loss_on=mode, max_seq_len=max_seq_len)
+            # ValueError: bad JSON, no messages, or a conversation the chat format or template refuses
+            # (ChatFormatError); the others: a message, tool or tool call that is not an object of the
+            # expected shape, met while rendering it.
+            except (ValueError, LookupError, TypeError, AttributeError) as error:
                 problems.append(f"{name} line {number}: {error}")
                 continue
             truncated += rendered.truncated_tokens > 0

@@ -10,20 +10,34 @@ import json
 import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
-from .data import ExampleSet, epoch_order, load_examples
+from .data import ExampleSet, RenderedExample, epoch_order, load_examples
+from .hf import TrainableModel
 from .modeling import (
-    count_parameters, enable_gradient_checkpointing, load_model, load_tokenizer, place, plan_memory,
-    save_weights, use_cpu_threads,
+    count_parameters,
+    enable_gradient_checkpointing,
+    load_model,
+    load_tokenizer,
+    place,
+    plan_memory,
+    save_weights,
+    use_cpu_threads,
 )
 from .packing import pack, trained_logits
+
+Sink = Callable[[str, dict[str, Any]], None]
+"""sink(kind, payload): where events, metrics, evaluations, checkpoints and the summary go."""
+ShouldStop = Callable[[], object]
+"""Asked before every optimizer step: falsy continues, "pause" pauses, anything else cancels."""
 
 
 def get_lr(step: int, *, lr: float, total_steps: int, warmup_steps: int, scheduler: str) -> float:
@@ -38,7 +52,7 @@ def get_lr(step: int, *, lr: float, total_steps: int, warmup_steps: int, schedul
     return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train(config: TrainConfig, sink=None, should_stop=None) -> dict:
+def train(config: TrainConfig, sink: Sink | None = None, should_stop: ShouldStop | None = None) -> dict[str, Any]:
     """Fine-tune config.model on config.train_file and return the summary.
 
     sink(kind, payload) receives "event", "metric", "eval", "checkpoint" and
@@ -54,19 +68,51 @@ def train(config: TrainConfig, sink=None, should_stop=None) -> dict:
         run.release()
 
 
+class _Progress(TypedDict):
+    """How far the run got; saved in every checkpoint and restored on resume."""
+
+    step: int
+    epoch: int
+    index: int
+    """The next example in this epoch's order."""
+    tokens: int
+    train_seconds: float
+    elapsed_s: float
+    best_eval_loss: float
+    stale_evals: int
+
+
+class _Latest(TypedDict):
+    """The last training metric and evaluation reported (None before the first)."""
+
+    train: dict[str, float] | None
+    eval: dict[str, float] | None
+
+
+class _StepResult(TypedDict):
+    loss: float
+    token_accuracy: float
+    grad_norm: float
+    tokens: int
+
+
 class _Run:
     """One call of train(): what it loaded and how far it got."""
 
-    def __init__(self, config: TrainConfig, sink, should_stop):
+    # Set by main(); release() drops the big three (they are unset if main() failed before loading them).
+    model: TrainableModel
+    optimizer: torch.optim.AdamW
+    params: list[torch.nn.Parameter]
+
+    def __init__(self, config: TrainConfig, sink: Sink, should_stop: ShouldStop) -> None:
         self.config = config
         self.sink = sink
         self.should_stop = should_stop
         self.out = Path(config.out_dir).resolve()
-        self.model = self.optimizer = None
 
     # --- setup ---------------------------------------------------------------
 
-    def main(self) -> dict:
+    def main(self) -> dict[str, Any]:
         config = self.config
         self.started = time.monotonic()
         self.placement = place(config)
@@ -92,10 +138,11 @@ class _Run:
         self.steps_per_epoch = math.ceil(len(self.train_set.examples) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.warmup_steps = math.ceil(config.warmup_ratio * self.total_steps)
-        self.progress = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "train_seconds": 0.0, "elapsed_s": 0.0,
-                         "best_eval_loss": math.inf, "stale_evals": 0}
+        self.progress = _Progress(
+            step=0, epoch=0, index=0, tokens=0, train_seconds=0.0, elapsed_s=0.0, best_eval_loss=math.inf, stale_evals=0
+        )
         self.early_stopped = False
-        self.latest = {"train": None, "eval": None}
+        self.latest = _Latest(train=None, eval=None)
         if resumed:
             self._resume(resumed)
 
@@ -113,13 +160,15 @@ class _Run:
 
     def _load_data(self) -> tuple[ExampleSet, ExampleSet | None]:
         config, problems = self.config, []
-        sets = {}
+        sets: dict[str, ExampleSet | None] = {}
         for name, path in (("train_file", config.train_file), ("validation_file", config.validation_file)):
             if path is None:
                 sets[name] = None
                 continue
             try:
-                sets[name] = load_examples(path, self.tokenizer, loss_on=config.loss_on, max_seq_len=config.max_seq_len, name=name)
+                sets[name] = load_examples(
+                    path, self.tokenizer, loss_on=config.loss_on, max_seq_len=config.max_seq_len, name=name
+                )
             except ConfigError as error:
                 problems += error.problems
         for name, examples in sets.items():
@@ -132,15 +181,24 @@ class _Run:
                 continue
             self._event(f"{name}: {len(examples.examples)} examples, {examples.tokens:,} tokens")
             if examples.truncated_examples:
-                self._event(f"{name}: {examples.truncated_examples} examples were longer than max_seq_len={config.max_seq_len} and were cut", "warn")
+                self._event(
+                    f"{name}: {examples.truncated_examples} examples were longer than max_seq_len={config.max_seq_len} and were cut",
+                    "warn",
+                )
             if examples.skipped_examples:
-                self._event(f"{name}: {examples.skipped_examples} examples have no trained token and are left out", "warn")
-        return sets["train_file"], sets["validation_file"]
+                self._event(
+                    f"{name}: {examples.skipped_examples} examples have no trained token and are left out", "warn"
+                )
+        train_set = sets["train_file"]
+        assert train_set is not None  # train_file is a required path
+        return train_set, sets["validation_file"]
 
-    def _check_resumable(self, state: dict) -> None:
+    def _check_resumable(self, state: dict[str, Any]) -> None:
         problems = []
         if state["config"]["method"] != self.config.method:
-            problems.append(f"resume_from: the checkpoint is from a {state['config']['method']} run, not {self.config.method}")
+            problems.append(
+                f"resume_from: the checkpoint is from a {state['config']['method']} run, not {self.config.method}"
+            )
         if state["train_examples"] != len(self.train_set.examples):
             problems.append(
                 f"resume_from: the checkpoint was trained on {state['train_examples']} examples, "
@@ -149,10 +207,20 @@ class _Run:
         if problems:
             raise ConfigError(problems)
 
-    def _resume(self, state: dict) -> None:
+    def _resume(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         ckpt.restore_rng(state["rng"])
-        self.progress = {key: state.get(key, default) for key, default in self.progress.items()}
+        start = self.progress  # what a checkpoint from before a field existed continues with
+        self.progress = _Progress(
+            step=state.get("step", start["step"]),
+            epoch=state.get("epoch", start["epoch"]),
+            index=state.get("index", start["index"]),
+            tokens=state.get("tokens", start["tokens"]),
+            train_seconds=state.get("train_seconds", start["train_seconds"]),
+            elapsed_s=state.get("elapsed_s", start["elapsed_s"]),
+            best_eval_loss=state.get("best_eval_loss", start["best_eval_loss"]),
+            stale_evals=state.get("stale_evals", start["stale_evals"]),
+        )
         self.latest = state["metrics"]
         self._trim_metrics_file(state["step"])
         self._event(f"Resumed from step {state['step']} ({self.config.resume_from})")
@@ -163,7 +231,7 @@ class _Run:
         """Train until the last epoch ends or should_stop asks to stop; return None, "cancel" or "pause"."""
         config, progress = self.config, self.progress
         examples = self.train_set.examples
-        self.session = {"started": time.monotonic(), "steps": 0, "tokens": 0, "seconds": 0.0}
+        self.session: dict[str, float] = {"started": time.monotonic(), "steps": 0, "tokens": 0, "seconds": 0.0}
         while progress["epoch"] < config.epochs:
             order = epoch_order(len(examples), seed=config.seed, epoch=progress["epoch"])
             while progress["index"] < len(order):
@@ -177,8 +245,13 @@ class _Run:
                     return "pause"
 
                 batch = [examples[i] for i in order[progress["index"] : progress["index"] + config.batch_size]]
-                lr = get_lr(progress["step"], lr=config.lr, total_steps=self.total_steps,
-                            warmup_steps=self.warmup_steps, scheduler=config.scheduler)
+                lr = get_lr(
+                    progress["step"],
+                    lr=config.lr,
+                    total_steps=self.total_steps,
+                    warmup_steps=self.warmup_steps,
+                    scheduler=config.scheduler,
+                )
                 step_start = time.monotonic()
                 result = self.train_step(batch, lr)
                 seconds = time.monotonic() - step_start
@@ -200,8 +273,8 @@ class _Run:
                 if step % config.log_every == 0 or step == self.total_steps:
                     self._report("metric", metric)
                 if self.val_set and config.eval_every and step % config.eval_every == 0:
-                    self.validate()
-                    if self._patience_ran_out():
+                    evaluation = self.validate()
+                    if self._patience_ran_out(evaluation["eval_loss"]):
                         self._save_checkpoint()
                         return None
                 if epoch_done or (config.save_every and step % config.save_every == 0):
@@ -210,10 +283,9 @@ class _Run:
                     break
         return None
 
-    def _patience_ran_out(self) -> bool:
+    def _patience_ran_out(self, loss: float) -> bool:
         """Track the best validation loss; True once it has not improved for `patience` validations."""
         progress, patience = self.progress, self.config.early_stopping_patience
-        loss = self.latest["eval"]["eval_loss"]
         if loss < progress["best_eval_loss"]:
             progress["best_eval_loss"], progress["stale_evals"] = loss, 0
         else:
@@ -221,11 +293,13 @@ class _Run:
         if not patience or progress["stale_evals"] < patience:
             return False
         self.early_stopped = True
-        self._event(f"Early stopping at step {progress['step']}: validation loss has not improved for {patience} "
-                    f"validations (best {progress['best_eval_loss']:.4f}).")
+        self._event(
+            f"Early stopping at step {progress['step']}: validation loss has not improved for {patience} "
+            f"validations (best {progress['best_eval_loss']:.4f})."
+        )
         return True
 
-    def _metric(self, result: dict, lr: float, *, epoch_size: int) -> dict:
+    def _metric(self, result: _StepResult, lr: float, *, epoch_size: int) -> dict[str, float]:
         progress, session, now = self.progress, self.session, time.monotonic()
         return {
             "step": progress["step"],
@@ -241,38 +315,42 @@ class _Run:
             "token_accuracy": result["token_accuracy"],
         }
 
-    def train_step(self, examples, lr: float) -> dict:
+    def train_step(self, examples: list[RenderedExample], lr: float) -> _StepResult:
         """One optimizer step over examples; return its loss (mean over trained tokens) and stats."""
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro_batches = pack(examples, self.micro_batch_tokens)
         loss_tokens = sum(len(batch.targets) for batch in micro_batches)
-        loss_sum = correct = 0
+        loss_sum: torch.Tensor | float = 0
+        correct: torch.Tensor | int = 0
         for batch in micro_batches:
             batch = batch.to(self.placement.device)
             with self._autocast():
                 logits = trained_logits(self.model, batch)
             batch_loss = F.cross_entropy(logits.float(), batch.targets, reduction="sum")
-            (batch_loss / loss_tokens).backward()
+            (batch_loss / loss_tokens).backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             loss_sum += batch_loss.detach()
             correct += (logits.detach().argmax(-1) == batch.targets).sum()
         max_norm = self.config.grad_clip or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {
-            "loss": float(loss_sum) / loss_tokens,
-            "token_accuracy": float(correct) / loss_tokens,
-            "grad_norm": float(grad_norm),
-            "tokens": sum(batch.tokens for batch in micro_batches),
-        }
+        return _StepResult(
+            loss=float(loss_sum) / loss_tokens,
+            token_accuracy=float(correct) / loss_tokens,
+            grad_norm=float(grad_norm),
+            tokens=sum(batch.tokens for batch in micro_batches),
+        )
 
     @torch.no_grad()
-    def validate(self) -> dict:
+    def validate(self) -> dict[str, float]:
         """Loss and next-token accuracy over every trained token of the validation file."""
+        assert self.val_set is not None  # called only when there is a validation file
         self.model.eval()
-        loss_sum = correct = count = 0
+        loss_sum: float = 0
+        correct: float = 0
+        count = 0
         for batch in pack(self.val_set.examples, self.micro_batch_tokens):
             batch = batch.to(self.placement.device)
             with self._autocast():
@@ -280,7 +358,11 @@ class _Run:
             loss_sum += F.cross_entropy(logits.float(), batch.targets, reduction="sum").item()
             correct += (logits.argmax(-1) == batch.targets).sum().item()
             count += len(batch.targets)
-        result = {"step": self.progress["step"], "eval_loss": loss_sum / count, "eval_token_accuracy": correct / count}
+        result: dict[str, float] = {
+            "step": self.progress["step"],
+            "eval_loss": loss_sum / count,
+            "eval_token_accuracy": correct / count,
+        }
         self.latest["eval"] = result
         self._report("eval", result)
         return result
@@ -301,7 +383,7 @@ class _Run:
         self.sink("checkpoint", {"step": state["step"], "path": str(path), "metrics": self._checkpoint_metrics()})
         return path
 
-    def _checkpoint_metrics(self) -> dict:
+    def _checkpoint_metrics(self) -> dict[str, float | None]:
         """The metrics of a checkpoint, named as the OpenAI checkpoint object names them."""
         train, evaluation = self.latest["train"] or {}, self.latest["eval"] or {}
         return {
@@ -314,7 +396,7 @@ class _Run:
             "full_valid_mean_token_accuracy": evaluation.get("eval_token_accuracy"),
         }
 
-    def _finish(self, stopped: str | None) -> dict:
+    def _finish(self, stopped: str | None) -> dict[str, Any]:
         output = None
         if stopped is None:
             if self.val_set and (self.latest["eval"] or {}).get("step") != self.progress["step"]:
@@ -352,7 +434,7 @@ class _Run:
         self.sink("summary", summary)
         return summary
 
-    def _report(self, kind: str, payload: dict) -> None:
+    def _report(self, kind: str, payload: dict[str, Any]) -> None:
         with open(self.out / "metrics.jsonl", "a") as metrics:
             metrics.write(json.dumps({"kind": kind, **payload}) + "\n")
         self.sink(kind, payload)
@@ -372,7 +454,9 @@ class _Run:
             **asdict(self.config),
             "device": self.placement.device.type,
             "weights_dtype": str(self.placement.weights_dtype).removeprefix("torch."),
-            "autocast_dtype": str(self.placement.autocast_dtype).removeprefix("torch.") if self.placement.autocast_dtype else None,
+            "autocast_dtype": str(self.placement.autocast_dtype).removeprefix("torch.")
+            if self.placement.autocast_dtype
+            else None,
             "gradient_checkpointing": "on" if checkpointing else "off",
             "micro_batch_tokens": self.micro_batch_tokens,
             "cpu_threads": threads,
@@ -393,21 +477,22 @@ class _Run:
             return None
         return "pause" if answer == "pause" else "cancel"
 
-    def _autocast(self):
+    def _autocast(self) -> torch.autocast:
         dtype = self.placement.autocast_dtype
         return torch.autocast(self.placement.device.type, dtype=dtype, enabled=dtype is not None)
 
     def release(self) -> None:
         """Free the model and optimizer memory before returning to a long-lived worker."""
-        self.model = self.optimizer = self.params = None
+        for name in ("model", "optimizer", "params"):
+            self.__dict__.pop(name, None)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-def _optimizer(params, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     # Norms and biases (1-D) are not decayed.
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]

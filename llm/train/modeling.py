@@ -4,12 +4,14 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model, load_peft_weights, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import TrainConfig
+from .hf import ModelShape, TrainableModel, TrainTokenizer
 from .packing import ATTENTION
 
 CPU_MICRO_BATCH_TOKENS = 768
@@ -49,23 +51,26 @@ def use_cpu_threads() -> int:
     return torch.get_num_threads()
 
 
-def load_tokenizer(model_dir: str):
-    return AutoTokenizer.from_pretrained(model_dir)
+def load_tokenizer(model_dir: str) -> TrainTokenizer:
+    tokenizer: TrainTokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return tokenizer
 
 
-def load_model(config: TrainConfig, placement: Placement, *, checkpoint: str | None = None):
+def load_model(config: TrainConfig, placement: Placement, *, checkpoint: str | None = None) -> TrainableModel:
     """Load the base model and make it trainable for config.method; start from checkpoint's weights if given."""
     full_weights_from = checkpoint if (checkpoint and config.method == "full") else config.model
-    options = {"dtype": placement.weights_dtype, "attn_implementation": ATTENTION}
+    options: dict[str, Any] = {"dtype": placement.weights_dtype, "attn_implementation": ATTENTION}
     if config.method == "qlora":
         from transformers import BitsAndBytesConfig
 
         options["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
         )
         options["device_map"] = {"": torch.cuda.current_device()}
-    model = AutoModelForCausalLM.from_pretrained(full_weights_from, **options)
+    model: TrainableModel = AutoModelForCausalLM.from_pretrained(full_weights_from, **options)
     if config.method != "qlora":
         model.to(placement.device)
     model.config.use_cache = False
@@ -100,7 +105,7 @@ def lora_config(config: TrainConfig) -> LoraConfig:
     )
 
 
-def plan_memory(config: TrainConfig, model, placement: Placement) -> tuple[int, bool]:
+def plan_memory(config: TrainConfig, model: TrainableModel, placement: Placement) -> tuple[int, bool]:
     """Return (tokens per micro-batch, gradient checkpointing on?) for this model on this device."""
     # An example longer than the budget still runs, alone in its micro-batch.
     if config.micro_batch_tokens:
@@ -124,24 +129,24 @@ def plan_memory(config: TrainConfig, model, placement: Placement) -> tuple[int, 
     return budget, True
 
 
-def activation_bytes_per_token(model_config, *, bytes_per_value: int) -> int:
+def activation_bytes_per_token(model_config: ModelShape, *, bytes_per_value: int) -> int:
     """A rough count of what backward keeps per token: attention and MLP inputs and intermediates, every layer."""
     hidden, intermediate = model_config.hidden_size, model_config.intermediate_size
     return model_config.num_hidden_layers * (20 * hidden + 6 * intermediate) * bytes_per_value
 
 
-def enable_gradient_checkpointing(model) -> None:
+def enable_gradient_checkpointing(model: TrainableModel) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def save_weights(model, tokenizer, directory: Path, *, full: bool) -> None:
+def save_weights(model: TrainableModel, tokenizer: TrainTokenizer, directory: Path, *, full: bool) -> None:
     """Write an adapter (PEFT format) or a full model with its tokenizer into directory."""
     model.save_pretrained(directory)
     if full:
         tokenizer.save_pretrained(directory)
 
 
-def count_parameters(model) -> tuple[int, int]:
+def count_parameters(model: TrainableModel) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

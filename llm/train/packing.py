@@ -15,12 +15,14 @@ Only trained positions are sent through the LM head (logits_to_keep): with a
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from .data import IGNORE_INDEX, RenderedExample
+from .hf import TrainableModel
 
 ATTENTION = "packed_sdpa"
 
@@ -52,14 +54,20 @@ class MicroBatch:
 
     def to(self, device: torch.device) -> "MicroBatch":
         return MicroBatch(
-            self.input_ids.to(device), self.position_ids.to(device), self.cu_seq_lens,
-            self.max_length, self.loss_positions.to(device), self.targets.to(device),
+            self.input_ids.to(device),
+            self.position_ids.to(device),
+            self.cu_seq_lens,
+            self.max_length,
+            self.loss_positions.to(device),
+            self.targets.to(device),
         )
 
 
 def pack(examples: list[RenderedExample], token_budget: int) -> list[MicroBatch]:
     """Split examples, in order, into micro-batches of at most token_budget tokens (one example never splits)."""
-    groups, current, size = [], [], 0
+    groups: list[list[RenderedExample]] = []
+    current: list[RenderedExample] = []
+    size = 0
     for example in examples:
         if current and size + len(example.input_ids) > token_budget:
             groups.append(current)
@@ -72,15 +80,18 @@ def pack(examples: list[RenderedExample], token_budget: int) -> list[MicroBatch]
 
 
 def _micro_batch(examples: list[RenderedExample]) -> MicroBatch:
-    input_ids, positions, targets, lengths = [], [], [], []
+    input_ids: list[int] = []
+    positions: list[int] = []
+    target_ids: list[int] = []
+    lengths: list[int] = []
     for example in examples:
         n = len(example.input_ids)
         input_ids += example.input_ids
         positions += range(n)
         # Position i predicts token i + 1 of the same example; an example's last position predicts nothing.
-        targets += example.labels[1:] + [IGNORE_INDEX]
+        target_ids += example.labels[1:] + [IGNORE_INDEX]
         lengths.append(n)
-    targets = torch.tensor(targets)
+    targets = torch.tensor(target_ids)
     loss_positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     return MicroBatch(
         input_ids=torch.tensor([input_ids]),
@@ -92,7 +103,7 @@ def _micro_batch(examples: list[RenderedExample]) -> MicroBatch:
     )
 
 
-def trained_logits(model, batch: MicroBatch) -> torch.Tensor:
+def trained_logits(model: TrainableModel, batch: MicroBatch) -> torch.Tensor:
     """Run the model on a packed micro-batch; return (loss positions, vocab) logits."""
     output = model(
         input_ids=batch.input_ids,
@@ -104,35 +115,69 @@ def trained_logits(model, batch: MicroBatch) -> torch.Tensor:
         logits_to_keep=batch.loss_positions,
         use_cache=False,
     )
-    return output.logits[0]
+    logits: torch.Tensor = output.logits[0]
+    return logits
 
 
-def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                     cu_seq_lens_q=None, max_length_q=None, **kwargs):
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """Causal attention inside each packed example; query (1, heads, T, dim) -> (1, T, heads, dim)."""
     if cu_seq_lens_q is None:  # an unpacked call (one sequence): plain causal attention
         cu_seq_lens_q = torch.tensor([0, query.shape[2]], dtype=torch.int32)
         max_length_q = query.shape[2]
     if flash_attn_varlen_func is not None and query.is_cuda:
+        if max_length_q is None:  # transformers passes it with cu_seq_lens_q; flash_attn needs it
+            max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
         return _flash_varlen(query, key, value, cu_seq_lens_q, max_length_q, dropout, scaling), None
     bounds = cu_seq_lens_q.tolist()
     outputs = [
         F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=True,
+            query[:, :, start:end],
+            key[:, :, start:end],
+            value[:, :, start:end],
+            dropout_p=dropout,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=True,
         )
-        for start, end in zip(bounds[:-1], bounds[1:])
+        for start, end in itertools.pairwise(bounds)
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2), None
 
 
-def _flash_varlen(query, key, value, cu_seq_lens, max_length, dropout, scaling):
+def _flash_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_lens: torch.Tensor,
+    max_length: int,
+    dropout: float,
+    scaling: float | None,
+) -> torch.Tensor:
     dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     q, k, v = (tensor[0].transpose(0, 1).to(dtype) for tensor in (query, key, value))
     cu_seq_lens = cu_seq_lens.to(device=query.device, dtype=torch.int32)
-    out = flash_attn_varlen_func(
-        q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length,
-        dropout_p=dropout, softmax_scale=scaling, causal=True,
+    out: torch.Tensor = flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seq_lens,
+        cu_seq_lens,
+        max_length,
+        max_length,
+        dropout_p=dropout,
+        softmax_scale=scaling,
+        causal=True,
     )
     return out.unsqueeze(0).to(query.dtype)
 

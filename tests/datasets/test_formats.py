@@ -2,7 +2,7 @@
 
 import pytest
 
-from datasets_app.formats import Issue, InvalidExample, normalize_example
+from datasets_app.formats import InvalidExample, Issue, normalize_example
 from tests.datasets.support import WEATHER_TOOL, chat, data_url, function_calling_example, gif_bytes, image_question
 
 
@@ -30,7 +30,10 @@ def test_it_recognises_function_calling_with_empty_or_null_assistant_content():
 def test_it_accepts_parallel_tool_calls_answered_in_any_order():
     example = function_calling_example()
     call = example["messages"][2]["tool_calls"][0]
-    example["messages"][2]["tool_calls"] = [call, {**call, "id": "call_2", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]
+    example["messages"][2]["tool_calls"] = [
+        call,
+        {**call, "id": "call_2", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
+    ]
     example["messages"][3:4] = [
         {"role": "tool", "tool_call_id": "call_2", "content": '{"temp_c": 25}'},
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'},
@@ -48,7 +51,10 @@ def test_it_recognises_text_to_image():
     example = {
         "messages": [
             {"role": "user", "content": "A red bicycle in the rain"},
-            {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/bike.png"}}]},
+            {
+                "role": "assistant",
+                "content": [{"type": "image_url", "image_url": {"url": "https://example.com/bike.png"}}],
+            },
         ]
     }
 
@@ -74,7 +80,12 @@ def test_it_converts_prompt_completion():
 
 
 def test_it_converts_alpaca_with_input_and_system():
-    example = {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour", "system": "You translate."}
+    example = {
+        "instruction": "Translate to French.",
+        "input": "Good morning",
+        "output": "Bonjour",
+        "system": "You translate.",
+    }
 
     assert normalize_example(example) == (
         {
@@ -138,7 +149,13 @@ def test_it_converts_sharegpt_function_calls_and_observations():
         {
             "role": "assistant",
             "content": None,
-            "tool_calls": [{"id": "call_1_0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+            "tool_calls": [
+                {
+                    "id": "call_1_0",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
         },
         {"role": "tool", "tool_call_id": "call_1_0", "content": '{"temp_c": 21}'},
         {"role": "assistant", "content": "21 C."},
@@ -150,7 +167,10 @@ def test_it_raises_with_every_issue_when_an_example_is_invalid():
         normalize_example({"messages": [{"role": "bot", "content": "Hi"}, {"role": "user"}]})
 
     assert [issue.code for issue in raised.value.issues] == ["bad_role", "missing_content"]
-    assert str(raised.value) == 'messages[0].role: "bot" is not one of system, user, assistant, tool; messages[1].content: is missing; a user message needs content'
+    assert (
+        str(raised.value)
+        == 'messages[0].role: "bot" is not one of system, developer, user, assistant, tool; messages[1].content: is missing; a user message needs content'
+    )
 
 
 def test_it_prints_issues_with_or_without_line_and_path():

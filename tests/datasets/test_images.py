@@ -76,7 +76,9 @@ def test_it_refuses_an_image_over_the_size_limit_before_decoding(monkeypatch):
 
 
 def test_it_refuses_a_data_url_whose_type_is_not_its_data():
-    with pytest.raises(ValueError, match=r'says image/jpeg but the data is a PNG image: declare it as "data:image/png;base64,..."'):
+    with pytest.raises(
+        ValueError, match=r'says image/jpeg but the data is a PNG image: declare it as "data:image/png;base64,..."'
+    ):
         check_image_url(data_url(png_bytes(4, 4), "image/jpeg"))
     assert check_image_url(data_url(jpeg_bytes(4, 4), "image/jpg")).kind == "jpeg"  # the common alias
     assert check_image_url(data_url(bmp_bytes(4, 4), "image/x-ms-bmp")).kind == "bmp"
@@ -90,8 +92,8 @@ def test_it_refuses_an_image_with_impossible_dimensions(width, height):
 
 def _declaring_more(data: bytes, at: int) -> bytes:
     """The image as if cut short after its header: the header declares 100 bytes more."""
-    (size,) = struct.unpack("<I", data[at:at + 4])
-    return data[:at] + struct.pack("<I", size + 100) + data[at + 4:]
+    (size,) = struct.unpack("<I", data[at : at + 4])
+    return data[:at] + struct.pack("<I", size + 100) + data[at + 4 :]
 
 
 def _gif_with_pixels() -> bytes:
@@ -115,7 +117,12 @@ def test_a_gif_without_its_trailer_byte_but_whole_blocks_is_taken():
         (png_bytes(64, 48), "image/png", lambda d: d[:-4], "no IEND chunk"),
         (jpeg_bytes(64, 48), "image/jpeg", lambda d: d[:-1], "no end-of-image marker"),
         (_gif_with_pixels(), "image/gif", lambda d: d[:-6], "a block cut short"),
-        (webp_bytes(64, 48, b"VP8L"), "image/webp", lambda d: _declaring_more(d, 4), "25 of the 125 bytes its header declares"),
+        (
+            webp_bytes(64, 48, b"VP8L"),
+            "image/webp",
+            lambda d: _declaring_more(d, 4),
+            "25 of the 125 bytes its header declares",
+        ),
         (bmp_bytes(64, 48), "image/bmp", lambda d: _declaring_more(d, 2), "54 of the 154 bytes its header declares"),
     ],
 )
@@ -138,7 +145,7 @@ def test_a_photo_cut_before_its_scan_is_not_taken_whole_because_of_its_thumbnail
     app1 = b"\xff\xe1" + struct.pack(">H", 2 + 6 + len(thumbnail)) + b"Exif\x00\x00" + thumbnail
     with_thumbnail = photo[:2] + app1 + photo[2:]
     assert check_image_url(data_url(with_thumbnail, "image/jpeg")).kind == "jpeg"
-    cut_before_scan = with_thumbnail[:with_thumbnail.rfind(b"\xff\xda")]
+    cut_before_scan = with_thumbnail[: with_thumbnail.rfind(b"\xff\xda")]
     with pytest.raises(ValueError, match="cut short"):
         check_image_url(data_url(cut_before_scan, "image/jpeg"))
 

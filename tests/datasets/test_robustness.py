@@ -7,15 +7,42 @@ import random
 from datasets_app.formats import check_example
 from tests.datasets.support import chat, function_calling_example, image_question, line, only_error, validate
 
-ODD_VALUES = [None, 0, 2, 1.5, True, "", "x", "assistant", "call_1", [], {}, [1], {"a": 1}, [{"type": "text"}], "data:image/png;base64,xx"]
+ODD_VALUES = [
+    None,
+    0,
+    2,
+    1.5,
+    True,
+    "",
+    "x",
+    "assistant",
+    "call_1",
+    [],
+    {},
+    [1],
+    {"a": 1},
+    [{"type": "text"}],
+    "data:image/png;base64,xx",
+]
 SEEDS = [
     chat("Hi", "Hello"),
     function_calling_example(),
     image_question("https://example.com/a.png"),
     {"prompt": "a", "completion": "b"},
     {"instruction": "a", "input": "b", "output": "c", "system": "d"},
-    {"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": '{"name": "f", "arguments": {}}'}, {"from": "observation", "value": "r"}, {"from": "gpt", "value": "a"}]},
-    {"input": {"messages": [{"role": "user", "content": "q"}]}, "preferred_output": [{"role": "assistant", "content": "a"}], "non_preferred_output": [{"role": "assistant", "content": "b"}]},
+    {
+        "conversations": [
+            {"from": "human", "value": "q"},
+            {"from": "function_call", "value": '{"name": "f", "arguments": {}}'},
+            {"from": "observation", "value": "r"},
+            {"from": "gpt", "value": "a"},
+        ]
+    },
+    {
+        "input": {"messages": [{"role": "user", "content": "q"}]},
+        "preferred_output": [{"role": "assistant", "content": "a"}],
+        "non_preferred_output": [{"role": "assistant", "content": "b"}],
+    },
 ]
 
 

@@ -46,7 +46,9 @@ def test_it_counts_converted_examples_and_tool_calls(tokenizer):
     converted = token_statistics([{"prompt": "2+2?", "completion": "4"}], tokenizer, max_seq_len=512)
     calls = token_statistics([function_calling_example()], tokenizer, max_seq_len=512)
 
-    assert converted["total_tokens"] == rendered_length(tokenizer, [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}])
+    assert converted["total_tokens"] == rendered_length(
+        tokenizer, [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    )
     call_text = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>'
     assert calls["trained_tokens"] == count(tokenizer, call_text) + count(tokenizer, "It is 21 C in Paris.<|im_end|>")
 
@@ -54,7 +56,9 @@ def test_it_counts_converted_examples_and_tool_calls(tokenizer):
 def test_it_counts_each_image_as_1024_tokens(tokenizer):
     stats = token_statistics([image_question("https://example.com/cat.jpg")], tokenizer, max_seq_len=4096)
 
-    text_only = rendered_length(tokenizer, [{"role": "user", "content": "What is this?"}, {"role": "assistant", "content": "A cat."}])
+    text_only = rendered_length(
+        tokenizer, [{"role": "user", "content": "What is this?"}, {"role": "assistant", "content": "A cat."}]
+    )
     assert (stats["images"], stats["image_tokens"]) == (1, IMAGE_TOKENS)
     assert stats["total_tokens"] == text_only + IMAGE_TOKENS
 
@@ -136,11 +140,18 @@ def test_it_counts_what_the_training_engine_renders(tokenizer):
 def test_it_counts_image_examples_as_the_training_engine_renders_their_text(tokenizer):
     data = pytest.importorskip("llm.train.data")
     question = image_question("https://example.com/cat.jpg")
-    question["messages"][0]["content"].append({"type": "image_url", "image_url": {"url": "https://example.com/dog.jpg"}})
-    drawing = {"messages": [
-        {"role": "user", "content": "Draw a cat."},
-        {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/drawn.png"}}]},
-    ]}
+    question["messages"][0]["content"].append(
+        {"type": "image_url", "image_url": {"url": "https://example.com/dog.jpg"}}
+    )
+    drawing = {
+        "messages": [
+            {"role": "user", "content": "Draw a cat."},
+            {
+                "role": "assistant",
+                "content": [{"type": "image_url", "image_url": {"url": "https://example.com/drawn.png"}}],
+            },
+        ]
+    }
     stats = token_statistics([question, drawing], tokenizer, max_seq_len=4096)
 
     question_text = data.render_example(tokenizer, chat("What is this?", "A cat.", system=None))

@@ -27,7 +27,7 @@ def test_it_reports_bad_role_with_line_and_path():
     report, written = validate(jsonl(*[GOOD] * 16, bad))
 
     error = only_error(report)
-    assert str(error) == 'line 17: messages[2].role: "bot" is not one of system, user, assistant, tool'
+    assert str(error) == 'line 17: messages[2].role: "bot" is not one of system, developer, user, assistant, tool'
     assert (error.line, error.path, error.code) == (17, "messages[2].role", "bad_role")
     assert report.ok is False
     assert report.examples == 16 and len(written) == 16
@@ -72,7 +72,7 @@ def test_it_reports_an_object_in_no_known_format():
 
     error = only_error(report)
     assert error.code == "unknown_format"
-    assert error.message.startswith("no known format (keys: label, text); expected \"messages\"")
+    assert error.message.startswith('no known format (keys: label, text); expected "messages"')
 
 
 def test_it_reports_missing_empty_or_wrong_typed_messages():
@@ -89,24 +89,41 @@ def test_it_reports_missing_empty_or_wrong_typed_messages():
 def test_it_reports_a_missing_role():
     report, _ = validate(line({"messages": [{"content": "Hi"}, {"role": "assistant", "content": "Hello"}]}))
 
-    assert str(only_error(report)) == "line 1: messages[0].role: is missing; expected one of system, user, assistant, tool"
+    assert (
+        str(only_error(report))
+        == "line 1: messages[0].role: is missing; expected one of system, developer, user, assistant, tool"
+    )
 
 
 def test_it_reports_missing_content():
     report, _ = validate(line({"messages": [{"role": "user"}, {"role": "assistant", "content": "Hello"}]}))
 
     error = only_error(report)
-    assert (error.code, str(error)) == ("missing_content", "line 1: messages[0].content: is missing; a user message needs content")
+    assert (error.code, str(error)) == (
+        "missing_content",
+        "line 1: messages[0].content: is missing; a user message needs content",
+    )
 
 
 def test_it_reports_missing_assistant_content_without_tool_calls():
-    report, _ = validate(line({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}]}))
+    report, _ = validate(
+        line({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}]})
+    )
 
-    assert str(only_error(report)) == "line 1: messages[1].content: is missing; an assistant message needs content or tool_calls"
+    assert (
+        str(only_error(report))
+        == "line 1: messages[1].content: is missing; an assistant message needs content or tool_calls"
+    )
 
 
 def test_it_reports_wrong_typed_content():
-    example = {"messages": [{"role": "system", "content": ["x"]}, {"role": "user", "content": 7}, {"role": "assistant", "content": "ok"}]}
+    example = {
+        "messages": [
+            {"role": "system", "content": ["x"]},
+            {"role": "user", "content": 7},
+            {"role": "assistant", "content": "ok"},
+        ]
+    }
     report, _ = validate(line(example))
 
     assert [str(error) for error in report.errors] == [
@@ -129,7 +146,9 @@ def test_it_reports_bad_content_parts():
 
 
 def test_it_reports_a_conversation_without_assistant_message():
-    report, _ = validate(line({"messages": [{"role": "system", "content": "Be nice"}, {"role": "user", "content": "Hi"}]}))
+    report, _ = validate(
+        line({"messages": [{"role": "system", "content": "Be nice"}, {"role": "user", "content": "Hi"}]})
+    )
 
     error = only_error(report)
     assert (error.line, error.path, error.code) == (1, "messages", "no_assistant_message")
@@ -137,7 +156,9 @@ def test_it_reports_a_conversation_without_assistant_message():
 
 
 def test_it_does_not_add_no_assistant_when_a_role_is_misspelled():
-    report, _ = validate(line({"messages": [{"role": "user", "content": "Hi"}, {"role": "Assistant", "content": "Yo"}]}))
+    report, _ = validate(
+        line({"messages": [{"role": "user", "content": "Hi"}, {"role": "Assistant", "content": "Yo"}]})
+    )
 
     assert report.error_counts == {"bad_role": 1}
 
@@ -148,10 +169,22 @@ def test_it_does_not_add_no_assistant_when_a_role_is_misspelled():
         ({"id": "call_1"}, "messages[2].tool_calls", "expected a non-empty list of calls like"),
         ([], "messages[2].tool_calls", "expected a non-empty list of calls like"),
         (["get_weather"], "messages[2].tool_calls[0]", "expected a call like"),
-        ([{**weather_call(), "id": ""}], "messages[2].tool_calls[0].id", "expected a non-empty string for the tool message"),
+        (
+            [{**weather_call(), "id": ""}],
+            "messages[2].tool_calls[0].id",
+            "expected a non-empty string for the tool message",
+        ),
         ([{**weather_call(), "type": "tool"}], "messages[2].tool_calls[0].type", 'expected "function", got "tool"'),
-        ([{"id": "call_1", "type": "function"}], "messages[2].tool_calls[0].function", 'expected {"name": "...", "arguments": "{...}"}, got null'),
-        ([{"id": "call_1", "type": "function", "function": {"arguments": "{}"}}], "messages[2].tool_calls[0].function.name", "expected the name of a tool, got null"),
+        (
+            [{"id": "call_1", "type": "function"}],
+            "messages[2].tool_calls[0].function",
+            'expected {"name": "...", "arguments": "{...}"}, got null',
+        ),
+        (
+            [{"id": "call_1", "type": "function", "function": {"arguments": "{}"}}],
+            "messages[2].tool_calls[0].function.name",
+            "expected the name of a tool, got null",
+        ),
     ],
 )
 def test_it_reports_malformed_tool_calls(tool_calls, path, message):
@@ -171,7 +204,10 @@ def test_it_reports_tool_calls_on_a_user_message():
     example["messages"][1]["tool_calls"] = [weather_call("call_0")]
     report, _ = validate(line(example))
 
-    assert str(only_error(report)) == "line 1: messages[1].tool_calls: only assistant messages can call tools, not user messages"
+    assert (
+        str(only_error(report))
+        == "line 1: messages[1].tool_calls: only assistant messages can call tools, not user messages"
+    )
 
 
 @pytest.mark.parametrize(
@@ -179,7 +215,10 @@ def test_it_reports_tool_calls_on_a_user_message():
     [
         ('{"city": "Paris"', "is not valid JSON (Expecting ',' delimiter at character 17); expected a JSON object"),
         ('["Paris"]', "expected a JSON object of arguments, got an array"),
-        ({"city": "Paris"}, 'expected a JSON string such as "{\\"city\\": \\"Paris\\"}", got an object: encode the object with json.dumps'),
+        (
+            {"city": "Paris"},
+            'expected a JSON string such as "{\\"city\\": \\"Paris\\"}", got an object: encode the object with json.dumps',
+        ),
     ],
 )
 def test_it_reports_arguments_that_are_not_a_json_object_string(arguments, message):
@@ -188,7 +227,11 @@ def test_it_reports_arguments_that_are_not_a_json_object_string(arguments, messa
     report, _ = validate(line(example))
 
     error = only_error(report)
-    assert (error.path, error.code, error.message) == ("messages[2].tool_calls[0].function.arguments", "bad_arguments", message)
+    assert (error.path, error.code, error.message) == (
+        "messages[2].tool_calls[0].function.arguments",
+        "bad_arguments",
+        message,
+    )
 
 
 def test_it_reports_a_tool_call_id_with_no_matching_call():
@@ -196,7 +239,10 @@ def test_it_reports_a_tool_call_id_with_no_matching_call():
     example["messages"][3]["tool_call_id"] = "call_9"
     report, _ = validate(line(example))
 
-    assert str(only_error(report)) == 'line 1: messages[3].tool_call_id: "call_9" matches no earlier tool call (ids: call_1)'
+    assert (
+        str(only_error(report))
+        == 'line 1: messages[3].tool_call_id: "call_9" matches no earlier tool call (ids: call_1)'
+    )
     assert report.error_counts == {"unknown_tool_call_id": 1}
 
 
@@ -220,11 +266,31 @@ def test_it_reports_a_tool_reply_before_any_call_or_without_id():
     [
         ({"get_weather": {}}, "tools", "expected a list of tools like"),
         (["get_weather"], "tools[0]", "expected a tool like"),
-        ([{"type": "function", "function": {"name": "get weather"}}], "tools[0].function.name", '"get weather" is not a tool name'),
-        ([{"type": "retrieval", "function": {"name": "get_weather"}}], "tools[0].type", 'expected "function", got "retrieval"'),
-        ([{"type": "function", "function": {"name": "get_weather", "parameters": "city"}}], "tools[0].function.parameters", "expected a JSON Schema object"),
-        ([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "string"}}}], "tools[0].function.parameters.type", "the arguments schema must describe an object"),
-        ([{"type": "function", "function": {"name": "get_weather", "description": 5}}], "tools[0].function.description", "expected a string, got a number"),
+        (
+            [{"type": "function", "function": {"name": "get weather"}}],
+            "tools[0].function.name",
+            '"get weather" is not a tool name',
+        ),
+        (
+            [{"type": "retrieval", "function": {"name": "get_weather"}}],
+            "tools[0].type",
+            'expected "function", got "retrieval"',
+        ),
+        (
+            [{"type": "function", "function": {"name": "get_weather", "parameters": "city"}}],
+            "tools[0].function.parameters",
+            "expected a JSON Schema object",
+        ),
+        (
+            [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "string"}}}],
+            "tools[0].function.parameters.type",
+            "the arguments schema must describe an object",
+        ),
+        (
+            [{"type": "function", "function": {"name": "get_weather", "description": 5}}],
+            "tools[0].function.description",
+            "expected a string, got a number",
+        ),
     ],
 )
 def test_it_reports_malformed_tools(tools, path, message):
@@ -270,7 +336,9 @@ def test_it_reports_an_image_part_without_url_object():
 
 def test_it_reports_an_assistant_image_reply_with_more_than_one_part():
     image = {"type": "image_url", "image_url": {"url": "https://example.com/out.png"}}
-    example = {"messages": [{"role": "user", "content": "Draw a cat"}, {"role": "assistant", "content": [image, image]}]}
+    example = {
+        "messages": [{"role": "user", "content": "Draw a cat"}, {"role": "assistant", "content": [image, image]}]
+    }
     report, _ = validate(line(example))
 
     assert str(only_error(report)) == (
@@ -301,11 +369,19 @@ def test_it_reports_a_weight_on_a_user_message():
     example["messages"][1]["weight"] = 1
     report, _ = validate(line(example))
 
-    assert str(only_error(report)) == "line 1: messages[1].weight: only assistant messages take a weight, not user messages"
+    assert (
+        str(only_error(report))
+        == "line 1: messages[1].weight: only assistant messages take a weight, not user messages"
+    )
 
 
 def test_it_reports_invalid_utf8_on_its_line():
-    data = line(GOOD) + line(GOOD) + '{"messages": [{"role": "user", "content": "caf\u00e9"}]}\n'.encode("latin-1") + line(GOOD)
+    data = (
+        line(GOOD)
+        + line(GOOD)
+        + '{"messages": [{"role": "user", "content": "caf\u00e9"}]}\n'.encode("latin-1")
+        + line(GOOD)
+    )
     report, written = validate(data)
 
     error = only_error(report)
@@ -366,7 +442,10 @@ def test_it_reports_preference_pairs_mixed_with_chat():
     report, written = validate(jsonl(GOOD, pair))
 
     error = only_error(report)
-    assert str(error) == "line 2: a preference pair in a file of chat examples; a file holds either chat examples or preference pairs"
+    assert (
+        str(error)
+        == "line 2: a preference pair in a file of chat examples; a file holds either chat examples or preference pairs"
+    )
     assert error.code == "inconsistent_format"
     assert len(written) == 1
 
@@ -388,13 +467,36 @@ def test_it_reports_bad_preference_pairs():
     ("example", "expected"),
     [
         ({"prompt": "Hi", "completion": 5}, "line 1: completion: expected a string, got a number"),
-        ({"instruction": "Add 2 and 2"}, "line 1: output: is missing; an alpaca example needs instruction and output (input and system are optional)"),
+        (
+            {"instruction": "Add 2 and 2"},
+            "line 1: output: is missing; an alpaca example needs instruction and output (input and system are optional)",
+        ),
         ({"instruction": "Add", "input": ["2"], "output": "4"}, "line 1: input: expected a string, got an array"),
-        ({"conversations": [{"from": "user", "value": "Hi"}]}, 'line 1: conversations[0].from: "user" is not one of human, gpt, system, function_call, observation'),
-        ({"conversations": [{"from": "human"}]}, "line 1: conversations[0].value: is missing; a human turn needs a value"),
-        ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "observation", "value": "{}"}]}, "line 1: conversations[1]: an observation turn must follow a function_call turn"),
-        ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "function_call", "value": "get_weather(Paris)"}]}, 'line 1: conversations[1].value: a function_call turn must hold JSON such as {"name": "...", "arguments": {...}}'),
-        ({"conversations": [{"from": "system", "value": "Be nice"}, {"from": "human", "value": "Hi"}]}, "line 1: conversations: has no assistant message, so there is nothing to learn; add the reply the model should give"),
+        (
+            {"conversations": [{"from": "user", "value": "Hi"}]},
+            'line 1: conversations[0].from: "user" is not one of human, gpt, system, function_call, observation',
+        ),
+        (
+            {"conversations": [{"from": "human"}]},
+            "line 1: conversations[0].value: is missing; a human turn needs a value",
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "observation", "value": "{}"}]},
+            "line 1: conversations[1]: an observation turn must follow a function_call turn",
+        ),
+        (
+            {
+                "conversations": [
+                    {"from": "human", "value": "Hi"},
+                    {"from": "function_call", "value": "get_weather(Paris)"},
+                ]
+            },
+            'line 1: conversations[1].value: a function_call turn must hold JSON such as {"name": "...", "arguments": {...}}',
+        ),
+        (
+            {"conversations": [{"from": "system", "value": "Be nice"}, {"from": "human", "value": "Hi"}]},
+            "line 1: conversations: has no assistant message, so there is nothing to learn; add the reply the model should give",
+        ),
     ],
 )
 def test_it_reports_errors_in_formats_it_converts(example, expected):
@@ -405,7 +507,13 @@ def test_it_reports_errors_in_formats_it_converts(example, expected):
 
 
 def test_it_reports_every_problem_of_a_line():
-    example = {"messages": [{"role": "bot", "content": "Hi"}, {"role": "user", "content": 1}, {"role": "assistant", "content": "ok", "weight": 3}]}
+    example = {
+        "messages": [
+            {"role": "bot", "content": "Hi"},
+            {"role": "user", "content": 1},
+            {"role": "assistant", "content": "ok", "weight": 3},
+        ]
+    }
     report, _ = validate(line(example))
 
     assert [error.code for error in report.errors] == ["bad_role", "bad_content", "bad_weight"]

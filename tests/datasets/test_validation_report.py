@@ -3,14 +3,28 @@
 import json
 
 from datasets_app.validation import RECOMMENDED_MIN_EXAMPLES
-from tests.datasets.support import chat, data_url, function_calling_example, image_question, jsonl, line, png_bytes, validate
+from tests.datasets.support import (
+    chat,
+    data_url,
+    function_calling_example,
+    image_question,
+    jsonl,
+    line,
+    png_bytes,
+    validate,
+)
 
 GOOD = chat("Hi", "Hello!")
 MANY = [chat(f"Question {n}", f"Answer {n}") for n in range(RECOMMENDED_MIN_EXAMPLES)]
 
 
 def test_it_accepts_a_bom_crlf_line_ends_and_blank_lines():
-    data = b"\xef\xbb\xbf" + line(GOOD).replace(b"\n", b"\r\n") + b"\r\n\n   \n" + line(chat("Bye", "Goodbye!")).replace(b"\n", b"\r\n")
+    data = (
+        b"\xef\xbb\xbf"
+        + line(GOOD).replace(b"\n", b"\r\n")
+        + b"\r\n\n   \n"
+        + line(chat("Bye", "Goodbye!")).replace(b"\n", b"\r\n")
+    )
     report, written = validate(data)
 
     assert report.ok and report.errors == []
@@ -41,7 +55,9 @@ def test_a_stray_line_in_another_format_is_taken_with_a_warning_that_names_it():
     report, _ = validate(jsonl(*MANY[:5], {"prompt": "2+2?", "completion": "4"}, {"instruction": "a", "output": "b"}))
     assert report.ok
     [mixed] = [w for w in report.warnings if w.code == "mixed_formats"]
-    assert mixed.message.startswith("most examples are chat, but 1 prompt/completion (first at line 6), 1 alpaca (first at line 7)")
+    assert mixed.message.startswith(
+        "most examples are chat, but 1 prompt/completion (first at line 6), 1 alpaca (first at line 7)"
+    )
     # Chat with tool calls or images is one family: no warning.
     assert "mixed_formats" not in validate(jsonl(function_calling_example(), GOOD))[0].warning_counts
 
@@ -72,7 +88,14 @@ def test_it_names_the_file_format():
 
 def test_it_counts_messages_tool_calls_and_images():
     picture = png_bytes(320, 200)
-    report, _ = validate(jsonl(GOOD, function_calling_example(), image_question(data_url(picture)), image_question("https://example.com/a.jpg")))
+    report, _ = validate(
+        jsonl(
+            GOOD,
+            function_calling_example(),
+            image_question(data_url(picture)),
+            image_question("https://example.com/a.jpg"),
+        )
+    )
 
     stats = report.stats
     assert stats["examples"] == 4
@@ -86,7 +109,10 @@ def test_it_warns_once_about_missing_system_messages_with_the_count():
 
     summary = [warning for warning in report.warnings if warning.code == "no_system_message"]
     assert len(summary) == 1
-    assert str(summary[0]) == "3 of 50 examples have no system message; that is fine if you will not send one when using the model"
+    assert (
+        str(summary[0])
+        == "3 of 50 examples have no system message; that is fine if you will not send one when using the model"
+    )
     assert report.warning_counts == {"no_system_message": 1}
     assert report.ok
 
@@ -163,7 +189,9 @@ def test_it_returns_a_json_ready_dict():
 
     as_dict = json.loads(json.dumps(report.to_dict()))
     assert as_dict["ok"] is False and as_dict["format"] == "chat" and as_dict["examples"] == 2
-    assert as_dict["errors"] == [{"line": 3, "path": "", "code": "invalid_json", "message": "not valid JSON: Expecting value at column 1"}]
+    assert as_dict["errors"] == [
+        {"line": 3, "path": "", "code": "invalid_json", "message": "not valid JSON: Expecting value at column 1"}
+    ]
     assert as_dict["error_counts"] == {"invalid_json": 1}
     assert as_dict["warning_counts"] == {"no_system_message": 1, "too_few_examples": 1}
     assert as_dict["stats"]["examples"] == 2
@@ -179,7 +207,7 @@ def test_it_summarises_errors_and_warnings_as_text():
             "Invalid dataset: 2 errors; fix them and upload the file again.",
             "Errors by kind: bad_role 1, invalid_json 1",
             "Errors:",
-            '  line 2: messages[1].role: "bot" is not one of system, user, assistant, tool',
+            '  line 2: messages[1].role: "bot" is not one of system, developer, user, assistant, tool',
             "  line 3: not valid JSON: Expecting value at column 1",
             "Warnings by kind: too_few_examples 1",
             "Warnings:",

@@ -20,9 +20,10 @@ from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.db import connection  # noqa: E402
 
-from deployments_app import services, tasks  # noqa: E402
+from deployments_app import tasks  # noqa: E402
+from deployments_app.deployments import services  # noqa: E402
 from deployments_app.models import Deployment, Instance  # noqa: E402
-from finetune_site.api_errors import ApiError  # noqa: E402
+from finetune_site.errors import ApplicationError  # noqa: E402
 
 mode = sys.argv[1]
 call_command("migrate", verbosity=0)
@@ -58,7 +59,7 @@ def request():
         else:
             services.deployment_scale(deployment=Deployment.objects.get(pk=deployment.pk), instances=2)
         outcomes.append("done")
-    except ApiError as exc:
+    except ApplicationError as exc:
         outcomes.append(exc.code)
     finally:
         connection.close()

@@ -63,7 +63,9 @@ def test_it_ends_with_stop_at_the_end_of_turn_token(tiny_model_dir):
 def test_it_cuts_at_a_stop_string_and_never_shows_it(pool, chatty_model_dir):
     full = pool.generate(chat(chatty_model_dir, max_tokens=20)).content
     stop = full[len(full) // 2 : len(full) // 2 + 4]
-    pieces, completion = drain(pool.generate_stream(chat(chatty_model_dir, max_tokens=20, stop=["never appears", stop])))
+    pieces, completion = drain(
+        pool.generate_stream(chat(chatty_model_dir, max_tokens=20, stop=["never appears", stop]))
+    )
     assert completion.content == full[: full.index(stop)]
     assert completion.finish_reason == "stop"
     assert "".join(pieces) == completion.content and stop not in "".join(pieces)

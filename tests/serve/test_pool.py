@@ -20,7 +20,9 @@ def transformers_answer(model, base_dir, text="Hello there, how are you?") -> st
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
     inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
     with torch.inference_mode():
         output = model.generate(**inputs, do_sample=False, max_new_tokens=N_TOKENS)
@@ -111,7 +113,9 @@ def test_it_answers_threads_with_different_adapters_correctly(pool, chatty_model
     def ask(name):
         start.wait()
         for _ in range(3):
-            pieces, completion = drain(pool.generate_stream(chat(chatty_model_dir, adapter_path=str(adapters[name]), max_tokens=N_TOKENS)))
+            pieces, completion = drain(
+                pool.generate_stream(chat(chatty_model_dir, adapter_path=str(adapters[name]), max_tokens=N_TOKENS))
+            )
             results[name].append("".join(pieces))
 
     threads = [threading.Thread(target=ask, args=(name,)) for name in "ab"]
@@ -144,7 +148,9 @@ def test_streams_on_one_base_take_turns_token_by_token(pool, chatty_model_dir, a
         start.wait()
         adapter = adapters.get(name)
         text = ""
-        for event in pool.generate_stream(chat(chatty_model_dir, adapter_path=str(adapter) if adapter else None, max_tokens=N_TOKENS)):
+        for event in pool.generate_stream(
+            chat(chatty_model_dir, adapter_path=str(adapter) if adapter else None, max_tokens=N_TOKENS)
+        ):
             if isinstance(event, str):
                 order.append(name)
                 text += event

@@ -67,7 +67,10 @@ def test_it_stops_at_the_earliest_of_several_stop_strings():
 
 def test_it_keeps_tool_call_markup_out_of_the_shown_text():
     output = OutputFilter(tools=True)
-    shown = feed(output, ["Let me check.", " <tool", '_call>{"name": "get_weather", ', '"arguments": {"city": "Paris"}}</tool_call>'])
+    shown = feed(
+        output,
+        ["Let me check.", " <tool", '_call>{"name": "get_weather", ', '"arguments": {"city": "Paris"}}</tool_call>'],
+    )
     content, tool_calls, last_piece = output.finish()
     assert "".join(shown) == "Let me check."
     assert content == "Let me check." and last_piece == ""

@@ -2,10 +2,11 @@ import json
 
 import pytest
 
-from llm.serve.errors import InvalidRequest, ServingError
-from llm.chat import check_messages, template_shows_tools as template_has_tools
-from llm.serve.prompt import render_prompt
+from llm.chat import check_messages
+from llm.chat import template_shows_tools as template_has_tools
 from llm.chat.tools import parse_tool_calls
+from llm.serve.errors import InvalidRequest, ServingError
+from llm.serve.prompt import render_prompt
 
 WEATHER_TOOL = {
     "type": "function",
@@ -79,7 +80,9 @@ def rendered(tokenizer, messages, tools):
 
 def test_it_describes_tools_in_the_system_message_when_the_template_ignores_them(tokenizer):
     assert not template_has_tools(tokenizer)
-    text = rendered(tokenizer, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}], [WEATHER_TOOL])
+    text = rendered(
+        tokenizer, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}], [WEATHER_TOOL]
+    )
     system = text.split("<|im_end|>")[0]
     assert system.startswith("<|im_start|>system\nBe brief.")
     assert "get_weather: Current weather for a city" in system and "<tool_call>" in system
@@ -89,11 +92,24 @@ def test_it_describes_tools_in_the_system_message_when_the_template_ignores_them
 def test_it_writes_earlier_tool_calls_as_markup_for_such_a_template(tokenizer):
     messages = [
         {"role": "user", "content": "Weather?"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
     ]
     text = rendered(tokenizer, messages, [WEATHER_TOOL])
-    assert '<|im_start|>assistant\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>' in text
+    assert (
+        '<|im_start|>assistant\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>'
+        in text
+    )
     assert "<|im_start|>tool\n18 C<|im_end|>" in text
 
 
@@ -110,12 +126,18 @@ def test_it_hands_earlier_call_arguments_to_a_template_as_a_dict(tokenizer):
     aware = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     aware.chat_template = "{% if tools %}tools:{% endif %}{% for m in messages %}{% for c in m.tool_calls or [] %}{{ c.function.arguments.city }}{% endfor %}{% endfor %}"
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
-    text = rendered(aware, [{"role": "user", "content": "?"}, {"role": "assistant", "content": None, "tool_calls": [call]}], [WEATHER_TOOL])
+    text = rendered(
+        aware,
+        [{"role": "user", "content": "?"}, {"role": "assistant", "content": None, "tool_calls": [call]}],
+        [WEATHER_TOOL],
+    )
     assert text == "tools:Paris"
 
 
 def test_it_lists_every_problem_with_messages():
-    problems = check_messages([{"content": "no role"}, {"role": "user"}, "text", {"role": "user", "content": [{"type": "image_url"}]}])
+    problems = check_messages(
+        [{"content": "no role"}, {"role": "user"}, "text", {"role": "user", "content": [{"type": "image_url"}]}]
+    )
     assert len(problems) == 4
     assert "messages[0].role" in problems[0] and "messages[1] has no content" in problems[1]
     assert check_messages([]) == ["messages must be a non-empty list"]
@@ -124,7 +146,9 @@ def test_it_lists_every_problem_with_messages():
 
 def test_it_reports_a_conversation_the_template_refuses(tokenizer):
     strict = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    strict.chat_template = "{% if messages[0].role != 'user' %}{{ raise_exception('first message must be user') }}{% endif %}x"
+    strict.chat_template = (
+        "{% if messages[0].role != 'user' %}{{ raise_exception('first message must be user') }}{% endif %}x"
+    )
     with pytest.raises(InvalidRequest, match="first message must be user"):
         render_prompt(strict, [{"role": "assistant", "content": "hi"}], None)
 

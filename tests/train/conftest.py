@@ -24,7 +24,10 @@ def chat_examples(count: int, *, seed: int = 0) -> list[dict]:
     for i in range(count):
         messages = [{"role": "system", "content": "You are terse."}] if i % 3 == 0 else []
         for _ in range(1 + i % 2):
-            messages += [{"role": "user", "content": sentence(3, 12)}, {"role": "assistant", "content": sentence(3, 16)}]
+            messages += [
+                {"role": "user", "content": sentence(3, 12)},
+                {"role": "assistant", "content": sentence(3, 16)},
+            ]
         examples.append({"messages": messages})
     return examples
 
@@ -59,8 +62,15 @@ def tiny_config(tiny_model_dir, chat_files, tmp_path):
     """A quick LoRA run: 12 examples, batch 4, one epoch (3 steps); override fields with make(...)."""
     train_file, _ = chat_files
     base = TrainConfig(
-        model=str(tiny_model_dir), train_file=str(train_file), out_dir=str(tmp_path / "out"),
-        epochs=1, batch_size=4, lr=1e-2, lora_r=4, lora_alpha=8, warmup_ratio=0.0,
+        model=str(tiny_model_dir),
+        train_file=str(train_file),
+        out_dir=str(tmp_path / "out"),
+        epochs=1,
+        batch_size=4,
+        lr=1e-2,
+        lora_r=4,
+        lora_alpha=8,
+        warmup_ratio=0.0,
     )
 
     def make(**changes) -> TrainConfig:

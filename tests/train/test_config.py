@@ -1,5 +1,6 @@
 """A bad config is refused before anything loads, with every problem named at once."""
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +14,32 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_it_lists_every_problem_at_once(tiny_config):
     config = tiny_config(
-        train_file="/no/such/file.jsonl", method="prefix", epochs=0, batch_size=-1, lr=0,
-        lora_r=0, lora_dropout=1.5, scheduler="step", loss_on="nothing", warmup_ratio=2.0,
+        train_file="/no/such/file.jsonl",
+        method="prefix",
+        epochs=0,
+        batch_size=-1,
+        lr=0,
+        lora_r=0,
+        lora_dropout=1.5,
+        scheduler="step",
+        loss_on="nothing",
+        warmup_ratio=2.0,
     )
 
     problems = config.problems()
 
     fields = [problem.split(":")[0] for problem in problems]
     assert fields == [
-        "train_file", "method", "loss_on", "scheduler", "epochs", "batch_size", "lr",
-        "warmup_ratio", "lora_r", "lora_dropout",
+        "train_file",
+        "method",
+        "loss_on",
+        "scheduler",
+        "epochs",
+        "batch_size",
+        "lr",
+        "warmup_ratio",
+        "lora_r",
+        "lora_dropout",
     ]
     with pytest.raises(ConfigError) as raised:
         train(config)
@@ -42,10 +59,28 @@ def test_qlora_on_a_machine_without_cuda_is_a_clear_config_error(tiny_config):
 
 def test_the_cli_prints_one_problem_a_line_and_exits_2(tiny_model_dir, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "llm.train", "train", "--model", str(tiny_model_dir),
-         "--train-file", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out"),
-         "--epochs", "two", "--lora-r", "0", "--scheduler", "step"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "llm.train",
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--train-file",
+            str(tmp_path / "missing.jsonl"),
+            "--out",
+            str(tmp_path / "out"),
+            "--epochs",
+            "two",
+            "--lora-r",
+            "0",
+            "--scheduler",
+            "step",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
     assert result.returncode == 2
@@ -70,7 +105,7 @@ def test_cosine_decays_from_the_peak_towards_zero():
     schedule = lrs("cosine")
     assert schedule[2] == 1.0
     assert schedule[6] == pytest.approx(0.5)
-    assert all(later < earlier for earlier, later in zip(schedule[2:], schedule[3:]))
+    assert all(later < earlier for earlier, later in itertools.pairwise(schedule[2:]))
     assert 0 < schedule[-1] < 0.05
 
 

@@ -7,14 +7,25 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from benchmarks.mfu import (
-    H100_BF16_PEAK_FLOPS, attention_seq_len, attention_width, lora_parameters, matmul_parameters, mfu,
+    H100_BF16_PEAK_FLOPS,
+    attention_seq_len,
+    attention_width,
+    lora_parameters,
+    matmul_parameters,
+    mfu,
     training_flops_per_token,
 )
 from benchmarks.train_vs_trl import SHAPES, build_random_model
 
 # hidden 8, MLP 16, 2 layers, 2 heads of 4, 1 KV head, vocab 32
-SMALL = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-         "num_key_value_heads": 1, "vocab_size": 32}
+SMALL = {
+    "hidden_size": 8,
+    "intermediate_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "vocab_size": 32,
+}
 
 
 def test_counts_and_mfu_by_hand():
@@ -45,7 +56,9 @@ def test_attention_seq_len_is_token_weighted():
     assert attention_seq_len([5, 5]) == 5
 
 
-@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft 0.21 vs transformers 5
+@pytest.mark.filterwarnings(
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+)  # peft 0.21 vs transformers 5
 def test_counts_match_a_real_model_and_peft():
     """The formula's N_matmul is every nn.Linear weight (LM head included), its N_lora what peft trains."""
     from peft import LoraConfig, get_peft_model
@@ -60,8 +73,11 @@ def test_counts_match_a_real_model_and_peft():
 
 @pytest.mark.parametrize("shape, low, high", [("qwen2-0.5b", 0.35e9, 0.55e9), ("qwen2-1.5b", 1.3e9, 1.6e9)])
 def test_named_shapes_have_their_size(shape, low, high):
-    config = LlamaConfig(**{key: value for key, value in SHAPES[shape].items() if key != "rope_theta"},
-                         vocab_size=49152, tie_word_embeddings=True)
+    config = LlamaConfig(
+        **{key: value for key, value in SHAPES[shape].items() if key != "rope_theta"},
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):  # sizes without memory
         model = LlamaForCausalLM(config)
     assert low < sum(p.numel() for p in model.parameters()) < high
@@ -70,8 +86,14 @@ def test_named_shapes_have_their_size(shape, low, high):
 
 
 def test_random_model_is_loadable_seeded_and_reused(tiny_model_dir, tmp_path):
-    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "rope_theta": 10000.0}
+    shape = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_theta": 10000.0,
+    }
     first = build_random_model(tmp_path / "a", shape, tokenizer_dir=tiny_model_dir, seed=3)
     second = build_random_model(tmp_path / "b", shape, tokenizer_dir=tiny_model_dir, seed=3)
 

@@ -40,7 +40,7 @@ def test_plain_attention_over_the_same_row_would_leak_across_examples(tiny_model
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     row = torch.tensor([examples[0].input_ids + examples[1].input_ids])
     with torch.no_grad():
-        leaked = model(input_ids=row).logits[0, len(examples[0].input_ids):]
+        leaked = model(input_ids=row).logits[0, len(examples[0].input_ids) :]
         alone = model(input_ids=torch.tensor([examples[1].input_ids])).logits[0]
 
     assert (leaked - alone).abs().max().item() > 1e-2
@@ -59,9 +59,9 @@ def padded_batch_loss(model_dir, examples) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
     longest = max(len(example.input_ids) for example in examples)
     pad = [longest - len(example.input_ids) for example in examples]
-    input_ids = torch.tensor([example.input_ids + [0] * n for example, n in zip(examples, pad)])
-    labels = torch.tensor([example.labels + [IGNORE_INDEX] * n for example, n in zip(examples, pad)])
-    mask = torch.tensor([[1] * len(example.input_ids) + [0] * n for example, n in zip(examples, pad)])
+    input_ids = torch.tensor([example.input_ids + [0] * n for example, n in zip(examples, pad, strict=True)])
+    labels = torch.tensor([example.labels + [IGNORE_INDEX] * n for example, n in zip(examples, pad, strict=True)])
+    mask = torch.tensor([[1] * len(example.input_ids) + [0] * n for example, n in zip(examples, pad, strict=True)])
     with torch.no_grad():
         return model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.item()
 

@@ -17,11 +17,15 @@ def tokenizer(tiny_model_dir):
 
 
 def trained_text(tokenizer, rendered) -> str:
-    return tokenizer.decode([token for token, label in zip(rendered.input_ids, rendered.labels) if label != IGNORE_INDEX])
+    return tokenizer.decode(
+        [token for token, label in zip(rendered.input_ids, rendered.labels, strict=True) if label != IGNORE_INDEX]
+    )
 
 
 def untrained_text(tokenizer, rendered) -> str:
-    return tokenizer.decode([token for token, label in zip(rendered.input_ids, rendered.labels) if label == IGNORE_INDEX])
+    return tokenizer.decode(
+        [token for token, label in zip(rendered.input_ids, rendered.labels, strict=True) if label == IGNORE_INDEX]
+    )
 
 
 WEATHER_TOOL = {
@@ -32,9 +36,17 @@ TOOL_CONVERSATION = {
     "tools": [WEATHER_TOOL],
     "messages": [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
-        ]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                },
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"},
         {"role": "assistant", "content": "It is 18 degrees."},
     ],
@@ -42,41 +54,60 @@ TOOL_CONVERSATION = {
 
 
 def test_it_trains_the_reply_and_its_end_of_turn_but_not_the_header(tokenizer):
-    rendered = render_example(tokenizer, {"messages": [
-        {"role": "user", "content": "Hi there"},
-        {"role": "assistant", "content": "Hello! How can I help?"},
-    ]})
+    rendered = render_example(
+        tokenizer,
+        {
+            "messages": [
+                {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello! How can I help?"},
+            ]
+        },
+    )
 
     assert trained_text(tokenizer, rendered) == "Hello! How can I help?<|im_end|>"
     first_trained = rendered.loss_mask.index(1)
     assert tokenizer.decode(rendered.input_ids[:first_trained]).endswith("<|im_start|>assistant\n")
     assert rendered.loss_mask == [int(label != IGNORE_INDEX) for label in rendered.labels]
-    assert rendered.input_ids == tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}],
-        tokenize=True, return_dict=True,
-    )["input_ids"]
+    assert (
+        rendered.input_ids
+        == tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}],
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"]
+    )
 
 
 def test_it_trains_every_reply_of_a_multi_turn_conversation(tokenizer):
-    rendered = render_example(tokenizer, {"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "2+2?"},
-        {"role": "assistant", "content": "4"},
-        {"role": "user", "content": "And 3+3?"},
-        {"role": "assistant", "content": "6, of course."},
-    ]})
+    rendered = render_example(
+        tokenizer,
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "And 3+3?"},
+                {"role": "assistant", "content": "6, of course."},
+            ]
+        },
+    )
 
     assert trained_text(tokenizer, rendered) == "4<|im_end|>6, of course.<|im_end|>"
     assert "Be brief." in untrained_text(tokenizer, rendered)
 
 
 def test_it_skips_replies_with_weight_0(tokenizer):
-    rendered = render_example(tokenizer, {"messages": [
-        {"role": "user", "content": "Say no"},
-        {"role": "assistant", "content": "Yes", "weight": 0},
-        {"role": "user", "content": "Say no, please"},
-        {"role": "assistant", "content": "No", "weight": 1},
-    ]})
+    rendered = render_example(
+        tokenizer,
+        {
+            "messages": [
+                {"role": "user", "content": "Say no"},
+                {"role": "assistant", "content": "Yes", "weight": 0},
+                {"role": "user", "content": "Say no, please"},
+                {"role": "assistant", "content": "No", "weight": 1},
+            ]
+        },
+    )
 
     assert trained_text(tokenizer, rendered) == "No<|im_end|>"
 
@@ -107,7 +138,10 @@ def test_it_hands_tools_to_a_template_that_shows_them(tokenizer):
 
     rendered = render_example(tools_tokenizer, TOOL_CONVERSATION)
 
-    assert trained_text(tools_tokenizer, rendered) == 'CALL get_weather {"city": "Paris"}<|im_end|>It is 18 degrees.<|im_end|>'
+    assert (
+        trained_text(tools_tokenizer, rendered)
+        == 'CALL get_weather {"city": "Paris"}<|im_end|>It is 18 degrees.<|im_end|>'
+    )
     assert untrained_text(tools_tokenizer, rendered).startswith("<tools>[{")
 
 

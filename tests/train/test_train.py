@@ -17,22 +17,36 @@ from .conftest import Recorder
 
 REPO = Path(__file__).resolve().parents[2]
 METRIC_KEYS = {
-    "step", "total_steps", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_second",
-    "elapsed_s", "eta_s", "token_accuracy",
+    "step",
+    "total_steps",
+    "epoch",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens",
+    "tokens_per_second",
+    "elapsed_s",
+    "eta_s",
+    "token_accuracy",
 }
 
 
 def logits_of(model, tokenizer) -> torch.Tensor:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True, return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
     with torch.no_grad():
         return model.eval()(input_ids=torch.tensor([ids])).logits
 
 
-@pytest.mark.parametrize("method, options", [
-    ("lora", {}),
-    ("lora", {"use_rslora": True, "target_modules": "q_proj,v_proj", "lora_dropout": 0.1}),
-    ("dora", {}),
-])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("lora", {}),
+        ("lora", {"use_rslora": True, "target_modules": "q_proj,v_proj", "lora_dropout": 0.1}),
+        ("dora", {}),
+    ],
+)
 def test_adapter_methods_write_an_adapter_peft_loads(tiny_config, tiny_model_dir, method, options):
     config = tiny_config(method=method, **options)
 
@@ -95,7 +109,17 @@ def test_the_sink_hears_metrics_evals_checkpoints_and_the_summary(tiny_config, c
     levels = {payload["level"] for payload in recorder.of("event")}
     assert levels <= {"info", "warn", "error"}
     lines = [json.loads(line) for line in (Path(config.out_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert [line["kind"] for line in lines] == ["metric", "metric", "eval", "metric", "metric", "eval", "metric", "metric", "eval"]
+    assert [line["kind"] for line in lines] == [
+        "metric",
+        "metric",
+        "eval",
+        "metric",
+        "metric",
+        "eval",
+        "metric",
+        "metric",
+        "eval",
+    ]
 
 
 def test_the_same_seed_gives_the_same_losses(tiny_config):
@@ -140,7 +164,9 @@ def test_it_counts_and_reports_truncated_examples(tiny_config):
 
     assert summary["truncated_examples"] > 0
     warnings = [payload["message"] for payload in recorder.of("event") if payload["level"] == "warn"]
-    assert any(f"{summary['truncated_examples']} examples were longer than max_seq_len=40" in message for message in warnings)
+    assert any(
+        f"{summary['truncated_examples']} examples were longer than max_seq_len=40" in message for message in warnings
+    )
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
@@ -180,11 +206,40 @@ def test_the_cli_trains_and_writes_every_output(tiny_model_dir, chat_files, tmp_
     train_file, validation_file = chat_files
     out = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "llm.train", "train", "--model", str(tiny_model_dir),
-         "--train-file", str(train_file), "--validation-file", str(validation_file), "--out", str(out),
-         "--method", "lora", "--epochs", "1", "--batch-size", "6", "--lr", "1e-2", "--lora-r", "4",
-         "--scheduler", "linear", "--eval-every", "1", "--device", "cpu"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "llm.train",
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--train-file",
+            str(train_file),
+            "--validation-file",
+            str(validation_file),
+            "--out",
+            str(out),
+            "--method",
+            "lora",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "6",
+            "--lr",
+            "1e-2",
+            "--lora-r",
+            "4",
+            "--scheduler",
+            "linear",
+            "--eval-every",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
     assert result.returncode == 0, result.stderr

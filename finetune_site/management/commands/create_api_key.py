@@ -9,7 +9,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("username")
-        parser.add_argument("--create-user", action="store_true", help="Create the user (unusable password) if missing.")
+        parser.add_argument(
+            "--create-user", action="store_true", help="Create the user (unusable password) if missing."
+        )
         parser.add_argument("--name", default="cli", help="A label for the key.")
 
     def handle(self, *args, username, create_user, name, **options):

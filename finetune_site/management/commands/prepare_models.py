@@ -14,5 +14,7 @@ class Command(BaseCommand):
         models_dir = settings.FT_MODELS_DIR
         if not tiny_only:
             prepare_bundled_model(models_dir / BUNDLED_MODEL_ID, progress=lambda line: self.stdout.write(line))
-        build_tiny_model(models_dir / TINY_MODEL_ID, tokenizer_source=None if tiny_only else models_dir / BUNDLED_MODEL_ID)
+        build_tiny_model(
+            models_dir / TINY_MODEL_ID, tokenizer_source=None if tiny_only else models_dir / BUNDLED_MODEL_ID
+        )
         self.stdout.write(f"Base models ready in {models_dir}")

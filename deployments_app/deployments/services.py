@@ -1,67 +1,17 @@
-"""Writes for model cards and deployments."""
+"""Writes for deployments: create, scale, cancel, and reconcile instances with what each deployment wants."""
 
-import os
-import shutil
 from datetime import timedelta
-from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from finetune_site.api_errors import ApiError
+from finetune_site.errors import CapacityExceeded, InvalidInput, InvalidState
 from finetune_site.locks import hold_until_commit
-from jobs_app.models import FineTuningJob
 
-from .catalog import resolve_model
-from .models import Deployment, Instance, ModelCard
-
-
-def _folder_size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
-
-
-def model_card_create_from_job(*, job: FineTuningJob, summary: dict) -> ModelCard:
-    """Record the model a succeeded job produced (idempotent for re-runs)."""
-    folder = job.output_dir / ("model" if job.method == "full" else "adapter")
-    metrics = {k: summary.get(k) for k in ("final_train_loss", "eval_loss", "eval_token_accuracy", "train_tokens", "tokens_per_second", "train_seconds")}
-    card, _ = ModelCard.objects.update_or_create(
-        model_id=job.fine_tuned_model_id,
-        defaults={
-            "owner": job.owner,
-            "job": job,
-            "base_model": job.base_model,
-            "method": job.method,
-            "path": str(folder),
-            "hyperparameters": job.resolved,
-            "metrics": metrics,
-            "size_bytes": _folder_size(folder),
-        },
-    )
-    return card
-
-
-@transaction.atomic
-def model_card_delete(*, card: ModelCard) -> None:
-    """Delete a fine-tuned model, its checkpoints and their files; every one of their ids answers 404 afterwards.
-
-    The job stays (its history and curves are still worth reading), but its
-    checkpoint rows go: they are what `...:ckpt-step-N` ids resolve through, and
-    a deleted model must not stay usable, deployable or on disk as a checkpoint.
-    """
-    model_id = card.model_id
-    folders = [Path(card.path), export_dir(card)]
-    if card.job is not None:
-        # The engine writes every checkpoint under here (llm/train/checkpoint.py).
-        folders.append(card.job.output_dir / "checkpoints")
-        card.job.checkpoints.all().delete()
-    elif Path(card.path).parent.parent == settings.FT_ARTIFACTS_DIR / "jobs":
-        # The job was deleted before its model: nothing else uses the run's folder now.
-        folders.append(Path(card.path).parent)
-    cancel_deployments_of(card.owner, model_id)
-    card.delete()
-    transaction.on_commit(lambda: [shutil.rmtree(f, ignore_errors=True) for f in folders])
+from ..catalog import resolve_model
+from ..models import Deployment, Instance
 
 
 def cancel_deployments_of(owner, model_id: str, *, checkpoints_only: bool = False) -> None:
@@ -73,23 +23,19 @@ def cancel_deployments_of(owner, model_id: str, *, checkpoints_only: bool = Fals
         deployment_cancel(deployment=deployment)
 
 
-def export_dir(card: ModelCard) -> Path:
-    """Where downloads built from this card (the merged model) are kept."""
-    return settings.FT_ARTIFACTS_DIR / "exports" / str(card.pk)
-
-
-# --- Deployments ---------------------------------------------------------------
-
-
 def _check_counts(instances, max_concurrent_requests=None) -> None:
     top = settings.FT_MAX_INSTANCES
     if isinstance(instances, bool) or not isinstance(instances, int) or not 1 <= instances <= top:
-        raise ApiError(f"instances must be a whole number from 1 to {top}, got {instances!r}.", param="instances")
+        raise InvalidInput(f"instances must be a whole number from 1 to {top}, got {instances!r}.", param="instances")
     if max_concurrent_requests is not None and (
-        isinstance(max_concurrent_requests, bool) or not isinstance(max_concurrent_requests, int) or not 1 <= max_concurrent_requests <= 64
+        isinstance(max_concurrent_requests, bool)
+        or not isinstance(max_concurrent_requests, int)
+        or not 1 <= max_concurrent_requests <= 64
     ):
-        raise ApiError(f"max_concurrent_requests must be a whole number from 1 to 64, got {max_concurrent_requests!r}.",
-                       param="max_concurrent_requests")
+        raise InvalidInput(
+            f"max_concurrent_requests must be a whole number from 1 to 64, got {max_concurrent_requests!r}.",
+            param="max_concurrent_requests",
+        )
 
 
 def _check_capacity(extra: int) -> None:
@@ -103,14 +49,20 @@ def _check_capacity(extra: int) -> None:
         return
     hold_until_commit("serving-capacity")  # held until commit; taking it again in one transaction is free
     slots = settings.FT_SERVING_SLOTS
-    in_use = Instance.objects.filter(status__in=(Instance.STARTING, Instance.RUNNING), deployment__in=Deployment.objects.active()).count()
+    in_use = Instance.objects.filter(
+        status__in=(Instance.STARTING, Instance.RUNNING), deployment__in=Deployment.objects.active()
+    ).count()
     if in_use + extra > slots:
-        raise ApiError(f"Not enough serving capacity: {in_use} of {slots} instance slots are in use (FT_SERVING_SLOTS); "
-                       f"this needs {extra} more.", param="instances", code="insufficient_capacity")
+        raise CapacityExceeded(
+            f"Not enough serving capacity: {in_use} of {slots} instance slots are in use (FT_SERVING_SLOTS); "
+            f"this needs {extra} more.",
+            param="instances",
+            code="insufficient_capacity",
+        )
 
 
 def _start_instances(deployment: Deployment, count: int) -> list[Instance]:
-    from .tasks import run_instance
+    from ..tasks import run_instance
 
     created = [Instance.objects.create(deployment=deployment) for _ in range(count)]
     for instance in created:
@@ -123,10 +75,16 @@ def deployment_create(*, user, model_id: str, instances: int = 1, max_concurrent
     """Deploy a base, fine-tuned or checkpoint model on N dedicated instances."""
     _check_counts(instances, max_concurrent_requests)
     if not isinstance(model_id, str) or resolve_model(user, model_id) is None:
-        raise ApiError(f"The model {model_id!r} does not exist or you do not have access to it.", param="model", code="model_not_found")
+        # A 400, not a 404: the model is a field of what is being created, as in OpenAI's create calls.
+        raise InvalidInput(
+            f"The model {model_id!r} does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
     _check_capacity(instances)
-    deployment = Deployment.objects.create(owner=user, model_id=model_id, instances=instances,
-                                           max_concurrent_requests=max_concurrent_requests)
+    deployment = Deployment.objects.create(
+        owner=user, model_id=model_id, instances=instances, max_concurrent_requests=max_concurrent_requests
+    )
     _start_instances(deployment, instances)
     return deployment
 
@@ -139,7 +97,10 @@ def deployment_scale(*, deployment: Deployment, instances: int) -> Deployment:
     hold_until_commit("serving-capacity")
     deployment.refresh_from_db()
     if not deployment.is_active:
-        raise ApiError(f"The deployment is {deployment.status}; only a deploying or running deployment can be scaled.", param="instances")
+        raise InvalidState(
+            f"The deployment is {deployment.status}; only a deploying or running deployment can be scaled.",
+            param="instances",
+        )
     serving = deployment.instance_set.filter(status__in=(Instance.STARTING, Instance.RUNNING)).count()
     _check_capacity(instances - serving)
     deployment.instances = instances
@@ -163,7 +124,9 @@ def deployment_cancel(*, deployment: Deployment) -> Deployment:
 
 def _stop(instances) -> None:
     # A starting instance has not taken a request: it stops at once (its claim will fail).
-    instances.filter(status=Instance.STARTING).update(status=Instance.STOPPED, stopped_at=timezone.now(), detail="Stopped before it finished loading.")
+    instances.filter(status=Instance.STARTING).update(
+        status=Instance.STOPPED, stopped_at=timezone.now(), detail="Stopped before it finished loading."
+    )
     instances.filter(status=Instance.RUNNING).update(status=Instance.STOPPING)
 
 
@@ -198,28 +161,3 @@ def reconcile_deployments() -> dict:
             _reconcile(deployment)
             replaced += deployment.instance_set.count() - before
     return {"dead": dead_ids, "started": replaced}
-
-
-def model_merge(*, card_id: int) -> None:
-    """Build the merged full model of a LoRA card for download (runs on a worker)."""
-    from .exports import build_merged_model
-
-    card = ModelCard.objects.filter(pk=card_id).first()
-    if card is not None:
-        build_merged_model(card, export_dir(card))
-
-
-def model_merge_request(*, card: ModelCard) -> str:
-    """Queue building the merged model unless it is ready or being built; return its state."""
-    from .exports import merged_state
-    from .tasks import build_merged_model
-
-    if not card.is_adapter:
-        raise ApiError("Only LoRA models have a merged download; this model's files are already a full model.")
-    state = merged_state(export_dir(card))
-    if state == "absent":
-        (export_dir(card) / "merged.partial").mkdir(parents=True, exist_ok=True)
-        os.utime(export_dir(card) / "merged.partial")  # an abandoned one is marked fresh again
-        transaction.on_commit(lambda: build_merged_model.delay(card.pk))
-        state = "building"
-    return state

@@ -2,8 +2,8 @@
 
 import time
 
+from ..models import Deployment
 from . import streams
-from .models import Deployment
 
 # After the first piece, an instance silent for this long is taken for dead.
 _IDLE_TIMEOUT_SECONDS = 120
@@ -25,7 +25,9 @@ async def deployment_events(deployment: Deployment, params: dict):
                 if not started and time.time() > deadline:
                     raise streams.RemoteError(
                         f"No instance of deployment {deployment.public_id} took the request within "
-                        f"{streams.QUEUE_TIMEOUT_SECONDS} s.", 503)
+                        f"{streams.QUEUE_TIMEOUT_SECONDS} s.",
+                        503,
+                    )
                 if started and time.monotonic() - last_seen > _IDLE_TIMEOUT_SECONDS:
                     raise streams.RemoteError("The instance stopped answering.", 504)
                 continue

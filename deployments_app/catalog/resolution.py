@@ -1,4 +1,4 @@
-"""The base models this installation offers, and resolving any model id to files."""
+"""The base models this installation offers, and resolving any model id to its files."""
 
 import os
 from dataclasses import dataclass
@@ -55,7 +55,7 @@ def resolve_model(user, model_id: str) -> ResolvedModel | None:
     """Map a base, fine-tuned or checkpoint model id the user may use to its files."""
     from jobs_app.selectors import checkpoint_for_model_id
 
-    from .models import ModelCard
+    from ..models import ModelCard
 
     base = get_base_model(model_id)
     if base is not None:

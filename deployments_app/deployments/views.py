@@ -6,8 +6,9 @@ from django.http import Http404
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
-from finetune_site.api_errors import ApiError
+from finetune_site.errors import ApplicationError
 
+from ..catalog.selectors import model_choices
 from . import selectors, services
 
 
@@ -23,21 +24,36 @@ def deployment_list(request):
     form = {"model": request.GET.get("model", ""), "instances": 1, "max_concurrent_requests": 1}
     error = None
     if request.method == "POST":
-        form = {"model": request.POST.get("model", ""), "instances": _form_int(request.POST.get("instances"), 1),
-                "max_concurrent_requests": _form_int(request.POST.get("max_concurrent_requests"), 1)}
+        form = {
+            "model": request.POST.get("model", ""),
+            "instances": _form_int(request.POST.get("instances"), 1),
+            "max_concurrent_requests": _form_int(request.POST.get("max_concurrent_requests"), 1),
+        }
         try:
-            deployment = services.deployment_create(user=request.user, model_id=form["model"], instances=form["instances"],
-                                                    max_concurrent_requests=form["max_concurrent_requests"])
-        except ApiError as exc:
+            deployment = services.deployment_create(
+                user=request.user,
+                model_id=form["model"],
+                instances=form["instances"],
+                max_concurrent_requests=form["max_concurrent_requests"],
+            )
+        except ApplicationError as exc:  # shown beside the form, which keeps what was typed
             error = exc
         else:
             return redirect("deployment_detail", deployment.public_id)
     deployments = list(selectors.deployments_for(request.user).prefetch_related("instance_set")[:100])
     for deployment in deployments:
         deployment.usage = selectors.deployment_usage(deployment, list(deployment.instance_set.all()))
-    return render(request, "deployments/list.html", {
-        "deployments": deployments, "choices": selectors.model_choices(request.user, [form["model"]]), "form": form, "error": error,
-    }, status=400 if error else 200)
+    return render(
+        request,
+        "deployments/list.html",
+        {
+            "deployments": deployments,
+            "choices": model_choices(request.user, [form["model"]]),
+            "form": form,
+            "error": error,
+        },
+        status=400 if error else 200,
+    )
 
 
 def _deployment_or_404(request, deployment_id):
@@ -51,7 +67,11 @@ def _deployment_or_404(request, deployment_id):
 def deployment_detail(request, deployment_id):
     deployment = _deployment_or_404(request, deployment_id)
     instances = list(deployment.instance_set.all())
-    context = {"deployment": deployment, "instances": instances, "usage": selectors.deployment_usage(deployment, instances)}
+    context = {
+        "deployment": deployment,
+        "instances": instances,
+        "usage": selectors.deployment_usage(deployment, instances),
+    }
     template = "deployments/_instances.html" if request.htmx else "deployments/detail.html"
     return render(request, template, context)
 
@@ -60,11 +80,9 @@ def deployment_detail(request, deployment_id):
 @require_POST
 def deployment_scale(request, deployment_id):
     deployment = _deployment_or_404(request, deployment_id)
-    try:
-        services.deployment_scale(deployment=deployment, instances=_form_int(request.POST.get("instances"), 0))
-        messages.success(request, f"Scaling to {deployment.instances} instance(s).")
-    except ApiError as exc:
-        messages.error(request, exc.message)
+    # A refusal (a bad count, no capacity) goes back to the page with its reason: ApplicationErrorMiddleware.
+    services.deployment_scale(deployment=deployment, instances=_form_int(request.POST.get("instances"), 0))
+    messages.success(request, f"Scaling to {deployment.instances} instance(s).")
     return redirect("deployment_detail", deployment.public_id)
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from asgiref.sync import sync_to_async
 
-from .catalog import get_base_model
-from .models import ModelCard
+from ..models import ModelCard
+from .resolution import get_base_model
 
 _CHUNK = 1024 * 1024
 _ZIP64_FROM = 1024**3
@@ -49,7 +49,9 @@ def zip_chunks(folder: Path, *, prefix: str, extra: dict[str, str] | None = None
             archive.writestr(f"{prefix}/{name}", text, compress_type=zipfile.ZIP_DEFLATED)
             yield sink.take()
         # Our model card replaces the stub README peft writes.
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in (extra or {})):
+        for path in sorted(
+            p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in (extra or {})
+        ):
             size = path.stat().st_size
             info = zipfile.ZipInfo.from_file(path, f"{prefix}/{path.relative_to(folder).as_posix()}")
             info.compress_type = zipfile.ZIP_STORED if path.suffix in _STORED_SUFFIXES else zipfile.ZIP_DEFLATED
@@ -78,12 +80,23 @@ def model_readme(card: ModelCard, *, merged: bool) -> str:
     hp = "\n".join(f"| {k} | {v} |" for k, v in sorted(card.hyperparameters.items()) if not isinstance(v, (dict, list)))
     metrics = "\n".join(f"| {k} | {v} |" for k, v in card.metrics.items() if v is not None)
     job = card.job
-    data = f"`{job.training_file_ref}`" + (f", validation `{job.validation_file_ref}`" if job and job.validation_file_ref else "") if job else "unknown"
-    what = ("the base model with the LoRA adapter merged into its weights (safetensors), with its tokenizer"
-            if merged else ("a PEFT adapter: load it on top of the base model" if card.is_adapter else "the full fine-tuned model"))
-    usage = (f'model = AutoModelForCausalLM.from_pretrained("{download_name(card, "merged")}")' if merged or not card.is_adapter else
-             f'base = AutoModelForCausalLM.from_pretrained("<{card.base_model} folder>")\n'
-             f'model = PeftModel.from_pretrained(base, "{download_name(card, "adapter")}")')
+    data = (
+        f"`{job.training_file_ref}`"
+        + (f", validation `{job.validation_file_ref}`" if job and job.validation_file_ref else "")
+        if job
+        else "unknown"
+    )
+    what = (
+        "the base model with the LoRA adapter merged into its weights (safetensors), with its tokenizer"
+        if merged
+        else ("a PEFT adapter: load it on top of the base model" if card.is_adapter else "the full fine-tuned model")
+    )
+    usage = (
+        f'model = AutoModelForCausalLM.from_pretrained("{download_name(card, "merged")}")'
+        if merged or not card.is_adapter
+        else f'base = AutoModelForCausalLM.from_pretrained("<{card.base_model} folder>")\n'
+        f'model = PeftModel.from_pretrained(base, "{download_name(card, "adapter")}")'
+    )
     return f"""---
 base_model: {card.base_model}
 library_name: {"transformers" if merged or not card.is_adapter else "peft"}
@@ -128,7 +141,7 @@ MERGE_STALE_SECONDS = 30 * 60
 
 
 def merged_state(export_dir: Path) -> str:
-    """"ready", "building" or "absent" (also when a build was abandoned half-way)."""
+    """ "ready", "building" or "absent" (also when a build was abandoned half-way)."""
     if (merged_folder(export_dir) / "config.json").exists():
         return "ready"
     try:

@@ -81,7 +81,9 @@ def as_text(value) -> str:
 def sync_client(*, socket_timeout: float = 30, connect_timeout: float = 5):
     import redis
 
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout)
+    return redis.Redis.from_url(
+        settings.REDIS_URL, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout
+    )
 
 
 def async_client():

@@ -1,17 +1,15 @@
 """Models API: list, retrieve and delete base and fine-tuned models."""
 
-from django.http import Http404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from finetune_site.api_errors import ApiError
 from finetune_site.ids import unix
 
+from ..models import ModelCard
 from . import services
-from .catalog import base_models, get_base_model
-from .models import ModelCard
+from .resolution import base_models, get_base_model
 
 
 def base_model_object(base) -> dict:
@@ -37,25 +35,16 @@ class ModelList(APIView):
         return Response({"object": "list", "data": data})
 
 
-def _card(request, model: str) -> ModelCard:
-    card = ModelCard.objects.owned_by(request.user).filter(model_id=model).select_related("owner").first()
-    if card is None:
-        raise Http404(f"The model {model!r} does not exist or you do not have access to it.")
-    return card
-
-
 @extend_schema(responses=OpenApiTypes.OBJECT)
 class ModelDetail(APIView):
     def get(self, request, model):
         base = get_base_model(model)
         if base is not None:
             return Response(base_model_object(base))
-        return Response(card_object(_card(request, model)))
+        return Response(card_object(services.model_card_of(request.user, model)))
 
     def delete(self, request, model):
-        if get_base_model(model) is not None:
-            raise ApiError(f"{model} is a base model and cannot be deleted.", param="model", status_code=403)
-        services.model_card_delete(card=_card(request, model))
+        services.model_delete(user=request.user, model_id=model)
         return Response({"id": model, "object": "model", "deleted": True})
 
 
@@ -64,5 +53,14 @@ class FineTunedModelDelete(APIView):
     """zhipuai's fine_tuning.models.delete; the extra fields let the openai shape parse too."""
 
     def delete(self, request, model):
-        services.model_card_delete(card=_card(request, model))
-        return Response({"request_id": None, "model_name": model, "delete_status": "deleted", "id": model, "object": "model", "deleted": True})
+        services.model_card_delete(card=services.model_card_of(request.user, model))
+        return Response(
+            {
+                "request_id": None,
+                "model_name": model,
+                "delete_status": "deleted",
+                "id": model,
+                "object": "model",
+                "deleted": True,
+            }
+        )

@@ -9,8 +9,8 @@ from rest_framework.views import APIView
 from finetune_site.ids import unix
 from finetune_site.pagination import cursor_page
 
+from ..models import Deployment, Instance
 from . import selectors, services
-from .models import Deployment, Instance
 
 
 class DeploymentCreateInput(serializers.Serializer):
@@ -71,12 +71,21 @@ class DeploymentListOutput(serializers.Serializer):
 
 def instance_object(instance: Instance) -> dict:
     return {
-        "id": instance.public_id, "object": "deployment.instance", "status": instance.status, "worker": instance.worker,
-        "requests_served": instance.requests_served, "tokens_generated": instance.tokens_generated,
-        "tokens_per_second": instance.tokens_per_second, "latency_p50_ms": instance.latency_p50_ms,
-        "latency_p95_ms": instance.latency_p95_ms, "errors": instance.errors, "created_at": unix(instance.created_at),
-        "started_at": unix(instance.started_at), "stopped_at": unix(instance.stopped_at),
-        "heartbeat_at": unix(instance.heartbeat_at), "detail": instance.detail,
+        "id": instance.public_id,
+        "object": "deployment.instance",
+        "status": instance.status,
+        "worker": instance.worker,
+        "requests_served": instance.requests_served,
+        "tokens_generated": instance.tokens_generated,
+        "tokens_per_second": instance.tokens_per_second,
+        "latency_p50_ms": instance.latency_p50_ms,
+        "latency_p95_ms": instance.latency_p95_ms,
+        "errors": instance.errors,
+        "created_at": unix(instance.created_at),
+        "started_at": unix(instance.started_at),
+        "stopped_at": unix(instance.stopped_at),
+        "heartbeat_at": unix(instance.heartbeat_at),
+        "detail": instance.detail,
     }
 
 
@@ -84,12 +93,20 @@ def deployment_object(deployment: Deployment) -> dict:
     instances = list(deployment.instance_set.all())
     usage = selectors.deployment_usage(deployment, instances)
     return {
-        "id": deployment.public_id, "object": "deployment", "model": deployment.model_id, "status": deployment.status,
-        "instances": deployment.instances, "running_instances": usage["running_instances"],
+        "id": deployment.public_id,
+        "object": "deployment",
+        "model": deployment.model_id,
+        "status": deployment.status,
+        "instances": deployment.instances,
+        "running_instances": usage["running_instances"],
         "max_concurrent_requests": deployment.max_concurrent_requests,
-        "requests_served": usage["requests_served"], "tokens_generated": usage["tokens_generated"],
-        "instance_hours": round(usage["instance_hours"], 6), "estimated_cost": round(usage["estimated_cost"], 6),
-        "error": deployment.error or None, "created_at": unix(deployment.created_at), "finished_at": unix(deployment.finished_at),
+        "requests_served": usage["requests_served"],
+        "tokens_generated": usage["tokens_generated"],
+        "instance_hours": round(usage["instance_hours"], 6),
+        "estimated_cost": round(usage["estimated_cost"], 6),
+        "error": deployment.error or None,
+        "created_at": unix(deployment.created_at),
+        "finished_at": unix(deployment.finished_at),
         "instance_list": [instance_object(i) for i in instances],
     }
 
@@ -104,16 +121,23 @@ def _deployment(request, deployment_id: str) -> Deployment:
 class DeploymentListCreate(APIView):
     @extend_schema(responses=DeploymentListOutput, summary="List your deployments, newest first")
     def get(self, request):
-        page = cursor_page(selectors.deployments_for(request.user).prefetch_related("instance_set"), request.query_params,
-                           to_dict=deployment_object)
+        page = cursor_page(
+            selectors.deployments_for(request.user).prefetch_related("instance_set"),
+            request.query_params,
+            to_dict=deployment_object,
+        )
         return Response(page)
 
-    @extend_schema(request=DeploymentCreateInput, responses={200: DeploymentOutput}, summary="Deploy a model on N instances")
+    @extend_schema(
+        request=DeploymentCreateInput, responses={200: DeploymentOutput}, summary="Deploy a model on N instances"
+    )
     def post(self, request):
         data = DeploymentCreateInput(data=request.data)
         data.is_valid(raise_exception=True)
         deployment = services.deployment_create(
-            user=request.user, model_id=data.validated_data["model"], instances=data.validated_data["instances"],
+            user=request.user,
+            model_id=data.validated_data["model"],
+            instances=data.validated_data["instances"],
             max_concurrent_requests=data.validated_data["max_concurrent_requests"],
         )
         return Response(deployment_object(deployment))
@@ -124,11 +148,15 @@ class DeploymentDetail(APIView):
     def get(self, request, deployment_id):
         return Response(deployment_object(_deployment(request, deployment_id)))
 
-    @extend_schema(request=DeploymentScaleInput, responses=DeploymentOutput, summary="Scale: change the number of instances")
+    @extend_schema(
+        request=DeploymentScaleInput, responses=DeploymentOutput, summary="Scale: change the number of instances"
+    )
     def patch(self, request, deployment_id):
         data = DeploymentScaleInput(data=request.data)
         data.is_valid(raise_exception=True)
-        deployment = services.deployment_scale(deployment=_deployment(request, deployment_id), instances=data.validated_data["instances"])
+        deployment = services.deployment_scale(
+            deployment=_deployment(request, deployment_id), instances=data.validated_data["instances"]
+        )
         return Response(deployment_object(deployment))
 
     @extend_schema(request=None, responses=DeploymentOutput, summary="Cancel: stop every instance and free its memory")

@@ -1,7 +1,8 @@
 """One deployment instance on a serving worker: load the model, serve its stream, stop cleanly.
 
 Runs inside the long-running Celery task `run_instance`. The instance owns its
-own ModelPool, so stopping it frees exactly its memory.
+own ModelPool, not the web's shared one (`chat.pool`), so stopping it frees
+exactly its memory.
 """
 
 import logging
@@ -16,18 +17,19 @@ from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
-from .catalog import ResolvedModel, resolve_model
-from .models import Deployment, Instance
 from llm.serve.errors import InvalidRequest, ServingError
 from llm.serve.pool import ModelPool
 from llm.serve.schema import Completion, GenerationRequest
+
+from ..catalog import ResolvedModel, resolve_model
+from ..chat.protocol import GENERATION_FIELDS
+from ..models import Deployment, Instance
 from . import streams
 
 log = logging.getLogger(__name__)
 # Set when the worker process is asked to shut down (see tasks.py).
 worker_shutting_down = threading.Event()
 _RECLAIM_MIN_IDLE_MS = 1000
-_REQUEST_FIELDS = ("messages", "tools", "max_tokens", "temperature", "top_p", "stop", "seed", "do_sample")
 
 
 @dataclass
@@ -52,8 +54,12 @@ class _Stats:
     def take(self) -> dict:
         with self.lock:
             latencies = sorted(self.latencies_ms)
-            taken = {"requests_served": F("requests_served") + self.requests, "tokens_generated": F("tokens_generated") + self.tokens,
-                     "errors": F("errors") + self.errors, "busy_seconds": F("busy_seconds") + self.busy_seconds}
+            taken = {
+                "requests_served": F("requests_served") + self.requests,
+                "tokens_generated": F("tokens_generated") + self.tokens,
+                "errors": F("errors") + self.errors,
+                "busy_seconds": F("busy_seconds") + self.busy_seconds,
+            }
             if latencies:
                 taken["latency_p50_ms"] = percentile(latencies, 50)
                 taken["latency_p95_ms"] = percentile(latencies, 95)
@@ -99,10 +105,14 @@ def _fail(instance: Instance, message: str) -> None:
     """A model that cannot load will not load on a replacement either: fail the deployment."""
     instance.mark_final(Instance.DEAD, message)
     Deployment.objects.filter(pk=instance.deployment_id, status__in=(Deployment.DEPLOYING, Deployment.RUNNING)).update(
-        status=Deployment.FAILED, error=message, finished_at=timezone.now(), updated_at=timezone.now())
+        status=Deployment.FAILED, error=message, finished_at=timezone.now(), updated_at=timezone.now()
+    )
     Instance.objects.filter(deployment_id=instance.deployment_id, status=Instance.STARTING).update(
-        status=Instance.STOPPED, stopped_at=timezone.now())
-    Instance.objects.filter(deployment_id=instance.deployment_id, status=Instance.RUNNING).update(status=Instance.STOPPING)
+        status=Instance.STOPPED, stopped_at=timezone.now()
+    )
+    Instance.objects.filter(deployment_id=instance.deployment_id, status=Instance.RUNNING).update(
+        status=Instance.STOPPING
+    )
 
 
 _CANCEL_CHECK_EVERY = 8
@@ -148,18 +158,26 @@ class _Server:
                 if len(in_flight) >= self.slots:
                     wait(in_flight, timeout=0.5, return_when=FIRST_COMPLETED)
                     continue
-                batch = self.client.xreadgroup(streams.GROUP, self.name, {self.key: ">"}, count=self.slots - len(in_flight), block=500)
+                batch = self.client.xreadgroup(
+                    streams.GROUP, self.name, {self.key: ">"}, count=self.slots - len(in_flight), block=500
+                )
                 for _stream, messages in batch or []:
                     for msg_id, fields in messages:
                         in_flight.add(executor.submit(self._answer, msg_id, fields))
         self._heartbeat()
         self.client.xgroup_delconsumer(self.key, streams.GROUP, self.name)
-        final = Instance.DEAD if worker_shutting_down.is_set() and self._status() == Instance.RUNNING else Instance.STOPPED
+        final = (
+            Instance.DEAD if worker_shutting_down.is_set() and self._status() == Instance.RUNNING else Instance.STOPPED
+        )
         self.instance.mark_final(final, "The worker shut down." if final == Instance.DEAD else "")
         self.client.close()
 
     def _is_last(self) -> bool:
-        return not Instance.objects.filter(deployment_id=self.deployment.pk, status=Instance.RUNNING).exclude(pk=self.instance.pk).exists()
+        return (
+            not Instance.objects.filter(deployment_id=self.deployment.pk, status=Instance.RUNNING)
+            .exclude(pk=self.instance.pk)
+            .exists()
+        )
 
     def _drain(self) -> list:
         batch = self.client.xreadgroup(streams.GROUP, self.name, {self.key: ">"}, count=self.slots, block=300)
@@ -174,14 +192,20 @@ class _Server:
 
     def _reclaim(self, room: int) -> list:
         """Take over requests read by instances that died before answering them."""
-        live = set(Instance.objects.filter(deployment_id=self.deployment.pk, status__in=Instance.LIVE).values_list("public_id", flat=True))
+        live = set(
+            Instance.objects.filter(deployment_id=self.deployment.pk, status__in=Instance.LIVE).values_list(
+                "public_id", flat=True
+            )
+        )
         taken = []
         for consumer in self.client.xinfo_consumers(self.key, streams.GROUP):
             name = streams.as_text(consumer["name"])
             if name in live or len(taken) >= room:
                 continue
             if consumer["pending"]:
-                pending = self.client.xpending_range(self.key, streams.GROUP, min="-", max="+", count=room - len(taken), consumername=name)
+                pending = self.client.xpending_range(
+                    self.key, streams.GROUP, min="-", max="+", count=room - len(taken), consumername=name
+                )
                 ids = [p["message_id"] for p in pending]
                 if ids:
                     claimed = self.client.xclaim(self.key, streams.GROUP, self.name, _RECLAIM_MIN_IDLE_MS, ids)
@@ -199,12 +223,17 @@ class _Server:
             if deadline and time.time() > deadline:
                 return  # the caller has already given up waiting
             if reclaimed and self.client.exists(reply):
-                self._send(reply, streams.error_event("The instance answering this request stopped mid-answer; send it again.", status=503))
+                self._send(
+                    reply,
+                    streams.error_event(
+                        "The instance answering this request stopped mid-answer; send it again.", status=503
+                    ),
+                )
                 return
             request = GenerationRequest(
                 base_path=str(self.resolved.base_path),
                 adapter_path=str(self.resolved.adapter_path) if self.resolved.adapter_path else None,
-                **{k: params[k] for k in _REQUEST_FIELDS if k in params},
+                **{k: params[k] for k in GENERATION_FIELDS if k in params},
             )
             cancel = streams.cancel_key(request_id)
             with closing(self.pool.generate_stream(request)) as events:
@@ -216,14 +245,20 @@ class _Server:
                         self._send(reply, streams.piece_event(event))
                     if number % _CANCEL_CHECK_EVERY == 0 and self.client.exists(cancel):
                         tokens = number  # about one token a piece; closing the stream stops generation
-                        log.info("instance %s: the caller of %s left; stopped after %d pieces", self.name, request_id, number)
+                        log.info(
+                            "instance %s: the caller of %s left; stopped after %d pieces", self.name, request_id, number
+                        )
                         break
         except InvalidRequest as exc:
             self._send(reply, streams.error_event(str(exc), status=400))
-        except Exception as exc:  # noqa: BLE001 - the caller gets it in the error shape
+        except Exception as exc:  # the caller gets it in the error shape
             failed = True
             log.exception("instance %s failed a request", self.name)
-            message = str(exc) if isinstance(exc, ServingError) else f"The model failed while answering: {type(exc).__name__}: {exc}"
+            message = (
+                str(exc)
+                if isinstance(exc, ServingError)
+                else f"The model failed while answering: {type(exc).__name__}: {exc}"
+            )
             self._send(reply, streams.error_event(message, status=500))
         finally:
             self.client.xack(self.key, streams.GROUP, msg_id)

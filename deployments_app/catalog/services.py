@@ -1,0 +1,116 @@
+"""Writes for model cards: record a job's model, delete a model, build its merged download."""
+
+import os
+import shutil
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+
+from finetune_site.errors import InvalidInput, NotAllowed, NotFound
+from jobs_app.models import FineTuningJob
+
+from ..deployments.services import cancel_deployments_of
+from ..models import ModelCard
+from .resolution import get_base_model
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
+
+
+def model_card_create_from_job(*, job: FineTuningJob, summary: dict) -> ModelCard:
+    """Record the model a succeeded job produced (idempotent for re-runs)."""
+    folder = job.output_dir / ("model" if job.method == "full" else "adapter")
+    metrics = {
+        k: summary.get(k)
+        for k in (
+            "final_train_loss",
+            "eval_loss",
+            "eval_token_accuracy",
+            "train_tokens",
+            "tokens_per_second",
+            "train_seconds",
+        )
+    }
+    card, _ = ModelCard.objects.update_or_create(
+        model_id=job.fine_tuned_model_id,
+        defaults={
+            "owner": job.owner,
+            "job": job,
+            "base_model": job.base_model,
+            "method": job.method,
+            "path": str(folder),
+            "hyperparameters": job.resolved,
+            "metrics": metrics,
+            "size_bytes": _folder_size(folder),
+        },
+    )
+    return card
+
+
+def model_card_of(user, model_id: str) -> ModelCard:
+    """The user's fine-tuned model with this id; NotFound when there is none (or it is someone else's)."""
+    card = ModelCard.objects.owned_by(user).filter(model_id=model_id).select_related("owner", "job").first()
+    if card is None:
+        raise NotFound(f"The model {model_id!r} does not exist or you do not have access to it.")
+    return card
+
+
+def model_delete(*, user, model_id: str) -> None:
+    """Delete one of the user's fine-tuned models; base models are shared by everyone and stay."""
+    if get_base_model(model_id) is not None:
+        raise NotAllowed(f"{model_id} is a base model and cannot be deleted.", param="model")
+    model_card_delete(card=model_card_of(user, model_id))
+
+
+@transaction.atomic
+def model_card_delete(*, card: ModelCard) -> None:
+    """Delete a fine-tuned model, its checkpoints and their files; every one of their ids answers 404 afterwards.
+
+    The job stays (its history and curves are still worth reading), but its
+    checkpoint rows go: they are what `...:ckpt-step-N` ids resolve through, and
+    a deleted model must not stay usable, deployable or on disk as a checkpoint.
+    """
+    model_id = card.model_id
+    folders = [Path(card.path), export_dir(card)]
+    if card.job is not None:
+        # The engine writes every checkpoint under here (llm/train/checkpoint.py).
+        folders.append(card.job.output_dir / "checkpoints")
+        card.job.checkpoints.all().delete()
+    elif Path(card.path).parent.parent == settings.FT_ARTIFACTS_DIR / "jobs":
+        # The job was deleted before its model: nothing else uses the run's folder now.
+        folders.append(Path(card.path).parent)
+    cancel_deployments_of(card.owner, model_id)
+    card.delete()
+    transaction.on_commit(lambda: [shutil.rmtree(f, ignore_errors=True) for f in folders])
+
+
+def export_dir(card: ModelCard) -> Path:
+    """Where downloads built from this card (the merged model) are kept."""
+    return settings.FT_ARTIFACTS_DIR / "exports" / str(card.pk)
+
+
+def model_merge(*, card_id: int) -> None:
+    """Build the merged full model of a LoRA card for download (runs on a worker)."""
+    from .exports import build_merged_model
+
+    card = ModelCard.objects.filter(pk=card_id).first()
+    if card is not None:
+        build_merged_model(card, export_dir(card))
+
+
+def model_merge_request(*, card: ModelCard) -> str:
+    """Queue building the merged model unless it is ready or being built; return its state."""
+    from ..tasks import build_merged_model
+    from .exports import merged_state
+
+    if not card.is_adapter:
+        raise InvalidInput("Only LoRA models have a merged download; this model's files are already a full model.")
+    state = merged_state(export_dir(card))
+    if state == "absent":
+        (export_dir(card) / "merged.partial").mkdir(parents=True, exist_ok=True)
+        os.utime(export_dir(card) / "merged.partial")  # an abandoned one is marked fresh again
+        transaction.on_commit(lambda: build_merged_model.delay(card.pk))
+        state = "building"
+    return state

@@ -1,0 +1,54 @@
+"""POST /v1/chat/completions: OpenAI/zhipuai chat, streamed as SSE or collected.
+
+An async view (not DRF) because the answer must stream token by token under
+ASGI. It checks who is calling, then hands the body to `protocol` and the
+request to `serving`; their refusals become responses here.
+"""
+
+from asgiref.sync import sync_to_async
+from django.http import JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from finetune_site import jsonbody
+from finetune_site.api_errors import ApiError, application_error_response, error_response
+from finetune_site.apiviews import api_user_or_error, session_csrf_error
+from finetune_site.errors import ApplicationError
+
+from . import protocol, serving
+from .streaming import Closable
+
+
+@csrf_exempt
+async def chat_completions(request):
+    if request.method != "POST":
+        return error_response("Use POST for chat completions.", status_code=405)
+    user, error = await sync_to_async(api_user_or_error)(request)
+    if error:
+        return error
+    # A call with an API key needs no CSRF check: skip the thread hop on the hot path.
+    if "HTTP_AUTHORIZATION" not in request.META and (error := await sync_to_async(session_csrf_error)(request)):
+        return error
+    try:
+        body = jsonbody.loads(request.body or b"null")
+    except ValueError as exc:  # bad JSON, bad UTF-8, or an integer literal too long to read
+        return error_response(f"The request body is not valid JSON: {exc}.")
+    try:
+        params = protocol.parse_chat_body(body)
+    except ApiError as exc:
+        return error_response(exc.message, status_code=exc.status_code, param=exc.param, code=exc.code)
+    meta = protocol.answer_meta(params["model"])
+    try:
+        events = await serving.open_events(user, params)
+        if params["stream"]:
+            return _event_stream(serving.sse_events(events, meta, params["include_usage"]))
+        completion = await serving.collect(events)
+    except ApplicationError as exc:
+        return application_error_response(exc)
+    return JsonResponse(protocol.completion_object(completion, meta))
+
+
+def _event_stream(events) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(Closable(events), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # let each token through a buffering proxy at once
+    return response

@@ -1,0 +1,111 @@
+"""Answering a parsed chat request: resolve its model, route it to a deployment or the shared pool, write the answer.
+
+Refusals before the first token are domain errors (`finetune_site.errors`); the
+view maps them to statuses. Once a stream has begun its status line is sent, so
+a failure then travels in-band as the protocol's error event.
+"""
+
+import logging
+from contextlib import aclosing
+
+from asgiref.sync import sync_to_async
+
+from finetune_site.errors import ApplicationError, InvalidInput, ModelFailed, NotFound, Unavailable
+from llm.serve.errors import InvalidRequest, ServingError
+from llm.serve.schema import Completion, GenerationRequest
+
+from ..catalog import resolve_model
+from ..deployments.routing import deployment_events
+from ..deployments.selectors import serving_deployment
+from ..deployments.streams import RemoteError
+from . import protocol, streaming
+from .pool import get_pool
+
+log = logging.getLogger(__name__)
+
+
+async def open_events(user, params: dict):
+    """Route a parsed chat request to the model's deployment or the shared pool.
+
+    Returns an async iterator of text pieces ending with one Completion; raises
+    an ApplicationError when the request is refused before generation starts.
+    """
+    resolved = await sync_to_async(resolve_model)(user, params["model"])
+    if resolved is None:
+        raise NotFound(
+            f"The model {params['model']!r} does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
+    generation_fields = {k: params[k] for k in protocol.GENERATION_FIELDS}
+    deployment = await sync_to_async(serving_deployment)(user, params["model"])
+    if deployment is not None:
+        events = deployment_events(deployment, generation_fields)
+        try:
+            first = await anext(events)
+        except RemoteError as exc:
+            raise _refusal_of(exc) from exc
+        return streaming.prepend(first, events)
+    generation = GenerationRequest(
+        base_path=str(resolved.base_path),
+        adapter_path=str(resolved.adapter_path) if resolved.adapter_path else None,
+        **generation_fields,
+    )
+    try:
+        stream = await streaming.run_in_thread(get_pool().generate_stream, generation)
+    except InvalidRequest as exc:
+        raise InvalidInput(str(exc), param="messages", code="invalid_request") from exc
+    except ServingError as exc:
+        raise ModelFailed(str(exc), code="model_error") from exc
+    return streaming.from_thread(stream)
+
+
+def _refusal_of(error: RemoteError) -> ApplicationError:
+    """The domain error for an instance's answer that was an error (its status travels on the stream)."""
+    if error.status == 400:
+        return InvalidInput(str(error), param="messages", code="invalid_request")
+    if error.status in (503, 504):  # no instance took it, or the one that did went quiet
+        return Unavailable(str(error), code="model_error")
+    return ModelFailed(str(error), code="model_error")
+
+
+def failure_message(exc: Exception) -> str:
+    """What the caller is told when the model fails mid-answer."""
+    if isinstance(exc, (ServingError, RemoteError)):
+        return str(exc)
+    return f"The model failed while answering: {type(exc).__name__}: {exc}"
+
+
+async def collect(events) -> Completion | None:
+    """The whole answer (for a request without `stream`); a failure is a ModelFailed."""
+    completion = None
+    try:
+        async with aclosing(events):  # a client that leaves cancels the view: stop generating too
+            async for event in events:
+                if isinstance(event, Completion):
+                    completion = event
+    except Exception as exc:  # answered in the error shape, never a bare 500
+        log.exception("chat completion failed")
+        raise ModelFailed(failure_message(exc), code="model_error") from exc
+    return completion
+
+
+async def sse_events(events, meta, include_usage: bool):
+    """The answer as server-sent `chat.completion.chunk` events, ending with [DONE]."""
+    yield protocol.chunk_event(meta, {"role": "assistant", "content": ""})
+    try:
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, Completion):
+                    if event.tool_calls:
+                        calls = [{"index": i, **call} for i, call in enumerate(event.tool_calls)]
+                        yield protocol.chunk_event(meta, {"tool_calls": calls})
+                    yield protocol.chunk_event(meta, {}, event.finish_reason)
+                    if include_usage:
+                        yield protocol.usage_event(meta, event)
+                elif event:
+                    yield protocol.chunk_event(meta, {"content": event})
+    except Exception as exc:  # the stream has begun: report in-band
+        log.exception("chat stream failed")
+        yield protocol.error_event(failure_message(exc))
+    yield protocol.DONE_EVENT

@@ -1,0 +1,183 @@
+"""The job state machine: every change of a job's status goes through one function here.
+
+Each transition names the states it may leave (`TRANSITIONS`) and claims the row
+with one conditional UPDATE, so of two callers racing for the same move exactly
+one wins, and a move from a state the table does not list changes nothing. Each
+returns whether it won; the caller writes the notes and notifications.
+
+A job is created `validating_files` (a share is being held out) or `queued`;
+from there:
+
+    validating_files --validated--> queued --start--> running
+    validating_files --fail--> failed                    (the hold-out went wrong)
+    running --finish/fail/pause/stop--> succeeded/failed/paused/cancelled   (its worker only)
+    running --requeue--> queued                          (its heartbeat lapsed)
+    validating_files/queued/paused --cancel--> cancelled  paused --resume--> queued
+    failed/cancelled --retry--> queued
+
+A running job is stopped through its worker: `request_cancel` and `request_pause`
+only set the flag the worker reads every step, and the worker then makes the move
+(`stop`, `pause`). Moves a worker makes carry its name, so an attempt whose job
+was handed to another worker after a lapsed heartbeat never wins.
+
+Only the row is written; the job object in hand keeps its old values (callers
+`refresh_from_db()` when they need the new ones), except after `start`, whose
+caller goes on to train the row it claimed. `heartbeat` is the one other guarded
+write: it keeps a running job alive only while its worker still holds it.
+"""
+
+from datetime import datetime
+
+from django.db.models import F
+from django.utils import timezone
+
+from .models import FineTuningJob
+
+VALIDATING = FineTuningJob.VALIDATING
+QUEUED = FineTuningJob.QUEUED
+RUNNING = FineTuningJob.RUNNING
+PAUSED = FineTuningJob.PAUSED
+SUCCEEDED = FineTuningJob.SUCCEEDED
+FAILED = FineTuningJob.FAILED
+CANCELLED = FineTuningJob.CANCELLED
+
+TRANSITIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    # name: (the states it may leave, the state it enters; None: the status stays, only the worker's flag is set)
+    "validated": ((VALIDATING,), QUEUED),
+    "start": ((QUEUED,), RUNNING),
+    "request_pause": ((RUNNING,), None),
+    "request_cancel": ((RUNNING,), None),
+    "pause": ((RUNNING,), PAUSED),
+    "resume": ((PAUSED,), QUEUED),
+    "cancel": ((VALIDATING, QUEUED, PAUSED), CANCELLED),
+    "stop": ((RUNNING,), CANCELLED),
+    "finish": ((RUNNING,), SUCCEEDED),
+    "fail": ((VALIDATING, RUNNING), FAILED),
+    "requeue": ((RUNNING,), QUEUED),
+    "retry": ((FAILED, CANCELLED), QUEUED),
+}
+
+
+def _move(
+    job: FineTuningJob, name: str, *, held_by: str | None = None, stale_before: datetime | None = None, **changes
+) -> bool:
+    """Apply transition `name` to the job's row if it is in one of its from-states and the guards hold.
+
+    `held_by`: only while this worker has the job. `stale_before`: only while its heartbeat is older.
+    """
+    leaves, enters = TRANSITIONS[name]
+    guards = {}
+    if held_by is not None:
+        guards["worker"] = held_by
+    if stale_before is not None:
+        guards["heartbeat_at__lt"] = stale_before
+    if enters is not None:
+        changes["status"] = enters
+    return bool(FineTuningJob.objects.filter(pk=job.pk, status__in=leaves, **guards).update(**changes))
+
+
+def validated(job: FineTuningJob, *, training_file, validation_file, resolved: dict) -> bool:
+    """validating_files -> queued, training on the parts the hold-out produced."""
+    return _move(
+        job,
+        "validated",
+        training_file=training_file,
+        validation_file=validation_file,
+        training_file_ref=training_file.public_id,
+        validation_file_ref=validation_file.public_id,
+        resolved=resolved,
+        queued_at=timezone.now(),
+    )
+
+
+def start(job: FineTuningJob, *, worker: str) -> bool:
+    """queued -> running on this worker (the claim); False if another worker won."""
+    now = timezone.now()
+    won = _move(
+        job, "start", worker=worker, heartbeat_at=now, started_at=job.started_at or now, attempts=F("attempts") + 1
+    )
+    if won:
+        job.refresh_from_db()
+    return won
+
+
+def request_pause(job: FineTuningJob) -> bool:
+    """Ask the running worker to checkpoint and pause at its next step."""
+    return _move(job, "request_pause", control="pause")
+
+
+def request_cancel(job: FineTuningJob) -> bool:
+    """Ask the running worker to stop at its next step."""
+    return _move(job, "request_cancel", control="cancel")
+
+
+def pause(job: FineTuningJob, *, worker: str) -> bool:
+    """running -> paused: the worker saved a checkpoint and stopped, as asked."""
+    return _move(job, "pause", held_by=worker, control="", estimated_finish=None)
+
+
+def resume(job: FineTuningJob) -> bool:
+    """paused -> queued, back in line for a worker."""
+    return _move(job, "resume", control="", queued_at=timezone.now())
+
+
+def cancel(job: FineTuningJob) -> bool:
+    """validating_files/queued/paused -> cancelled: no worker has it, so it ends at once."""
+    return _move(job, "cancel", control="", finished_at=timezone.now())
+
+
+def stop(job: FineTuningJob, *, worker: str) -> bool:
+    """running -> cancelled: the worker stopped, as asked."""
+    return _move(job, "stop", held_by=worker, control="", finished_at=timezone.now(), estimated_finish=None)
+
+
+def finish(job: FineTuningJob, *, worker: str, fine_tuned_model: str, trained_tokens: int | None, step: int) -> bool:
+    """running -> succeeded with the model the worker trained."""
+    return _move(
+        job,
+        "finish",
+        held_by=worker,
+        fine_tuned_model=fine_tuned_model,
+        trained_tokens=trained_tokens,
+        step=step,
+        control="",
+        finished_at=timezone.now(),
+        estimated_finish=None,
+    )
+
+
+def fail(job: FineTuningJob, *, error: dict, worker: str | None = None, stale_before: datetime | None = None) -> bool:
+    """validating_files/running -> failed with `error` ({"code", "message", "param"}).
+
+    A running job fails through its worker (`worker`), or because its worker stopped
+    answering (`stale_before`: its heartbeat is older); that worker is gone, so it is cleared.
+    """
+    lost = {"worker": ""} if stale_before is not None else {}
+    return _move(
+        job,
+        "fail",
+        held_by=worker,
+        stale_before=stale_before,
+        error=error,
+        control="",
+        finished_at=timezone.now(),
+        estimated_finish=None,
+        **lost,
+    )
+
+
+def requeue(job: FineTuningJob, *, stale_before: datetime) -> bool:
+    """running -> queued when its heartbeat is older than `stale_before`: the worker is gone."""
+    return _move(job, "requeue", stale_before=stale_before, worker="", queued_at=timezone.now())
+
+
+def retry(job: FineTuningJob) -> bool:
+    """failed/cancelled -> queued with a fresh set of attempts (the checkpoints stay)."""
+    return _move(job, "retry", error=None, control="", finished_at=None, attempts=0, queued_at=timezone.now())
+
+
+def heartbeat(job_pk: int, *, worker: str) -> bool:
+    """Mark the running job alive on this worker; False once it is no longer this worker's."""
+    return bool(
+        FineTuningJob.objects.filter(pk=job_pk, status=RUNNING, worker=worker).update(heartbeat_at=timezone.now())
+    )
