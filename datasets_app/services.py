@@ -11,6 +11,7 @@ from django.core.files import File
 from django.db import transaction
 from django.db.models import Q
 
+from deployments_app.catalog import tokenizer_path
 from finetune_site.errors import InvalidInput, InvalidState, TooLarge
 from finetune_site.units import human_bytes
 from jobs_app.models import FineTuningJob
@@ -135,7 +136,6 @@ def dataset_compute_statistics(*, dataset_id: int, max_seq_len: int = 1024) -> D
 
 
 def _count_tokens(dataset: Dataset, *, max_seq_len: int) -> dict:
-    from deployments_app.catalog import tokenizer_path
 
     folder = tokenizer_path()
     if folder is None:

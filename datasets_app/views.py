@@ -6,10 +6,12 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
+from deployments_app.catalog import tokenizer_path
 from finetune_site.errors import ApplicationError, InvalidInput
 
 from . import selectors, services
 from .models import Dataset
+from .preview import load_tokenizer, preview_page
 
 
 @login_required
@@ -71,9 +73,6 @@ PREVIEW_PAGE_SIZE = 10
 
 @login_required
 def dataset_preview(request, public_id):
-    from deployments_app.catalog import tokenizer_path
-
-    from .preview import load_tokenizer, preview_page
 
     dataset = _owned(request, public_id)
     if not dataset.is_ready:

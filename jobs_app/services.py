@@ -9,9 +9,15 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from datasets_app import services as dataset_services
 from datasets_app.models import Dataset
 from deployments_app.catalog import get_base_model
+from deployments_app.catalog.services import model_card_create_from_job
+from deployments_app.deployments.services import cancel_deployments_of
 from finetune_site.errors import ApplicationError, InvalidInput, InvalidState
+from finetune_site.services import notify
+from llm.train import TrainConfig
+from llm.train.hyperparameters import to_engine
 
 from . import transitions
 from .hyperparameters import HOLDOUT_PERCENT, METHODS, check_hyperparameters, resolve_hyperparameters
@@ -142,7 +148,6 @@ def job_create(
 
 def job_prepare_holdout(*, job_id: int, percent: int) -> None:
     """Split the training file into train and validation parts, then queue the job."""
-    from datasets_app.services import dataset_split, dataset_validate
 
     job = (
         FineTuningJob.objects.filter(pk=job_id, status=FineTuningJob.VALIDATING).select_related("training_file").first()
@@ -150,11 +155,11 @@ def job_prepare_holdout(*, job_id: int, percent: int) -> None:
     if job is None:
         return
     try:
-        train_part, valid_part = dataset_split(
+        train_part, valid_part = dataset_services.dataset_split(
             dataset=job.training_file, validation_percent=percent, seed=job.seed, validate=False
         )
         for part in (train_part, valid_part):
-            dataset_validate(dataset_id=part.pk)
+            dataset_services.dataset_validate(dataset_id=part.pk)
             part.refresh_from_db()
             if part.status != Dataset.PROCESSED:
                 raise InvalidInput(f"The {part.filename} part failed validation: {part.status_details[:300]}")
@@ -254,7 +259,6 @@ def job_delete(*, job: FineTuningJob) -> FineTuningJob:
     """Delete a job that is not running (zhipuai's jobs.delete); its model stays."""
     if job.status in (FineTuningJob.RUNNING,):
         raise InvalidState(f"Job {job.public_id} is running; cancel it first.", code="invalid_state")
-    from deployments_app.deployments.services import cancel_deployments_of
 
     snapshot = FineTuningJob.objects.get(pk=job.pk)
     output_dir = job.output_dir
@@ -305,8 +309,6 @@ def recover_stale_jobs() -> list[str]:
 
 
 def build_train_config(job: FineTuningJob, *, resume_from: str | None):
-    from llm.train import TrainConfig
-    from llm.train.hyperparameters import to_engine
 
     # The resolved settings carry OpenAI's names; to_engine is the one place they become the engine's.
     hyperparameters = to_engine(job.resolved)
@@ -372,7 +374,6 @@ def job_run(*, job_id: int, worker: str | None = None) -> None:
 
 
 def _finish_run(job: FineTuningJob, summary: dict | None, failure: dict | None, sink: JobSink) -> None:
-    from deployments_app.catalog.services import model_card_create_from_job
 
     worker = job.worker  # the claimer, read before the refresh below: only its own run may end the job
     if failure is not None:
@@ -407,7 +408,6 @@ def _finish_run(job: FineTuningJob, summary: dict | None, failure: dict | None, 
 
 def _notify_finished(job: FineTuningJob) -> None:
     """Tell the owner (in-app, and by email and webhook where set up) that a job succeeded or failed."""
-    from finetune_site.services import notify
 
     job.refresh_from_db()
     notify(

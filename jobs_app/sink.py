@@ -10,6 +10,8 @@ import redis
 from django.db import connections, transaction
 from django.utils import timezone
 
+from deployments_app.deployments.streams import sync_client
+
 from . import transitions
 from .models import Checkpoint, FineTuningJob, JobEvent
 from .publish import metrics_event_data, publish
@@ -151,8 +153,6 @@ def _control_key(job_pk: int) -> str:
 
 def _redis(read_timeout: float):
     """A Redis client that gives up quickly: a wake-up is a courtesy, never worth a stall."""
-    from deployments_app.deployments.streams import sync_client
-
     return sync_client(socket_timeout=read_timeout, connect_timeout=1)
 
 

@@ -11,12 +11,15 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
+from datasets_app.selectors import dataset_for
 from datasets_app.selectors import ready_datasets_for as ready_datasets
+from deployments_app.models import ModelCard
 from finetune_site.errors import ApplicationError
 
 from . import selectors, services
+from .estimates import estimate_job
 from .forms import JobForm
-from .hyperparameters import METHODS, described_settings
+from .hyperparameters import METHODS, check_hyperparameters, described_settings
 from .models import FineTuningJob
 
 SORTS = {"newest": "-id", "oldest": "id", "status": "status", "model": "base_model"}
@@ -61,7 +64,6 @@ def _initial(request) -> dict:
     initial = {key: request.GET[key] for key in ("model", "training_file") if request.GET.get(key)}
     if initial.get("model", "").startswith("ft:"):
         # "Fine-tune" on a fine-tuned model's card: start from the same base model.
-        from deployments_app.models import ModelCard
 
         card = ModelCard.objects.owned_by(request.user).filter(model_id=initial["model"]).first()
         initial["model"] = card.base_model if card else ""
@@ -95,10 +97,6 @@ def job_create(request):
 
 def _estimate(form: JobForm, user) -> dict | None:
     """Estimates for whatever the form holds now (bound or initial), or None."""
-    from datasets_app.selectors import dataset_for
-
-    from .estimates import estimate_job
-    from .hyperparameters import check_hyperparameters
 
     values = form.data if form.is_bound else {**{k: f.initial for k, f in form.fields.items()}, **form.initial}
     dataset = dataset_for(user, values.get("training_file") or "") or next(iter(ready_datasets(user)), None)

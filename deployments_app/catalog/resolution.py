@@ -7,7 +7,10 @@ from pathlib import Path
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+from jobs_app.selectors import checkpoint_for_model_id
 from llm.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID, is_ready
+
+from ..models import ModelCard
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,6 @@ def get_base_model(model_id: str) -> BaseModel | None:
 
 def resolve_model(user, model_id: str) -> ResolvedModel | None:
     """Map a base, fine-tuned or checkpoint model id the user may use to its files."""
-    from jobs_app.selectors import checkpoint_for_model_id
-
-    from ..models import ModelCard
 
     base = get_base_model(model_id)
     if base is not None:

@@ -1,5 +1,8 @@
 """Reads for the model catalog: the models a user may pick, and what each Model Square card shows."""
 
+from jobs_app.models import Checkpoint
+from jobs_app.selectors import job_figures, metric_points
+
 from ..deployments.selectors import deployment_status_by_model
 from ..models import ModelCard
 from .exports import merged_state
@@ -14,7 +17,6 @@ def model_choices(user, wanted=()) -> list[str]:
     """Model ids the user may pick: ready base models, their fine-tuned models, recent checkpoints,
     and each id in `wanted` that resolves for them (a link from an older checkpoint must not
     silently open another model)."""
-    from jobs_app.models import Checkpoint
 
     checkpoints = Checkpoint.objects.filter(job__owner=user).select_related("job__owner")[:RECENT_CHECKPOINTS]
     choices = (
@@ -39,7 +41,6 @@ _THUMBNAIL_LAYOUT = {
 
 def loss_thumbnail(job) -> dict | None:
     """The job's loss curve (train smoothed and validation) as a small static figure."""
-    from jobs_app.selectors import job_figures, metric_points
 
     points = metric_points(job) if job else []
     if not points:
