@@ -136,7 +136,6 @@ def dataset_compute_statistics(*, dataset_id: int, max_seq_len: int = 1024) -> D
 
 
 def _count_tokens(dataset: Dataset, *, max_seq_len: int) -> dict:
-
     folder = tokenizer_path()
     if folder is None:
         return {"error": NO_TOKENIZER}

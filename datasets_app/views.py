@@ -73,7 +73,6 @@ PREVIEW_PAGE_SIZE = 10
 
 @login_required
 def dataset_preview(request, public_id):
-
     dataset = _owned(request, public_id)
     if not dataset.is_ready:
         if dataset.status == Dataset.ERROR:

@@ -20,6 +20,7 @@ from .errors import (
     ModelFailed,
     NotAllowed,
     NotFound,
+    TimedOut,
     TooLarge,
     Unavailable,
 )
@@ -48,6 +49,7 @@ _STATUS_OF_ERROR: dict[type[ApplicationError], int] = {
     TooLarge: 413,
     ModelFailed: 500,
     Unavailable: 503,
+    TimedOut: 504,
 }
 
 

@@ -3,14 +3,16 @@
 A service says *why* it refuses (bad input, not found, not allowed now...); the
 API (`finetune_site.api_errors`) and the pages (`finetune_site.middleware`) each
 map these to a response in one place. `param` names the input at fault and
-`code` is a stable machine-readable reason; both reach API callers unchanged.
+`code` is a stable machine-readable reason (None unless the service names one, as
+OpenAI's errors often are; a NotFound says "not_found", as a 404 always did here);
+both reach API callers unchanged.
 """
 
 
 class ApplicationError(Exception):
     """A request a service refuses; the message is written for the user and safe to show."""
 
-    default_code = "invalid_request"
+    default_code: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -22,8 +24,6 @@ class ApplicationError(Exception):
 class InvalidInput(ApplicationError):
     """The input is wrong: a field out of range, a file of the wrong kind."""
 
-    default_code = "invalid_value"
-
 
 class NotFound(ApplicationError):
     """The thing does not exist, or the caller may not see it (the two are never told apart)."""
@@ -34,34 +34,26 @@ class NotFound(ApplicationError):
 class NotAllowed(ApplicationError):
     """The caller may see the thing but not do this to it (delete a base model)."""
 
-    default_code = "not_allowed"
-
 
 class InvalidState(ApplicationError):
     """The thing exists but is not in a state that allows this now (cancel a finished job)."""
-
-    default_code = "invalid_state"
 
 
 class TooLarge(ApplicationError):
     """The input is larger than this installation accepts."""
 
-    default_code = "too_large"
-
 
 class CapacityExceeded(ApplicationError):
     """Not enough capacity (serving slots, storage) left for this now."""
-
-    default_code = "insufficient_capacity"
 
 
 class Unavailable(ApplicationError):
     """Nothing could take this in time (no serving instance picked the request up); the same request may work later."""
 
-    default_code = "unavailable"
+
+class TimedOut(ApplicationError):
+    """What took the request stopped answering before it was done."""
 
 
 class ModelFailed(ApplicationError):
     """The model failed while answering: a fault on our side, not in the request."""
-
-    default_code = "model_error"

@@ -97,9 +97,9 @@ def api_key_revoke(request, key_pk):
 
 class NotificationSettingsForm(forms.ModelForm):
     email = forms.EmailField(required=False, label="Email address")
-    # A URL typed without a scheme means https, as Django 6 will assume.
+    # A URL typed without a scheme means http, as it always has here (Django 6 would assume https).
     webhook_url = forms.URLField(
-        required=False, max_length=500, assume_scheme="https", label="Webhook URL (JSON POST, signed)"
+        required=False, max_length=500, assume_scheme="http", label="Webhook URL (JSON POST, signed)"
     )
 
     class Meta:

@@ -16,7 +16,7 @@ from deployments_app.catalog.services import model_card_create_from_job
 from deployments_app.deployments.services import cancel_deployments_of
 from finetune_site.errors import ApplicationError, InvalidInput, InvalidState
 from finetune_site.services import notify
-from llm.train import TrainConfig
+from llm.train import ConfigError, TrainConfig
 from llm.train.hyperparameters import to_engine
 
 from . import transitions
@@ -168,7 +168,7 @@ def job_prepare_holdout(*, job_id: int, percent: int) -> None:
         message = exc.message if refused else f"{type(exc).__name__}: {exc}"
         if not refused:
             log.exception("holding out validation data for job %s failed", job.public_id)
-        if transitions.fail(job, error={"code": "invalid_file", "message": message, "param": "holdout_percent"}):
+        if transitions.reject(job, error={"code": "invalid_file", "message": message, "param": "holdout_percent"}):
             _note(job, f"Could not hold out validation data: {message}", level="error", status=FineTuningJob.FAILED)
             _notify_finished(job)
         return
@@ -309,7 +309,6 @@ def recover_stale_jobs() -> list[str]:
 
 
 def build_train_config(job: FineTuningJob, *, resume_from: str | None):
-
     # The resolved settings carry OpenAI's names; to_engine is the one place they become the engine's.
     hyperparameters = to_engine(job.resolved)
     if not job.validation_file:
@@ -335,7 +334,7 @@ def _local_path(dataset: Dataset) -> str:
 
 def job_run(*, job_id: int, worker: str | None = None) -> None:
     """Claim a queued job and train it to the end, a pause, a cancel or a failure."""
-    from llm.train import ConfigError, train
+    from llm.train import train  # loads torch: only the training worker pays for it
 
     job = FineTuningJob.objects.filter(pk=job_id).first()
     worker = worker or socket.gethostname()
@@ -374,7 +373,6 @@ def job_run(*, job_id: int, worker: str | None = None) -> None:
 
 
 def _finish_run(job: FineTuningJob, summary: dict | None, failure: dict | None, sink: JobSink) -> None:
-
     worker = job.worker  # the claimer, read before the refresh below: only its own run may end the job
     if failure is not None:
         won = transitions.fail(job, error=failure, worker=worker)

@@ -9,7 +9,7 @@ A job is created `validating_files` (a share is being held out) or `queued`;
 from there:
 
     validating_files --validated--> queued --start--> running
-    validating_files --fail--> failed                    (the hold-out went wrong)
+    validating_files --reject--> failed                  (the hold-out went wrong)
     running --finish/fail/pause/stop--> succeeded/failed/paused/cancelled   (its worker only)
     running --requeue--> queued                          (its heartbeat lapsed)
     validating_files/queued/paused --cancel--> cancelled  paused --resume--> queued
@@ -52,7 +52,8 @@ TRANSITIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "cancel": ((VALIDATING, QUEUED, PAUSED), CANCELLED),
     "stop": ((RUNNING,), CANCELLED),
     "finish": ((RUNNING,), SUCCEEDED),
-    "fail": ((VALIDATING, RUNNING), FAILED),
+    "reject": ((VALIDATING,), FAILED),
+    "fail": ((RUNNING,), FAILED),
     "requeue": ((RUNNING,), QUEUED),
     "retry": ((FAILED, CANCELLED), QUEUED),
 }
@@ -146,12 +147,20 @@ def finish(job: FineTuningJob, *, worker: str, fine_tuned_model: str, trained_to
     )
 
 
+def reject(job: FineTuningJob, *, error: dict) -> bool:
+    """validating_files -> failed with `error`: the data could not be prepared, so it never queued."""
+    return _move(job, "reject", error=error, control="", finished_at=timezone.now(), estimated_finish=None)
+
+
 def fail(job: FineTuningJob, *, error: dict, worker: str | None = None, stale_before: datetime | None = None) -> bool:
-    """validating_files/running -> failed with `error` ({"code", "message", "param"}).
+    """running -> failed with `error` ({"code", "message", "param"}).
 
     A running job fails through its worker (`worker`), or because its worker stopped
     answering (`stale_before`: its heartbeat is older); that worker is gone, so it is cleared.
+    One of the two is required: nobody else may end a run.
     """
+    if (worker is None) == (stale_before is None):
+        raise ValueError("fail() takes the failing worker or the heartbeat cutoff, exactly one")
     lost = {"worker": ""} if stale_before is not None else {}
     return _move(
         job,

@@ -204,3 +204,12 @@ def test_the_zhipuai_fine_tuned_model_delete_answers_deleted_then_404(client, ca
     assert not ModelCard.objects.filter(pk=card.pk).exists()
     again = client.delete(url)
     assert again.status_code == 404 and again.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize(("status", "answered"), [(400, 400), (503, 503), (504, 504), (500, 500)])
+def test_an_instance_refusal_keeps_its_status(status, answered):
+    from deployments_app.chat.serving import _refusal_of
+    from deployments_app.deployments.streams import RemoteError
+    from finetune_site.api_errors import status_of
+
+    assert status_of(_refusal_of(RemoteError("no", status))) == answered

@@ -305,3 +305,16 @@ def test_runstack_gives_the_serving_worker_one_thread_per_slot(settings, tmp_pat
     config = Command()._write_config(tmp_path, tmp_path).read_text()
     serve = next(line for line in config.splitlines() if "-Q serving" in line)
     assert "--concurrency 6 " in serve
+
+
+def test_a_refusal_without_a_code_still_answers_code_null(alice, started):
+    # OpenAI's SDKs read `code`; a service that names none must not get one made up for it.
+    response = api(alice).post("/api/deployments", {"model": MODEL, "instances": 0}, format="json")
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "message": response.json()["error"]["message"],
+        "type": "invalid_request_error",
+        "param": "instances",
+        "code": None,
+    }
+    assert "instances must be a whole number" in response.json()["error"]["message"]

@@ -38,7 +38,8 @@ ALLOWED = {
     "cancel": {"validating_files": "cancelled", "queued": "cancelled", "paused": "cancelled"},
     "stop": {"running": "cancelled"},
     "finish": {"running": "succeeded"},
-    "fail": {"validating_files": "failed", "running": "failed"},
+    "reject": {"validating_files": "failed"},
+    "fail": {"running": "failed"},
     "requeue": {"running": "queued"},
     "retry": {"failed": "queued", "cancelled": "queued"},
 }
@@ -67,7 +68,8 @@ def _apply(name: str, job: FineTuningJob, *, worker: str = "w1") -> bool:
         "cancel": lambda: transitions.cancel(job),
         "stop": lambda: transitions.stop(job, worker=worker),
         "finish": lambda: transitions.finish(job, worker=worker, fine_tuned_model="ft:m", trained_tokens=10, step=3),
-        "fail": lambda: transitions.fail(job, error=ERROR, worker=worker if job.status == "running" else None),
+        "reject": lambda: transitions.reject(job, error=ERROR),
+        "fail": lambda: transitions.fail(job, error=ERROR, worker=worker),
         "requeue": lambda: transitions.requeue(job, stale_before=soon),
         "retry": lambda: transitions.retry(job),
     }
@@ -172,6 +174,16 @@ def test_a_job_whose_worker_still_beats_is_neither_requeued_nor_failed_as_lost(m
     else:
         assert transitions.fail(job, error=ERROR, stale_before=cutoff) is False
     assert _row(job)["status"] == "running"
+
+
+def test_a_late_hold_out_failure_cannot_fail_a_job_that_already_runs(make_job):
+    # A duplicate prepare_holdout message arrives after the first copy queued the job and a worker took it.
+    job = make_job("running", worker="w1")
+    before = _row(job)
+    assert transitions.reject(job, error=ERROR) is False
+    assert _row(job) == before
+    with pytest.raises(ValueError, match="exactly one"):
+        transitions.fail(job, error=ERROR)
 
 
 def test_two_claimers_of_one_job_cannot_both_start_it(make_job):

@@ -245,16 +245,23 @@ def test_deleting_a_base_model_is_refused_by_the_service_and_both_the_api_and_th
     with pytest.raises(NotAllowed) as caught:
         services.model_delete(user=alice, model_id=BASE)
     # The service says why, with no HTTP in it; the status is the API's business.
-    assert (caught.value.message, caught.value.param, caught.value.code) == (reason, "model", "not_allowed")
+    assert (caught.value.message, caught.value.param, caught.value.code) == (reason, "model", None)
     assert not hasattr(caught.value, "status_code")
 
     response = client.delete(f"/v1/models/{BASE}")
     assert response.status_code == 403
-    assert response.json() == {
-        "error": {"message": reason, "type": "permission_error", "param": "model", "code": "not_allowed"}
-    }
+    assert response.json() == {"error": {"message": reason, "type": "permission_error", "param": "model", "code": None}}
 
     page = client.post(f"/models/{BASE}/delete/", HTTP_REFERER="http://testserver/models/", follow=True)
     assert page.redirect_chain == [("http://testserver/models/", 302)]
     assert page.status_code == 200 and reason in page.content.decode()
     assert client.get(f"/v1/models/{BASE}").status_code == 200  # still there
+
+    # Posted without a Referer, the refusal goes back to Model Square, where the button was.
+    bare = client.post(f"/models/{BASE}/delete/")
+    assert bare.status_code == 302 and bare.url == "/models/"
+
+
+def test_deleting_a_model_that_is_not_yours_is_a_404_page_not_a_redirect(client, alice):
+    response = client.post("/models/ft:tiny-random-smollm2:nobody:x/delete/")
+    assert response.status_code == 404 and "does not exist or you do not have access" in response.content.decode()

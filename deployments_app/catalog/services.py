@@ -15,7 +15,8 @@ from ..models import ModelCard
 from .resolution import get_base_model
 
 
-def _folder_size(folder: Path) -> int:
+def folder_size(folder: Path) -> int:
+    """Bytes of the files under folder (0 when it is gone)."""
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
 
 
@@ -43,7 +44,7 @@ def model_card_create_from_job(*, job: FineTuningJob, summary: dict) -> ModelCar
             "path": str(folder),
             "hyperparameters": job.resolved,
             "metrics": metrics,
-            "size_bytes": _folder_size(folder),
+            "size_bytes": folder_size(folder),
         },
     )
     return card

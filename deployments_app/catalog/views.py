@@ -8,14 +8,12 @@ from django.http import Http404, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
+from finetune_site.middleware import refusals_go_to
+
 from ..deployments.selectors import deployment_status_by_model
 from ..models import ModelCard
 from . import exports, selectors, services
 from .resolution import base_models
-
-
-def _folder_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
 @login_required
@@ -23,7 +21,7 @@ def model_list(request):
     bases = base_models()
     deployments = deployment_status_by_model(request.user)
     base_rows = [
-        {"base": b, "size": _folder_size(b.path) if b.ready else 0, "deployments": deployments.get(b.id, [])}
+        {"base": b, "size": services.folder_size(b.path) if b.ready else 0, "deployments": deployments.get(b.id, [])}
         for b in bases
     ]
     return render(request, "models/list.html", {"bases": base_rows, "cards": selectors.model_square(request.user)})
@@ -64,6 +62,7 @@ def download_merged(request, model_id):
 
 @login_required
 @require_POST
+@refusals_go_to("model_list")
 def model_merge(request, model_id):
     # A refusal (not a LoRA model) goes back to the page with its reason: ApplicationErrorMiddleware.
     state = services.model_merge_request(card=_card_or_404(request, model_id))
@@ -78,6 +77,7 @@ def model_merge(request, model_id):
 
 @login_required
 @require_POST
+@refusals_go_to("model_list")
 def model_delete(request, model_id):
     services.model_delete(user=request.user, model_id=model_id)
     messages.success(request, f"Deleted {model_id}.")

@@ -10,7 +10,7 @@ from contextlib import aclosing
 
 from asgiref.sync import sync_to_async
 
-from finetune_site.errors import ApplicationError, InvalidInput, ModelFailed, NotFound, Unavailable
+from finetune_site.errors import ApplicationError, InvalidInput, ModelFailed, NotFound, TimedOut, Unavailable
 from llm.serve.errors import InvalidRequest, ServingError
 from llm.serve.schema import Completion, GenerationRequest
 
@@ -64,8 +64,10 @@ def _refusal_of(error: RemoteError) -> ApplicationError:
     """The domain error for an instance's answer that was an error (its status travels on the stream)."""
     if error.status == 400:
         return InvalidInput(str(error), param="messages", code="invalid_request")
-    if error.status in (503, 504):  # no instance took it, or the one that did went quiet
+    if error.status == 503:  # no instance took it
         return Unavailable(str(error), code="model_error")
+    if error.status == 504:  # the instance that took it went quiet
+        return TimedOut(str(error), code="model_error")
     return ModelFailed(str(error), code="model_error")
 
 

@@ -182,7 +182,7 @@ class ChatFormat:
             )
         except ValueError as error:  # transformers' answer when there is no template at all
             if not self.tokenizer.chat_template:
-                raise NoChatTemplate(f"the model has no chat template: {error}") from error
+                raise NoChatTemplate(str(error)) from error
             raise ChatFormatError(f"the model's chat template rejected the messages: {error}") from error
         except Exception as error:  # jinja2's TemplateError, raise_exception() in the template, a bad value
             raise ChatFormatError(f"the model's chat template rejected the messages: {error}") from error
