@@ -16,15 +16,7 @@ from transformers import AutoTokenizer
 from datasets_app.token_stats import token_statistics
 from llm.serve.prompt import render_prompt
 from llm.train.data import render_example
-
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
+from tests.datasets.support import WEATHER_TOOL
 
 
 def call(call_id: str, city: str) -> dict:
