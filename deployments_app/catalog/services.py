@@ -12,6 +12,7 @@ from jobs_app.models import FineTuningJob
 
 from ..deployments.services import cancel_deployments_of
 from ..models import ModelCard
+from .exports import build_merged_model, merged_state
 from .resolution import get_base_model
 
 
@@ -94,8 +95,6 @@ def export_dir(card: ModelCard) -> Path:
 
 def model_merge(*, card_id: int) -> None:
     """Build the merged full model of a LoRA card for download (runs on a worker)."""
-    from .exports import build_merged_model
-
     card = ModelCard.objects.filter(pk=card_id).first()
     if card is not None:
         build_merged_model(card, export_dir(card))
@@ -103,8 +102,7 @@ def model_merge(*, card_id: int) -> None:
 
 def model_merge_request(*, card: ModelCard) -> str:
     """Queue building the merged model unless it is ready or being built; return its state."""
-    from ..tasks import build_merged_model
-    from .exports import merged_state
+    from .. import tasks  # the tasks module imports these services
 
     if not card.is_adapter:
         raise InvalidInput("Only LoRA models have a merged download; this model's files are already a full model.")
@@ -112,6 +110,6 @@ def model_merge_request(*, card: ModelCard) -> str:
     if state == "absent":
         (export_dir(card) / "merged.partial").mkdir(parents=True, exist_ok=True)
         os.utime(export_dir(card) / "merged.partial")  # an abandoned one is marked fresh again
-        transaction.on_commit(lambda: build_merged_model.delay(card.pk))
+        transaction.on_commit(lambda: tasks.build_merged_model.delay(card.pk))
         state = "building"
     return state
