@@ -111,16 +111,32 @@ CELERY_BROKER_URL = _celery_redis_url(REDIS_URL)
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
+# Each queue has its own worker, so a slow webhook receiver or a big validation never
+# delays the periodic housekeeping (stale-job recovery, instance repair), nor the reverse.
 CELERY_TASK_ROUTES = {
     "jobs_app.tasks.train_job": {"queue": "training"},
     "deployments_app.tasks.run_instance": {"queue": "serving"},
+    "finetune_site.tasks.deliver_webhook": {"queue": "notifications"},
+    "finetune_site.tasks.send_notification_email": {"queue": "notifications"},
+    "jobs_app.tasks.recover_stale_jobs": {"queue": "housekeeping"},
+    "deployments_app.tasks.reconcile_deployments": {"queue": "housekeeping"},
 }
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# A sweep not started by the time the next one is due is dropped (expires): the next one
+# does the same work, and a backlog of sweeps after an outage would only repeat it.
 CELERY_BEAT_SCHEDULE = {
-    "recover-stale-jobs": {"task": "jobs_app.tasks.recover_stale_jobs", "schedule": 10.0},
-    "reconcile-deployments": {"task": "deployments_app.tasks.reconcile_deployments", "schedule": 5.0},
+    "recover-stale-jobs": {
+        "task": "jobs_app.tasks.recover_stale_jobs",
+        "schedule": 10.0,
+        "options": {"expires": 10.0},
+    },
+    "reconcile-deployments": {
+        "task": "deployments_app.tasks.reconcile_deployments",
+        "schedule": 5.0,
+        "options": {"expires": 5.0},
+    },
 }
 
 CHANNEL_LAYERS = {
@@ -187,6 +203,9 @@ FT_MODELS_DIR = FT_HOME / "models"
 FT_ARTIFACTS_DIR = FT_HOME / "artifacts"
 FT_HEARTBEAT_SECONDS = env_int("FT_HEARTBEAT_SECONDS", 5, minimum=1)
 FT_HEARTBEAT_TIMEOUT = env_int("FT_HEARTBEAT_TIMEOUT", 30, minimum=2)
+# Webhook receivers on private, loopback or link-local addresses are refused unless their host
+# name, address or network (CIDR) is listed here: "hooks.internal,10.0.0.0/8".
+FT_WEBHOOK_ALLOWED_HOSTS = [entry.strip() for entry in env_str("FT_WEBHOOK_ALLOWED_HOSTS").split(",") if entry.strip()]
 # Email for job notifications: SMTP when EMAIL_HOST is set, otherwise each message is written
 # as a file under FT_HOME/outbox (nothing is lost, and nothing fails for want of a mail server).
 EMAIL_HOST = env_str("EMAIL_HOST")
@@ -196,6 +215,7 @@ if EMAIL_HOST:
     EMAIL_HOST_USER = env_str("EMAIL_HOST_USER")
     EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD")
     EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", True)
+    EMAIL_TIMEOUT = 30  # seconds per SMTP operation: a mail server that hangs must not hold a worker
 else:
     EMAIL_BACKEND = "django.core.mail.backends.filebased.EmailBackend"
     EMAIL_FILE_PATH = FT_HOME / "outbox"

@@ -1,4 +1,7 @@
+"""Celery tasks of notifications; both run on the `notifications` queue's own worker."""
+
 from celery import shared_task
+from django.conf import settings
 
 from .webhooks import DeliveryFailed, deliver
 
@@ -12,7 +15,8 @@ from .webhooks import DeliveryFailed, deliver
     retry_jitter=False,
 )
 def deliver_webhook(url: str, payload: dict, secret: str) -> int:
-    return deliver(url, payload, secret)
+    # An unsafe URL (UnsafeWebhookURL) is not retried: it will not become safe.
+    return deliver(url, payload, secret, allowed=settings.FT_WEBHOOK_ALLOWED_HOSTS)
 
 
 @shared_task(

@@ -17,9 +17,10 @@ from jobs_app.selectors import jobs_for
 
 from .celery import app as celery_app
 from .models import ApiKey, Notification, NotificationSettings
+from .webhooks import DeliveryFailed, UnsafeWebhookURL, check_url
 
 log = logging.getLogger(__name__)
-QUEUES = ("training", "default", "serving")
+QUEUES = ("training", "default", "serving", "notifications", "housekeeping")
 
 
 @login_required
@@ -110,6 +111,16 @@ class NotificationSettingsForm(forms.ModelForm):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["email"].initial = self.instance.user.email
+
+    def clean_webhook_url(self):
+        url = self.cleaned_data["webhook_url"]
+        if url:
+            # Checked again at each delivery: what a host resolves to can change.
+            try:
+                check_url(url, allowed=settings.FT_WEBHOOK_ALLOWED_HOSTS)
+            except (UnsafeWebhookURL, DeliveryFailed) as refusal:
+                raise forms.ValidationError(str(refusal)) from None
+        return url
 
     def clean(self):
         data = super().clean()

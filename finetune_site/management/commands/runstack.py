@@ -141,6 +141,22 @@ class Command(BaseCommand):
                 priority=20,
                 env=env,
             ),
+            # Webhooks and email, apart: a receiver that answers slowly delays only other notices.
+            _program(
+                "worker-notify",
+                f"{celery} worker -Q notifications --pool threads --concurrency 4 -n notify-{port}@%%h --without-gossip --without-mingle -l INFO",
+                log_dir=log_dir,
+                priority=20,
+                env=env,
+            ),
+            # The periodic sweeps (stale-job recovery, instance repair), never queued behind other work.
+            _program(
+                "worker-housekeeping",
+                f"{celery} worker -Q housekeeping --pool threads --concurrency 1 -n housekeeping-{port}@%%h --without-gossip --without-mingle -l INFO",
+                log_dir=log_dir,
+                priority=20,
+                env=env,
+            ),
             # Each deployment instance is a long-running task holding one of these threads;
             # deployment_create/scale refuse instances beyond FT_SERVING_SLOTS.
             _program(
