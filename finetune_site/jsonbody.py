@@ -6,6 +6,7 @@ renderer can encode, and nesting deep enough to exhaust the recursion limit.
 Both become a ValueError with a message fit for the client.
 """
 
+import asyncio
 import json
 import re
 
@@ -33,15 +34,35 @@ def loads(raw: bytes | str):
     return value
 
 
+LOOP_SAFE_BYTES = 64 * 1024
+"""Bodies up to this size parse in well under a millisecond; larger ones parse in a thread."""
+
+
+async def aloads(raw: bytes | str):
+    """loads() for async views: a large body is parsed in a worker thread, so the event loop never waits on it."""
+    if len(raw) <= LOOP_SAFE_BYTES:
+        return loads(raw)
+    return await asyncio.to_thread(loads, raw)
+
+
 def check_text(value, raw: str | bytes | None = None) -> None:
     """Raise ValueError naming where value holds a string that is not valid Unicode.
 
-    With raw, the UTF-8 text value was parsed from, the walk runs only when raw has
-    a surrogate escape at all.
+    With raw, the UTF-8 text value was parsed from, nothing runs when raw has no
+    surrogate escape at all. Otherwise one encoding of the whole value (C speed)
+    finds out whether a lone surrogate is there; only then is it walked to name
+    where. A valid pair (an escaped emoji) costs the encoding, never the walk.
     """
     pattern = _SURROGATE_ESCAPE_BYTES if isinstance(raw, (bytes, bytearray)) else _SURROGATE_ESCAPE
     if raw is not None and not pattern.search(raw):
         return  # the cheap, usual case: no escape could have made one
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, TypeError, RecursionError):  # a lone surrogate (UnicodeEncodeError), or a value too odd to dump
+        _name_the_lone_surrogate(value)
+
+
+def _name_the_lone_surrogate(value) -> None:
     stack = [(value, "")]
     while stack:  # iterative: the value may be as deep as the parser allowed
         item, path = stack.pop()

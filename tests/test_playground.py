@@ -239,3 +239,55 @@ def test_a_sampled_example_keeps_its_earlier_turns_in_every_panes_conversation(t
     assert [r["model"] for r in result["requests"]] == ["base", "ft:base:alice:x:12345678"]
     assert all(r["messages"] == expected for r in result["requests"])
     assert result["shown"][0][:2] == ["msg user: Code of item 1?", "msg assistant: blue"]
+
+
+def test_scoring_a_huge_reference_never_holds_the_event_loop(monkeypatch):
+    """A 300,000-word reference against a 200-word answer: the server keeps answering meanwhile."""
+    import asyncio
+    import time
+
+    from deployments_app.playground import batch
+
+    async def long_answer(user, params):  # the model is not under test here: its answer is given
+        return " ".join(f"w{i}" for i in range(200)), None
+
+    monkeypatch.setattr(batch, "_answer", long_answer)
+    examples = [{"messages": [{"role": "user", "content": "Say many words."}], "reference": "word " * 300_000}]
+
+    async def run() -> tuple[list[str], float]:
+        gaps, stop = [0.0], asyncio.Event()
+
+        async def ticker():
+            last = time.monotonic()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        ticking = asyncio.create_task(ticker())
+        await asyncio.sleep(0.05)  # the ticker is running before the batch starts
+        lines = [line async for line in batch.batch_rows(None, [BASE], examples, {}, "")]
+        stop.set()
+        await ticking
+        return lines, max(gaps)
+
+    lines, longest_gap = asyncio.run(run())
+    assert [json.loads(line)["type"] for line in lines] == ["start", "row", "total"]
+    assert longest_gap < 0.5, f"the event loop stood still for {longest_gap:.2f} s"
+
+
+def test_rouge_l_reads_a_bounded_number_of_words():
+    from deployments_app.playground.metrics import MAX_SCORED_WORDS
+
+    long = " ".join(f"w{i}" for i in range(MAX_SCORED_WORDS * 10))
+    assert rouge_l(long, long) == 1.0
+    # Only the first MAX_SCORED_WORDS words count: a difference after them does not.
+    assert rouge_l(long + " extra", long) == 1.0
+
+
+def test_batch_compare_takes_at_most_as_many_models_as_the_playground_has_panes(client, card):
+    models = [BASE, card.model_id, "m3", "m4"]
+    response = client.post("/playground/batch/", {"models": models, "n": 1}, content_type="application/json")
+    assert response.status_code == 400 and response.json()["error"]["param"] == "models"
+    assert "at most 3" in response.json()["error"]["message"]

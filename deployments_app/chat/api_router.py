@@ -29,7 +29,7 @@ async def chat_completions(request):
     if "HTTP_AUTHORIZATION" not in request.META and (error := await sync_to_async(session_csrf_error)(request)):
         return error
     try:
-        body = jsonbody.loads(request.body or b"null")
+        body = await jsonbody.aloads(request.body or b"null")
     except ValueError as exc:  # bad JSON, bad UTF-8, or an integer literal too long to read
         return error_response(f"The request body is not valid JSON: {exc}.")
     try:

@@ -1,5 +1,6 @@
 """Batch compare: every model answers the same validation examples, each answer scored against the reference."""
 
+import asyncio
 import json
 
 from finetune_site.errors import ApplicationError
@@ -9,6 +10,8 @@ from ..chat.serving import open_events
 from . import metrics
 
 MAX_BATCH = 50
+MAX_MODELS = 3
+"""As many as the playground has panes: each model answers every example, one after another."""
 
 
 async def batch_rows(user, models, examples, settings_, system):
@@ -22,8 +25,10 @@ async def batch_rows(user, models, examples, settings_, system):
         answers = {}
         for model in models:
             text, failure = await _answer(user, {**settings_, "model": model, "messages": messages})
-            exact = failure is None and metrics.exact_match(text, example["reference"])
-            score = metrics.rouge_l(text, example["reference"]) if failure is None else 0.0
+            # Scoring is pure Python and grows with both texts: in a thread, never on the event loop.
+            exact, score = (
+                await asyncio.to_thread(_score, text, example["reference"]) if failure is None else (False, 0.0)
+            )
             totals[model]["exact_match"] += int(exact)
             totals[model]["rouge_l"] += score
             totals[model]["errors"] += int(failure is not None)
@@ -41,6 +46,10 @@ async def batch_rows(user, models, examples, settings_, system):
         for m, t in totals.items()
     }
     yield json.dumps({"type": "total", "rows": len(examples), "models": summary}) + "\n"
+
+
+def _score(answer: str, reference: str) -> tuple[bool, float]:
+    return metrics.exact_match(answer, reference), metrics.rouge_l(answer, reference)
 
 
 async def _answer(user, params) -> tuple[str, str | None]:

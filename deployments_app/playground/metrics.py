@@ -1,5 +1,8 @@
 """Answer-versus-reference scores for the playground's batch compare."""
 
+MAX_SCORED_WORDS = 2000
+"""ROUGE-L reads at most this many words of each text: the LCS costs their product in time."""
+
 
 def _words(text: str) -> list[str]:
     return text.split()
@@ -19,8 +22,12 @@ def lcs_length(a: list[str], b: list[str]) -> int:
 
 
 def rouge_l(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 over whitespace tokens: the LCS's precision and recall, harmonically averaged."""
-    cand, ref = _words(candidate), _words(reference)
+    """ROUGE-L F1 over whitespace tokens: the LCS's precision and recall, harmonically averaged.
+
+    Each text counts up to its first MAX_SCORED_WORDS words (2,000 by 2,000 is about a second of
+    Python); an answer that long has stopped being a short answer ROUGE-L says much about.
+    """
+    cand, ref = _words(candidate)[:MAX_SCORED_WORDS], _words(reference)[:MAX_SCORED_WORDS]
     if not cand and not ref:
         return 1.0
     common = lcs_length(cand, ref)

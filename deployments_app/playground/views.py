@@ -23,7 +23,7 @@ from ..catalog import base_models
 from ..catalog.selectors import model_choices
 from ..chat.protocol import parse_chat_body
 from ..models import ModelCard
-from .batch import MAX_BATCH, batch_rows
+from .batch import MAX_BATCH, MAX_MODELS, batch_rows
 from .selectors import render_chat_template, validation_examples
 
 
@@ -102,12 +102,14 @@ async def batch_compare(request):
     if error := await sync_to_async(session_csrf_error)(request):
         return error
     try:
-        body = _json_object(request)
+        body = await sync_to_async(_json_object, thread_sensitive=False)(request)
         listed = body.get("models")
         # Two panes may show the same model: one column, scored once per row.
         models = list(dict.fromkeys(m for m in listed if isinstance(m, str) and m)) if isinstance(listed, list) else []
         if not models:
             raise ApiError("models must list at least one model id.", param="models")
+        if len(models) > MAX_MODELS:
+            raise ApiError(f"models may list at most {MAX_MODELS} model ids, got {len(models)}.", param="models")
         n = body.get("n", 5)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_BATCH:
             raise ApiError(f"n must be a whole number from 1 to {MAX_BATCH}.", param="n")
