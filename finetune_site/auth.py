@@ -1,12 +1,18 @@
 """API authentication: `Authorization: Bearer <key>`, a bare key, or a zhipuai HS256 token."""
 
 import time
+from datetime import timedelta
 
 import jwt
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 
 from .models import ApiKey
+
+MAX_TOKEN_LIFETIME_SECONDS = 24 * 3600
+"""The furthest ahead a signed token's exp may lie: a leaked token is good for a day at most."""
+LAST_USED_GRANULARITY = timedelta(minutes=1)
+"""last_used_at is written at most this often per key: a write per request would serialise all API calls on SQLite."""
 
 
 def authenticate_api_key(header: str):
@@ -24,7 +30,9 @@ def authenticate_api_key(header: str):
             raise exceptions.AuthenticationFailed("Incorrect API key provided.")
     if not key.user.is_active:
         raise exceptions.AuthenticationFailed("This API key's user is disabled.")
-    ApiKey.objects.filter(pk=key.pk).update(last_used_at=timezone.now())
+    now = timezone.now()
+    if key.last_used_at is None or now - key.last_used_at >= LAST_USED_GRANULARITY:
+        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
     return key.user
 
 
@@ -42,10 +50,13 @@ def _key_from_jwt(token: str) -> ApiKey:
     except jwt.PyJWTError:
         raise exceptions.AuthenticationFailed("API token signature does not match the key.") from None
     expires = payload.get("exp")
-    if isinstance(expires, (int, float)):
-        expires_s = expires / 1000 if expires > 1e11 else expires
-        if expires_s < time.time():
-            raise exceptions.AuthenticationFailed("API token has expired.")
+    if isinstance(expires, bool) or not isinstance(expires, (int, float)):
+        raise exceptions.AuthenticationFailed("API token has no expiry (exp); sign tokens that expire within a day.")
+    expires_s = expires / 1000 if expires > 1e11 else expires
+    if expires_s < time.time():
+        raise exceptions.AuthenticationFailed("API token has expired.")
+    if expires_s > time.time() + MAX_TOKEN_LIFETIME_SECONDS:
+        raise exceptions.AuthenticationFailed("API token expires too far ahead: sign tokens that expire within a day.")
     return key
 
 

@@ -150,6 +150,10 @@ CHANNEL_LAYERS = {
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
+# Cookies belong to a host, not a port: two instances on one host (FT_PORT 8000 and 8001) must
+# not overwrite each other's session and CSRF cookies, or each logs the other's users out.
+SESSION_COOKIE_NAME = f"ftsession-{FT_PORT}"
+CSRF_COOKIE_NAME = f"ftcsrf-{FT_PORT}"
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"

@@ -38,16 +38,28 @@ class JobConsumer(AsyncJsonWebsocketConsumer):
         if getattr(self, "group", None):
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
+    @classmethod
+    async def decode_json(cls, text_data):
+        try:
+            return await super().decode_json(text_data)
+        except ValueError:  # not JSON: nothing this consumer understands, so nothing to do
+            return None
+
     async def receive_json(self, content, **kwargs):
         # A page that rendered history up to step N asks for what it missed
-        # between rendering and joining the group.
-        if content.get("type") == "sync":
-            for point in await _points_after(self.job, int(content.get("after_step") or 0)):
-                await self.send_json({"type": "eval" if "valid_loss" in point else "metric", **point})
-            # The status too: a job that started (or ended) meanwhile sent its news to nobody.
-            status = await _status_now(self.job)
-            if status:
-                await self.send_json({"type": "status", "status": status})
+        # between rendering and joining the group. Anything else is ignored: a
+        # malformed message from one page must not close its live view.
+        if not isinstance(content, dict) or content.get("type") != "sync":
+            return
+        after = content.get("after_step") or 0
+        if isinstance(after, bool) or not isinstance(after, int):
+            return
+        for point in await _points_after(self.job, after):
+            await self.send_json({"type": "eval" if "valid_loss" in point else "metric", **point})
+        # The status too: a job that started (or ended) meanwhile sent its news to nobody.
+        status = await _status_now(self.job)
+        if status:
+            await self.send_json({"type": "status", "status": status})
 
     async def job_update(self, event):
         await self.send_json(event["payload"])

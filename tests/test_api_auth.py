@@ -70,6 +70,50 @@ def test_it_rejects_an_expired_or_forged_jwt(client, alice_key):
     assert client.get("/v1/models", **auth(forged)).status_code == 401
 
 
+def test_a_jwt_must_expire_and_within_a_day(client, alice_key):
+    key_id, secret = alice_key.split(".")
+    now_ms = int(time.time() * 1000)
+    forever = jwt.encode({"api_key": key_id, "timestamp": now_ms}, secret, algorithm="HS256")
+    next_year = jwt.encode({"api_key": key_id, "exp": now_ms + 365 * 86_400_000}, secret, algorithm="HS256")
+    in_an_hour = jwt.encode({"api_key": key_id, "exp": int(time.time()) + 3600}, secret, algorithm="HS256")
+    for token, why in ((forever, "no expiry"), (next_year, "too far ahead")):
+        response = client.get("/v1/models", **auth(token))
+        assert response.status_code == 401 and why in response.json()["error"]["message"]
+    assert client.get("/v1/models", **auth(in_an_hour)).status_code == 200
+
+
+def test_last_used_is_written_at_most_once_a_minute(client, alice, alice_key):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    assert client.get("/v1/models", **auth(alice_key)).status_code == 200
+    first = ApiKey.objects.get(user=alice).last_used_at
+    assert first is not None
+    client.get("/v1/models", **auth(alice_key))
+    assert ApiKey.objects.get(user=alice).last_used_at == first  # the second call wrote nothing
+    ApiKey.objects.filter(user=alice).update(last_used_at=timezone.now() - timedelta(minutes=2))
+    client.get("/v1/models", **auth(alice_key))
+    assert ApiKey.objects.get(user=alice).last_used_at > first
+
+
+def test_two_instances_on_one_host_keep_their_own_cookies():
+    import os
+    import subprocess
+    import sys
+
+    def cookie_names(port: str) -> str:
+        code = (
+            "import django.conf, os; os.environ['DJANGO_SETTINGS_MODULE'] = 'finetune_site.settings'; "
+            "from django.conf import settings; print(settings.SESSION_COOKIE_NAME, settings.CSRF_COOKIE_NAME)"
+        )
+        env = {**os.environ, "FT_PORT": port}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+
+    first, second = cookie_names("8000"), cookie_names("8001")
+    assert first.split() != second.split() and set(first.split()).isdisjoint(second.split())
+
+
 def test_it_answers_401_with_the_error_shape_and_www_authenticate(client):
     response = client.get("/v1/files")
     assert response.status_code == 401

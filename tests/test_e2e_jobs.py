@@ -112,7 +112,7 @@ def test_a_killed_training_worker_is_replaced_and_the_job_resumes(stack, client,
 def login_cookies(stack) -> dict:
     with httpx.Client(base_url=stack.url) as http:
         http.get("/accounts/login/")
-        token = http.cookies["csrftoken"]
+        token = http.cookies[f"ftcsrf-{stack.port}"]
         response = http.post(
             "/accounts/login/", data={"username": "admin", "password": ADMIN_PASSWORD, "csrfmiddlewaretoken": token}
         )

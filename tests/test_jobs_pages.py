@@ -319,3 +319,40 @@ def test_joining_the_live_stream_brings_the_points_and_the_status_missed_since_t
     replies = asyncio.run(sync())
     assert replies[0]["type"] == "metric" and replies[0]["step"] == 2
     assert replies[1] == {"type": "status", "status": "running"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_malformed_message_on_the_live_stream_is_ignored_and_the_stream_stays_up(alice, dataset):
+    import asyncio
+    import json
+
+    from asgiref.testing import ApplicationCommunicator
+
+    from jobs_app.consumers import JobConsumer
+
+    job = make_job(alice, dataset, status="running")
+    JobEvent.objects.create(job=job, type="metrics", step=1, data={"step": 1, "train_loss": 2.0})
+
+    async def talk():
+        scope = {
+            "type": "websocket",
+            "path": f"/ws/jobs/{job.public_id}/",
+            "headers": [],
+            "subprotocols": [],
+            "user": alice,
+            "url_route": {"kwargs": {"public_id": job.public_id}},
+        }
+        socket = ApplicationCommunicator(JobConsumer.as_asgi(), scope)
+        await socket.send_input({"type": "websocket.connect"})
+        assert (await socket.receive_output(5))["type"] == "websocket.accept"
+        for junk in ("not json", "[1, 2]", '"sync"', json.dumps({"type": "sync", "after_step": "x"})):
+            await socket.send_input({"type": "websocket.receive", "text": junk})
+        await socket.send_input({"type": "websocket.receive", "text": json.dumps({"type": "sync", "after_step": 0})})
+        replies = [json.loads((await socket.receive_output(5))["text"]) for _ in range(2)]
+        await socket.send_input({"type": "websocket.disconnect", "code": 1000})
+        await socket.wait(5)
+        return replies
+
+    replies = asyncio.run(talk())
+    assert replies[0]["type"] == "metric" and replies[0]["step"] == 1
+    assert replies[1] == {"type": "status", "status": "running"}

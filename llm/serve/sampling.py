@@ -2,6 +2,9 @@
 
 import torch
 
+MIN_TEMPERATURE = 1e-4
+"""Below this, dividing the scores overflows to infinity; the distribution is as sharp as greedy anyway."""
+
 
 def sample_next_token(
     logits: torch.Tensor,
@@ -15,7 +18,7 @@ def sample_next_token(
     logits = logits.reshape(-1)
     if not do_sample or temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax(logits.float() / max(temperature, MIN_TEMPERATURE), dim=-1)
     if top_p >= 1.0:
         return int(torch.multinomial(probs, 1, generator=generator))
     sorted_probs, order = torch.sort(probs, descending=True)

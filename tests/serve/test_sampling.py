@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from llm.serve.sampling import make_generator, sample_next_token
@@ -39,3 +40,11 @@ def test_it_repeats_itself_for_the_same_seed():
     unseeded = make_generator(None, "cpu"), make_generator(None, "cpu")
     first, second = ([sample_next_token(LOGITS, generator=g) for _ in range(100)] for g in unseeded)
     assert first != second
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-8, 5e-324])
+def test_a_tiny_temperature_is_as_sharp_as_greedy_not_a_crash(temperature):
+    logits = torch.tensor([1.0, 3.5, 2.0, -1.0])
+    generator = torch.Generator().manual_seed(0)
+    picks = {sample_next_token(logits, temperature=temperature, generator=generator) for _ in range(20)}
+    assert picks == {1}
