@@ -7,6 +7,12 @@ from .models import Checkpoint, FineTuningJob
 class FineTuningJobAdmin(admin.ModelAdmin):
     list_display = ("public_id", "owner", "base_model", "status", "step", "total_steps", "created_at")
     list_filter = ("status",)
+    # The status changes only through jobs_app.transitions (its guards keep workers consistent);
+    # the worker's fields and the run's folder are the worker's.
+    readonly_fields = ("status", "control", "worker", "attempts", "heartbeat_at", "step", "total_steps")
 
 
-admin.site.register(Checkpoint)
+@admin.register(Checkpoint)
+class CheckpointAdmin(admin.ModelAdmin):
+    list_display = ("job", "step", "created_at")
+    readonly_fields = ("path",)  # a file on the server's disk

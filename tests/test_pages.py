@@ -78,3 +78,36 @@ def test_fine_tune_from_a_fine_tuned_card_starts_from_its_base(client, alice, se
     )
     page = client.get(f"/jobs/new/?model={card.model_id}").content.decode()
     assert '<option value="tiny-random-smollm2" selected>' in page
+
+
+def test_the_admin_cannot_edit_server_paths_or_a_jobs_status(client):
+    from deployments_app.models import ModelCard
+    from jobs_app.models import Checkpoint, FineTuningJob
+
+    root = get_user_model().objects.create_superuser("root", password="pw-root-123")
+    client.force_login(root)
+    job = FineTuningJob.objects.create(owner=root, base_model="b", training_file_ref="file-x", status="running")
+    card = ModelCard.objects.create(model_id="ft:b:root:x", owner=root, base_model="b", path="/srv/models/x")
+    checkpoint = Checkpoint.objects.create(job=job, step=3, path="/srv/ckpt/3")
+    pages = {
+        f"/admin/deployments_app/modelcard/{card.pk}/change/": ['name="path"'],
+        f"/admin/jobs_app/checkpoint/{checkpoint.pk}/change/": ['name="path"'],
+        f"/admin/jobs_app/finetuningjob/{job.pk}/change/": ['name="status"', 'name="worker"'],
+    }
+    for url, inputs in pages.items():
+        page = client.get(url)
+        assert page.status_code == 200, url
+        for field in inputs:
+            assert field not in page.content.decode(), (url, field)
+
+
+def test_the_admin_password_is_printed_only_when_it_is_made(tmp_path, monkeypatch, settings):
+    from finetune_site.management.commands.runstack import Command
+
+    monkeypatch.delenv("FT_ADMIN_PASSWORD", raising=False)
+    settings.FT_ADMIN_USER = "boss"
+    first = Command()._ensure_admin(tmp_path)
+    password = (tmp_path / "admin-password").read_text().strip()
+    assert first == f"Admin login: boss / {password}"
+    again = Command()._ensure_admin(tmp_path)
+    assert password not in again and str(tmp_path / "admin-password") in again

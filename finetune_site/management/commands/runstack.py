@@ -95,10 +95,11 @@ class Command(BaseCommand):
         if wanted and not user.check_password(wanted):
             user.set_password(wanted)
             user.save(update_fields=["password"])
+        # The password is printed once, when it is made: logs are read by more people than the admin.
         if wanted:
-            return f"Admin login: {username} / {wanted}"
+            return f"Admin login: {username} (the password given in FT_ADMIN_PASSWORD)"
         if password_file.exists():
-            return f"Admin login: {username} / {password_file.read_text().strip()}  (from {password_file})"
+            return f"Admin login: {username} (password in {password_file})"
         return f"Admin login: {username} (password set earlier; set FT_ADMIN_PASSWORD to change it)"
 
     def _write_config(self, run_dir: Path, log_dir: Path) -> Path:
