@@ -1,4 +1,6 @@
 import logging
+import threading
+import time
 
 import redis
 from django import forms
@@ -42,7 +44,21 @@ def _check_redis() -> str | None:
     return None
 
 
+_WORKER_COUNTS_SECONDS = 5.0
+"""How long one census of the workers answers /healthz: each census is a broadcast to every worker."""
+_worker_counts: tuple[float, dict[str, int]] | None = None
+_worker_counts_lock = threading.Lock()
+
+
 def _workers_per_queue() -> dict[str, int]:
+    global _worker_counts
+    with _worker_counts_lock:  # one census at a time; the callers meanwhile share its answer
+        if _worker_counts is None or time.monotonic() - _worker_counts[0] > _WORKER_COUNTS_SECONDS:
+            _worker_counts = (time.monotonic(), _count_workers())
+        return dict(_worker_counts[1])
+
+
+def _count_workers() -> dict[str, int]:
     replies = celery_app.control.inspect(timeout=1.0).active_queues() or {}
     counts = {queue: 0 for queue in QUEUES}
     for queues in replies.values():
@@ -52,7 +68,11 @@ def _workers_per_queue() -> dict[str, int]:
 
 
 def healthz(request):
-    """Health of the database, Redis and each worker queue; 503 naming what is down."""
+    """Health of the database, Redis and each worker queue; 503 naming what is down.
+
+    Anyone (a load balancer, a monitor) gets the status and what is down; the details
+    (error texts, worker counts, the database vendor) are for staff only.
+    """
     report, down = {}, []
     try:
         with connection.cursor() as cursor:
@@ -72,6 +92,8 @@ def healthz(request):
         down += [f"queue:{queue}" for queue in QUEUES if counts.get(queue, 0) == 0]
     report["status"] = "ok" if not down else "down"
     report["down"] = down
+    if not (request.user.is_authenticated and request.user.is_staff):
+        report = {"status": report["status"], "down": down}
     return JsonResponse(report, status=200 if not down else 503)
 
 

@@ -158,3 +158,14 @@ def fresh_postgres_database(prefix: str):
     finally:
         with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def login_cookies(stack) -> dict:
+    with httpx.Client(base_url=stack.url) as http:
+        http.get("/accounts/login/")
+        token = http.cookies[f"ftcsrf-{stack.port}"]
+        response = http.post(
+            "/accounts/login/", data={"username": "admin", "password": ADMIN_PASSWORD, "csrfmiddlewaretoken": token}
+        )
+        assert response.status_code == 302
+        return dict(http.cookies)

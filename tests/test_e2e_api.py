@@ -8,7 +8,7 @@ import pytest
 
 from llm.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID
 
-from .live import chat_lines
+from .live import chat_lines, login_cookies
 
 pytestmark = [pytest.mark.live, pytest.mark.timeout(600)]
 
@@ -135,9 +135,12 @@ def test_a_wrong_key_is_a_401(stack):
         client.models.list()
 
 
-def test_healthz_reports_every_part(stack):
-    report = httpx.get(stack.url + "/healthz").json()
+def test_healthz_reports_every_part_to_staff_and_only_the_status_to_anyone(stack):
+    anyone = httpx.get(stack.url + "/healthz")
+    assert anyone.status_code == 200 and anyone.json() == {"status": "ok", "down": []}
+    report = httpx.get(stack.url + "/healthz", cookies=login_cookies(stack)).json()
     assert report["database"]["ok"] and report["redis"]["ok"]
     assert report["queues"]["training"]["workers"] >= 1
     assert report["queues"]["default"]["workers"] >= 1
     assert report["queues"]["serving"]["workers"] >= 1
+    assert report["queues"]["notifications"]["workers"] >= 1 and report["queues"]["housekeeping"]["workers"] >= 1

@@ -12,7 +12,7 @@ import pytest
 
 from llm.bundled import TINY_MODEL_ID
 
-from .live import ADMIN_PASSWORD, chat_lines
+from .live import chat_lines, login_cookies
 
 pytestmark = [pytest.mark.live, pytest.mark.timeout(900)]
 
@@ -107,17 +107,6 @@ def test_a_killed_training_worker_is_replaced_and_the_job_resumes(stack, client,
     steps = all_metric_steps(client, job.id)
     assert len(steps) == len(set(steps)) and max(steps) == 360
     assert int(stack.supervisorctl("pid", "worker-train").strip()) != pid
-
-
-def login_cookies(stack) -> dict:
-    with httpx.Client(base_url=stack.url) as http:
-        http.get("/accounts/login/")
-        token = http.cookies[f"ftcsrf-{stack.port}"]
-        response = http.post(
-            "/accounts/login/", data={"username": "admin", "password": ADMIN_PASSWORD, "csrfmiddlewaretoken": token}
-        )
-        assert response.status_code == 302
-        return dict(http.cookies)
 
 
 def test_a_websocket_client_receives_live_points(stack, client, long_file):

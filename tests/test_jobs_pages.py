@@ -356,3 +356,36 @@ def test_a_malformed_message_on_the_live_stream_is_ignored_and_the_stream_stays_
     replies = asyncio.run(talk())
     assert replies[0]["type"] == "metric" and replies[0]["step"] == 1
     assert replies[1] == {"type": "status", "status": "running"}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("origin", "refused"),
+    [("http://127.0.0.1:8000", False), ("http://127.0.0.1:9999", True), ("http://localhost:8000", True)],
+)
+def test_the_live_stream_opens_only_from_this_sites_own_pages(origin, refused, settings):
+    """Another server on the same host (another port) must not open a logged-in user's job stream."""
+    import asyncio
+
+    from asgiref.testing import ApplicationCommunicator
+
+    from finetune_site.asgi import application
+
+    settings.CSRF_TRUSTED_ORIGINS = []
+
+    async def handshake():
+        scope = {
+            "type": "websocket",
+            "path": "/ws/jobs/ftjob-none/",
+            "headers": [(b"host", b"127.0.0.1:8000"), (b"origin", origin.encode())],
+            "subprotocols": [],
+        }
+        socket = ApplicationCommunicator(application, scope)
+        await socket.send_input({"type": "websocket.connect"})
+        reply = await socket.receive_output(5)
+        await socket.wait(5)
+        return reply
+
+    reply = asyncio.run(handshake())
+    # 4403: refused at the door; 4404: let in, then told there is no such job for this (anonymous) user.
+    assert reply == {"type": "websocket.close", "code": 4403 if refused else 4404}

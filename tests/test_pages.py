@@ -111,3 +111,25 @@ def test_the_admin_password_is_printed_only_when_it_is_made(tmp_path, monkeypatc
     assert first == f"Admin login: boss / {password}"
     again = Command()._ensure_admin(tmp_path)
     assert password not in again and str(tmp_path / "admin-password") in again
+
+
+def test_healthz_tells_anyone_the_status_staff_the_details_and_asks_the_workers_once_in_a_while(client, monkeypatch):
+    from finetune_site import views
+
+    censuses = []
+
+    def count_workers():  # the broadcast to every worker is the outer edge here
+        censuses.append(1)
+        return dict.fromkeys(views.QUEUES, 1)
+
+    monkeypatch.setattr(views, "_check_redis", lambda: None)
+    monkeypatch.setattr(views, "_count_workers", count_workers)
+    monkeypatch.setattr(views, "_worker_counts", None)
+    for _ in range(3):
+        anyone = client.get("/healthz")
+        assert anyone.status_code == 200 and anyone.json() == {"status": "ok", "down": []}
+    assert len(censuses) == 1
+
+    client.force_login(get_user_model().objects.create_superuser("root", password="pw-root-123"))
+    report = client.get("/healthz").json()
+    assert report["database"]["ok"] and report["queues"]["housekeeping"] == {"workers": 1}
