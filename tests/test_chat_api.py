@@ -213,3 +213,15 @@ def test_an_instance_refusal_keeps_its_status(status, answered):
     from finetune_site.api_errors import status_of
 
     assert status_of(_refusal_of(RemoteError("no", status))) == answered
+
+
+def test_a_model_whose_files_are_gone_is_a_500_that_names_no_server_path(client, card, caplog):
+    import shutil
+
+    shutil.rmtree(card.path)
+    response = chat(client, hello(model=card.model_id))
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["code"] == "model_error" and "adapter is missing" in error["message"]
+    assert card.path not in error["message"] and "/" not in error["message"]
+    assert card.path in caplog.text  # the administrator still finds where, in the log

@@ -30,4 +30,12 @@ class PromptTooLong(InvalidRequest):
 
 
 class ModelLoadError(ServingError):
-    """A base model or adapter folder is missing or cannot be loaded."""
+    """A base model or adapter folder is missing or cannot be loaded.
+
+    The message says what failed and is shown to callers; `detail` says where on the
+    server and why, for the log only (a caller has no business knowing the paths).
+    """
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail or message

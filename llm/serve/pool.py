@@ -10,6 +10,7 @@ API callers, all stream at once instead of one after another.
 
 import gc
 import itertools
+import logging
 import os
 import threading
 from collections import Counter, OrderedDict
@@ -30,6 +31,8 @@ from .generate import stream_completion
 from .hf import AdapterModel, ServedModel, ServingTokenizer
 from .prompt import render_prompt
 from .schema import Completion, GenerationRequest, StreamEvent
+
+log = logging.getLogger(__name__)
 
 
 class FairLock:
@@ -258,7 +261,10 @@ class ModelPool:
         # Not narrowed: a folder of any content can fail in peft, safetensors or torch in their own types;
         # each becomes a ModelLoadError the caller can show.
         except Exception as error:
-            raise ModelLoadError(f"could not load the adapter at {adapter_path}: {error}") from error
+            raise _load_error(
+                "the fine-tuned model's adapter could not be loaded",
+                f"could not load the adapter at {adapter_path}: {error}",
+            ) from error
         model = base.adapter_model()
         model.eval()
         model.set_adapter(name, inference_mode=True)  # so eviction below never deletes the active one
@@ -305,13 +311,17 @@ class ModelPool:
 
     def _load_base(self, path: str) -> _LoadedBase:
         if not (Path(path) / "config.json").is_file():
-            raise ModelLoadError(f"no model at {path} (config.json is missing)")
+            raise _load_error(
+                "the model's files are missing on this server", f"no model at {path} (config.json is missing)"
+            )
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         # Not narrowed: as for adapters, any folder content can fail in transformers, safetensors or torch.
         except Exception as error:
-            raise ModelLoadError(f"could not load the model at {path}: {error}") from error
+            raise _load_error(
+                "the model could not be loaded", f"could not load the model at {path}: {error}"
+            ) from error
         model.to(self.device).eval()
         return _LoadedBase(
             path=path,
@@ -361,8 +371,17 @@ def _check_request(request: GenerationRequest) -> None:
 def _adapter_folder(adapter_path: str) -> str:
     key = _key(adapter_path)
     if not (Path(key) / "adapter_config.json").is_file():
-        raise ModelLoadError(f"no adapter at {adapter_path} (adapter_config.json is missing)")
+        raise _load_error(
+            "the fine-tuned model's adapter is missing on this server",
+            f"no adapter at {adapter_path} (adapter_config.json is missing)",
+        )
     return key
+
+
+def _load_error(message: str, detail: str) -> ModelLoadError:
+    """A ModelLoadError whose paths and cause go to the log, not to the caller."""
+    log.error("%s", detail)
+    return ModelLoadError(message, detail=detail)
 
 
 def _key(path: str | os.PathLike[str]) -> str:

@@ -189,11 +189,15 @@ def test_it_unloads_and_loads_again_on_demand(pool, chatty_model_dir, adapters):
     assert pool.stats()["base_loads"] == {str(chatty_model_dir.resolve()): 2}
 
 
-def test_it_says_clearly_when_a_model_or_adapter_is_missing(pool, chatty_model_dir, tmp_path):
-    with pytest.raises(ModelLoadError, match="no model at"):
+def test_it_says_clearly_when_a_model_or_adapter_is_missing_and_keeps_where_for_the_log(
+    pool, chatty_model_dir, tmp_path
+):
+    with pytest.raises(ModelLoadError, match="the model's files are missing") as missing:
         pool.generate_stream(chat(tmp_path))
-    with pytest.raises(ModelLoadError, match="no adapter at"):
+    assert str(tmp_path) not in str(missing.value) and f"no model at {tmp_path}" in missing.value.detail
+    with pytest.raises(ModelLoadError, match="adapter is missing") as no_adapter:
         pool.generate_stream(chat(chatty_model_dir, adapter_path=str(tmp_path)))
+    assert str(tmp_path) not in str(no_adapter.value) and "no adapter at" in no_adapter.value.detail
 
 
 def test_past_max_bases_the_least_recently_used_idle_base_is_unloaded(chatty_model_dir, tiny_model_dir):
