@@ -5,9 +5,9 @@ the reason as a message, so nothing the user typed elsewhere on the page is
 lost to a bare error page. Without a Referer it goes where the view named with
 `refusals_go_to`, else to the parent path: action URLs here end in a verb under
 the page they act on (/jobs/<id>/cancel/ -> /jobs/<id>/). A NotFound is a 404
-page on every method, as a missing page always was. Other requests get a small page with the reason and
-the status the API would give. API routes are left to the API's own mapping
-(`finetune_site.api_errors`).
+page on every method, as a missing page always was. Other requests get a small
+page with the reason and the status the API would give. API routes are left to
+the API's own mapping (`finetune_site.api_errors`).
 """
 
 from functools import wraps
