@@ -50,7 +50,8 @@ def token_statistics(
             totals["skipped"] += 1
             continue
         try:
-            masks = [render(without_images(sequence)).loss_mask for sequence in training_sequences(example)]
+            sequences = training_sequences(example)
+            masks = [render(without_images(sequence)).loss_mask for sequence in sequences]
         except ChatFormatError as refusal:
             totals["skipped"] += 1
             totals["refused"] += 1
@@ -60,7 +61,7 @@ def token_statistics(
                 )
             continue
         longest = 0
-        for sequence, mask in zip(training_sequences(example), masks, strict=True):
+        for sequence, mask in zip(sequences, masks, strict=True):
             image_count, trained_images = count_images(sequence["messages"])
             tokens = len(mask) + IMAGE_TOKENS * image_count
             longest = max(longest, tokens)

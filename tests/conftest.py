@@ -10,6 +10,8 @@ import pytest
 
 from llm.bundled import build_tiny_model, prepare_bundled_model
 
+from .live import fresh_postgres_database, postgres_up
+
 REPO = Path(__file__).resolve().parent.parent
 TEST_CACHE = REPO / "var" / "test-cache"
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -57,3 +59,15 @@ def _in_memory_channel_layer(request):
     settings = request.getfixturevalue("settings")
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     yield
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request):
+    """ "" for the default SQLite file in FT_HOME, else a fresh PostgreSQL database (race tests run on both)."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    if not postgres_up():
+        pytest.skip("PostgreSQL on 127.0.0.1:5432 is needed for this test")
+    with fresh_postgres_database(f"ft_{request.module.__name__.rsplit('.', 1)[-1]}") as url:
+        yield url

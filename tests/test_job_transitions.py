@@ -20,7 +20,7 @@ from jobs_app import services, transitions
 from jobs_app.hyperparameters import resolve_hyperparameters
 from jobs_app.models import FineTuningJob, JobEvent
 
-from .live import REPO, fresh_postgres_database, postgres_up
+from .live import REPO
 
 pytestmark = pytest.mark.django_db
 
@@ -194,18 +194,6 @@ def test_two_claimers_of_one_job_cannot_both_start_it(make_job):
     assert transitions.start(seen_by_second, worker="w2") is False
     job.refresh_from_db()
     assert job.worker == "w1" and job.attempts == 1
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request):
-    """ "" for the default SQLite file in FT_HOME, else a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        yield ""
-        return
-    if not postgres_up():
-        pytest.skip("PostgreSQL on 127.0.0.1:5432 is needed for this test")
-    with fresh_postgres_database("ft_claim") as url:
-        yield url
 
 
 @pytest.mark.django_db(False)

@@ -282,14 +282,27 @@ def test_early_stopping_gets_validations_to_compare_and_needs_validation_data(al
     assert caught.value.param == "hyperparameters.early_stopping_patience"
 
 
+def job_stream(user, job):
+    """The job's websocket consumer, spoken to by hand: channels.testing would import daphne, which is not installed."""
+    from asgiref.testing import ApplicationCommunicator
+
+    from jobs_app.consumers import JobConsumer
+
+    scope = {
+        "type": "websocket",
+        "path": f"/ws/jobs/{job.public_id}/",
+        "headers": [],
+        "subprotocols": [],
+        "user": user,
+        "url_route": {"kwargs": {"public_id": job.public_id}},
+    }
+    return ApplicationCommunicator(JobConsumer.as_asgi(), scope)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_joining_the_live_stream_brings_the_points_and_the_status_missed_since_the_page_was_drawn(alice, dataset):
     import asyncio
     import json
-
-    from asgiref.testing import ApplicationCommunicator
-
-    from jobs_app.consumers import JobConsumer
 
     job = make_job(alice, dataset, status="queued")
     # The page was drawn while queued; then the job started and logged two steps.
@@ -298,16 +311,7 @@ def test_joining_the_live_stream_brings_the_points_and_the_status_missed_since_t
         JobEvent.objects.create(job=job, type="metrics", step=step, data={"step": step, "train_loss": 2.0})
 
     async def sync():
-        # The websocket protocol by hand: channels.testing would import daphne, which is not installed.
-        scope = {
-            "type": "websocket",
-            "path": f"/ws/jobs/{job.public_id}/",
-            "headers": [],
-            "subprotocols": [],
-            "user": alice,
-            "url_route": {"kwargs": {"public_id": job.public_id}},
-        }
-        socket = ApplicationCommunicator(JobConsumer.as_asgi(), scope)
+        socket = job_stream(alice, job)
         await socket.send_input({"type": "websocket.connect"})
         assert (await socket.receive_output(5))["type"] == "websocket.accept"
         await socket.send_input({"type": "websocket.receive", "text": json.dumps({"type": "sync", "after_step": 1})})
@@ -326,23 +330,11 @@ def test_a_malformed_message_on_the_live_stream_is_ignored_and_the_stream_stays_
     import asyncio
     import json
 
-    from asgiref.testing import ApplicationCommunicator
-
-    from jobs_app.consumers import JobConsumer
-
     job = make_job(alice, dataset, status="running")
     JobEvent.objects.create(job=job, type="metrics", step=1, data={"step": 1, "train_loss": 2.0})
 
     async def talk():
-        scope = {
-            "type": "websocket",
-            "path": f"/ws/jobs/{job.public_id}/",
-            "headers": [],
-            "subprotocols": [],
-            "user": alice,
-            "url_route": {"kwargs": {"public_id": job.public_id}},
-        }
-        socket = ApplicationCommunicator(JobConsumer.as_asgi(), scope)
+        socket = job_stream(alice, job)
         await socket.send_input({"type": "websocket.connect"})
         assert (await socket.receive_output(5))["type"] == "websocket.accept"
         for junk in ("not json", "[1, 2]", '"sync"', json.dumps({"type": "sync", "after_step": "x"})):

@@ -11,19 +11,7 @@ import sys
 
 import pytest
 
-from .live import REPO, fresh_postgres_database, postgres_up
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request):
-    """ "" for the default SQLite file in FT_HOME, else a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        yield ""
-        return
-    if not postgres_up():
-        pytest.skip("PostgreSQL on 127.0.0.1:5432 is needed for this test")
-    with fresh_postgres_database("ft_race") as url:
-        yield url
+from .live import REPO
 
 
 @pytest.mark.parametrize(
