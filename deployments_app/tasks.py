@@ -11,14 +11,14 @@ from celery import shared_task
 from celery.signals import worker_shutting_down
 
 from .catalog import services as catalog_services
-from .deployments import instance
 from .deployments import services as deployment_services
+from .deployments import supervisor
 
 
 @shared_task(name="deployments_app.tasks.run_instance", acks_late=False)
 def run_instance(instance_id: int) -> None:
-    """Host one deployment instance until it is stopped (long-running, on the serving queue)."""
-    instance.run_instance(instance_id, worker=f"{socket.gethostname()}:{run_instance.request.hostname or ''}")
+    """Run one deployment instance's process and watch it until it ends (long-running, on the serving queue)."""
+    supervisor.supervise_instance(instance_id, worker=f"{socket.gethostname()}:{run_instance.request.hostname or ''}")
 
 
 @shared_task(name="deployments_app.tasks.reconcile_deployments")
@@ -28,7 +28,7 @@ def reconcile_deployments() -> dict:
 
 @worker_shutting_down.connect
 def _stop_instances_on_shutdown(**kwargs):
-    instance.worker_shutting_down.set()
+    supervisor.host_shutting_down.set()
 
 
 @shared_task(name="deployments_app.tasks.build_merged_model")

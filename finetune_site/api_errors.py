@@ -6,6 +6,7 @@ playground's JSON endpoints) through `application_error_response`.
 """
 
 import logging
+import math
 
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
@@ -14,6 +15,7 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 from .errors import (
     ApplicationError,
+    Busy,
     CapacityExceeded,
     InvalidInput,
     InvalidState,
@@ -44,6 +46,7 @@ _STATUS_OF_ERROR: dict[type[ApplicationError], int] = {
     InvalidInput: 400,
     InvalidState: 400,
     CapacityExceeded: 400,
+    Busy: 429,
     NotFound: 404,
     NotAllowed: 403,
     TooLarge: 413,
@@ -95,7 +98,14 @@ def error_response(message: str, *, status_code: int = 400, param=None, code=Non
 
 def application_error_response(error: ApplicationError) -> JsonResponse:
     """A domain error in the API's shape, for views outside DRF."""
-    return error_response(error.message, status_code=status_of(error), param=error.param, code=error.code)
+    response = error_response(error.message, status_code=status_of(error), param=error.param, code=error.code)
+    _say_when_to_retry(response, error)
+    return response
+
+
+def _say_when_to_retry(response, error: ApplicationError) -> None:
+    if isinstance(error, Busy):
+        response["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
 
 
 def _first_validation_message(detail, prefix: str = "") -> tuple[str, str | None]:
@@ -113,7 +123,9 @@ def _first_validation_message(detail, prefix: str = "") -> tuple[str, str | None
 
 def exception_handler(exc, context):
     if isinstance(exc, ApplicationError):
-        return _respond(exc.message, status_of(exc), exc.param, exc.code)
+        result = _respond(exc.message, status_of(exc), exc.param, exc.code)
+        _say_when_to_retry(result, exc)
+        return result
     if isinstance(exc, ApiError):
         return _respond(exc.message, exc.status_code, exc.param, exc.code)
     if isinstance(exc, Http404):

@@ -47,6 +47,14 @@ class CapacityExceeded(ApplicationError):
     """Not enough capacity (serving slots, storage) left for this now."""
 
 
+class Busy(ApplicationError):
+    """Too much is running to take this now; `retry_after` says in how many seconds to send it again."""
+
+    def __init__(self, message: str, *, retry_after: float, param: str | None = None, code: str | None = None):
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after
+
+
 class Unavailable(ApplicationError):
     """Nothing could take this in time (no serving instance picked the request up); the same request may work later."""
 

@@ -1,5 +1,6 @@
 """Settings, read from the environment with defaults that make `make run` work."""
 
+import os
 from pathlib import Path
 
 import dj_database_url
@@ -229,6 +230,17 @@ FT_MAX_JOB_ATTEMPTS = env_int("FT_MAX_JOB_ATTEMPTS", 3, minimum=1)
 FT_ADAPTER_CACHE_SIZE = env_int("FT_ADAPTER_CACHE_SIZE", 8, minimum=1)
 FT_MAX_LOADED_MODELS = env_int("FT_MAX_LOADED_MODELS", 3, minimum=1)
 """Base (and fully fine-tuned) models the web process keeps loaded; the least recently used idle one goes first."""
+# The serving engine (llm/serve/engine.py), in the web process and in every deployment instance.
+FT_SERVING_DTYPE = env_choice("FT_SERVING_DTYPE", "auto", ("auto", "float32", "bfloat16"))
+"""auto: bfloat16 on GPUs and on CPUs that compute it fast (AVX-512 BF16, AMX), float32 elsewhere."""
+FT_MAX_BATCH = env_int("FT_MAX_BATCH", 16, minimum=1)
+"""Requests one model answers in the same forward passes; more wait in its queue."""
+FT_KV_CACHE_MB = env_int("FT_KV_CACHE_MB", 2048, minimum=16)
+"""Memory per model for the keys and values of running requests; each reserves prompt plus max_tokens."""
+FT_PREFILL_TOKENS = env_int("FT_PREFILL_TOKENS", 256, minimum=16)
+"""Prompt tokens read per engine step: a long prompt is read over several steps between the running streams'."""
+FT_ENGINE_QUEUE_SECONDS = env_int("FT_ENGINE_QUEUE_SECONDS", 30, minimum=1)
+"""How long a request waits for room in the batch before it is refused with 429 and Retry-After."""
 
 # --- Deployments
 FT_MAX_INSTANCES = env_int("FT_MAX_INSTANCES", 8, minimum=1)
@@ -238,6 +250,12 @@ FT_SERVING_SLOTS = env_int("FT_SERVING_SLOTS", 4, minimum=1)
 FT_INSTANCE_START_TIMEOUT = env_int("FT_INSTANCE_START_TIMEOUT", 600, minimum=10)
 # The price the deployment page multiplies instance-hours by for its cost estimate.
 FT_INSTANCE_HOUR_PRICE = env_float("FT_INSTANCE_HOUR_PRICE", 1.0, minimum=0.0)
+# torch threads in each instance's process: by default half the cores, so two instances on one
+# machine each get their own cores and add throughput instead of fighting over the same ones.
+FT_INSTANCE_THREADS = env_int("FT_INSTANCE_THREADS", max(1, (os.cpu_count() or 2) // 2), minimum=1)
+# GET /metrics (Prometheus text) is open to staff sessions, and to `Authorization: Bearer <this>`
+# when set (for a scraper); nobody else, since its labels name every user's deployments.
+FT_METRICS_TOKEN = env_str("FT_METRICS_TOKEN")
 
 STATIC_URL = "static/"
 STATIC_ROOT = FT_HOME / "staticfiles"

@@ -206,7 +206,7 @@ def test_the_zhipuai_fine_tuned_model_delete_answers_deleted_then_404(client, ca
     assert again.status_code == 404 and again.json()["error"]["code"] == "not_found"
 
 
-@pytest.mark.parametrize(("status", "answered"), [(400, 400), (503, 503), (504, 504), (500, 500)])
+@pytest.mark.parametrize(("status", "answered"), [(400, 400), (429, 429), (503, 503), (504, 504), (500, 500)])
 def test_an_instance_refusal_keeps_its_status(status, answered):
     from deployments_app.chat.serving import _refusal_of
     from deployments_app.deployments.streams import RemoteError
@@ -225,3 +225,33 @@ def test_a_model_whose_files_are_gone_is_a_500_that_names_no_server_path(client,
     assert error["code"] == "model_error" and "adapter is missing" in error["message"]
     assert card.path not in error["message"] and "/" not in error["message"]
     assert card.path in caplog.text  # the administrator still finds where, in the log
+
+
+def test_a_full_engine_answers_429_with_retry_after_and_the_running_stream_finishes(client, alice, monkeypatch):
+    from deployments_app.catalog import resolve_model
+    from deployments_app.chat import pool as shared
+    from llm.serve.pool import ModelPool
+    from llm.serve.schema import GenerationRequest
+
+    base_path = str(resolve_model(alice, BASE).base_path)
+    messages = [{"role": "user", "content": "hi"}]
+    probe = ModelPool(device="cpu", dtype="float32")
+    per_token = probe._base(base_path).engine.kv.bytes_per_token
+    room = probe.count_prompt_tokens(base_path, messages) + 1500
+    probe.close()
+    full = ModelPool(device="cpu", dtype="float32", kv_memory_bytes=room * per_token, queue_timeout=0.2)
+    monkeypatch.setattr(shared, "_pool", full)
+    try:
+        # Long enough to hold the memory for the whole test (the engine does not wait for its reader).
+        running = full.generate_stream(GenerationRequest(base_path=base_path, messages=messages, max_tokens=1500))
+        next(running)
+
+        response = chat(client, hello(max_tokens=64))
+
+        assert response.status_code == 429, response.content
+        assert 1 <= int(response["Retry-After"]) <= 60
+        assert response.json()["error"]["code"] == "engine_overloaded"
+        *_, done = list(running)
+        assert done.completion_tokens == 1500
+    finally:
+        full.close()

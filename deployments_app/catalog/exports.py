@@ -157,6 +157,8 @@ def build_merged_model(card: ModelCard, export_dir: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from llm.serve.pool import MODEL_LOADING
+
     base = get_base_model(card.base_model)
     if base is None or not card.is_adapter:
         raise ValueError(f"{card.model_id} is not a LoRA model of a known base")
@@ -164,8 +166,9 @@ def build_merged_model(card: ModelCard, export_dir: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32)
-        merged = PeftModel.from_pretrained(model, card.path).merge_and_unload()
+        with MODEL_LOADING:  # the worker's other thread may be loading a model too
+            model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32)
+            merged = PeftModel.from_pretrained(model, card.path).merge_and_unload()
         merged.save_pretrained(partial, safe_serialization=True)
         AutoTokenizer.from_pretrained(str(base.path)).save_pretrained(partial)
         (partial / "README.md").write_text(model_readme(card, merged=True))

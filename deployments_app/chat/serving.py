@@ -10,8 +10,8 @@ from contextlib import aclosing
 
 from asgiref.sync import sync_to_async
 
-from finetune_site.errors import ApplicationError, InvalidInput, ModelFailed, NotFound, TimedOut, Unavailable
-from llm.serve.errors import InvalidRequest, ServingError
+from finetune_site.errors import ApplicationError, Busy, InvalidInput, ModelFailed, NotFound, TimedOut, Unavailable
+from llm.serve.errors import InvalidRequest, Overloaded, ServingError
 from llm.serve.schema import Completion, GenerationRequest
 
 from ..catalog import resolve_model
@@ -52,18 +52,27 @@ async def open_events(user, params: dict):
         **generation_fields,
     )
     try:
-        stream = await streaming.run_in_thread(get_pool().generate_stream, generation)
+        # Loading a model on first use blocks: a thread does it. The answer then comes from the engine's
+        # own thread straight to this event loop, with no thread waiting per stream.
+        stream = await streaming.run_in_thread(get_pool().open_stream, generation)
+        events = stream.events()
+        first = await anext(events)
+    except Overloaded as exc:
+        raise Busy(str(exc), retry_after=exc.retry_after, code="engine_overloaded") from exc
     except InvalidRequest as exc:
         raise InvalidInput(str(exc), param="messages", code="invalid_request") from exc
     except ServingError as exc:
         raise ModelFailed(str(exc), code="model_error") from exc
-    return streaming.from_thread(stream)
+    return streaming.prepend(first, events)
 
 
 def _refusal_of(error: RemoteError) -> ApplicationError:
     """The domain error for an instance's answer that was an error (its status travels on the stream)."""
     if error.status == 400:
         return InvalidInput(str(error), param="messages", code="invalid_request")
+    if error.status == 429:  # the instance's engine stayed full
+        retry_after = getattr(error, "retry_after", None) or 5
+        return Busy(str(error), retry_after=retry_after, code="engine_overloaded")
     if error.status == 503:  # no instance took it
         return Unavailable(str(error), code="model_error")
     if error.status == 504:  # the instance that took it went quiet
@@ -73,7 +82,7 @@ def _refusal_of(error: RemoteError) -> ApplicationError:
 
 def failure_message(exc: Exception) -> str:
     """What the caller is told when the model fails mid-answer."""
-    if isinstance(exc, (ServingError, RemoteError)):
+    if isinstance(exc, ServingError | RemoteError):
         return str(exc)
     return f"The model failed while answering: {type(exc).__name__}: {exc}"
 

@@ -1,12 +1,13 @@
-"""Carrying an answer from the blocking engine to an async response, and stopping it when the caller leaves.
+"""Carrying an answer to an async response, and stopping it when the caller leaves.
 
-Generation runs in worker threads so the event loop never blocks; each piece
-crosses to the loop through a queue. Closing any iterator here closes the chain
-down to the model, so nobody is generated for after the client has gone.
+Generation runs on the engine's own thread and its pieces reach the event loop
+without a thread per stream (`llm.serve.engine.Stream.events`); only blocking
+set-up (loading a model) runs on the chat threads here. Closing any iterator
+here closes the chain down to the engine, so nobody is generated for after the
+client has gone.
 """
 
 import asyncio
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 
@@ -16,43 +17,6 @@ _executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="chat")
 async def run_in_thread(function, *args):
     """Call a blocking function on the chat threads and await its result."""
     return await asyncio.get_running_loop().run_in_executor(_executor, function, *args)
-
-
-async def from_thread(stream):
-    """Pull a blocking generator from a worker thread; closing this closes it."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    abandoned = threading.Event()
-
-    def put(item):
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone: the client left
-            abandoned.set()
-
-    def produce():
-        try:
-            for event in stream:
-                if abandoned.is_set():
-                    break
-                put(("event", event))
-        except Exception as exc:  # noqa: BLE001 - handed to the async side
-            put(("error", exc))
-        finally:
-            stream.close()
-            put(("end", None))
-
-    loop.run_in_executor(_executor, produce)
-    try:
-        while True:
-            kind, value = await queue.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        abandoned.set()
 
 
 async def prepend(first, rest):

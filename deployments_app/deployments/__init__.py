@@ -1,1 +1,1 @@
-"""Deployments: a model served on N dedicated instances, each a long-running task fed from a Redis stream."""
+"""Deployments: a model served on N dedicated instances, each its own OS process fed from a Redis stream."""

@@ -28,12 +28,18 @@ class InstanceOutput(serializers.Serializer):
     object = serializers.CharField(default="deployment.instance")
     status = serializers.ChoiceField(choices=[s for s, _ in Instance.STATUS_CHOICES])
     worker = serializers.CharField()
+    pid = serializers.IntegerField(allow_null=True, help_text="The instance process's id on its worker's host.")
     requests_served = serializers.IntegerField()
     tokens_generated = serializers.IntegerField()
     tokens_per_second = serializers.FloatField(allow_null=True)
     latency_p50_ms = serializers.FloatField(allow_null=True)
     latency_p95_ms = serializers.FloatField(allow_null=True)
     errors = serializers.IntegerField()
+    queue_depth = serializers.IntegerField(help_text="Requests waiting to join the running batch (last heartbeat).")
+    running_requests = serializers.IntegerField(help_text="Rows in the running batch (last heartbeat).")
+    recent_tokens_per_second = serializers.FloatField(help_text="Tokens generated per second over the last 10 s.")
+    first_token_p50_ms = serializers.FloatField(allow_null=True)
+    first_token_p95_ms = serializers.FloatField(allow_null=True)
     created_at = serializers.IntegerField()
     started_at = serializers.IntegerField(allow_null=True)
     stopped_at = serializers.IntegerField(allow_null=True)
@@ -75,12 +81,18 @@ def instance_object(instance: Instance) -> dict:
         "object": "deployment.instance",
         "status": instance.status,
         "worker": instance.worker,
+        "pid": instance.pid,
         "requests_served": instance.requests_served,
         "tokens_generated": instance.tokens_generated,
         "tokens_per_second": instance.tokens_per_second,
         "latency_p50_ms": instance.latency_p50_ms,
         "latency_p95_ms": instance.latency_p95_ms,
         "errors": instance.errors,
+        "queue_depth": instance.queue_depth,
+        "running_requests": instance.running_requests,
+        "recent_tokens_per_second": instance.recent_tokens_per_second,
+        "first_token_p50_ms": instance.first_token_p50_ms,
+        "first_token_p95_ms": instance.first_token_p95_ms,
         "created_at": unix(instance.created_at),
         "started_at": unix(instance.started_at),
         "stopped_at": unix(instance.stopped_at),

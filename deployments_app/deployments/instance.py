@@ -1,11 +1,13 @@
-"""One deployment instance on a serving worker: load the model, serve its stream, stop cleanly.
+"""One deployment instance's process: load the model, serve the deployment's stream, stop cleanly.
 
-Runs inside the long-running Celery task `run_instance`. The instance owns its
-own ModelPool, not the web's shared one (`chat.pool`), so stopping it frees
-exactly its memory.
+Runs as its own OS process, `manage.py serve_instance <id>` (see
+`supervisor.py` for how the serving worker starts and watches it). It owns its
+own ModelPool, not the web's shared one (`chat.pool`), so ending the process
+frees exactly its memory. It needs only Redis, the database and the model files.
 """
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -13,22 +15,24 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import closing
 from dataclasses import dataclass, field
 
+import torch
 from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
-from llm.serve.errors import InvalidRequest, ServingError
+from llm.serve.errors import InvalidRequest, Overloaded, ServingError
 from llm.serve.pool import ModelPool
 from llm.serve.schema import Completion, GenerationRequest
 
 from ..catalog import ResolvedModel, resolve_model
+from ..chat.pool import engine_settings
 from ..chat.protocol import GENERATION_FIELDS
 from ..models import Deployment, Instance
-from . import streams
+from . import services, streams
 
 log = logging.getLogger(__name__)
-# Set when the worker process is asked to shut down (see tasks.py).
-worker_shutting_down = threading.Event()
+# Set when the process is told to stop by its host (SIGTERM: the serving worker shuts down).
+stop_requested = threading.Event()
 _RECLAIM_MIN_IDLE_MS = 1000
 
 
@@ -74,45 +78,65 @@ def percentile(ordered: list[float], pct: float) -> float:
     return ordered[int(rank) - 1]
 
 
-def run_instance(instance_id: int, *, worker: str) -> None:
-    """Load the instance's model, serve requests until told to stop, then free the model."""
+def load_fields(load: dict) -> dict:
+    """The Instance fields for the engine's `ModelPool.load_stats()`."""
+    return {
+        "queue_depth": int(load.get("queue_depth") or 0),
+        "running_requests": int(load.get("running") or 0),
+        "recent_tokens_per_second": float(load.get("tokens_per_second") or 0.0),
+        "first_token_p50_ms": load.get("first_token_p50_ms"),
+        "first_token_p95_ms": load.get("first_token_p95_ms"),
+    }
+
+
+def serve_instance(instance_id: int, *, worker: str, threads: int, parent_pid: int | None = None) -> None:
+    """Load the instance's model, serve requests until told to stop, then free the model.
+
+    threads: torch's intra-op threads for this process. parent_pid: stop (as on
+    SIGTERM) once that process is gone, so a serving worker killed outright
+    leaves no instance behind.
+    """
     instance = Instance.objects.select_related("deployment__owner").filter(pk=instance_id).first()
     if instance is None or not Instance.objects.filter(pk=instance_id, status=Instance.STARTING).update(
-        worker=worker, heartbeat_at=timezone.now()
+        worker=worker, pid=os.getpid(), heartbeat_at=timezone.now()
     ):
-        return  # stopped before a worker picked it up
+        return  # stopped before it started
     deployment = instance.deployment
     resolved = resolve_model(deployment.owner, deployment.model_id)
     if resolved is None:
-        _fail(instance, f"The model {deployment.model_id} no longer exists.")
+        services.instance_failed_to_load(
+            instance=instance, message=f"The model {deployment.model_id} no longer exists."
+        )
         return
-    pool = ModelPool(device=settings.FT_DEVICE, max_adapters=1)
+    torch.set_num_threads(threads)
+    pool = ModelPool(device=settings.FT_DEVICE, max_adapters=1, **engine_settings())
     try:
-        pool.preload(str(resolved.base_path), str(resolved.adapter_path) if resolved.adapter_path else None)
+        try:
+            pool.preload(str(resolved.base_path), str(resolved.adapter_path) if resolved.adapter_path else None)
+        # Not only ServingError: whatever the loader raises must reach the deployment's page.
+        except Exception as exc:
+            log.exception("instance %s could not load %s", instance.public_id, deployment.model_id)
+            services.instance_failed_to_load(instance=instance, message=f"Could not load the model: {exc}")
+            return
+        host_gone = _host_gone(parent_pid)
+        if host_gone():
+            instance.mark_final(Instance.DEAD, "The worker shut down before the model finished loading.")
+            return
         if not instance.claim_running(worker):
             instance.mark_final(Instance.STOPPED, "Stopped before the model finished loading.")
             return
         deployment.mark_running_if_ready()
         log.info("instance %s of %s serving %s", instance.public_id, deployment.public_id, deployment.model_id)
-        _Server(instance, deployment, pool, resolved).serve()
-    except ServingError as exc:
-        _fail(instance, f"Could not load the model: {exc}")
+        _Server(instance, deployment, pool, resolved, host_gone=host_gone).serve()
     finally:
         pool.close()
 
 
-def _fail(instance: Instance, message: str) -> None:
-    """A model that cannot load will not load on a replacement either: fail the deployment."""
-    instance.mark_final(Instance.DEAD, message)
-    Deployment.objects.filter(pk=instance.deployment_id, status__in=(Deployment.DEPLOYING, Deployment.RUNNING)).update(
-        status=Deployment.FAILED, error=message, finished_at=timezone.now(), updated_at=timezone.now()
-    )
-    Instance.objects.filter(deployment_id=instance.deployment_id, status=Instance.STARTING).update(
-        status=Instance.STOPPED, stopped_at=timezone.now()
-    )
-    Instance.objects.filter(deployment_id=instance.deployment_id, status=Instance.RUNNING).update(
-        status=Instance.STOPPING
-    )
+def _host_gone(parent_pid: int | None):
+    def gone() -> bool:
+        return stop_requested.is_set() or (parent_pid is not None and os.getppid() != parent_pid)
+
+    return gone
 
 
 _CANCEL_CHECK_EVERY = 8
@@ -120,13 +144,18 @@ _CANCEL_CHECK_EVERY = 8
 
 
 class _Server:
-    def __init__(self, instance: Instance, deployment: Deployment, pool: ModelPool, resolved: ResolvedModel):
+    def __init__(
+        self, instance: Instance, deployment: Deployment, pool: ModelPool, resolved: ResolvedModel, *, host_gone
+    ):
         self.instance, self.deployment, self.pool, self.resolved = instance, deployment, pool, resolved
+        self.host_gone = host_gone
         self.key = deployment.stream_key
         self.name = instance.public_id
         self.slots = max(1, deployment.max_concurrent_requests)
         self.stats = _Stats()
         self.client = streams.sync_client()
+        # Set once the deployment is cancelled: running answers end now with finish_reason "cancelled".
+        self.cancelled = threading.Event()
 
     def serve(self) -> None:
         streams.ensure_group(self.client, self.key)
@@ -136,12 +165,13 @@ class _Server:
         with ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix=self.name) as executor:
             while True:
                 in_flight = {f for f in in_flight if not f.done()}
-                if worker_shutting_down.is_set():
+                if self.host_gone():
                     stopping = True
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + min(settings.FT_HEARTBEAT_SECONDS, 2)
                     if self._heartbeat() != Instance.RUNNING:
                         stopping = True
+                        self._cancel_if_deployment_cancelled(in_flight)
                     elif len(in_flight) < self.slots:
                         for msg_id, fields in self._reclaim(self.slots - len(in_flight)):
                             in_flight.add(executor.submit(self._answer, msg_id, fields, reclaimed=True))
@@ -166,11 +196,18 @@ class _Server:
                         in_flight.add(executor.submit(self._answer, msg_id, fields))
         self._heartbeat()
         self.client.xgroup_delconsumer(self.key, streams.GROUP, self.name)
-        final = (
-            Instance.DEAD if worker_shutting_down.is_set() and self._status() == Instance.RUNNING else Instance.STOPPED
-        )
+        final = Instance.DEAD if self.host_gone() and self._status() == Instance.RUNNING else Instance.STOPPED
         self.instance.mark_final(final, "The worker shut down." if final == Instance.DEAD else "")
         self.client.close()
+
+    def _cancel_if_deployment_cancelled(self, in_flight: set) -> None:
+        if not self.cancelled.is_set():
+            status = Deployment.objects.filter(pk=self.deployment.pk).values_list("status", flat=True).first()
+            if status != Deployment.CANCELLED:
+                return
+            self.cancelled.set()
+        if in_flight:
+            self.pool.finish_all("cancelled")  # again at each heartbeat: an answer may have joined since
 
     def _is_last(self) -> bool:
         return (
@@ -187,7 +224,9 @@ class _Server:
         return Instance.objects.filter(pk=self.instance.pk).values_list("status", flat=True).first()
 
     def _heartbeat(self) -> str | None:
-        Instance.objects.filter(pk=self.instance.pk).update(heartbeat_at=timezone.now(), **self.stats.take())
+        Instance.objects.filter(pk=self.instance.pk).update(
+            heartbeat_at=timezone.now(), **self.stats.take(), **load_fields(self.pool.load_stats())
+        )
         return self._status()
 
     def _reclaim(self, room: int) -> list:
@@ -223,34 +262,16 @@ class _Server:
             if deadline and time.time() > deadline:
                 return  # the caller has already given up waiting
             if reclaimed and self.client.exists(reply):
-                self._send(
-                    reply,
-                    streams.error_event(
-                        "The instance answering this request stopped mid-answer; send it again.", status=503
-                    ),
-                )
+                self._send(reply, streams.error_event(streams.STOPPED_MID_ANSWER, status=503))
                 return
-            request = GenerationRequest(
-                base_path=str(self.resolved.base_path),
-                adapter_path=str(self.resolved.adapter_path) if self.resolved.adapter_path else None,
-                **{k: params[k] for k in GENERATION_FIELDS if k in params},
-            )
-            cancel = streams.cancel_key(request_id)
-            with closing(self.pool.generate_stream(request)) as events:
-                for number, event in enumerate(events, start=1):
-                    if isinstance(event, Completion):
-                        tokens = event.completion_tokens
-                        self._send(reply, streams.done_event(event))
-                    elif event:
-                        self._send(reply, streams.piece_event(event))
-                    if number % _CANCEL_CHECK_EVERY == 0 and self.client.exists(cancel):
-                        tokens = number  # about one token a piece; closing the stream stops generation
-                        log.info(
-                            "instance %s: the caller of %s left; stopped after %d pieces", self.name, request_id, number
-                        )
-                        break
+            if self.cancelled.is_set():
+                self._send(reply, streams.error_event(_CANCELLED_BEFORE_START, status=503))
+                return
+            tokens = self._generate(request_id, reply, params)
         except InvalidRequest as exc:
             self._send(reply, streams.error_event(str(exc), status=400))
+        except Overloaded as exc:  # the engine's memory stayed full: the caller retries later
+            self._send(reply, streams.error_event(str(exc), status=429, retry_after=exc.retry_after))
         except Exception as exc:  # the caller gets it in the error shape
             failed = True
             log.exception("instance %s failed a request", self.name)
@@ -265,8 +286,32 @@ class _Server:
             self.client.xdel(self.key, msg_id)
             self.stats.record(seconds=time.monotonic() - started, tokens=tokens, failed=failed)
 
+    def _generate(self, request_id: str, reply: str, params: dict) -> int:
+        """Stream one answer to its reply stream; return about how many tokens it took."""
+        request = GenerationRequest(
+            base_path=str(self.resolved.base_path),
+            adapter_path=str(self.resolved.adapter_path) if self.resolved.adapter_path else None,
+            **{k: params[k] for k in GENERATION_FIELDS if k in params},
+        )
+        cancel = streams.cancel_key(request_id)
+        # On cancel the engine ends the answer itself, with finish_reason "cancelled" (finish_all).
+        with closing(self.pool.generate_stream(request)) as events:
+            for number, event in enumerate(events, start=1):
+                if isinstance(event, Completion):
+                    self._send(reply, streams.done_event(event))
+                    return event.completion_tokens
+                if event:
+                    self._send(reply, streams.piece_event(event))
+                if number % _CANCEL_CHECK_EVERY == 0 and self.client.exists(cancel):
+                    # About one token a piece; closing the stream stops generation.
+                    log.info(
+                        "instance %s: the caller of %s left; stopped after %d pieces", self.name, request_id, number
+                    )
+                    return number
+        return 0
+
     def _send(self, reply: str, event: dict) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(reply, event)
-        pipe.expire(reply, streams.REPLY_TTL_SECONDS)
-        pipe.execute()
+        streams.send_event(self.client, reply, event)
+
+
+_CANCELLED_BEFORE_START = "The deployment was cancelled before this request began; send it again."

@@ -1,7 +1,10 @@
 """Writes for deployments: create, scale, cancel, and reconcile instances with what each deployment wants."""
 
+import logging
+import signal
 from datetime import timedelta
 
+import redis
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
@@ -12,6 +15,9 @@ from finetune_site.locks import hold_until_commit
 
 from ..catalog import resolve_model
 from ..models import Deployment, Instance
+from . import streams
+
+log = logging.getLogger(__name__)
 
 
 def cancel_deployments_of(owner, model_id: str, *, checkpoints_only: bool = False) -> None:
@@ -41,8 +47,8 @@ def _check_counts(instances, max_concurrent_requests=None) -> None:
 def _check_capacity(extra: int) -> None:
     """Refuse to want more instances than the serving worker has threads (FT_SERVING_SLOTS).
 
-    Every instance is a task that holds one worker-serve thread for as long as it
-    serves, whichever deployment it belongs to; one more than there are threads waits
+    Every instance is a task that holds one worker-serve thread (which watches the
+    instance's process) for as long as it serves, whichever deployment it belongs to; one more than there are threads waits
     in the queue until its start timeout, is replaced, and never serves.
     """
     if extra <= 0:
@@ -112,7 +118,7 @@ def deployment_scale(*, deployment: Deployment, instances: int) -> Deployment:
 
 @transaction.atomic
 def deployment_cancel(*, deployment: Deployment) -> Deployment:
-    """Stop every instance (each finishes the requests it has) and free their memory."""
+    """Stop every instance: answers still running end with finish_reason "cancelled", the processes end."""
     if deployment.status in (Deployment.CANCELLED, Deployment.FAILED):
         return deployment
     now = timezone.now()
@@ -132,6 +138,11 @@ def _stop(instances) -> None:
 
 def _reconcile(deployment: Deployment) -> None:
     """Start or stop instances until as many are starting or running as are wanted."""
+    # The reconciler and a supervisor whose instance died may both replace it: one at a time.
+    hold_until_commit("serving-capacity")
+    deployment.refresh_from_db(fields=["instances", "status"])
+    if not deployment.is_active:
+        return
     serving = list(deployment.instance_set.filter(status__in=(Instance.STARTING, Instance.RUNNING)).order_by("id"))
     missing = deployment.instances - len(serving)
     if missing > 0:
@@ -148,12 +159,13 @@ def reconcile_deployments() -> dict:
     now = timezone.now()
     stale = now - timedelta(seconds=settings.FT_HEARTBEAT_TIMEOUT)
     never_loaded = now - timedelta(seconds=settings.FT_INSTANCE_START_TIMEOUT)
-    dead = Instance.objects.filter(
-        Q(status__in=(Instance.RUNNING, Instance.STOPPING), heartbeat_at__lt=stale)
-        | Q(status=Instance.STARTING, created_at__lt=never_loaded)
-    )
+    silent = Q(status__in=(Instance.RUNNING, Instance.STOPPING), heartbeat_at__lt=stale)
+    dead = Instance.objects.filter(silent | Q(status=Instance.STARTING, created_at__lt=never_loaded))
     dead_ids = list(dead.values_list("public_id", flat=True))
+    serving_ids = list(dead.filter(silent).values_list("pk", flat=True))
     dead.update(status=Instance.DEAD, stopped_at=now, detail="No heartbeat: the instance or its worker died.")
+    for instance in Instance.objects.select_related("deployment").filter(pk__in=serving_ids, status=Instance.DEAD):
+        _end_begun_answers(instance)
     replaced = 0
     for deployment in Deployment.objects.active():
         with transaction.atomic():
@@ -161,3 +173,64 @@ def reconcile_deployments() -> dict:
             _reconcile(deployment)
             replaced += deployment.instance_set.count() - before
     return {"dead": dead_ids, "started": replaced}
+
+
+def instance_process_ended(*, instance_id: int, exit_status: int) -> None:
+    """Record that an instance's process ended; if it died, end the answers it had begun and replace it.
+
+    A process that ends on its own has already marked its row stopped or dead;
+    one killed (SIGKILL, out of memory) or crashed has not, and is marked dead here.
+    """
+    instance = Instance.objects.select_related("deployment").filter(pk=instance_id).first()
+    if instance is None:
+        return
+    if instance.status == Instance.STARTING and exit_status != 0:
+        # Killed or crashed while loading (out of memory, most often): a replacement would do the same.
+        instance_failed_to_load(
+            instance=instance, message=f"{_describe_exit(exit_status)[:-1]} while it loaded the model."
+        )
+        return
+    instance.mark_final(Instance.DEAD, _describe_exit(exit_status))
+    _end_begun_answers(instance)
+    with transaction.atomic():
+        deployment = Deployment.objects.get(pk=instance.deployment_id)
+        if deployment.is_active:
+            _reconcile(deployment)
+
+
+def instance_failed_to_load(*, instance: Instance, message: str) -> None:
+    """A model that cannot load will not load on a replacement either: fail the deployment, stop its instances."""
+    now = timezone.now()
+    instance.mark_final(Instance.DEAD, message)
+    Deployment.objects.filter(pk=instance.deployment_id, status__in=(Deployment.DEPLOYING, Deployment.RUNNING)).update(
+        status=Deployment.FAILED, error=message, finished_at=now, updated_at=now
+    )
+    siblings = Instance.objects.filter(deployment_id=instance.deployment_id)
+    siblings.filter(status=Instance.STARTING).update(status=Instance.STOPPED, stopped_at=now)
+    siblings.filter(status=Instance.RUNNING).update(status=Instance.STOPPING)
+
+
+def _describe_exit(exit_status: int) -> str:
+    if exit_status < 0:
+        try:
+            name = signal.Signals(-exit_status).name
+        except ValueError:
+            name = f"signal {-exit_status}"
+        return f"The instance process was killed by {name}."
+    return f"The instance process ended with exit status {exit_status}."
+
+
+def _end_begun_answers(instance: Instance) -> None:
+    """Answers the dead instance had begun end with an error event; the rest are left for another instance."""
+    client = streams.sync_client()
+    try:
+        ended = streams.fail_begun_requests(
+            client, instance.deployment.stream_key, instance.public_id, streams.STOPPED_MID_ANSWER
+        )
+    except redis.RedisError:  # the rows matter more; the callers' own idle timeout ends those answers
+        log.warning("could not end the answers begun by %s", instance.public_id, exc_info=True)
+    else:
+        if ended:
+            log.info("ended %d answers begun by %s, which died", ended, instance.public_id)
+    finally:
+        client.close()

@@ -18,6 +18,8 @@ GROUP = "instances"
 REPLY_TTL_SECONDS = 300
 # A request nobody has started within this long is answered with an error and skipped.
 QUEUE_TIMEOUT_SECONDS = 120
+# What the caller of an answer is told when the instance answering it died mid-answer.
+STOPPED_MID_ANSWER = "The instance answering this request stopped mid-answer; send it again."
 
 
 def reply_key(request_id: str) -> str:
@@ -50,16 +52,21 @@ def done_event(completion: Completion) -> dict:
     return {"type": "done", "data": json.dumps(asdict(completion))}
 
 
-def error_event(message: str, *, status: int) -> dict:
-    return {"type": "error", "data": json.dumps({"message": message, "status": status})}
+def error_event(message: str, *, status: int, retry_after: float | None = None) -> dict:
+    """retry_after: seconds the caller should wait before sending it again (with a 429)."""
+    error = {"message": message, "status": status}
+    if retry_after is not None:
+        error["retry_after"] = retry_after
+    return {"type": "error", "data": json.dumps(error)}
 
 
 class RemoteError(Exception):
-    """The instance could not answer; status is the HTTP status to report."""
+    """The instance could not answer; status is the HTTP status to report, retry_after the seconds to wait."""
 
-    def __init__(self, message: str, status: int = 500):
+    def __init__(self, message: str, status: int = 500, retry_after: float | None = None):
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 def decode_reply(fields: dict):
@@ -71,7 +78,45 @@ def decode_reply(fields: dict):
     if kind == "done":
         return Completion(**json.loads(data))
     error = json.loads(data) if data else {}
-    raise RemoteError(error.get("message", "the instance failed"), error.get("status", 500))
+    raise RemoteError(error.get("message", "the instance failed"), error.get("status", 500), error.get("retry_after"))
+
+
+def send_event(client, reply: str, event: dict) -> None:
+    """Append one event to a reply stream, which expires if nobody reads it."""
+    pipe = client.pipeline(transaction=False)
+    pipe.xadd(reply, event)
+    pipe.expire(reply, REPLY_TTL_SECONDS)
+    pipe.execute()
+
+
+def fail_begun_requests(client, stream_key: str, consumer: str, message: str) -> int:
+    """End with a 503 error event every answer a dead consumer had begun; return how many.
+
+    A request is begun when its reply stream exists. Those are acknowledged and
+    deleted, so nobody answers them again; requests the consumer took but had
+    not begun stay pending, for a live instance to take over (`XCLAIM`).
+    """
+    import redis
+
+    try:
+        pending = client.xpending_range(stream_key, GROUP, min="-", max="+", count=10_000, consumername=consumer)
+    except redis.ResponseError:  # no such stream or group: nothing was taken
+        return 0
+    ended = 0
+    for entry in pending:
+        msg_id = entry["message_id"]
+        fields = client.xrange(stream_key, min=msg_id, max=msg_id)
+        if not fields:
+            client.xack(stream_key, GROUP, msg_id)
+            continue
+        request_id, _params, _deadline = decode_request(fields[0][1])
+        reply = reply_key(request_id)
+        if client.exists(reply):
+            send_event(client, reply, error_event(message, status=503))
+            client.xack(stream_key, GROUP, msg_id)
+            client.xdel(stream_key, msg_id)
+            ended += 1
+    return ended
 
 
 def as_text(value) -> str:

@@ -90,5 +90,8 @@ def deployment_scale(request, deployment_id):
 @require_POST
 def deployment_cancel(request, deployment_id):
     deployment = services.deployment_cancel(deployment=_deployment_or_404(request, deployment_id))
-    messages.success(request, f"Cancelled {deployment.public_id}; its instances stop after their current requests.")
+    messages.success(
+        request,
+        f"Cancelled {deployment.public_id}: answers still running end as cancelled and its instance processes stop.",
+    )
     return redirect("deployment_detail", deployment.public_id)

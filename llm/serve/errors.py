@@ -39,3 +39,14 @@ class ModelLoadError(ServingError):
     def __init__(self, message: str, *, detail: str = "") -> None:
         super().__init__(message)
         self.detail = detail or message
+
+
+class Overloaded(ServingError):
+    """The engine's batch and KV memory stayed full for as long as a request may wait: a 429.
+
+    `retry_after` is how many seconds the caller should wait before sending it again.
+    """
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -47,18 +47,4 @@ class ServedModel(CausalLM, Protocol):
 
     def to(self, device: torch.device) -> Any: ...
 
-
-class AdapterModel(ServedModel, Protocol):
-    """A peft PeftModel: the served model once a LoRA adapter is loaded into it."""
-
-    @property
-    def base_model(self) -> Any: ...  # the peft tuner: enable_adapter_layers(), disable_adapter_layers()
-
-    @property
-    def active_adapter(self) -> str: ...
-
-    def load_adapter(self, model_id: str, adapter_name: str, **kwargs: Any) -> Any: ...
-
-    def set_adapter(self, adapter_name: str, *, inference_mode: bool = False) -> None: ...
-
-    def delete_adapter(self, adapter_name: str) -> None: ...
+    def set_attn_implementation(self, attn_implementation: str) -> None: ...

@@ -1,11 +1,12 @@
-"""A pool of loaded models: each base model once, its LoRA adapters hot-swapped per request.
+"""A pool of loaded models: each base model once, with one continuous-batching engine per base.
 
 Thread-safe. Loading a base happens once even when several threads ask for it
-together. Which adapter is active is state of the shared model, so each forward
-pass holds its base's lock, with that stream's adapter active. The lock is fair
-(first come, first served) and taken per token, so streams on one base take turns
-token by token: a playground's base, fine-tuned and checkpoint panes, or several
-API callers, all stream at once instead of one after another.
+together, and a process loads one model at a time (two loads at once in one
+process are not safe in transformers' loader). Every request on a base joins its
+engine's running batch (see engine.py); requests for different LoRA adapters of
+that base share the same forward passes, each row with its own adapter (see
+lora.py). Adapters that cannot be applied per row are merged into a model of
+their own, which gets its own engine.
 """
 
 import gc
@@ -14,73 +15,54 @@ import logging
 import os
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Generator, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
-from peft import PeftModel
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm.chat import check_messages, check_tools
 
+from .engine import BatchEngine, Stream
 from .errors import InvalidRequest, ModelLoadError, PromptTooLong, ServingError
-from .generate import stream_completion
-from .hf import AdapterModel, ServedModel, ServingTokenizer
+from .hf import ServedModel, ServingTokenizer
+from .kv import ATTENTION
+from .lora import NotPerRow, install, read_adapter, uninstall
 from .prompt import render_prompt
-from .schema import Completion, GenerationRequest, StreamEvent
+from .schema import Completion, GenerationRequest
 
 log = logging.getLogger(__name__)
 
+MODEL_LOADING = threading.Lock()
+"""One model load at a time in a process: two at once in one process crash inside transformers' loader."""
+_UNLOADED = "the model was unloaded while the request was answered; send it again"
 
-class FairLock:
-    """A lock granted in the order it was asked for.
 
-    A plain Lock released and taken again at once in a loop is usually won by the
-    same thread again, so one stream would starve the others between its tokens.
-    """
-
-    def __init__(self) -> None:
-        self._turns = threading.Condition()
-        self._next_ticket = 0
-        self._now_serving = 0
-
-    def __enter__(self) -> Self:
-        with self._turns:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            self._turns.wait_for(lambda: self._now_serving == ticket)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with self._turns:
-            self._now_serving += 1
-            self._turns.notify_all()
-
-    def locked(self) -> bool:
-        with self._turns:
-            return self._now_serving != self._next_ticket
+@dataclass(eq=False)
+class _Adapter:
+    id: int
+    streams: int = 0
+    """Requests using it now; an adapter in use is never evicted."""
 
 
 @dataclass(eq=False)
 class _LoadedBase:
     path: str
     model: ServedModel | None
-    """None once unloaded; loading the first adapter wraps it in a peft PeftModel."""
-    tokenizer: ServingTokenizer | None
     """None once unloaded."""
+    tokenizer: ServingTokenizer | None
     end_token_ids: frozenset[int]
     context_length: int | None
-    lock: FairLock = field(default_factory=FairLock)
-    adapters: OrderedDict[str, str] = field(default_factory=OrderedDict)
-    """Adapter path -> peft adapter name, least recently used first."""
-    unloaded: bool = False
-    streams: int = 0
-    """Streams that have started and not ended on this base."""
-    active: str | None = None
-    """What the model runs as now: an adapter's peft name, ADAPTERS_OFF, or None when unknown (after a load)."""
+    engine: BatchEngine
+    adapters: OrderedDict[str, _Adapter] = field(default_factory=OrderedDict)
+    """Adapter folder -> its id in the engine's model, least recently used first."""
+    merged: dict[str, "_LoadedBase"] = field(default_factory=dict)
+    """Adapter folder -> a model of its own, for adapters that cannot be applied per row."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Guards adapters and merged."""
 
     def loaded(self) -> tuple[ServedModel, ServingTokenizer]:
         """The model and tokenizer; ServingError once the base was unloaded."""
@@ -88,54 +70,80 @@ class _LoadedBase:
             raise ServingError(_UNLOADED)
         return self.model, self.tokenizer
 
-    def adapter_model(self) -> AdapterModel:
-        """The model once an adapter is loaded into it: a peft PeftModel."""
-        model, _ = self.loaded()
-        if not isinstance(model, PeftModel):
-            raise TypeError(f"{self.path} has adapters but its model is a {type(model).__name__}, not a PeftModel")
-        adapter_model: AdapterModel = model  # peft is untyped here: say what we use of it
-        return adapter_model
-
-
-ADAPTERS_OFF = "<base>"
-_UNLOADED = "the model was unloaded while the request was answered; send it again"
-
 
 class ModelPool:
     """The models one process serves, loaded on first use and shared by all threads."""
 
-    def __init__(self, *, device: str = "auto", max_adapters: int = 4, max_bases: int | None = None):
-        """device: "auto" (CUDA when present), "cpu" or "cuda[:N]"; max_adapters: adapters kept per base;
-        max_bases: base models kept loaded (None: no limit); past it the least recently used idle one is unloaded."""
+    def __init__(
+        self,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_adapters: int = 4,
+        max_bases: int | None = None,
+        max_batch: int = 16,
+        kv_memory_bytes: int = 2 << 30,
+        prefill_tokens: int = 256,
+        queue_timeout: float = 30.0,
+    ):
+        """device: "auto" (CUDA when present), "cpu" or "cuda[:N]"; dtype: "auto" (bfloat16 where the
+        hardware computes it fast, else float32), "float32" or "bfloat16"; max_adapters: adapters kept
+        per base; max_bases: base models kept loaded (None: no limit; past it the least recently used
+        idle one is unloaded); max_batch, kv_memory_bytes, prefill_tokens, queue_timeout: each engine's
+        (see BatchEngine)."""
         if max_adapters < 1 or (max_bases is not None and max_bases < 1):
             raise ValueError("max_adapters and max_bases must be at least 1")
         self.max_bases = max_bases
         self.device = resolve_device(device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = resolve_dtype(dtype, self.device)
         self.max_adapters = max_adapters
+        self.engine_settings: dict[str, Any] = {
+            "max_batch": max_batch,
+            "kv_memory_bytes": kv_memory_bytes,
+            "prefill_tokens": prefill_tokens,
+            "queue_timeout": queue_timeout,
+        }
         self._lock = threading.Lock()
         self._bases: OrderedDict[str, _LoadedBase] = OrderedDict()  # least recently used first
         self._load_locks: dict[str, threading.Lock] = {}
         self._base_loads: Counter[str] = Counter()
         self._adapter_loads: Counter[str] = Counter()
         self._adapter_evictions = 0
-        self._adapter_names = itertools.count(1)
+        self._adapter_ids = itertools.count(1)
 
-    def generate_stream(self, request: GenerationRequest) -> Generator[StreamEvent, None, None]:
-        """Check the request and return a stream of text pieces ending with one Completion.
+    def open_stream(self, request: GenerationRequest) -> Stream:
+        """Check the request and queue it on its base's engine; the answer arrives on the Stream.
 
-        Bad requests raise here, before the stream starts. Generation starts when the
-        first item is asked for; closing the stream early stops it.
+        Bad requests raise here, before anything is queued.
         """
         _check_request(request)
         base = self._base(request.base_path)
         adapter_path = _adapter_folder(request.adapter_path) if request.adapter_path else None
-        prompt_ids = self._prompt_ids(base, request.messages, request.tools)
+        prompt_ids = render_prompt(base.loaded()[1], request.messages, request.tools)
         if base.context_length and len(prompt_ids) + request.max_tokens > base.context_length:
             raise PromptTooLong(
                 prompt_tokens=len(prompt_ids), max_tokens=request.max_tokens, context_length=base.context_length
             )
-        return self._stream(base, adapter_path, prompt_ids, request)
+        if adapter_path is None:
+            return base.engine.submit(prompt_ids, request)
+        target, adapter = self._adapter(base, adapter_path)
+        if adapter is None:  # merged into a model of its own
+            return target.engine.submit(prompt_ids, request)
+        try:
+            return base.engine.submit(
+                prompt_ids, request, adapter_id=adapter.id, on_finish=lambda: self._done_with(base, adapter)
+            )
+        except BaseException:
+            self._done_with(base, adapter)
+            raise
+
+    def generate_stream(self, request: GenerationRequest) -> Stream:
+        """Check the request and return a stream of text pieces ending with one Completion.
+
+        Bad requests raise here, before the stream starts; closing the stream early
+        frees its batch row before the next forward pass.
+        """
+        return self.open_stream(request)
 
     def generate(self, request: GenerationRequest) -> Completion:
         """Return the whole answer at once."""
@@ -161,20 +169,22 @@ class ModelPool:
         """Load a base model (and an adapter) now rather than on the first request."""
         base = self._base(base_path)
         if adapter_path:
-            with base.lock:
-                self._activate(base, _adapter_folder(adapter_path))
+            _, adapter = self._adapter(base, _adapter_folder(adapter_path))
+            if adapter is not None:
+                self._done_with(base, adapter)
 
     def is_busy(self, base_path: str) -> bool:
-        """Tell whether a stream is generating on this base model."""
+        """Tell whether a request is queued or generating on this base model."""
         with self._lock:
             base = self._bases.get(_key(base_path))
-            return base is not None and base.streams > 0
+        return base is not None and _engines_busy(base)
 
     def stats(self) -> dict[str, Any]:
         """Return what is loaded and how often things were loaded, for monitoring and tests."""
         with self._lock:
             return {
                 "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
                 "bases": sorted(self._bases),
                 "adapters": {path: list(base.adapters) for path, base in self._bases.items()},
                 "base_loads": dict(self._base_loads),
@@ -182,16 +192,47 @@ class ModelPool:
                 "adapter_evictions": self._adapter_evictions,
             }
 
+    def load_stats(self) -> dict[str, Any]:
+        """Load on this pool's engines, summed over its bases: requests waiting to join a batch
+        (queue_depth), rows in the running batches (running), generated tokens per second over the
+        last 10 s (tokens_per_second), and first-token latency over recent requests in ms
+        (first_token_p50_ms, first_token_p95_ms; None before any request)."""
+        queue_depth = running = 0
+        tokens_per_second = 0.0
+        latencies: list[float] = []
+        for engine in self._engines():
+            load = engine.load()
+            queue_depth += load.queue_depth
+            running += load.running
+            tokens_per_second += load.tokens_per_second
+            latencies += load.first_token_ms
+        latencies.sort()
+        return {
+            "queue_depth": queue_depth,
+            "running": running,
+            "tokens_per_second": round(tokens_per_second, 2),
+            "first_token_p50_ms": _percentile(latencies, 50),
+            "first_token_p95_ms": _percentile(latencies, 95),
+        }
+
+    def finish_all(self, finish_reason: str) -> None:
+        """End every stream of every engine now, each with a Completion of this finish_reason."""
+        for engine in self._engines():
+            engine.finish_all(finish_reason)
+
     def unload(self, base_path: str) -> bool:
-        """Free a base model and its adapters, after the stream using it ends. Return whether it was loaded."""
+        """Free a base model, its adapters and merged models; streams still on it end with an error."""
         with self._lock:
             base = self._bases.pop(_key(base_path), None)
         if base is None:
             return False
         with base.lock:
-            base.unloaded = True
-            base.model = base.tokenizer = None
+            others = list(base.merged.values())
+            base.merged.clear()
             base.adapters.clear()
+        for loaded in (base, *others):
+            loaded.engine.close()
+            loaded.model = loaded.tokenizer = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -202,81 +243,77 @@ class ModelPool:
         for path in self.stats()["bases"]:
             self.unload(path)
 
-    def _stream(
-        self, base: _LoadedBase, adapter_path: str | None, prompt_ids: list[int], request: GenerationRequest
-    ) -> Generator[StreamEvent, None, None]:
-        @contextmanager
-        def turn() -> Iterator[ServedModel]:
-            # base.model is read under the lock: loading the first adapter wraps it in a PeftModel.
+    def _engines(self) -> list[BatchEngine]:
+        with self._lock:
+            bases = list(self._bases.values())
+        engines = []
+        for base in bases:
             with base.lock:
-                if base.unloaded:
-                    raise ServingError(_UNLOADED)
-                self._activate(base, adapter_path)
-                yield base.loaded()[0]
+                engines += [base.engine, *(merged.engine for merged in base.merged.values())]
+        return engines
 
-        with self._lock:
-            base.streams += 1
-        try:
-            model, tokenizer = base.loaded()
-            yield from stream_completion(
-                model, tokenizer, prompt_ids, request, end_token_ids=base.end_token_ids, step=turn
-            )
-        finally:
+    def _adapter(self, base: _LoadedBase, adapter_path: str) -> tuple[_LoadedBase, _Adapter | None]:
+        """The adapter, loaded into the base's model and marked in use (release with _done_with); or, for an
+        adapter that cannot be applied per row, the merged model that serves it (and None)."""
+        with base.lock:
+            if adapter_path in base.merged:
+                return base.merged[adapter_path], None
+            adapter = base.adapters.get(adapter_path)
+            if adapter is not None:
+                base.adapters.move_to_end(adapter_path)
+                adapter.streams += 1
+                return base, adapter
+            model, _ = base.loaded()
+            try:
+                weights = read_adapter(adapter_path, _as_module(model))
+            except NotPerRow as reason:
+                log.info("adapter %s is served merged into a model of its own: %s", adapter_path, reason)
+                merged = self._load_merged(base, adapter_path)
+                base.merged[adapter_path] = merged
+                with self._lock:
+                    self._adapter_loads[adapter_path] += 1
+                return merged, None
+            # Not narrowed: a folder of any content can fail in json, safetensors or torch in their own types;
+            # each becomes a ModelLoadError the caller can show.
+            except Exception as error:
+                raise _load_error(
+                    "the fine-tuned model's adapter could not be loaded",
+                    f"could not load the adapter at {adapter_path}: {error}",
+                ) from error
+            adapter = _Adapter(id=next(self._adapter_ids), streams=1)
+            install(_as_module(model), adapter.id, weights)
+            base.adapters[adapter_path] = adapter
             with self._lock:
-                base.streams -= 1
+                self._adapter_loads[adapter_path] += 1
+            self._evict_adapters(base)
+            return base, adapter
 
-    def _activate(self, base: _LoadedBase, adapter_path: str | None) -> None:
-        """Make the model run as adapter_path (None: the base alone). Hold base.lock.
+    def _done_with(self, base: _LoadedBase, adapter: _Adapter) -> None:
+        with base.lock:
+            adapter.streams -= 1
+            self._evict_adapters(base)
 
-        Streams take turns per token, so this runs before every forward pass: it
-        changes the model only when the previous pass ran as something else (each
-        switch walks every LoRA layer: a few milliseconds on a 135M model).
-        """
-        if adapter_path is None:
-            if isinstance(base.model, PeftModel) and base.active != ADAPTERS_OFF:
-                base.model.base_model.disable_adapter_layers()
-                base.active = ADAPTERS_OFF
-            return
-        name = base.adapters.get(adapter_path)
-        if name is None:
-            name = self._load_adapter(base, adapter_path)
-            base.active = None
-        base.adapters.move_to_end(adapter_path)
-        if base.active != name:
-            model = base.adapter_model()
-            if base.active in (ADAPTERS_OFF, None):
-                model.base_model.enable_adapter_layers()
-            if model.active_adapter != name:
-                model.set_adapter(name, inference_mode=True)
-            base.active = name
+    def _evict_adapters(self, base: _LoadedBase) -> None:
+        """Past max_adapters, drop the least recently used adapters no request is using. Hold base.lock."""
+        surplus = len(base.adapters) - self.max_adapters
+        for path, adapter in list(base.adapters.items()):
+            if surplus <= 0:
+                break
+            if adapter.streams == 0 and base.model is not None:
+                del base.adapters[path]
+                uninstall(_as_module(base.model), adapter.id)
+                surplus -= 1
+                with self._lock:
+                    self._adapter_evictions += 1
 
-    def _load_adapter(self, base: _LoadedBase, adapter_path: str) -> str:
-        name = f"adapter_{next(self._adapter_names)}"
-        model, _ = base.loaded()
-        try:
-            if isinstance(model, PeftModel):
-                model.load_adapter(adapter_path, adapter_name=name)
-            else:
-                base.model = PeftModel.from_pretrained(model, adapter_path, adapter_name=name)
-        # Not narrowed: a folder of any content can fail in peft, safetensors or torch in their own types;
-        # each becomes a ModelLoadError the caller can show.
-        except Exception as error:
-            raise _load_error(
-                "the fine-tuned model's adapter could not be loaded",
-                f"could not load the adapter at {adapter_path}: {error}",
-            ) from error
-        model = base.adapter_model()
-        model.eval()
-        model.set_adapter(name, inference_mode=True)  # so eviction below never deletes the active one
-        with self._lock:
-            base.adapters[adapter_path] = name
-            self._adapter_loads[adapter_path] += 1
-            # The new adapter is loaded before the oldest goes, so a peft model always has one.
-            while len(base.adapters) > self.max_adapters:
-                _, evicted = base.adapters.popitem(last=False)
-                model.delete_adapter(evicted)
-                self._adapter_evictions += 1
-        return name
+    def _load_merged(self, base: _LoadedBase, adapter_path: str) -> _LoadedBase:
+        from peft import PeftModel
+
+        def load(path: str) -> Any:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+            return PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+
+        return self._load(base.path, load, name=f"{Path(adapter_path).name}")
 
     def _base(self, base_path: str) -> _LoadedBase:
         base = self._get_or_load(_key(base_path))
@@ -288,8 +325,9 @@ class ModelPool:
         if not self.max_bases:
             return
         with self._lock:
-            idle = [path for path, other in self._bases.items() if other is not keep and other.streams == 0]
+            candidates = [(path, other) for path, other in self._bases.items() if other is not keep]
             surplus = len(self._bases) - self.max_bases
+        idle = [path for path, other in candidates if not _engines_busy(other)]
         for path in idle[: max(0, surplus)]:
             self.unload(path)
 
@@ -303,38 +341,81 @@ class ModelPool:
             with self._lock:
                 if key in self._bases:
                     return self._bases[key]
-            base = self._load_base(key)
+            base = self._load(key, lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype))
             with self._lock:
                 self._bases[key] = base
                 self._base_loads[key] += 1
             return base
 
-    def _load_base(self, path: str) -> _LoadedBase:
+    def _load(self, path: str, load_model: Any, *, name: str = "") -> _LoadedBase:
         if not (Path(path) / "config.json").is_file():
             raise _load_error(
                 "the model's files are missing on this server", f"no model at {path} (config.json is missing)"
             )
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+            with MODEL_LOADING:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+                model = load_model(path)
         # Not narrowed: as for adapters, any folder content can fail in transformers, safetensors or torch.
         except Exception as error:
             raise _load_error(
                 "the model could not be loaded", f"could not load the model at {path}: {error}"
             ) from error
         model.to(self.device).eval()
+        model.set_attn_implementation(ATTENTION)
+        end_token_ids = _end_token_ids(model, tokenizer)
         return _LoadedBase(
             path=path,
             model=model,
             tokenizer=tokenizer,
-            end_token_ids=_end_token_ids(model, tokenizer),
+            end_token_ids=end_token_ids,
             context_length=getattr(model.config, "max_position_embeddings", None),
+            engine=BatchEngine(
+                model,
+                tokenizer,
+                end_token_ids=end_token_ids,
+                name=f"engine-{name or Path(path).name}",
+                **self.engine_settings,
+            ),
         )
 
     def _prompt_ids(
         self, base: _LoadedBase, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
     ) -> list[int]:
         return render_prompt(base.loaded()[1], messages, tools)
+
+
+def _as_module(model: ServedModel) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the served model is a {type(model).__name__}, not a torch module")
+    return model
+
+
+def _engines_busy(base: _LoadedBase) -> bool:
+    with base.lock:
+        engines = [base.engine, *(merged.engine for merged in base.merged.values())]
+    return any(engine.busy() for engine in engines)
+
+
+def _percentile(ordered: list[float], pct: float) -> float | None:
+    """Nearest-rank percentile of an ascending list (None when empty)."""
+    if not ordered:
+        return None
+    rank = max(1, -(-len(ordered) * pct // 100))
+    return round(ordered[int(rank) - 1], 1)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """ "float32", "bfloat16", or "auto": bfloat16 on CUDA and on CPUs with fast bfloat16 (AVX-512 BF16, AMX)."""
+    if dtype == "float32":
+        return torch.float32
+    if dtype == "bfloat16":
+        return torch.bfloat16
+    if dtype != "auto":
+        raise ValueError(f"dtype must be 'auto', 'float32' or 'bfloat16', got {dtype!r}")
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -42,7 +42,7 @@ def adapters(chatty_model_dir, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def pool():
-    pool = ModelPool(device="cpu", max_adapters=4)
+    pool = ModelPool(device="cpu", dtype="float32", max_adapters=4)
     yield pool
     pool.close()
 

@@ -1,5 +1,7 @@
 """Helpers the serving tests share."""
 
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,3 +40,23 @@ def drain(stream) -> tuple[list[str], Completion]:
     events = list(stream)
     assert isinstance(events[-1], Completion) and all(isinstance(event, str) for event in events[:-1])
     return events[:-1], events[-1]
+
+
+@contextmanager
+def paused(model):
+    """Hold the model's forward passes (its engine waits at the next one) until the block ends.
+
+    The engine generates ahead of its readers, so a test that needs a request still
+    in flight at some moment must stop the engine there rather than stop reading.
+    """
+    go = threading.Event()
+
+    def wait(module, args):
+        go.wait(timeout=60)
+
+    handle = model.register_forward_pre_hook(wait)
+    try:
+        yield
+    finally:
+        go.set()
+        handle.remove()

@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from llm.serve.engine import BatchEngine
 from llm.serve.errors import InvalidRequest, PromptTooLong, ServingError
-from llm.serve.generate import stream_completion
+from llm.serve.kv import ATTENTION
 from llm.serve.schema import GenerationRequest
 
 from .helpers import chat, drain
@@ -31,17 +32,19 @@ class ScriptedModel(torch.nn.Module):
         self.script = list(script)
         self.vocab_size = vocab_size
         self.config = LlamaConfig(vocab_size=vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=1)
+        self.config._attn_implementation = ATTENTION
         self.calls = 0
 
     @property
     def device(self):
         return torch.device("cpu")
 
-    def forward(self, input_ids, past_key_values, use_cache, logits_to_keep):
-        assert use_cache and past_key_values is not None
+    def forward(self, input_ids, position_ids, use_cache, logits_to_keep):
         assert input_ids.shape[1] == (3 if self.calls == 0 else 1)  # the prompt once, then one token per step
-        logits = torch.zeros(1, 1, self.vocab_size)
-        logits[0, 0, self.script[self.calls]] = 10.0
+        assert position_ids.tolist() == [[0, 1, 2]] if self.calls == 0 else [[2 + self.calls]]
+        kept = len(logits_to_keep) if isinstance(logits_to_keep, torch.Tensor) else logits_to_keep
+        logits = torch.zeros(1, kept, self.vocab_size)
+        logits[0, -1, self.script[self.calls]] = 10.0
         self.calls += 1
         return SimpleNamespace(logits=logits)
 
@@ -54,7 +57,11 @@ def test_it_ends_with_stop_at_the_end_of_turn_token(tiny_model_dir):
     end = tokenizer.eos_token_id
     model = ScriptedModel([*words, end, *words], len(tokenizer))
     request = GenerationRequest(base_path="unused", messages=[], temperature=0.0, max_tokens=20)
-    pieces, completion = drain(stream_completion(model, tokenizer, [1, 2, 3], request, end_token_ids=frozenset({end})))
+    engine = BatchEngine(model, tokenizer, end_token_ids=frozenset({end}))
+    try:
+        pieces, completion = drain(engine.submit([1, 2, 3], request))
+    finally:
+        engine.close()
     assert completion.content == " Paris is nice" == "".join(pieces)
     assert completion.finish_reason == "stop"
     assert completion.completion_tokens == len(words) + 1 == model.calls

@@ -1,4 +1,5 @@
 import threading
+import time
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 from llm.serve.errors import ModelLoadError
 from llm.serve.pool import ModelPool
 
-from .helpers import chat, drain
+from .helpers import chat, drain, paused
 
 N_TOKENS = 24
 
@@ -62,7 +63,7 @@ def test_it_switches_adapters_without_reloading_the_base(pool, chatty_model_dir,
 
 
 def test_it_evicts_the_least_recently_used_adapter(chatty_model_dir, adapters):
-    pool = ModelPool(device="cpu", max_adapters=2)
+    pool = ModelPool(device="cpu", dtype="float32", max_adapters=2)
     a, b, c = (str(adapters[name].resolve()) for name in "abc")
     expected_a = answer(pool, chatty_model_dir, a)
     answer(pool, chatty_model_dir, b)
@@ -81,7 +82,7 @@ def test_it_evicts_the_least_recently_used_adapter(chatty_model_dir, adapters):
 
 
 def test_it_can_keep_a_single_adapter(chatty_model_dir, adapters):
-    pool = ModelPool(device="cpu", max_adapters=1)
+    pool = ModelPool(device="cpu", dtype="float32", max_adapters=1)
     expected = {name: answer(pool, chatty_model_dir, adapters[name]) for name in "ab"}
     assert answer(pool, chatty_model_dir, adapters["a"]) == expected["a"]
     assert pool.stats()["adapter_evictions"] == 2
@@ -168,10 +169,12 @@ def test_streams_on_one_base_take_turns_token_by_token(pool, chatty_model_dir, a
 
 def test_it_releases_the_model_when_a_stream_is_closed_early(pool, chatty_model_dir):
     stream = pool.generate_stream(chat(chatty_model_dir, max_tokens=500))
-    assert not pool.is_busy(str(chatty_model_dir))
     assert isinstance(next(stream), str)
     assert pool.is_busy(str(chatty_model_dir))
     stream.close()
+    deadline = time.monotonic() + 10
+    while pool.is_busy(str(chatty_model_dir)) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not pool.is_busy(str(chatty_model_dir))
 
     finished = []
@@ -201,13 +204,14 @@ def test_it_says_clearly_when_a_model_or_adapter_is_missing_and_keeps_where_for_
 
 
 def test_past_max_bases_the_least_recently_used_idle_base_is_unloaded(chatty_model_dir, tiny_model_dir):
-    pool = ModelPool(device="cpu", max_bases=1)
+    pool = ModelPool(device="cpu", dtype="float32", max_bases=1)
     chatty, tiny = str(chatty_model_dir.resolve()), str(tiny_model_dir.resolve())
-    busy = pool.generate_stream(chat(chatty_model_dir, max_tokens=N_TOKENS))
+    busy = pool.generate_stream(chat(chatty_model_dir, max_tokens=400))
     next(busy)  # a stream is generating on the chatty base
-    pool.generate(chat(tiny_model_dir, max_tokens=2))
-    assert pool.stats()["bases"] == sorted([chatty, tiny])  # in use: kept, even past the limit
-    drain(busy)
+    with paused(pool._base(chatty).model):  # ... and still is
+        pool.generate(chat(tiny_model_dir, max_tokens=2))
+        assert pool.stats()["bases"] == sorted([chatty, tiny])  # in use: kept, even past the limit
+    busy.close()
     pool.generate(chat(chatty_model_dir, max_tokens=2))
     assert pool.stats()["bases"] == [chatty]  # tiny was idle and least recently used
     pool.generate(chat(tiny_model_dir, max_tokens=2))

@@ -158,8 +158,11 @@ class Command(BaseCommand):
                 priority=20,
                 env=env,
             ),
-            # Each deployment instance is a long-running task holding one of these threads;
-            # deployment_create/scale refuse instances beyond FT_SERVING_SLOTS.
+            # Each deployment instance is a long-running task holding one of these threads, which
+            # runs and watches the instance's own process (`manage.py serve_instance`, in its own
+            # process group: stopping this worker SIGTERMs each one, and one left behind stops
+            # when it sees this worker gone); deployment_create/scale refuse instances beyond
+            # FT_SERVING_SLOTS.
             _program(
                 "worker-serve",
                 f"{celery} worker -Q serving --pool threads --concurrency {settings.FT_SERVING_SLOTS} -n serve-{port}@%%h --without-gossip --without-mingle -l INFO",
