@@ -19,6 +19,7 @@ from deployments_app.deployments.instance import _Server, load_fields
 from deployments_app.models import Deployment, Instance
 from llm.bundled import TINY_MODEL_ID
 from llm.serve.errors import Overloaded
+from llm.serve.openmp import INTEL_OPENMP, serving_environment
 from llm.serve.pool import ModelPool
 
 from .live import login_cookies
@@ -233,6 +234,8 @@ def test_a_sigkilled_instance_is_replaced_and_only_its_stream_ends_with_an_error
     pids = [i["pid"] for i in running(body)]
     worker_pid = int(stack.supervisorctl("pid", "worker-serve").strip())
     assert len(set(pids)) == 2 and worker_pid not in pids and all(process_exists(p) for p in pids)
+    if serving_environment(os.environ):  # Intel's OpenMP is installed: the instances run torch with it
+        assert all(INTEL_OPENMP in open(f"/proc/{p}/maps").read() for p in pids)
     for field in ("queue_depth", "running_requests", "recent_tokens_per_second", "first_token_p95_ms"):
         assert field in body["instance_list"][0]
 

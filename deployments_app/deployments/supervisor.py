@@ -17,6 +17,8 @@ import time
 from django.conf import settings
 from django.db import DatabaseError, connection
 
+from llm.serve.openmp import serving_environment
+
 from ..models import Instance
 from . import services
 
@@ -47,6 +49,7 @@ def supervise_instance(instance_id: int, *, worker: str) -> int | None:
                 str(os.getpid()),
             ],
             cwd=settings.BASE_DIR,
+            env={**os.environ, **serving_environment()},
             # Its own process group: a Ctrl-C or a signal to the worker's group reaches the child
             # only through this supervisor, which forwards shutdown as SIGTERM.
             start_new_session=True,

