@@ -61,7 +61,7 @@ class Deployment(models.Model):
     model_id = models.CharField(max_length=300)
     instances = models.PositiveSmallIntegerField(default=1, help_text="How many instances are wanted.")
     max_concurrent_requests = models.PositiveSmallIntegerField(
-        default=1, help_text="Requests one instance takes at once."
+        default=16, help_text="Requests one instance takes at once (its engine answers them in shared batches)."
     )
     status = models.CharField(max_length=12, choices=STATUS_CHOICES, default=DEPLOYING)
     error = models.TextField(blank=True)

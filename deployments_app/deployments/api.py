@@ -16,7 +16,9 @@ from . import selectors, services
 class DeploymentCreateInput(serializers.Serializer):
     model = serializers.CharField(help_text="A base, fine-tuned or checkpoint model id.")
     instances = serializers.IntegerField(default=1)
-    max_concurrent_requests = serializers.IntegerField(default=1, help_text="Requests one instance takes at once.")
+    max_concurrent_requests = serializers.IntegerField(
+        default=16, help_text="Requests one instance takes at once (its engine answers them in shared batches)."
+    )
 
 
 class DeploymentScaleInput(serializers.Serializer):

@@ -21,13 +21,13 @@ def _form_int(value, default):
 
 @login_required
 def deployment_list(request):
-    form = {"model": request.GET.get("model", ""), "instances": 1, "max_concurrent_requests": 1}
+    form = {"model": request.GET.get("model", ""), "instances": 1, "max_concurrent_requests": 16}
     error = None
     if request.method == "POST":
         form = {
             "model": request.POST.get("model", ""),
             "instances": _form_int(request.POST.get("instances"), 1),
-            "max_concurrent_requests": _form_int(request.POST.get("max_concurrent_requests"), 1),
+            "max_concurrent_requests": _form_int(request.POST.get("max_concurrent_requests"), 16),
         }
         try:
             deployment = services.deployment_create(

@@ -8,7 +8,9 @@ the two things compared are interleaved, so a neighbour's load hits both alike.
 """
 
 import argparse
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .openmp import serving_environment
 from .pool import ModelPool
 from .schema import Completion, GenerationRequest
 
@@ -28,6 +31,10 @@ Row = tuple[str, str, str, bool | None]
 
 
 def main(argv: list[str] | None = None) -> None:
+    preload = serving_environment()
+    if preload:  # measure the engine as the serving processes run it (see openmp.py)
+        arguments = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, "-m", "llm.serve.bench", *arguments], {**os.environ, **preload})
     args = _parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
