@@ -23,6 +23,7 @@ from llm.serve.openmp import INTEL_OPENMP, serving_environment
 from llm.serve.pool import ModelPool
 
 from .live import login_cookies
+from .test_deployments_live import wait_for
 
 REDIS = "redis://127.0.0.1:6379/11"
 
@@ -157,16 +158,6 @@ def rest(stack):
     key = stack.api_key("erin")
     with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
         yield http
-
-
-def wait_for(rest, deployment_id, check, *, timeout=120, what=""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = rest.get(f"/api/deployments/{deployment_id}").json()
-        if check(body):
-            return body
-        time.sleep(0.3)
-    raise AssertionError(f"deployment never reached {what}: {body}")
 
 
 def running(body):
