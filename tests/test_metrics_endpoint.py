@@ -8,6 +8,8 @@ from django.contrib.auth import get_user_model
 from deployments_app.models import Deployment, Instance
 from finetune_site.models import ApiKey
 
+from .test_deployments import alice, bob  # noqa: F401 - shared fixtures
+
 pytestmark = pytest.mark.django_db
 
 _NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
@@ -49,16 +51,6 @@ def parse_prometheus_text(text: str) -> dict[str, dict]:
         parsed = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', labels))
         families[name]["samples"].append((parsed, float(value)))
     return families
-
-
-@pytest.fixture
-def alice():
-    return get_user_model().objects.create_user("alice", password="pw-alice-123")
-
-
-@pytest.fixture
-def bob():
-    return get_user_model().objects.create_user("bob", password="pw-bob-123")
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
+from llm.serve.engine import percentile
 from llm.serve.errors import InvalidRequest, Overloaded, ServingError
 from llm.serve.pool import ModelPool
 from llm.serve.schema import Completion, GenerationRequest
@@ -70,12 +71,6 @@ class _Stats:
             self.requests = self.tokens = self.errors = 0
             self.busy_seconds = 0.0
             return taken
-
-
-def percentile(ordered: list[float], pct: float) -> float:
-    """Nearest-rank percentile of an ascending list."""
-    rank = max(1, -(-len(ordered) * pct // 100))
-    return ordered[int(rank) - 1]
 
 
 def load_fields(load: dict) -> dict:

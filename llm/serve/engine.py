@@ -522,6 +522,12 @@ class BatchEngine:
         self._waiting.clear()
 
 
+def percentile(ordered: list[float], pct: float) -> float:
+    """Nearest-rank percentile of a non-empty ascending list."""
+    rank = max(1, -(-len(ordered) * pct // 100))
+    return ordered[int(rank) - 1]
+
+
 def _use_slot_attention(model: Any) -> None:
     """Switch the model's attention to the engine's (see kv.py); loading with attn_implementation does the same."""
     if model.config._attn_implementation != ATTENTION:

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm.chat import check_messages, check_tools
 
-from .engine import BatchEngine, Stream
+from .engine import BatchEngine, Stream, percentile
 from .errors import InvalidRequest, ModelLoadError, PromptTooLong, ServingError
 from .hf import ServedModel, ServingTokenizer
 from .kv import ATTENTION
@@ -122,7 +122,7 @@ class ModelPool:
         _check_request(request)
         base = self._base(request.base_path)
         adapter_path = _adapter_folder(request.adapter_path) if request.adapter_path else None
-        prompt_ids = render_prompt(base.loaded()[1], request.messages, request.tools)
+        prompt_ids = self._prompt_ids(base, request.messages, request.tools)
         if base.context_length and len(prompt_ids) + request.max_tokens > base.context_length:
             raise PromptTooLong(
                 prompt_tokens=len(prompt_ids), max_tokens=request.max_tokens, context_length=base.context_length
@@ -214,8 +214,8 @@ class ModelPool:
             "queue_depth": queue_depth,
             "running": running,
             "tokens_per_second": round(tokens_per_second, 2),
-            "first_token_p50_ms": _percentile(latencies, 50),
-            "first_token_p95_ms": _percentile(latencies, 95),
+            "first_token_p50_ms": round(percentile(latencies, 50), 1) if latencies else None,
+            "first_token_p95_ms": round(percentile(latencies, 95), 1) if latencies else None,
         }
 
     def finish_all(self, finish_reason: str) -> None:
@@ -418,14 +418,6 @@ def _engines_busy(base: _LoadedBase) -> bool:
     with base.lock:
         engines = [base.engine, *(merged.engine for merged in base.merged.values())]
     return any(engine.busy() for engine in engines)
-
-
-def _percentile(ordered: list[float], pct: float) -> float | None:
-    """Nearest-rank percentile of an ascending list (None when empty)."""
-    if not ordered:
-        return None
-    rank = max(1, -(-len(ordered) * pct // 100))
-    return round(ordered[int(rank) - 1], 1)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
