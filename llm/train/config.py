@@ -1,6 +1,7 @@
 """What one training run needs to know, checked all at once before anything loads."""
 
 import importlib.util
+import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 from .hyperparameters import (
     BASE_LEARNING_RATE,
     BATCH_SIZE,
+    BETA,
     EARLY_STOPPING_PATIENCE,
     EVAL_EVERY,
     HYPERPARAMETERS,
@@ -23,6 +25,7 @@ from .hyperparameters import (
 )
 
 METHODS = ("lora", "dora", "full", "qlora")
+OBJECTIVES = ("sft", "dpo")
 SCHEDULERS = ("cosine", "linear", "constant")
 LOSS_ON = ("assistant", "all")
 DEVICES = ("auto", "cpu", "cuda")
@@ -46,13 +49,21 @@ class TrainConfig:
     model: str
     """Folder of a Hugging Face causal LM (config.json, weights, tokenizer with a chat template)."""
     train_file: str
-    """JSONL file, one {"messages": [...], "tools": [...]} conversation a line."""
+    """JSONL file, one {"messages": [...], "tools": [...]} conversation a line (sft), or one
+    {"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]} pair a line (dpo)."""
     out_dir: str
     """Where adapter/ or model/, checkpoints/, config.json, metrics.jsonl and summary.json go."""
     validation_file: str | None = None
     """Optional JSONL file in the same format; enables eval_loss and eval_token_accuracy."""
     method: str = "lora"
     """lora, dora (weight-decomposed LoRA), full (every weight) or qlora (4-bit base, CUDA only)."""
+    objective: str = "sft"
+    """sft: learn the replies of conversations; dpo: prefer the preferred answer of each pair (DPO)."""
+    dpo_beta: float = BETA.default
+    """DPO's beta: how strongly the log-probability ratios to the reference model are scaled."""
+    init_from: str | None = None
+    """Start from an earlier fine-tune of the same base: an adapter folder (lora, dora, qlora) that
+    training continues, or a full model folder (full). For dpo it is also the reference model."""
     epochs: int = N_EPOCHS.default
     """Passes over the training file."""
     batch_size: int = BATCH_SIZE.default
@@ -119,6 +130,27 @@ class TrainConfig:
             check(state.is_file(), "resume_from", f"{self.resume_from} is not a checkpoint (no {STATE_FILE})")
 
         check(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+        check(
+            self.objective in OBJECTIVES,
+            "objective",
+            f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}",
+        )
+        if self.init_from is not None:
+            marker = "adapter_config.json" if self.uses_adapter else "config.json"
+            kind = "an adapter folder" if self.uses_adapter else "a full model folder"
+            check(
+                (Path(self.init_from) / marker).is_file(),
+                "init_from",
+                f"{self.init_from} is not {kind} (no {marker}) for method {self.method}",
+            )
+            if self.uses_adapter and (Path(self.init_from) / marker).is_file():
+                dora = bool(_json_file(Path(self.init_from) / marker).get("use_dora"))
+                check(
+                    dora == (self.method == "dora"),
+                    "init_from",
+                    f"{self.init_from} is a {'DoRA' if dora else 'LoRA'} adapter; "
+                    f"continue it with method {'dora' if dora else 'lora'}, not {self.method}",
+                )
         check(self.loss_on in LOSS_ON, "loss_on", f"must be one of {', '.join(LOSS_ON)}, got {self.loss_on!r}")
         check(
             self.scheduler in SCHEDULERS, "scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"
@@ -138,7 +170,11 @@ class TrainConfig:
                     "lr",
                     f"must be between 0 and 1 (exclusive), got {self.lr!r}",
                 )
-            elif definition.engine_name is not None and not (definition.adapter_only and not self.uses_adapter):
+            elif (
+                definition.engine_name is not None
+                and not (definition.adapter_only and not self.uses_adapter)
+                and self.objective in definition.objectives
+            ):
                 problem = definition.engine_problem(getattr(self, definition.engine_name))
                 check(problem is None, definition.engine_name, problem or "")
         if _is_int(self.early_stopping_patience) and self.early_stopping_patience > 0:
@@ -202,6 +238,14 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _json_file(path: Path) -> dict[str, object]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _has_module(name: str) -> bool:

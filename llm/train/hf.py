@@ -6,6 +6,7 @@ model wrapping one, have them all.
 """
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,6 +19,8 @@ class TrainTokenizer(Tokenizer, Protocol):
     """A tokenizer as training uses it: the chat format's, and saved beside a fully fine-tuned model."""
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Any: ...
+
+    def disable_adapter(self) -> AbstractContextManager[Any]: ...  # peft models only: the base, adapters off
 
 
 class ModelShape(Protocol):
@@ -34,6 +37,8 @@ class TrainableModel(Protocol):
     @property
     def config(self) -> Any: ...  # a transformers PretrainedConfig
 
+    training: bool
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
@@ -47,3 +52,5 @@ class TrainableModel(Protocol):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None: ...
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Any: ...
+
+    def disable_adapter(self) -> AbstractContextManager[Any]: ...  # peft models only: the base, adapters off

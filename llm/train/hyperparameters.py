@@ -33,7 +33,7 @@ class AutoContext:
     method: str
     """lora, dora, full or qlora."""
     examples: int
-    """Conversations in the training file."""
+    """Conversations (or preference pairs) in the training file."""
     resolved: Mapping[str, Value]
     """The hyperparameters resolved before this one (HYPERPARAMETERS order)."""
 
@@ -72,6 +72,8 @@ class Hyperparameter(Generic[T]):
     """The TrainConfig field it becomes; None when the engine takes something derived from it."""
     adapter_only: bool = False
     """Meaningful only for the adapter methods (lora, dora, qlora), never for full."""
+    objectives: tuple[str, ...] = ("sft", "dpo")
+    """The objectives it means something for: sft (supervised), dpo (preference pairs), or both."""
     accepts_auto: bool = True
     """Whether "auto" (or null) may stand for the value."""
     is_valid_text: Callable[[str], bool] | None = None
@@ -296,6 +298,18 @@ TARGET_MODULES = Hyperparameter(
     expected_text='"all-linear" or a comma-separated list of module names',
 )
 
+BETA = Hyperparameter(
+    name="beta",
+    label="DPO beta",
+    doc="How far preference tuning may move from the reference model: higher keeps it closer.",
+    type=float,
+    default=0.1,
+    minimum=0.001,
+    maximum=2.0,
+    engine_name="dpo_beta",
+    objectives=("dpo",),
+)
+
 HYPERPARAMETERS: tuple[Hyperparameter[Any], ...] = (
     N_EPOCHS,
     BATCH_SIZE,
@@ -309,6 +323,7 @@ HYPERPARAMETERS: tuple[Hyperparameter[Any], ...] = (
     LORA_ALPHA,
     LORA_DROPOUT,
     TARGET_MODULES,
+    BETA,
 )
 """Every user hyperparameter, in the order they resolve and are shown."""
 
@@ -339,14 +354,17 @@ def check(requested: Mapping[str, object]) -> tuple[dict[str, Requested], list[P
     return cleaned, problems
 
 
-def resolve(requested: Mapping[str, Requested], *, method: str, examples: int) -> dict[str, Value]:
+def resolve(
+    requested: Mapping[str, Requested], *, method: str, examples: int, objective: str = "sft"
+) -> dict[str, Value]:
     """Every hyperparameter as a number (or text): "auto" and missing ones from their rules.
 
     Adds `learning_rate` (the method's base rate times the multiplier) and `total_steps`.
+    Hyperparameters of another method or objective (LoRA rank for full, beta for sft) are left out.
     """
     resolved: dict[str, Value] = {}
     for definition in HYPERPARAMETERS:
-        if definition.adapter_only and method == "full":
+        if (definition.adapter_only and method == "full") or objective not in definition.objectives:
             continue
         value = requested.get(definition.name, "auto")
         context = AutoContext(method=method, examples=examples, resolved=resolved)

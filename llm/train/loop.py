@@ -10,15 +10,17 @@ import json
 import math
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import dpo
 from .config import ConfigError, TrainConfig
 from .data import ExampleSet, RenderedExample, epoch_order, load_examples
 from .hf import TrainableModel
@@ -33,6 +35,7 @@ from .modeling import (
     use_cpu_threads,
 )
 from .packing import pack, trained_logits
+from .preference import PairSet, RenderedPair, load_pairs, pack_pairs
 
 Sink = Callable[[str, dict[str, Any]], None]
 """sink(kind, payload): where events, metrics, evaluations, checkpoints and the summary go."""
@@ -91,9 +94,10 @@ class _Latest(TypedDict):
 
 class _StepResult(TypedDict):
     loss: float
-    token_accuracy: float
     grad_norm: float
     tokens: int
+    metrics: dict[str, float]
+    """What the objective reports besides the loss: token_accuracy (sft), rewards and log-probabilities (dpo)."""
 
 
 class _Run:
@@ -103,6 +107,8 @@ class _Run:
     model: TrainableModel
     optimizer: torch.optim.AdamW
     params: list[torch.nn.Parameter]
+    reference: dict[str, torch.Tensor]
+    """dpo only: (2, pairs) reference log-probabilities of the chosen and rejected answers, per file."""
 
     def __init__(self, config: TrainConfig, sink: Sink, should_stop: ShouldStop) -> None:
         self.config = config
@@ -130,6 +136,9 @@ class _Run:
         torch.manual_seed(config.seed)
         self.model = load_model(config, self.placement, checkpoint=config.resume_from)
         self.micro_batch_tokens, checkpointing = plan_memory(config, self.model, self.placement)
+        if config.objective == "dpo":
+            # Before checkpointing is on and before any step: the model as it starts is the reference.
+            self.reference = resumed["reference_logps"] if resumed else self._reference_logps()
         if checkpointing:
             enable_gradient_checkpointing(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -158,17 +167,20 @@ class _Run:
         stopped = self.fit()
         return self._finish(stopped)
 
-    def _load_data(self) -> tuple[ExampleSet, ExampleSet | None]:
+    def _load_data(self) -> tuple[ExampleSet | PairSet, ExampleSet | PairSet | None]:
         config, problems = self.config, []
-        sets: dict[str, ExampleSet | None] = {}
+        sets: dict[str, ExampleSet | PairSet | None] = {}
         for name, path in (("train_file", config.train_file), ("validation_file", config.validation_file)):
             if path is None:
                 sets[name] = None
                 continue
             try:
-                sets[name] = load_examples(
-                    path, self.tokenizer, loss_on=config.loss_on, max_seq_len=config.max_seq_len, name=name
-                )
+                if config.objective == "dpo":
+                    sets[name] = load_pairs(path, self.tokenizer, max_seq_len=config.max_seq_len, name=name)
+                else:
+                    sets[name] = load_examples(
+                        path, self.tokenizer, loss_on=config.loss_on, max_seq_len=config.max_seq_len, name=name
+                    )
             except ConfigError as error:
                 problems += error.problems
         for name, examples in sets.items():
@@ -179,7 +191,8 @@ class _Run:
         for name, examples in sets.items():
             if examples is None:
                 continue
-            self._event(f"{name}: {len(examples.examples)} examples, {examples.tokens:,} tokens")
+            noun = "preference pairs" if config.objective == "dpo" else "examples"
+            self._event(f"{name}: {len(examples.examples)} {noun}, {examples.tokens:,} tokens")
             if examples.truncated_examples:
                 self._event(
                     f"{name}: {examples.truncated_examples} examples were longer than max_seq_len={config.max_seq_len} and were cut",
@@ -193,8 +206,44 @@ class _Run:
         assert train_set is not None  # train_file is a required path
         return train_set, sets["validation_file"]
 
+    def _reference_logps(self) -> dict[str, torch.Tensor]:
+        """The reference model's log-probabilities of every answer, train and validation, computed once.
+
+        A fresh adapter's reference is the base with the adapter switched off; a run that
+        starts from an earlier fine-tune (init_from) or trains every weight has its own
+        starting weights as the reference. No copy of the model is kept either way.
+        """
+        started = time.monotonic()
+        config = self.config
+        switch_off = config.uses_adapter and config.init_from is None
+
+        @contextmanager
+        def reference() -> Iterator[None]:
+            with self._autocast(), self.model.disable_adapter() if switch_off else nullcontext():
+                yield
+
+        found = {}
+        for name, pairs in (("train", self.train_set), ("validation", self.val_set)):
+            if pairs is not None:
+                found[name] = dpo.reference_logps(
+                    self.model,
+                    cast(list[RenderedPair], pairs.examples),
+                    token_budget=self.micro_batch_tokens,
+                    device=self.placement.device,
+                    context=reference,
+                )
+        what = "the base model with the adapter switched off" if switch_off else "the starting weights"
+        self._event(
+            f"Reference log-probabilities of {sum(t.shape[1] for t in found.values())} pairs from {what}, "
+            f"in {time.monotonic() - started:.1f} s"
+        )
+        return found
+
     def _check_resumable(self, state: dict[str, Any]) -> None:
         problems = []
+        objective = state["config"].get("objective", "sft")
+        if objective != self.config.objective:
+            problems.append(f"resume_from: the checkpoint is from a {objective} run, not {self.config.objective}")
         if state["config"]["method"] != self.config.method:
             problems.append(
                 f"resume_from: the checkpoint is from a {state['config']['method']} run, not {self.config.method}"
@@ -244,7 +293,8 @@ class _Run:
                     self._event(f"Paused after step {progress['step']}")
                     return "pause"
 
-                batch = [examples[i] for i in order[progress["index"] : progress["index"] + config.batch_size]]
+                indices = order[progress["index"] : progress["index"] + config.batch_size]
+                batch = cast(list[RenderedExample] | list[RenderedPair], [examples[i] for i in indices])
                 lr = get_lr(
                     progress["step"],
                     lr=config.lr,
@@ -253,7 +303,7 @@ class _Run:
                     scheduler=config.scheduler,
                 )
                 step_start = time.monotonic()
-                result = self.train_step(batch, lr)
+                result = self.train_step(batch, lr, indices)
                 seconds = time.monotonic() - step_start
 
                 progress["step"] += 1
@@ -312,14 +362,22 @@ class _Run:
             "tokens_per_second": session["tokens"] / max(session["seconds"], 1e-9),
             "elapsed_s": progress["elapsed_s"] + (now - self.started),
             "eta_s": (now - session["started"]) / session["steps"] * (self.total_steps - progress["step"]),
-            "token_accuracy": result["token_accuracy"],
+            **result["metrics"],
         }
 
-    def train_step(self, examples: list[RenderedExample], lr: float) -> _StepResult:
-        """One optimizer step over examples; return its loss (mean over trained tokens) and stats."""
+    def train_step(
+        self, examples: list[RenderedExample] | list[RenderedPair], lr: float, indices: list[int]
+    ) -> _StepResult:
+        """One optimizer step over examples (those at indices of the training set); return its loss and stats."""
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.config.objective == "dpo":
+            return self._dpo_step(cast(list[RenderedPair], examples), indices)
+        return self._sft_step(cast(list[RenderedExample], examples))
+
+    def _sft_step(self, examples: list[RenderedExample]) -> _StepResult:
+        """Mean cross-entropy over every trained token of the step."""
         micro_batches = pack(examples, self.micro_batch_tokens)
         loss_tokens = sum(len(batch.targets) for batch in micro_batches)
         loss_sum: torch.Tensor | float = 0
@@ -332,40 +390,76 @@ class _Run:
             (batch_loss / loss_tokens).backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             loss_sum += batch_loss.detach()
             correct += (logits.detach().argmax(-1) == batch.targets).sum()
+        return _StepResult(
+            loss=float(loss_sum) / loss_tokens,
+            grad_norm=self._optimizer_step(),
+            tokens=sum(batch.tokens for batch in micro_batches),
+            metrics={"token_accuracy": float(correct) / loss_tokens},
+        )
+
+    def _dpo_step(self, pairs: list[RenderedPair], indices: list[int]) -> _StepResult:
+        """Mean DPO loss over the step's pairs, against the reference computed before training."""
+        totals = dpo.PairTotals()
+        reference = self.reference["train"][:, indices]
+        offset, tokens = 0, 0
+        for batch in pack_pairs(pairs, self.micro_batch_tokens):
+            batch = batch.to(self.placement.device)
+            with self._autocast():
+                chosen, rejected = dpo.answer_logps(self.model, batch)
+            ref = reference[:, offset : offset + batch.pairs].to(chosen.device)
+            terms = dpo.dpo_terms(chosen, rejected, ref[0], ref[1], self.config.dpo_beta)
+            (terms[0].sum() / len(pairs)).backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+            totals.add(*terms, chosen, rejected)
+            offset += batch.pairs
+            tokens += batch.tokens
+        means = totals.means()
+        return _StepResult(loss=means.pop("loss"), grad_norm=self._optimizer_step(), tokens=tokens, metrics=means)
+
+    def _optimizer_step(self) -> float:
+        """Clip, step and clear the gradients; return the norm before clipping."""
         max_norm = self.config.grad_clip or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return _StepResult(
-            loss=float(loss_sum) / loss_tokens,
-            token_accuracy=float(correct) / loss_tokens,
-            grad_norm=float(grad_norm),
-            tokens=sum(batch.tokens for batch in micro_batches),
-        )
+        return float(grad_norm)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Loss and next-token accuracy over every trained token of the validation file."""
+        """The objective's loss and metrics over the whole validation file."""
         assert self.val_set is not None  # called only when there is a validation file
         self.model.eval()
+        if self.config.objective == "dpo":
+            result = self._validate_pairs(cast(list[RenderedPair], self.val_set.examples))
+        else:
+            result = self._validate_examples(cast(list[RenderedExample], self.val_set.examples))
+        self.latest["eval"] = result
+        self._report("eval", result)
+        return result
+
+    def _validate_examples(self, examples: list[RenderedExample]) -> dict[str, float]:
+        """Loss and next-token accuracy over every trained token."""
         loss_sum: float = 0
         correct: float = 0
         count = 0
-        for batch in pack(self.val_set.examples, self.micro_batch_tokens):
+        for batch in pack(examples, self.micro_batch_tokens):
             batch = batch.to(self.placement.device)
             with self._autocast():
                 logits = trained_logits(self.model, batch)
             loss_sum += F.cross_entropy(logits.float(), batch.targets, reduction="sum").item()
             correct += (logits.argmax(-1) == batch.targets).sum().item()
             count += len(batch.targets)
-        result: dict[str, float] = {
-            "step": self.progress["step"],
-            "eval_loss": loss_sum / count,
-            "eval_token_accuracy": correct / count,
-        }
-        self.latest["eval"] = result
-        self._report("eval", result)
-        return result
+        return {"step": self.progress["step"], "eval_loss": loss_sum / count, "eval_token_accuracy": correct / count}
+
+    def _validate_pairs(self, pairs: list[RenderedPair]) -> dict[str, float]:
+        """DPO loss, rewards and log-probabilities, averaged over every validation pair."""
+        totals, offset = dpo.PairTotals(), 0
+        for batch in pack_pairs(pairs, self.micro_batch_tokens):
+            with self._autocast():
+                chosen, rejected = dpo.answer_logps(self.model, batch.to(self.placement.device))
+            ref = self.reference["validation"][:, offset : offset + batch.pairs].to(chosen.device)
+            totals.add(*dpo.dpo_terms(chosen, rejected, ref[0], ref[1], self.config.dpo_beta), chosen, rejected)
+            offset += batch.pairs
+        return {"step": self.progress["step"], **totals.means(prefix="eval_")}
 
     # --- output --------------------------------------------------------------
 
@@ -378,6 +472,7 @@ class _Run:
             "rng": ckpt.rng_state(),
             "metrics": self.latest,
             "config": asdict(self.config),
+            **({"reference_logps": self.reference} if self.config.objective == "dpo" else {}),
         }
         path = ckpt.save_checkpoint(self.out, state, self.model, self.tokenizer, full=not self.config.uses_adapter)
         self.sink("checkpoint", {"step": state["step"], "path": str(path), "metrics": self._checkpoint_metrics()})
@@ -394,6 +489,16 @@ class _Run:
             "valid_mean_token_accuracy": evaluation.get("eval_token_accuracy"),
             "full_valid_loss": evaluation.get("eval_loss"),
             "full_valid_mean_token_accuracy": evaluation.get("eval_token_accuracy"),
+            **(
+                {
+                    "train_reward_accuracy": train.get("reward_accuracy"),
+                    "valid_reward_accuracy": evaluation.get("eval_reward_accuracy"),
+                    "train_reward_margin": train.get("reward_margin"),
+                    "valid_reward_margin": evaluation.get("eval_reward_margin"),
+                }
+                if self.config.objective == "dpo"
+                else {}
+            ),
         }
 
     def _finish(self, stopped: str | None) -> dict[str, Any]:
@@ -424,6 +529,18 @@ class _Run:
             "stopped": stopped,
             "early_stopped": self.early_stopped,
             "method": self.config.method,
+            "objective": self.config.objective,
+            **(
+                {
+                    "dpo_beta": self.config.dpo_beta,
+                    "final_reward_accuracy": train.get("reward_accuracy"),
+                    "final_reward_margin": train.get("reward_margin"),
+                    "eval_reward_accuracy": evaluation.get("eval_reward_accuracy"),
+                    "eval_reward_margin": evaluation.get("eval_reward_margin"),
+                }
+                if self.config.objective == "dpo"
+                else {}
+            ),
             "device": self.placement.device.type,
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,

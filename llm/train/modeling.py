@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model, load_peft_weights, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, load_peft_weights, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import TrainConfig
@@ -57,8 +57,14 @@ def load_tokenizer(model_dir: str) -> TrainTokenizer:
 
 
 def load_model(config: TrainConfig, placement: Placement, *, checkpoint: str | None = None) -> TrainableModel:
-    """Load the base model and make it trainable for config.method; start from checkpoint's weights if given."""
-    full_weights_from = checkpoint if (checkpoint and config.method == "full") else config.model
+    """Load the base model and make it trainable for config.method.
+
+    Weights start from checkpoint when given (resume), else from config.init_from (an earlier
+    fine-tune: its adapter is trained further, or its full weights), else from the base.
+    """
+    full_weights_from = config.model
+    if config.method == "full":
+        full_weights_from = checkpoint or config.init_from or config.model
     options: dict[str, Any] = {"dtype": placement.weights_dtype, "attn_implementation": ATTENTION}
     if config.method == "qlora":
         from transformers import BitsAndBytesConfig
@@ -85,7 +91,10 @@ def load_model(config: TrainConfig, placement: Placement, *, checkpoint: str | N
     with warnings.catch_warnings():
         # peft 0.21 still calls the name transformers 5 deprecated; nothing for us to change.
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        model = get_peft_model(model, lora_config(config))
+        if config.init_from:
+            model = PeftModel.from_pretrained(model, config.init_from, is_trainable=True)
+        else:
+            model = get_peft_model(model, lora_config(config))
     if checkpoint:
         set_peft_model_state_dict(model, load_peft_weights(checkpoint, device=str(placement.device)))
     return model

@@ -129,9 +129,16 @@ def packed_attention(
     scaling: float | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
     max_length_q: int | None = None,
+    shared_prompt: list[tuple[int, int, int, int]] | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Causal attention inside each packed example; query (1, heads, T, dim) -> (1, T, heads, dim)."""
+    """Causal attention inside each packed example; query (1, heads, T, dim) -> (1, T, heads, dim).
+
+    shared_prompt (preference pairs, llm.train.preference): per segment (start, prompt end,
+    rejected start, end); the part from rejected start attends to the prompt and to itself only.
+    """
+    if shared_prompt is not None:
+        return _shared_prompt_attention(query, key, value, shared_prompt, dropout, scaling), None
     if cu_seq_lens_q is None:  # an unpacked call (one sequence): plain causal attention
         cu_seq_lens_q = torch.tensor([0, query.shape[2]], dtype=torch.int32)
         max_length_q = query.shape[2]
@@ -153,6 +160,46 @@ def packed_attention(
         for start, end in itertools.pairwise(bounds)
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2), None
+
+
+def _shared_prompt_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: list[tuple[int, int, int, int]],
+    dropout: float,
+    scaling: float | None,
+) -> torch.Tensor:
+    outputs = []
+    for start, prompt_end, rejected_start, end in layout:
+        # prompt | chosen: plain causal attention.
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, start:rejected_start],
+                key[:, :, start:rejected_start],
+                value[:, :, start:rejected_start],
+                dropout_p=dropout,
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=True,
+            )
+        )
+        # rejected: every prompt key, then its own keys causally; the chosen answer stays unseen.
+        prompt, rejected = prompt_end - start, end - rejected_start
+        mask = torch.ones(rejected, prompt + rejected, dtype=torch.bool, device=query.device)
+        mask[:, prompt:] = torch.ones(rejected, rejected, dtype=torch.bool, device=query.device).tril()
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, rejected_start:end],
+                torch.cat([key[:, :, start:prompt_end], key[:, :, rejected_start:end]], dim=2),
+                torch.cat([value[:, :, start:prompt_end], value[:, :, rejected_start:end]], dim=2),
+                attn_mask=mask,
+                dropout_p=dropout,
+                scale=scaling,
+                enable_gqa=True,
+            )
+        )
+    return torch.cat(outputs, dim=2).transpose(1, 2)
 
 
 def _flash_varlen(
