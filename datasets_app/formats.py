@@ -476,6 +476,11 @@ def _check_parameters(checked, schema, path) -> None:
 
 # --- preference pairs ---------------------------------------------------------
 
+ANSWER_KEYS = ("preferred_output", "non_preferred_output")
+_DROP_EMPTY = (
+    "DPO compares the two answers of a pair, so each needs text or tool calls: write the answer, or drop the pair"
+)
+
 
 def _check_preference(checked: CheckedExample, obj: dict) -> None:
     tools = obj.get("tools")
@@ -485,29 +490,124 @@ def _check_preference(checked: CheckedExample, obj: dict) -> None:
     if not isinstance(prompt, dict) or "messages" not in prompt:
         checked.error("input", "wrong_type", f'expected an object like {{"messages": [...]}}, got {type_name(prompt)}')
     elif _check_message_list(checked, prompt["messages"], "input.messages"):
-        _check_conversation(
-            checked,
-            prompt["messages"],
-            "input.messages",
-            tool_names,
-            call_ids=call_ids,
-            complete=False,
-        )
-    for key in ("preferred_output", "non_preferred_output"):
+        messages = _without_weights(checked, prompt["messages"], "input.messages", in_answer=False)
+        _check_conversation(checked, messages, "input.messages", tool_names, call_ids=call_ids, complete=False)
+        _check_prompt_end(checked, messages)
+        prompt = {**prompt, "messages": messages}
+    answers = {}
+    for key in ANSWER_KEYS:
         if key not in obj:
             checked.error(key, "missing_field", "is missing; expected a list of assistant messages")
+        elif obj[key] == []:
+            checked.error(key, "empty_answer", f"is an empty list; {_DROP_EMPTY}")
         elif _check_message_list(checked, obj[key], key):
-            _check_conversation(
-                checked,
-                obj[key],
-                key,
-                tool_names,
-                roles=("assistant",),
-                call_ids=set(call_ids),
-                complete=False,
-            )
-    keys = ("input", "preferred_output", "non_preferred_output", "tools")
-    checked.example = {key: obj[key] for key in keys if key in obj}
+            answers[key] = _without_weights(checked, obj[key], key, in_answer=True)
+            _check_answer(checked, answers[key], key, tool_names, set(call_ids))
+    if not checked.errors and _answer_key(answers["preferred_output"]) == _answer_key(answers["non_preferred_output"]):
+        checked.warn(
+            "non_preferred_output",
+            "identical_answers",
+            "is the same answer as preferred_output, so this pair teaches no preference (DPO learns from the "
+            "difference between the two); write a worse answer here, or drop the pair",
+        )
+    checked.example = {"input": prompt, **answers, **({"tools": tools} if tools is not None else {})}
+
+
+def _without_weights(checked: CheckedExample, messages: list, where: str, *, in_answer: bool) -> list:
+    """The messages without their weights: DPO trains every token of both answers and none of the input."""
+    if not any(isinstance(message, dict) and "weight" in message for message in messages):
+        return messages
+    kept = []
+    for i, message in enumerate(messages):
+        if isinstance(message, dict) and "weight" in message:
+            weight = message["weight"]
+            path = f"{where}[{i}].weight"
+            if not in_answer:
+                checked.warn(
+                    path, "weight_ignored", "is ignored: the input of a preference pair is never trained; remove it"
+                )
+            elif type(weight) is int and weight == 1:
+                checked.warn(path, "weight_ignored", "is ignored: DPO trains every token of both answers; remove it")
+            else:
+                checked.error(
+                    path,
+                    "bad_weight",
+                    f"is {describe(weight)}, but DPO trains every token of both answers, so an answer cannot be "
+                    "weighted; remove the weight (to leave the pair out of training, drop the pair)",
+                )
+            message = {key: value for key, value in message.items() if key != "weight"}
+        kept.append(message)
+    return kept
+
+
+def _check_prompt_end(checked: CheckedExample, messages: list) -> None:
+    last = messages[-1].get("role") if isinstance(messages[-1], dict) else None
+    if last in ("user", "tool") or last not in ROLES:
+        return
+    if last == "assistant":
+        problem = (
+            "the input ends with an assistant message, but both answers are the assistant's reply to the user "
+            "(or tool) message before them; end input.messages with that message (was an answer copied into the input?)"
+        )
+    else:
+        problem = (
+            f"the input ends with a {last} message, but both answers are the assistant's reply to a user "
+            "(or tool) message; end input.messages with the user message the answers reply to"
+        )
+    checked.error(f"input.messages[{len(messages) - 1}]", "bad_prompt_end", problem)
+
+
+def _check_answer(checked: CheckedExample, answer: list, key: str, tool_names, call_ids: set[str]) -> None:
+    warnings_before = len(checked.warnings)
+    _check_conversation(checked, answer, key, tool_names, roles=("assistant",), call_ids=call_ids, complete=False)
+    empty = [f"{key}[{i}].content" for i, message in enumerate(answer) if _is_empty_reply(message)]
+    for path in empty:
+        checked.error(path, "empty_answer", f"the answer is empty; {_DROP_EMPTY}")
+    # Chat data only warns about an empty reply; in a pair it is the error above.
+    checked.warnings[warnings_before:] = [
+        issue for issue in checked.warnings[warnings_before:] if issue.path not in empty
+    ]
+
+
+def _is_empty_reply(message) -> bool:
+    """An assistant message whose content is there but says nothing (a missing one is its own error)."""
+    if not isinstance(message, dict) or message.get("role") != "assistant" or message.get("tool_calls"):
+        return False
+    content = message.get("content")
+    if not isinstance(content, (str, list)) or content == []:
+        return False  # missing, empty list or not text: errors of their own
+    return _content_key(content) == ("", ())
+
+
+def _answer_key(answer: list) -> list:
+    """What tells two answers apart: roles, texts and tool calls; not whitespace at the ends, not call ids."""
+    return [
+        (
+            message["role"],
+            _content_key(message.get("content")),
+            [_call_key(call) for call in message.get("tool_calls") or []],
+        )
+        for message in answer
+    ]
+
+
+def _content_key(content) -> tuple[str, tuple]:
+    """The text of a content, stripped, and its image addresses."""
+    if isinstance(content, str):
+        return content.strip(), ()
+    if not isinstance(content, list):
+        return "", ()
+    parts = [part for part in content if isinstance(part, dict)]
+    text = "".join(part["text"] for part in parts if part.get("type") == "text" and isinstance(part.get("text"), str))
+    images = tuple(
+        json.dumps(part.get("image_url"), sort_keys=True) for part in parts if part.get("type") == "image_url"
+    )
+    return text.strip(), images
+
+
+def _call_key(call: dict) -> tuple:
+    function = call["function"]
+    return function["name"], json.loads(function["arguments"])
 
 
 # --- formats converted to chat ------------------------------------------------

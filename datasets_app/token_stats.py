@@ -3,17 +3,20 @@
 A second, optional pass after validation, slower because it needs the base
 model's tokenizer. Examples are rendered by the one chat format (`llm.chat`),
 exactly as training renders them, so trained and billable tokens are the ones
-training will see. Plain Python (no Django); transformers is only used through
-the tokenizer given.
+training will see; a preference pair counts as the one packed sequence DPO
+runs (`llm.train.preference`): its input once, then both answers, trained.
+Plain Python (no Django); transformers is only used through the tokenizer given.
 """
 
 import json
 import math
 from array import array
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from datasets_app.formats import InvalidExample, Issue, normalize_example
 from llm.chat import ChatFormatError, chat_format
+from llm.chat.pairs import kept_lengths, render_pair
 
 IMAGE_TOKENS = 1024
 """What one image counts for, whatever its size."""
@@ -21,7 +24,6 @@ HISTOGRAM_BINS = 20
 # Maximum sequence lengths at which billable tokens are counted exactly, so that a job
 # with any max_seq_len (32 to 32,768) gets an estimate without counting again.
 BILLABLE_CAPS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-_IGNORED_LABEL = -100
 
 
 def token_statistics(
@@ -41,7 +43,6 @@ def token_statistics(
     """
     lengths = array("I")
     totals = {"total": 0, "trained": 0, "billable": 0, "images": 0, "lost": 0, "over": 0, "skipped": 0, "refused": 0}
-    render = chat_format(tokenizer).render
     caps = sorted({*BILLABLE_CAPS, max_seq_len})
     billable_at = dict.fromkeys(caps, 0)
     warnings: list[Issue] = []
@@ -50,8 +51,7 @@ def token_statistics(
             totals["skipped"] += 1
             continue
         try:
-            sequences = training_sequences(example)
-            masks = [render(without_images(sequence)).loss_mask for sequence in sequences]
+            counted = training_tokens(example, tokenizer)
         except ChatFormatError as refusal:
             totals["skipped"] += 1
             totals["refused"] += 1
@@ -60,25 +60,22 @@ def token_statistics(
                     Issue(number, "", "template_refused", f"training cannot render this example: {refusal}")
                 )
             continue
-        longest = 0
-        for sequence, mask in zip(sequences, masks, strict=True):
-            image_count, trained_images = count_images(sequence["messages"])
-            tokens = len(mask) + IMAGE_TOKENS * image_count
-            longest = max(longest, tokens)
-            totals["total"] += tokens
-            totals["billable"] += min(tokens, max_seq_len)
-            for cap in caps:
-                billable_at[cap] += min(tokens, cap)
-            totals["trained"] += sum(mask[:max_seq_len]) + IMAGE_TOKENS * trained_images
-            totals["images"] += image_count
-            totals["lost"] += max(0, tokens - max_seq_len)
-        lengths.append(longest)
-        if longest > max_seq_len:
+        billable = counted.tokens_at(max_seq_len)
+        totals["total"] += counted.total
+        totals["billable"] += billable
+        for cap in caps:
+            billable_at[cap] += counted.tokens_at(cap)
+        totals["trained"] += counted.trained_at(max_seq_len)
+        totals["images"] += counted.images
+        totals["lost"] += counted.total - billable
+        lengths.append(counted.length)
+        if counted.length > max_seq_len:
             totals["over"] += 1
             if len(warnings) < max_listed:
+                what = "pair (its input and its longer answer)" if isinstance(counted, PairTokens) else "example"
                 message = (
-                    f"the example is {longest:,} tokens, longer than the maximum sequence length "
-                    f"{max_seq_len:,}: {longest - max_seq_len:,} tokens will be cut off"
+                    f"the {what} is {counted.length:,} tokens, longer than the maximum sequence length "
+                    f"{max_seq_len:,}: {counted.total - billable:,} tokens will be cut off"
                 )
                 warnings.append(Issue(number, "", "too_long", message))
     ordered = sorted(lengths)
@@ -187,12 +184,105 @@ def _numbered_examples(lines: Iterable):
 
 
 def training_sequences(example: dict) -> list[dict]:
-    """The sequences training will see: one for chat, one per answer for a preference pair."""
+    """The conversations an example holds: itself for chat, the input with each answer for a preference pair.
+
+    The input's assistant turns get weight 0: DPO learns from the two answers only.
+    """
     if "messages" in example:
         return [example]
     tools = {"tools": example["tools"]} if "tools" in example else {}
-    prompt = example["input"]["messages"]
+    prompt = [
+        {**message, "weight": 0} if message["role"] == "assistant" else message
+        for message in example["input"]["messages"]
+    ]
     return [{"messages": prompt + example[key], **tools} for key in ("preferred_output", "non_preferred_output")]
+
+
+@dataclass(frozen=True)
+class ChatTokens:
+    """A chat example as training runs it: one sequence, cut at its end."""
+
+    mask: list[int]
+    """The loss mask of the rendered conversation, images left out."""
+    images: int = 0
+    trained_images: int = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.mask) + IMAGE_TOKENS * self.images
+
+    @property
+    def length(self) -> int:
+        """What max_seq_len must hold."""
+        return self.total
+
+    def tokens_at(self, max_seq_len: int) -> int:
+        return min(self.total, max_seq_len)
+
+    def trained_at(self, max_seq_len: int) -> int:
+        return sum(self.mask[:max_seq_len]) + IMAGE_TOKENS * self.trained_images
+
+
+@dataclass(frozen=True)
+class PairTokens:
+    """A preference pair as DPO training runs it (llm.train.preference): prompt | chosen | rejected.
+
+    One packed sequence: the prompt once, then each answer through its last
+    trained token. The rejected answer restarts where the prompt ends and attends
+    to it only, so max_seq_len must hold the prompt and the longer answer.
+    """
+
+    prompt: int
+    """Tokens shared ahead of the answers: the input and the assistant header."""
+    chosen: list[int]
+    """The loss mask of the preferred answer."""
+    rejected: list[int]
+    images: int = 0
+    trained_images: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.prompt + len(self.chosen) + len(self.rejected) + IMAGE_TOKENS * self.images
+
+    @property
+    def length(self) -> int:
+        return self.prompt + self._longer + IMAGE_TOKENS * self.images
+
+    @property
+    def _longer(self) -> int:
+        return max(len(self.chosen), len(self.rejected))
+
+    def tokens_at(self, max_seq_len: int) -> int:
+        prompt, answer = kept_lengths(self.prompt, self._longer, max_seq_len)
+        kept = prompt + min(len(self.chosen), answer) + min(len(self.rejected), answer)
+        return kept + IMAGE_TOKENS * self.images
+
+    def trained_at(self, max_seq_len: int) -> int:
+        _, answer = kept_lengths(self.prompt, self._longer, max_seq_len)
+        return sum(self.chosen[:answer]) + sum(self.rejected[:answer]) + IMAGE_TOKENS * self.trained_images
+
+
+def training_tokens(example: dict, tokenizer) -> ChatTokens | PairTokens:
+    """Render an example as training does and keep what counting its tokens needs."""
+    if "messages" in example:
+        return ChatTokens(
+            chat_format(tokenizer).render(without_images(example)).loss_mask, *count_images(example["messages"])
+        )
+    text_only = {
+        **example,
+        "input": {**example["input"], "messages": _text_only(example["input"]["messages"])},
+        **{key: _text_only(example[key]) for key in ("preferred_output", "non_preferred_output")},
+    }
+    pair = render_pair(tokenizer, text_only)
+    input_images, _ = count_images(example["input"]["messages"])
+    answers = [count_images(example[key]) for key in ("preferred_output", "non_preferred_output")]
+    return PairTokens(
+        len(pair.prompt_ids),
+        [int(trained) for trained in pair.chosen_trained],
+        [int(trained) for trained in pair.rejected_trained],
+        images=input_images + sum(count for count, _ in answers),
+        trained_images=sum(trained for _, trained in answers),
+    )
 
 
 def count_images(messages: list[dict]) -> tuple[int, int]:
@@ -215,13 +305,16 @@ def without_images(example: dict) -> dict:
     are counted apart, IMAGE_TOKENS each, so dropping them here loses nothing.
     An assistant image reply (text-to-image) becomes an empty reply.
     """
-    messages = [
+    return {**example, "messages": _text_only(example["messages"])}
+
+
+def _text_only(messages: list[dict]) -> list[dict]:
+    return [
         {
             **message,
             "content": "".join(part.get("text", "") for part in message["content"] if part.get("type") == "text"),
         }
         if isinstance(message.get("content"), list)
         else message
-        for message in example["messages"]
+        for message in messages
     ]
-    return {**example, "messages": messages}

@@ -1,14 +1,9 @@
-"""Preference pairs for DPO: render each pair once, pack prompt and both answers into one sequence.
-
-A pair is {"input": {"messages": [...]}, "preferred_output": [...],
-"non_preferred_output": [...], "tools": [...]}, OpenAI's preference format. Both
-answers are rendered through the one chat format (`llm.chat`) after the same
-conversation, so they share its tokens up to where the answers begin: the prompt.
+"""Preference pairs for DPO: files of them rendered (`llm.chat.pairs`), packed prompt | chosen | rejected.
 
 A packed pair is one segment laid out as  prompt | chosen | rejected.  The
 chosen answer follows the prompt as usual; the rejected answer is placed after
 it with positions restarting where the prompt ends, and attends to the prompt
-and to itself only (`shared_prompt` in the attention below). So one forward
+and to itself only (`shared_prompt` in `llm.train.packing`'s attention). So one forward
 pass computes the prompt once for both answers, and its gradient collects
 from both. The first token of each answer is predicted by the prompt's last
 position, which is therefore a loss position twice.
@@ -18,97 +13,17 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from llm.chat import IGNORE_INDEX, chat_format
 from llm.chat.format import Tokenizer
+from llm.chat.pairs import RenderedPair, render_pair
 
 from .config import ConfigError
 
 __all__ = ["PairBatch", "PairSet", "RenderedPair", "load_pairs", "pack_pairs", "render_pair"]
 
 _MAX_LISTED_PROBLEMS = 20
-
-
-@dataclass(frozen=True)
-class RenderedPair:
-    """One preference pair as DPO training sees it."""
-
-    prompt_ids: list[int]
-    """The conversation up to where the answers begin (the assistant header included): shared by both."""
-    chosen_ids: list[int]
-    """The preferred answer's tokens after the prompt, through its last trained token (end-of-turn marker)."""
-    rejected_ids: list[int]
-    chosen_trained: list[bool]
-    """Per chosen token: whether its log-probability counts (False only for the headers between the
-    messages of a multi-message answer)."""
-    rejected_trained: list[bool]
-    truncated_tokens: int = 0
-    """Tokens cut (prompt from its start, answers from their end) to fit max_seq_len."""
-
-    @property
-    def tokens(self) -> int:
-        """Tokens one packed forward pass of this pair processes."""
-        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
-
-
-def render_pair(tokenizer: Tokenizer, example: dict[str, Any], *, max_seq_len: int | None = None) -> RenderedPair:
-    """Tokenize one preference pair. Raises ValueError when an answer has no token to learn from."""
-    prompt = example["input"]["messages"]
-    if not isinstance(prompt, list):
-        raise ValueError('"input" must be an object like {"messages": [...]}')
-    # Assistant turns of the prompt are context, never trained: only the two answers are compared.
-    context = [{**message, "weight": 0} if message.get("role") == "assistant" else message for message in prompt]
-    tools = example.get("tools") or None
-    renders = {}
-    for key in ("preferred_output", "non_preferred_output"):
-        answer = example[key]
-        if not isinstance(answer, list) or not answer:
-            raise ValueError(f"{key} must be a non-empty list of assistant messages")
-        answer = [{key: value for key, value in message.items() if key != "weight"} for message in answer]
-        rendered = chat_format(tokenizer).render({"messages": context + answer, "tools": tools})
-        trained = [label != IGNORE_INDEX for label in rendered.labels]
-        if not any(trained):
-            raise ValueError(f"{key} has no token to learn from (an empty answer?)")
-        renders[key] = (rendered.input_ids, trained)
-    (chosen, chosen_mask), (rejected, rejected_mask) = renders["preferred_output"], renders["non_preferred_output"]
-    # The prompt ends where the two renders part, and never later than the first trained token of either.
-    limit = min(chosen_mask.index(True), rejected_mask.index(True))
-    shared = next((i for i, (a, b) in enumerate(zip(chosen[:limit], rejected[:limit], strict=True)) if a != b), limit)
-    chosen_end = len(chosen_mask) - chosen_mask[::-1].index(True)
-    rejected_end = len(rejected_mask) - rejected_mask[::-1].index(True)
-    pair = RenderedPair(
-        prompt_ids=chosen[:shared],
-        chosen_ids=chosen[shared:chosen_end],
-        rejected_ids=rejected[shared:rejected_end],
-        chosen_trained=chosen_mask[shared:chosen_end],
-        rejected_trained=rejected_mask[shared:rejected_end],
-    )
-    if not pair.prompt_ids:
-        raise ValueError("the two answers do not follow a common prompt")
-    return _fit(pair, max_seq_len) if max_seq_len is not None else pair
-
-
-def _fit(pair: RenderedPair, max_seq_len: int) -> RenderedPair:
-    """Cut a pair so prompt + the longer answer fit max_seq_len: the prompt loses its start first
-    (the turns nearest the answers matter most), but keeps at least half; then the answers lose their end."""
-    prompt, answer = len(pair.prompt_ids), max(len(pair.chosen_ids), len(pair.rejected_ids))
-    if prompt + answer <= max_seq_len:
-        return pair
-    keep_prompt = max(min(prompt, max_seq_len // 2), max_seq_len - answer)
-    keep_answer = max_seq_len - keep_prompt
-    cut = (prompt - keep_prompt) + max(0, len(pair.chosen_ids) - keep_answer)
-    cut += max(0, len(pair.rejected_ids) - keep_answer)
-    return RenderedPair(
-        prompt_ids=pair.prompt_ids[prompt - keep_prompt :],
-        chosen_ids=pair.chosen_ids[:keep_answer],
-        rejected_ids=pair.rejected_ids[:keep_answer],
-        chosen_trained=pair.chosen_trained[:keep_answer],
-        rejected_trained=pair.rejected_trained[:keep_answer],
-        truncated_tokens=cut,
-    )
 
 
 @dataclass(frozen=True)

@@ -84,20 +84,6 @@ def test_it_warns_about_examples_longer_than_the_maximum_with_tokens_lost(tokeni
     assert stats["warning_counts"] == {"too_long": 1}
 
 
-def test_it_counts_both_answers_of_a_preference_pair(tokenizer):
-    pair = {
-        "input": {"messages": [{"role": "user", "content": "Hi"}]},
-        "preferred_output": [{"role": "assistant", "content": "Hello!"}],
-        "non_preferred_output": [{"role": "assistant", "content": "What do you want from me?"}],
-    }
-    stats = token_statistics([pair], tokenizer, max_seq_len=512)
-
-    chosen = rendered_length(tokenizer, pair["input"]["messages"] + pair["preferred_output"])
-    rejected = rendered_length(tokenizer, pair["input"]["messages"] + pair["non_preferred_output"])
-    assert stats["total_tokens"] == chosen + rejected
-    assert stats["tokens_per_example"]["max"] == max(chosen, rejected)
-
-
 def test_it_gives_percentiles_and_a_histogram_for_a_bar_chart(tokenizer):
     examples = [chat("x " * n, "ok") for n in range(0, 200, 10)]
     stats = token_statistics(examples, tokenizer, max_seq_len=1024)
