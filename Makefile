@@ -78,6 +78,7 @@ test-fast: install-test
 bench: install-bench install-test
 	$(PY) manage.py prepare_models
 	$(PY) -m benchmarks.train_vs_trl
+	$(PY) -m benchmarks.dpo_vs_trl
 	$(PY) -m llm.serve.bench --model "$(FT_HOME)/models/SmolLM2-135M-Instruct"
 	$(PY) -m benchmarks.chat_api_throughput --repeats 5
 	$(PY) -m benchmarks.curve_latency --clients 20

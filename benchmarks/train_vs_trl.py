@@ -407,7 +407,7 @@ def benchmark_shape(args, shape: str, runs: list[str], workdir: Path | None) -> 
     workdir = workdir or Path(tempfile.mkdtemp(prefix="train_vs_trl-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(
-        f"[{shape} on {args.device}] load average at start: {_load(load_start)} ({os.cpu_count()} CPUs); "
+        f"[{shape} on {args.device}] load average at start: {describe_load(load_start)} ({os.cpu_count()} CPUs); "
         f"work folder {workdir}",
         flush=True,
     )
@@ -445,7 +445,7 @@ def _results_path(args, shape: str, *, several: bool) -> Path:
 def _model_dir(args, shape: str) -> Path:
     if SHAPES[shape] is None:
         try:
-            return _ensure_model(Path(args.model))
+            return ensure_model(Path(args.model))
         except RuntimeError as error:  # no bundled GGUF here (the device machine): the random twin has the same shape
             raise SystemExit(
                 f"{error}\n--shape smollm2-135m-random runs SmolLM2-135M's shape without its weights"
@@ -460,7 +460,7 @@ def _tokenizer_dir(args) -> Path:
     for folder in (Path(args.model), DEFAULT_MODEL, GPU_CARRY / "tokenizer", TEST_CACHE / "tiny-random-smollm2"):
         if (folder / "tokenizer.json").is_file():
             return folder
-    return _ensure_model(DEFAULT_MODEL)
+    return ensure_model(DEFAULT_MODEL)
 
 
 def build_random_model(dest: Path, shape: dict, *, tokenizer_dir: Path, seed: int = RANDOM_MODEL_SEED) -> Path:
@@ -558,7 +558,7 @@ def prepare_gpu_carry(args) -> int:
     return 0
 
 
-def _ensure_model(path: Path) -> Path:
+def ensure_model(path: Path) -> Path:
     if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
         from llm.bundled import prepare_bundled_model
 
@@ -671,7 +671,7 @@ def _prepare(args, shape: str, model_dir: Path, workdir: Path) -> dict:
     return spec
 
 
-def _run_child(command: list[str], log_path: Path, timeout_s: float) -> dict:
+def run_child(command: list[str], log_path: Path, timeout_s: float) -> dict:
     """Run a child process alone, wait for it with wait4 and return its exit code, wall time and peak RSS."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -767,7 +767,7 @@ def _run_trainer(name: str, spec: dict, out: Path, engine_extra: list[str]) -> d
             "--out",
             str(out),
         ]
-    process = _run_child(command, out / "log.txt", CHILD_TIMEOUT_S[spec["job"]["device"]])
+    process = run_child(command, out / "log.txt", CHILD_TIMEOUT_S[spec["job"]["device"]])
     result = {"run": name, "command": " ".join(command), **process}
     try:
         result.update(_engine_result(out) if name == "engine" else json.loads((out / "result.json").read_text()))
@@ -838,7 +838,7 @@ def _evaluate(spec: dict, measured: list[dict], workdir: Path) -> dict:
         )
     )
     out = workdir / "eval"
-    process = _run_child(
+    process = run_child(
         [
             sys.executable,
             "-m",
@@ -1019,7 +1019,7 @@ def trl_child(spec: dict, variant: str, out: Path) -> int:
         "step_seconds": [b - a for a, b in itertools.pairwise(stamps)],
         "step_tokens": [b - a for a, b in itertools.pairwise(cumulative)],
         "own_tokens": int(steps[-1].get("num_tokens", 0)) if steps else None,
-        "own_peak_memory_mb": _self_peak_rss_mb(),
+        "own_peak_memory_mb": self_peak_rss_mb(),
         "gpu_peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "step_losses": [entry["loss"] for entry in steps],
         "final_train_loss": steps[-1]["loss"],
@@ -1075,7 +1075,7 @@ def eval_child(spec: dict, out: Path) -> int:
     return 0
 
 
-def _self_peak_rss_mb() -> float:
+def self_peak_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -1085,7 +1085,7 @@ def _self_peak_rss_mb() -> float:
 # --- Report ------------------------------------------------------------------------
 
 
-def _load(values) -> str:
+def describe_load(values) -> str:
     return " ".join(f"{value:.2f}" for value in values)
 
 
@@ -1098,7 +1098,7 @@ def _one_line(result: dict, spec: dict) -> str:
         f"peak RSS {result['peak_rss_mb']:.0f} MB"
         + (f", peak GPU {gpu:.0f} MB" if gpu is not None else "")
         + f", step-1 loss {result['step_losses'][0]:.4f}, "
-        f"final loss {result['final_train_loss']:.4f}, load before {_load(result['load_before'])}"
+        f"final loss {result['final_train_loss']:.4f}, load before {describe_load(result['load_before'])}"
     )
 
 
@@ -1326,7 +1326,7 @@ def _report(args, spec, measured, evaluation, load_start, load_end, seconds) -> 
     }
 
 
-def _fmt(value, pattern="{:.1f}") -> str:
+def fmt(value, pattern="{:.1f}") -> str:
     return "-" if value is None else pattern.format(value)
 
 
@@ -1335,10 +1335,10 @@ def _print_table(spec, ok, summary, targets, measured, evaluation, args, load_st
     cuda = job["device"] == "cuda"
 
     def gpu_column(value) -> str:  # peak GPU memory, a column on CUDA only
-        return f" {_fmt(value, '{:.0f}'):>10}" if cuda else ""
+        return f" {fmt(value, '{:.0f}'):>10}" if cuda else ""
 
     def mfu_text(value) -> str:
-        return "n/a" if not basis["peak_flops"] else _fmt(value, "{:.1%}")
+        return "n/a" if not basis["peak_flops"] else fmt(value, "{:.1%}")
 
     print(
         f"\n=== Training: engine vs TRL SFTTrainer ({job['device'].upper()}, {job['precision']}, "
@@ -1365,14 +1365,14 @@ def _print_table(spec, ok, summary, targets, measured, evaluation, args, load_st
             continue
         print(
             f"{result['run']:<19} {result['repeat']:>3} {result['tokens_per_second']:>7.1f} "
-            f"{_fmt(result.get('steady_tokens_per_second')):>7} {result['loop_seconds']:>7.1f} {result['load_during']:>5.2f} "
+            f"{fmt(result.get('steady_tokens_per_second')):>7} {result['loop_seconds']:>7.1f} {result['load_during']:>5.2f} "
             f"{result['cpus_used']:>5.2f} {result['peak_rss_mb']:>11.0f}{gpu_column(result.get('gpu_peak_memory_mb'))} "
             f"{mfu_text(result.get('mfu')):>6} {result['step_losses'][0]:>11.4f} {result['final_train_loss']:>10.4f} "
-            f"{result['mean_train_loss']:>9.4f} {_fmt(result.get('eval_loss'), '{:.4f}'):>9}"
+            f"{result['mean_train_loss']:>9.4f} {fmt(result.get('eval_loss'), '{:.4f}'):>9}"
         )
     print(
         f"\nsummary (median of {args.repeats} repeat(s)); base model eval loss "
-        f"{_fmt(evaluation.get('base', {}).get('loss'), '{:.4f}')}:"
+        f"{fmt(evaluation.get('base', {}).get('loss'), '{:.4f}')}:"
     )
     print(
         f"{'run':<19} {'tok/s':>7} {'vs TRL def':>10} {'vs TRL tuned':>12} {'vs TRL bs1':>10} {'best tok/s':>10} {'best vs def':>11} "
@@ -1381,13 +1381,13 @@ def _print_table(spec, ok, summary, targets, measured, evaluation, args, load_st
     )
     for run, row in summary.items():
         print(
-            f"{run:<19} {row['tokens_per_second']:>7.1f} {_fmt(row['vs_trl_default'], '{:.2f}x'):>10} "
-            f"{_fmt(row['vs_trl_tuned'], '{:.2f}x'):>12} {_fmt(row['vs_trl_bs1'], '{:.2f}x'):>10} {row['tokens_per_second_best']:>10.1f} "
-            f"{_fmt(row['best_vs_trl_default'], '{:.2f}x'):>11} {_fmt(row['best_vs_trl_tuned'], '{:.2f}x'):>13} "
+            f"{run:<19} {row['tokens_per_second']:>7.1f} {fmt(row['vs_trl_default'], '{:.2f}x'):>10} "
+            f"{fmt(row['vs_trl_tuned'], '{:.2f}x'):>12} {fmt(row['vs_trl_bs1'], '{:.2f}x'):>10} {row['tokens_per_second_best']:>10.1f} "
+            f"{fmt(row['best_vs_trl_default'], '{:.2f}x'):>11} {fmt(row['best_vs_trl_tuned'], '{:.2f}x'):>13} "
             f"{row['peak_rss_mb']:>11.0f}{gpu_column(row['gpu_peak_memory_mb'])} {mfu_text(row['mfu']):>6} "
-            f"{_fmt(row['final_train_loss'], '{:.4f}'):>10} "
-            f"{_fmt(row['eval_loss'], '{:.4f}'):>9} {_fmt(row['eval_rel_diff_vs_trl_default'], '{:+.2%}'):>11} "
-            f"{_fmt(row['eval_rel_diff_vs_trl_tuned'], '{:+.2%}'):>13}"
+            f"{fmt(row['final_train_loss'], '{:.4f}'):>10} "
+            f"{fmt(row['eval_loss'], '{:.4f}'):>9} {fmt(row['eval_rel_diff_vs_trl_default'], '{:+.2%}'):>11} "
+            f"{fmt(row['eval_rel_diff_vs_trl_tuned'], '{:+.2%}'):>13}"
         )
     print(
         "tok/s: non-pad tokens of the trained examples / wall time of the training loop (model loading excluded); "
@@ -1434,7 +1434,7 @@ def _print_table(spec, ok, summary, targets, measured, evaluation, args, load_st
     )
     print("liger: " + _liger_status(job["device"]))
     print(
-        f"load average: start {_load(load_start)}, end {_load(load_end)} on {os.cpu_count()} CPUs; "
+        f"load average: start {describe_load(load_start)}, end {describe_load(load_end)} on {os.cpu_count()} CPUs; "
         f"benchmark took {seconds / 60:.1f} min"
     )
 

@@ -22,6 +22,8 @@ class ModelCard(models.Model):
     )
     base_model = models.CharField(max_length=200)
     method = models.CharField(max_length=16, default="lora")
+    # sft or dpo, as its job trained (FineTuningJob.objective); the card outlives the job.
+    objective = models.CharField(max_length=8, default="sft")
     # A PEFT adapter folder for adapter methods, a full model folder otherwise.
     path = models.CharField(max_length=500)
     hyperparameters = models.JSONField(default=dict)

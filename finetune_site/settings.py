@@ -206,6 +206,8 @@ FT_PRICE_PER_1K_TOKENS = env_float("FT_PRICE_PER_1K_TOKENS", 0.0, minimum=0.0)
 # --- Models and training
 FT_MODELS_DIR = FT_HOME / "models"
 FT_ARTIFACTS_DIR = FT_HOME / "artifacts"
+# A job keeps its newest checkpoints plus the one with the best validation loss; 0 keeps them all.
+FT_KEEP_CHECKPOINTS = env_int("FT_KEEP_CHECKPOINTS", 2, minimum=0)
 FT_HEARTBEAT_SECONDS = env_int("FT_HEARTBEAT_SECONDS", 5, minimum=1)
 FT_HEARTBEAT_TIMEOUT = env_int("FT_HEARTBEAT_TIMEOUT", 30, minimum=2)
 # Webhook receivers on private, loopback or link-local addresses are refused unless their host

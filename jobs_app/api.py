@@ -24,21 +24,24 @@ from .hyperparameters import (
     public_hyperparameters,
 )
 from .models import Checkpoint, FineTuningJob, JobEvent
+from .objectives import from_public_name, public_name, public_names
 
 
 def job_object(job: FineTuningJob) -> dict:
-    hyperparameters = public_hyperparameters(job.resolved, job.hyperparameters)
+    hyperparameters = public_hyperparameters(job.resolved, job.hyperparameters, objective=job.objective)
+    method_type = public_name(job.objective)
     return {
         "id": job.public_id,
         "object": "fine_tuning.job",
         "created_at": unix(job.created_at),
-        "model": job.base_model,
+        # The model it was created with: a base model, or the fine-tuned model it continues.
+        "model": job.init_model or job.base_model,
         "organization_id": f"org-{job.owner.username}",
         "status": job.status,
         "training_file": job.training_file_ref,
         "validation_file": job.validation_file_ref or None,
         "hyperparameters": hyperparameters,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        "method": {"type": method_type, method_type: {"hyperparameters": hyperparameters}},
         "training_type": job.method,
         "fine_tuned_model": job.fine_tuned_model or None,
         "finished_at": unix(job.finished_at),
@@ -75,7 +78,11 @@ def checkpoint_object(checkpoint: Checkpoint) -> dict:
         "fine_tuned_model_checkpoint": checkpoint.model_id,
         "fine_tuning_job_id": checkpoint.job.public_id,
         "step_number": checkpoint.step,
-        "metrics": {"step": checkpoint.step, **{name: m.get(name) for name in CHECKPOINT_METRICS}},
+        "metrics": {
+            "step": checkpoint.step,
+            **{name: m.get(name) for name in CHECKPOINT_METRICS},
+            **({name: m.get(name) for name in DPO_CHECKPOINT_METRICS} if checkpoint.job.objective == "dpo" else {}),
+        },
     }
 
 
@@ -89,6 +96,14 @@ CHECKPOINT_METRICS = (
 )
 """The engine stores a checkpoint's metrics under the names of OpenAI's checkpoint object."""
 
+DPO_CHECKPOINT_METRICS = (
+    "train_reward_accuracy",
+    "valid_reward_accuracy",
+    "train_reward_margin",
+    "valid_reward_margin",
+)
+"""What a DPO run's checkpoints add (their token accuracies are None)."""
+
 
 class JobCreateInput(serializers.Serializer):
     model = serializers.CharField()
@@ -97,7 +112,9 @@ class JobCreateInput(serializers.Serializer):
     hyperparameters = HyperparametersField(required=False, allow_null=True)
     method = MethodField(required=False, allow_null=True)
     training_type = serializers.CharField(
-        required=False, allow_null=True, help_text=f"One of {', '.join(METHODS)}; default lora."
+        required=False,
+        allow_null=True,
+        help_text=f"One of {', '.join(METHODS)}; default lora, or the method of the fine-tuned model given as model.",
     )
     holdout_percent = DefinedValue(HOLDOUT_PERCENT)  # the form's name; openai's SDK sends it in extra_body
     suffix = serializers.CharField(required=False, allow_null=True, allow_blank=True, max_length=64)
@@ -105,24 +122,28 @@ class JobCreateInput(serializers.Serializer):
     metadata = serializers.JSONField(required=False, allow_null=True)
 
 
-def _hyperparameters_from(data: dict) -> dict | None:
-    """zhipuai sends only `hyperparameters`, newer openai only `method`: accept either."""
+def _method_from(data: dict) -> tuple[str | None, dict | None]:
+    """The objective and hyperparameters asked for, from openai's `method` or the older `hyperparameters`.
+
+    zhipuai sends only `hyperparameters`, newer openai `method`: accept either. Without
+    a method type the training file decides (preference pairs train dpo).
+    """
     method = data.get("method")
-    if method:
-        if not isinstance(method, dict):
-            raise ApiError('method must be an object like {"type": "supervised", ...}.', param="method")
-        kind = method.get("type", "supervised")
-        if kind != "supervised":
-            raise ApiError(f'method.type {kind!r} is not supported yet; use "supervised".', param="method.type")
-        supervised = method.get("supervised") or {}
-        if not isinstance(supervised, dict):
-            raise ApiError(
-                'method.supervised must be an object like {"hyperparameters": {...}}.', param="method.supervised"
-            )
-        nested = supervised.get("hyperparameters")
-        if nested:
-            return nested
-    return data.get("hyperparameters")
+    if not method:
+        return None, data.get("hyperparameters")
+    if not isinstance(method, dict):
+        raise ApiError('method must be an object like {"type": "supervised", ...}.', param="method")
+    kind = method.get("type")
+    if kind is None:  # {"dpo": {...}} says which as well as a type would
+        kind = next((name for name in public_names() if name in method), None)
+    objective = from_public_name(kind) if isinstance(kind, str) else None
+    if kind is not None and objective is None:
+        choices = " or ".join(f'"{name}"' for name in public_names())
+        raise ApiError(f"method.type {kind!r} is not supported; use {choices}.", param="method.type")
+    section = (method.get(kind) or {}) if kind else {}
+    if not isinstance(section, dict):
+        raise ApiError(f'method.{kind} must be an object like {{"hyperparameters": {{...}}}}.', param=f"method.{kind}")
+    return objective, section.get("hyperparameters") or data.get("hyperparameters")
 
 
 def _owned(request, job_id: str) -> FineTuningJob:
@@ -150,13 +171,15 @@ class JobListCreate(APIView):
         incoming = JobCreateInput(data=request.data)
         incoming.is_valid(raise_exception=True)
         data = incoming.validated_data
+        objective, hyperparameters = _method_from(data)
         job = services.job_create(
             owner=request.user,
             model=data["model"],
             training_file=data["training_file"],
             validation_file=data.get("validation_file") or None,
-            method=(data.get("training_type") or "lora").lower(),
-            hyperparameters=_hyperparameters_from(data),
+            method=(data.get("training_type") or "").lower() or None,
+            objective=objective,
+            hyperparameters=hyperparameters,
             holdout_percent=data.get("holdout_percent") or 0,
             suffix=data.get("suffix"),
             seed=data.get("seed"),

@@ -53,19 +53,22 @@ def check_hyperparameters(raw: object, *, param_prefix: str = "hyperparameters")
     return cleaned
 
 
-def resolve_hyperparameters(requested: dict, *, method: str, examples: int) -> dict:
-    """Fill every "auto" from the method and the size of the training set."""
-    return resolve(requested, method=method, examples=examples)
+def resolve_hyperparameters(requested: dict, *, method: str, examples: int, objective: str = "sft") -> dict:
+    """Fill every "auto" from the method, the objective and the size of the training set."""
+    return resolve(requested, method=method, examples=examples, objective=objective)
 
 
-def public_hyperparameters(resolved: dict, requested: dict) -> dict:
+def public_hyperparameters(resolved: dict, requested: dict, *, objective: str = "sft") -> dict:
     """The `hyperparameters` object of the API: numbers once known, else what was asked."""
     source = resolved or requested
-    return {
+    public = {
         "n_epochs": source.get("n_epochs", "auto"),
         "batch_size": source.get("batch_size", "auto"),
         "learning_rate_multiplier": source.get("learning_rate_multiplier", "auto"),
     }
+    if objective == "dpo":
+        public["beta"] = source.get("beta", "auto")
+    return public
 
 
 # --- The create form -------------------------------------------------------------
@@ -160,11 +163,22 @@ class SupervisedMethod(serializers.Serializer):
     hyperparameters = Hyperparameters(required=False)
 
 
-class FineTuningMethod(serializers.Serializer):
-    """Documentation only: openai's `method` object, the newer home of the same hyperparameters."""
+class DpoMethod(serializers.Serializer):
+    """Documentation only: `method.dpo`; its hyperparameters add beta."""
 
-    type = serializers.ChoiceField(choices=["supervised"], default="supervised")
+    hyperparameters = Hyperparameters(required=False)
+
+
+class FineTuningMethod(serializers.Serializer):
+    """Documentation only: openai's `method` object, the newer home of the same hyperparameters.
+
+    supervised trains on chat examples, dpo on preference pairs; without `method` the
+    training file decides.
+    """
+
+    type = serializers.ChoiceField(choices=["supervised", "dpo"])
     supervised = SupervisedMethod(required=False)
+    dpo = DpoMethod(required=False)
 
 
 @extend_schema_field(FineTuningMethod)
@@ -190,6 +204,7 @@ SETTING_LABELS = {
     "lora_alpha": "LoRA alpha",
     "lora_dropout": "LoRA dropout",
     "target_modules": "LoRA target modules",
+    "beta": "DPO beta",
     "total_steps": "Total steps",
 }
 

@@ -29,6 +29,9 @@ class FineTuningJob(models.Model):
     STATUS_CHOICES = [(s, s) for s in (VALIDATING, QUEUED, RUNNING, PAUSED, SUCCEEDED, FAILED, CANCELLED)]
     ACTIVE_STATUSES = (VALIDATING, QUEUED, RUNNING)
     FINAL_STATUSES = (SUCCEEDED, FAILED, CANCELLED)
+    SFT = "sft"
+    DPO = "dpo"
+    OBJECTIVE_CHOICES = [(SFT, "Supervised (SFT)"), (DPO, "Preference (DPO)")]
 
     public_id = models.CharField(max_length=40, unique=True, default=partial(new_id, "ftjob"))
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="jobs")
@@ -43,6 +46,11 @@ class FineTuningJob(models.Model):
     training_file_ref = models.CharField(max_length=40)
     validation_file_ref = models.CharField(max_length=40, blank=True)
     method = models.CharField(max_length=16, default="lora")
+    # What it trains toward: the replies of chat examples (sft) or the preferred answers of pairs (dpo).
+    # The engine's words; the API says "supervised" for sft (jobs_app.objectives maps them).
+    objective = models.CharField(max_length=8, choices=OBJECTIVE_CHOICES, default=SFT)
+    # The user's fine-tuned model (or checkpoint) it starts from, trained on base_model; blank: the base itself.
+    init_model = models.CharField(max_length=300, blank=True)
     # What the caller asked for ("auto" allowed) and what the run uses.
     hyperparameters = models.JSONField(default=dict)
     resolved = models.JSONField(default=dict)

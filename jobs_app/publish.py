@@ -23,8 +23,24 @@ def publish(public_id: str, payload: dict) -> None:
         log.warning("could not publish to %s", job_group(public_id), exc_info=True)
 
 
+DPO_METRICS = (
+    "reward_accuracy",
+    "reward_margin",
+    "rewards_chosen",
+    "rewards_rejected",
+    "logps_chosen",
+    "logps_rejected",
+)
+"""A DPO run's reward and log-probability metrics. Points store them prefixed train_ or valid_, as
+OpenAI's checkpoint metrics name theirs; only DPO payloads carry them, so SFT points stay as they were."""
+
+
+def _dpo_metrics(payload: dict, *, engine_prefix: str, prefix: str) -> dict:
+    return {f"{prefix}{name}": payload[engine_prefix + name] for name in DPO_METRICS if engine_prefix + name in payload}
+
+
 def metrics_event_data(kind: str, payload: dict) -> dict:
-    """Both SDK vocabularies in one dict (openai and zhipuai read different names)."""
+    """Both SDK vocabularies in one dict (openai and zhipuai read different names), plus DPO's rewards."""
     if kind == "eval":
         return {
             "step": payload["step"],
@@ -35,6 +51,7 @@ def metrics_event_data(kind: str, payload: dict) -> dict:
             "current_steps": payload["step"],
             "eval_loss": payload.get("eval_loss"),
             "eval_acc": payload.get("eval_token_accuracy"),
+            **_dpo_metrics(payload, engine_prefix="eval_", prefix="valid_"),
         }
     return {
         "step": payload["step"],
@@ -51,4 +68,5 @@ def metrics_event_data(kind: str, payload: dict) -> dict:
         "tokens_per_second": payload.get("tokens_per_second"),
         "elapsed_time": payload.get("elapsed_s"),
         "remaining_time": payload.get("eta_s"),
+        **_dpo_metrics(payload, engine_prefix="", prefix="train_"),
     }

@@ -2,6 +2,7 @@
 
 from .hyperparameters import described_settings
 from .models import Checkpoint, FineTuningJob, JobEvent
+from .publish import DPO_METRICS
 
 SMOOTHING = 0.9
 
@@ -62,9 +63,10 @@ def _layout(y_title: str, height: int = 260) -> dict:
     }
 
 
-def _trace(name: str, points: list[dict], key: str, color: str, **extra) -> dict:
+def _trace(name: str, points: list[dict], key: str, color: str, *, live: str | None = None, **extra) -> dict:
+    """A line of points[key] by step; live ("metric" or "eval") says which live message extends it."""
     rows = [p for p in points if p.get(key) is not None]
-    return {
+    trace = {
         "type": "scatter",
         "mode": "lines",
         "name": name,
@@ -73,6 +75,17 @@ def _trace(name: str, points: list[dict], key: str, color: str, **extra) -> dict
         "line": {"color": color},
         **extra,
     }
+    if live:
+        trace["meta"] = {"key": key, "live": live}  # read by static/js/job.js, ignored by Plotly
+    return trace
+
+
+def _pair(title: str, points: list[dict], key: str, *, train_color="#2563eb", valid_color="#dc2626") -> list[dict]:
+    """The train_ and valid_ lines of one metric: train live from metrics, validation from evals."""
+    return [
+        _trace(f"train {title}", points, f"train_{key}", train_color, live="metric"),
+        _trace(f"validation {title}", points, f"valid_{key}", valid_color, live="eval", mode="lines+markers"),
+    ]
 
 
 def smoothed_losses(points: list[dict]) -> list[float]:
@@ -86,60 +99,134 @@ def smoothed_losses(points: list[dict]) -> list[float]:
     return smoothed
 
 
-def job_figures(points: list[dict]) -> dict:
+CHART_TITLES = {
+    FineTuningJob.SFT: {
+        "accuracy": "Token accuracy",
+        "lr": "Learning rate",
+        "grad_norm": "Gradient norm",
+        "throughput": "Tokens per second",
+    },
+    FineTuningJob.DPO: {
+        "reward_accuracy": "Reward accuracy",
+        "reward_margin": "Reward margin",
+        "rewards": "Rewards of chosen and rejected",
+        "logps": "Log-probabilities of chosen and rejected",
+        "lr": "Learning rate",
+        "grad_norm": "Gradient norm",
+        "throughput": "Tokens per second",
+    },
+}
+"""The job page's small charts below the loss, per objective, in the order shown."""
+
+
+def job_figures(points: list[dict], objective: str = FineTuningJob.SFT) -> dict:
     """The job page's charts as Plotly figures; the page script extends them live.
 
-    Trace order is part of the contract with static/js/job.js.
+    Each live trace names, in its `meta`, the point key and the message ("metric" or
+    "eval") that extends it; the loss chart's first three traces are train, smoothed
+    train and validation loss (static/js/job.js and the model thumbnails rely on it).
     """
     train = [p for p in points if p.get("train_loss") is not None]
+    loss_word = "DPO loss" if objective == FineTuningJob.DPO else "loss"
     loss = {
         "data": [
-            _trace("train loss", train, "train_loss", "rgba(37,99,235,0.35)"),
+            _trace(f"train {loss_word}", train, "train_loss", "rgba(37,99,235,0.35)", live="metric"),
             {
-                **_trace(
-                    "train loss (smoothed)",
-                    train,
-                    "train_loss",
-                    "#2563eb",
-                ),
+                **_trace(f"train {loss_word} (smoothed)", train, "train_loss", "#2563eb"),
                 "y": smoothed_losses(train),
                 "line": {"color": "#2563eb", "width": 2},
+                "meta": {"key": "train_loss", "live": "metric", "smoothed": True},
             },
-            _trace("validation loss", points, "valid_loss", "#dc2626", mode="lines+markers"),
+            _trace(f"validation {loss_word}", points, "valid_loss", "#dc2626", live="eval", mode="lines+markers"),
         ],
-        "layout": _layout("loss", 320),
+        "layout": _layout(loss_word, 320),
     }
-    return {
+    figures = {
         "loss": loss,
-        "accuracy": {
-            "data": [
-                _trace("train token accuracy", points, "train_mean_token_accuracy", "#2563eb"),
-                _trace(
-                    "validation token accuracy", points, "valid_mean_token_accuracy", "#dc2626", mode="lines+markers"
-                ),
-            ],
-            "layout": _layout("token accuracy"),
-        },
         "lr": {
-            "data": [_trace("learning rate", points, "learning_rate", "#7c3aed")],
+            "data": [_trace("learning rate", points, "learning_rate", "#7c3aed", live="metric")],
             # "2e-4" as people write learning rates, not Plotly's SI "200µ".
             "layout": {**_layout("learning rate"), "yaxis": {"title": {"text": "learning rate"}, "tickformat": ".1~e"}},
         },
         "grad_norm": {
-            "data": [_trace("gradient norm", points, "grad_norm", "#059669")],
+            "data": [_trace("gradient norm", points, "grad_norm", "#059669", live="metric")],
             "layout": _layout("gradient norm"),
         },
         "throughput": {
-            "data": [_trace("tokens / s", points, "tokens_per_second", "#d97706")],
+            "data": [_trace("tokens / s", points, "tokens_per_second", "#d97706", live="metric")],
             "layout": _layout("tokens per second"),
         },
         "smoothing": SMOOTHING,
     }
+    if objective == FineTuningJob.DPO:
+        figures.update(_dpo_figures(points))
+    else:
+        figures["accuracy"] = {
+            "data": [
+                _trace("train token accuracy", points, "train_mean_token_accuracy", "#2563eb", live="metric"),
+                _trace(
+                    "validation token accuracy",
+                    points,
+                    "valid_mean_token_accuracy",
+                    "#dc2626",
+                    live="eval",
+                    mode="lines+markers",
+                ),
+            ],
+            "layout": _layout("token accuracy"),
+        }
+    return figures
 
 
-def metrics_csv_rows(job: FineTuningJob):
-    """Header then one row per logged point, for the CSV download."""
-    columns = [
+def _dpo_figures(points: list[dict]) -> dict:
+    """A DPO run's reward accuracy, reward margin, rewards and log-probabilities of chosen and rejected."""
+    chosen, rejected = "#059669", "#dc2626"
+    both = []
+    for key in ("rewards", "logps"):
+        both.append(
+            [
+                _trace("train chosen", points, f"train_{key}_chosen", chosen, live="metric"),
+                _trace("train rejected", points, f"train_{key}_rejected", rejected, live="metric"),
+                _trace(
+                    "validation chosen",
+                    points,
+                    f"valid_{key}_chosen",
+                    chosen,
+                    live="eval",
+                    mode="lines+markers",
+                    line={"color": chosen, "dash": "dot"},
+                ),
+                _trace(
+                    "validation rejected",
+                    points,
+                    f"valid_{key}_rejected",
+                    rejected,
+                    live="eval",
+                    mode="lines+markers",
+                    line={"color": rejected, "dash": "dot"},
+                ),
+            ]
+        )
+    accuracy_layout = _layout("share of pairs")
+    accuracy_layout["yaxis"]["range"] = [0, 1.02]
+    return {
+        "reward_accuracy": {"data": _pair("reward accuracy", points, "reward_accuracy"), "layout": accuracy_layout},
+        "reward_margin": {
+            "data": _pair("reward margin", points, "reward_margin"),
+            "layout": _layout("chosen - rejected"),
+        },
+        "rewards": {"data": both[0], "layout": _layout("reward")},
+        "logps": {"data": both[1], "layout": _layout("log-probability")},
+    }
+
+
+def chart_panels(objective: str) -> list[tuple[str, str]]:
+    """(figure name, title) of the small charts the job page shows for this objective."""
+    return list(CHART_TITLES.get(objective, CHART_TITLES[FineTuningJob.SFT]).items())
+
+
+_CSV_COLUMNS = {
+    FineTuningJob.SFT: [
         "step",
         "epoch",
         "train_loss",
@@ -151,7 +238,25 @@ def metrics_csv_rows(job: FineTuningJob):
         "trained_tokens",
         "tokens_per_second",
         "elapsed_time",
-    ]
+    ],
+    FineTuningJob.DPO: [
+        "step",
+        "epoch",
+        "train_loss",
+        "valid_loss",
+        *(f"{split}_{name}" for name in DPO_METRICS for split in ("train", "valid")),
+        "learning_rate",
+        "grad_norm",
+        "trained_tokens",
+        "tokens_per_second",
+        "elapsed_time",
+    ],
+}
+
+
+def metrics_csv_rows(job: FineTuningJob):
+    """Header then one row per logged point, for the CSV download (a DPO run's loss is its DPO loss)."""
+    columns = _CSV_COLUMNS.get(job.objective, _CSV_COLUMNS[FineTuningJob.SFT])
     yield columns
     for point in metric_points(job):
         yield [point.get(c, "") if point.get(c) is not None else "" for c in columns]
@@ -198,6 +303,8 @@ def settings_diff(jobs: list[FineTuningJob]) -> list[dict]:
         plain = {
             "Base model": job.base_model,
             "Method": job.method,
+            "Objective": job.get_objective_display(),
+            "Starts from": job.init_model or job.base_model,
             "Training file": job.training_file_ref,
             "Validation file": job.validation_file_ref or "—",
             "Seed": job.seed,

@@ -3,6 +3,7 @@
 import logging
 import shutil
 import socket
+from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
@@ -11,7 +12,7 @@ from django.utils import timezone
 
 from datasets_app import services as dataset_services
 from datasets_app.models import Dataset
-from deployments_app.catalog import get_base_model
+from deployments_app.catalog import BaseModel, TrainedModel, get_base_model, trained_model
 from deployments_app.catalog.services import model_card_create_from_job
 from deployments_app.deployments.services import cancel_deployments_of
 from finetune_site.errors import ApplicationError, InvalidInput, InvalidState
@@ -21,7 +22,8 @@ from llm.train.hyperparameters import to_engine
 
 from . import transitions
 from .hyperparameters import HOLDOUT_PERCENT, METHODS, check_hyperparameters, resolve_hyperparameters
-from .models import FineTuningJob, JobEvent
+from .models import Checkpoint, FineTuningJob, JobEvent
+from .objectives import OBJECTIVES, check_hyperparameters_for, check_training_file, check_validation_file
 from .publish import publish
 from .sink import JobSink, Watchdog, wake_watchdog
 
@@ -72,6 +74,58 @@ def _check_metadata(metadata) -> None:
             )
 
 
+@dataclass(frozen=True)
+class _Start:
+    """Where a new job starts: a base model, or a fine-tuned model of the same owner trained on it."""
+
+    base: BaseModel
+    trained: TrainedModel | None = None
+
+
+def _starting_point(owner, model: str) -> _Start:
+    base = get_base_model(model or "")
+    trained = None
+    if base is None:
+        trained = trained_model(owner, model or "")
+        if trained is None:
+            raise InvalidInput(
+                f"Model {model!r} is neither a base model here nor one of your fine-tuned models; see GET /v1/models.",
+                param="model",
+                code="model_not_found",
+            )
+        base = get_base_model(trained.base_model)
+        if base is None:
+            raise InvalidState(
+                f"Model {model} was trained on {trained.base_model}, which this server no longer offers.",
+                param="model",
+                code="model_not_ready",
+            )
+        if not trained.folder.is_dir():
+            raise InvalidState(f"The files of model {model} are gone.", param="model", code="model_not_ready")
+    if not base.ready:
+        raise InvalidState(
+            f"Base model {base.id} is not prepared on this server yet.", param="model", code="model_not_ready"
+        )
+    return _Start(base, trained)
+
+
+# Methods that continue the same kind of weights: a LoRA adapter trains on as LoRA or QLoRA.
+_CONTINUES = {"lora": ("lora", "qlora"), "qlora": ("lora", "qlora"), "dora": ("dora",), "full": ("full",)}
+
+
+def _check_continues(trained: TrainedModel, method: str) -> None:
+    """Refuse a method that cannot go on from the fine-tuned model's weights, saying which can."""
+    works = _CONTINUES[trained.method]
+    if method in works:
+        return
+    what = "a full fine-tune (all of its weights)" if trained.method == "full" else f"a {trained.method} adapter"
+    raise InvalidInput(
+        f"Model {trained.id} is {what}: a job starting from it trains with training_type {' or '.join(works)}, "
+        f"not {method}. For {method}, start from its base model {trained.base_model}.",
+        param="training_type",
+    )
+
+
 @transaction.atomic
 def job_create(
     *,
@@ -79,25 +133,27 @@ def job_create(
     model: str,
     training_file: str,
     validation_file: str | None = None,
-    method: str = "lora",
+    method: str | None = None,
+    objective: str | None = None,
     hyperparameters: dict | None = None,
     suffix: str | None = None,
     seed: int | None = None,
     metadata: dict | None = None,
     holdout_percent: int = 0,
 ) -> FineTuningJob:
-    """Check everything a run needs, save the job queued and enqueue it after commit."""
-    base = get_base_model(model or "")
-    if base is None:
-        raise InvalidInput(
-            f"Model {model!r} is not a base model here; see GET /v1/models.", param="model", code="model_not_found"
-        )
-    if not base.ready:
-        raise InvalidState(
-            f"Base model {model} is not prepared on this server yet.", param="model", code="model_not_ready"
-        )
+    """Check everything a run needs, save the job queued and enqueue it after commit.
+
+    method is the training type (lora when not given, or that of the fine-tuned model
+    it starts from); objective is sft or dpo, or None to train what the training file holds.
+    """
+    start = _starting_point(owner, model)
+    method = method or (start.trained.method if start.trained else "lora")
     if method not in METHODS:
         raise InvalidInput(f"method must be one of {', '.join(METHODS)}, got {method!r}.", param="method")
+    if start.trained is not None:
+        _check_continues(start.trained, method)
+    if objective is not None and objective not in OBJECTIVES:
+        raise InvalidInput(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.", param="objective")
     suffix = (suffix or "").strip()
     if len(suffix) > 64:
         raise InvalidInput("suffix must be at most 64 characters.", param="suffix")
@@ -108,7 +164,11 @@ def job_create(
     _check_metadata(metadata)
     requested = check_hyperparameters(hyperparameters)
     train_set = _usable_file(owner, training_file, "training_file")
+    objective = check_training_file(train_set, objective)
+    check_hyperparameters_for(requested, objective, training=train_set)
     valid_set = _usable_file(owner, validation_file, "validation_file") if validation_file else None
+    if valid_set is not None:
+        check_validation_file(valid_set, training=train_set)
     most = HOLDOUT_PERCENT.maximum
     if holdout_percent and (valid_set is not None or not 1 <= holdout_percent <= most):
         raise InvalidInput(
@@ -122,21 +182,26 @@ def job_create(
 
     job = FineTuningJob.objects.create(
         owner=owner,
-        base_model=base.id,
+        base_model=start.base.id,
+        init_model=start.trained.id if start.trained else "",
         training_file=train_set,
         validation_file=valid_set,
         training_file_ref=train_set.public_id,
         validation_file_ref=valid_set.public_id if valid_set else "",
         method=method,
+        objective=objective,
         hyperparameters=requested,
-        resolved=resolve_hyperparameters(requested, method=method, examples=train_set.examples or 0),
+        resolved=resolve_hyperparameters(
+            requested, method=method, examples=train_set.examples or 0, objective=objective
+        ),
         suffix=suffix,
         seed=seed if seed is not None else 42,
         metadata=metadata,
         holdout_percent=holdout_percent,
         status=FineTuningJob.VALIDATING if holdout_percent else FineTuningJob.QUEUED,
     )
-    JobEvent.objects.create(job=job, message=f"Created fine-tuning job {job.public_id}.")
+    start_note = f" from {start.trained.id}" if start.trained else ""
+    JobEvent.objects.create(job=job, message=f"Created fine-tuning job {job.public_id}{start_note}.")
     if holdout_percent:
         from .tasks import prepare_holdout
 
@@ -173,7 +238,9 @@ def job_prepare_holdout(*, job_id: int, percent: int) -> None:
             _notify_finished(job)
         return
     with transaction.atomic():
-        resolved = resolve_hyperparameters(job.hyperparameters, method=job.method, examples=train_part.examples or 0)
+        resolved = resolve_hyperparameters(
+            job.hyperparameters, method=job.method, examples=train_part.examples or 0, objective=job.objective
+        )
         if not transitions.validated(job, training_file=train_part, validation_file=valid_part, resolved=resolved):
             return
         job.refresh_from_db()
@@ -319,11 +386,24 @@ def build_train_config(job: FineTuningJob, *, resume_from: str | None):
         validation_file=_local_path(job.validation_file) if job.validation_file else None,
         out_dir=str(job.output_dir),
         method=job.method,
+        objective=job.objective,
+        init_from=_init_folder(job),
         seed=job.seed,
         resume_from=resume_from,
         device=settings.FT_DEVICE,
+        keep_checkpoints=settings.FT_KEEP_CHECKPOINTS,
         **hyperparameters,
     )
+
+
+def _init_folder(job: FineTuningJob) -> str | None:
+    """The weights of the fine-tuned model the job starts from (for dpo also its reference model)."""
+    if not job.init_model:
+        return None
+    trained = trained_model(job.owner, job.init_model)
+    if trained is None or not trained.folder.is_dir():
+        raise ConfigError([f"init_from: the model {job.init_model} this job starts from was deleted"])
+    return str(trained.folder)
 
 
 def _local_path(dataset: Dataset) -> str:
@@ -335,12 +415,13 @@ def _local_path(dataset: Dataset) -> str:
 def job_run(*, job_id: int, worker: str | None = None) -> None:
     """Claim a queued job and train it to the end, a pause, a cancel or a failure."""
     from llm.train import train  # loads torch: only the training worker pays for it
+    from llm.train.checkpoint import DiskFull
 
     job = FineTuningJob.objects.filter(pk=job_id).first()
     worker = worker or socket.gethostname()
     if job is None or not transitions.start(job, worker=worker):
         return
-    checkpoint = job.checkpoints.order_by("-step").first()
+    checkpoint = _resumable_checkpoint(job)
     # Steps after the checkpoint we resume from will be trained again: drop
     # their points so the curve never shows a step twice.
     job.events.filter(type=JobEvent.METRICS, step__gt=checkpoint.step if checkpoint else -1).delete()
@@ -357,6 +438,8 @@ def job_run(*, job_id: int, worker: str | None = None) -> None:
             summary = train(config, sink=sink, should_stop=watchdog.should_stop)
     except ConfigError as exc:
         failure = {"code": "invalid_config", "message": "; ".join(exc.problems), "param": None}
+    except DiskFull as exc:
+        failure = {"code": "disk_full", "message": exc.strerror, "param": None}
     except Exception as exc:
         log.exception("job %s failed", job.public_id)
         failure = {"code": "training_failed", "message": f"{type(exc).__name__}: {exc}", "param": None}
@@ -370,6 +453,25 @@ def job_run(*, job_id: int, worker: str | None = None) -> None:
         )
         return
     _finish_run(job, summary, failure, sink)
+
+
+def _resumable_checkpoint(job: FineTuningJob) -> Checkpoint | None:
+    """The newest checkpoint a run can continue from; damaged ones (a torn write, a bad disk) are dropped."""
+    from llm.train.checkpoint import damage
+
+    for checkpoint in job.checkpoints.order_by("-step"):
+        problem = damage(checkpoint.path)
+        if problem is None:
+            return checkpoint
+        _note(
+            job,
+            f"The checkpoint at step {checkpoint.step} cannot be read ({problem}); it was removed, and the run "
+            "continues from the one before it.",
+            level="warn",
+        )
+        shutil.rmtree(checkpoint.path, ignore_errors=True)
+        checkpoint.delete()
+    return None
 
 
 def _finish_run(job: FineTuningJob, summary: dict | None, failure: dict | None, sink: JobSink) -> None:

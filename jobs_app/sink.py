@@ -3,6 +3,7 @@
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,6 +23,48 @@ _FLUSH_SECONDS = 1.0
 _FLUSH_ROWS = 50
 
 
+@dataclass(frozen=True)
+class _Watched:
+    """The metric the overfitting warning compares between training and validation."""
+
+    train_key: str
+    valid_key: str
+    lower_is_better: bool
+    train_words: str
+    valid_words: str
+    advice: str
+
+    @property
+    def worse(self) -> str:
+        return "rose" if self.lower_is_better else "fell"
+
+    @property
+    def better(self) -> str:
+        return "fell" if self.lower_is_better else "rose"
+
+
+_WATCHED = {
+    FineTuningJob.SFT: _Watched(
+        "loss",
+        "eval_loss",
+        True,
+        "training loss",
+        "validation loss",
+        "Consider fewer epochs, a lower learning rate or early stopping.",
+    ),
+    # A DPO loss can keep falling on the training pairs only; the margin between chosen and
+    # rejected on held-out pairs is what says the preference still generalises.
+    FineTuningJob.DPO: _Watched(
+        "reward_margin",
+        "eval_reward_margin",
+        False,
+        "the training reward margin",
+        "validation reward margin",
+        "Consider fewer epochs, a lower learning rate, a higher beta or early stopping.",
+    ),
+}
+
+
 class JobSink:
     """Receives every metric, eval, event and checkpoint of one run.
 
@@ -35,8 +78,9 @@ class JobSink:
         self._pending: list[JobEvent] = []
         self._last_flush = time.monotonic()
         self._progress: dict = {}
-        self._smoothed_train: float | None = None
-        self._evals: list[tuple[float, float]] = []  # (validation loss, smoothed train loss)
+        self._watched = _WATCHED[job.objective]
+        self._smoothed_train: float | None = None  # of the watched training metric
+        self._evals: list[tuple[float, float]] = []  # (watched validation metric, smoothed training metric)
         self._warned_overfitting = False
 
     def __call__(self, kind: str, payload: dict) -> None:
@@ -51,11 +95,10 @@ class JobSink:
             JobEvent(job=self.job, type=JobEvent.METRICS, step=payload["step"], message=message, data=data)
         )
         self._progress = payload
-        if payload.get("loss") is not None:
+        value = payload.get(self._watched.train_key)
+        if value is not None:
             previous = self._smoothed_train
-            self._smoothed_train = (
-                payload["loss"] if previous is None else SMOOTHING * previous + (1 - SMOOTHING) * payload["loss"]
-            )
+            self._smoothed_train = value if previous is None else SMOOTHING * previous + (1 - SMOOTHING) * value
         # emitted_at lets a client measure engine-to-browser latency (benchmarks/curve_latency.py).
         publish(self.job.public_id, {"type": "metric", **data, "emitted_at": time.time()})
         self._maybe_flush()
@@ -67,21 +110,26 @@ class JobSink:
             JobEvent(job=self.job, type=JobEvent.METRICS, step=payload["step"], message=message, data=data)
         )
         publish(self.job.public_id, {"type": "eval", **data})
-        self._watch_overfitting(payload.get("eval_loss"))
+        self._watch_overfitting(payload.get(self._watched.valid_key))
         self._maybe_flush()
 
-    def _watch_overfitting(self, eval_loss: float | None) -> None:
-        if eval_loss is None or self._smoothed_train is None or self._warned_overfitting:
+    def _watch_overfitting(self, valid: float | None) -> None:
+        """Warn once when three validations in a row get worse while training keeps getting better."""
+        if valid is None or self._smoothed_train is None or self._warned_overfitting:
             return
-        self._evals.append((eval_loss, self._smoothed_train))
+        self._evals.append((valid, self._smoothed_train))
         last = self._evals[-3:]
-        valid_rising = len(last) == 3 and last[0][0] < last[1][0] < last[2][0]
-        train_falling = len(last) == 3 and last[0][1] > last[1][1] > last[2][1]
-        if valid_rising and train_falling:
+        if len(last) < 3:
+            return
+        # Compared as losses: a margin (higher is better) is negated.
+        sign = 1 if self._watched.lower_is_better else -1
+        (v0, t0), (v1, t1), (v2, t2) = ((sign * v, sign * t) for v, t in last)
+        if v0 < v1 < v2 and t0 > t1 > t2:
             self._warned_overfitting = True
+            watched = self._watched
             self.event(
-                f"Overfitting: validation loss rose from {last[0][0]:.4f} to {last[2][0]:.4f} while training loss fell. "
-                "Consider fewer epochs, a lower learning rate or early stopping.",
+                f"Overfitting: {watched.valid_words} {watched.worse} from {last[0][0]:.4f} to {last[2][0]:.4f} "
+                f"while {watched.train_words} {watched.better}. {watched.advice}",
                 level="warn",
             )
 
@@ -97,6 +145,11 @@ class JobSink:
         )
         self.event(f"Checkpoint saved at step {checkpoint.step}.")
         publish(self.job.public_id, {"type": "checkpoint", "step": checkpoint.step, "id": checkpoint.public_id})
+
+    def _on_checkpoint_removed(self, payload: dict) -> None:
+        # The engine keeps its newest checkpoints (and the best); a removed one's id must stop resolving.
+        self.flush()
+        Checkpoint.objects.filter(job=self.job, step=payload["step"]).delete()
 
     def _on_summary(self, payload: dict) -> None:
         self.summary = payload

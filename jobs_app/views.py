@@ -21,6 +21,7 @@ from .estimates import estimate_job
 from .forms import JobForm
 from .hyperparameters import METHODS, check_hyperparameters, described_settings
 from .models import FineTuningJob
+from .objectives import kind_words, objective_of
 
 SORTS = {"newest": "-id", "oldest": "id", "status": "status", "model": "base_model"}
 
@@ -63,10 +64,12 @@ def _initial(request) -> dict:
         return JobForm.initial_from_job(job)
     initial = {key: request.GET[key] for key in ("model", "training_file") if request.GET.get(key)}
     if initial.get("model", "").startswith("ft:"):
-        # "Fine-tune" on a fine-tuned model's card: start from the same base model.
-
+        # "Fine-tune" on a fine-tuned model's card: train on from it, with the method its weights need.
         card = ModelCard.objects.owned_by(request.user).filter(model_id=initial["model"]).first()
-        initial["model"] = card.base_model if card else ""
+        if card is None:
+            del initial["model"]
+        else:
+            initial["method"] = card.method
     return initial
 
 
@@ -82,17 +85,24 @@ def job_create(request):
                 training_file=data["training_file"],
                 validation_file=data["validation_file"] or None,
                 method=data["method"],
+                objective=data["objective"] or None,
                 hyperparameters=form.hyperparameters(),
                 suffix=data["suffix"],
                 seed=data["seed"],
                 holdout_percent=data["holdout_percent"] or 0,
             )
         except ApplicationError as exc:  # shown at the field it names, with everything typed kept
-            form.add_error(exc.param if exc.param in form.fields else None, exc.message)
+            form.add_error(_form_field(form, exc.param), exc.message)
         else:
             messages.success(request, f"Job {job.public_id} queued.")
             return redirect("job_detail", public_id=job.public_id)
     return render(request, "jobs/create.html", {"form": form, "estimate": _estimate(form, request.user)})
+
+
+def _form_field(form: JobForm, param: str | None) -> str | None:
+    """The form field an API param names: training_type is the form's method, hyperparameters.beta its beta."""
+    name = {"training_type": "method"}.get(param or "", (param or "").removeprefix("hyperparameters."))
+    return name if name in form.fields else None
 
 
 def _estimate(form: JobForm, user) -> dict | None:
@@ -115,12 +125,22 @@ def _estimate(form: JobForm, user) -> dict | None:
         requested = check_hyperparameters(requested)
     except ApplicationError:
         return None
+    objective = objective_of(dataset)
+    if objective is None:
+        return {"dataset": dataset, "refused": f"{dataset.filename} holds {kind_words(dataset)}: not trainable yet."}
     method = values.get("method") or "lora"
     model = values.get("model") or (form.fields["model"].choices[0][0] if form.fields["model"].choices else "")
+    if model.startswith("ft:"):  # a fine-tuned model trains at the speed of its base
+        card = ModelCard.objects.owned_by(user).filter(model_id=model).first()
+        model = card.base_model if card else model
     return {
         "dataset": dataset,
         **estimate_job(
-            dataset=dataset, base_model=model, method=method if method in METHODS else "lora", requested=requested
+            dataset=dataset,
+            base_model=model,
+            method=method if method in METHODS else "lora",
+            objective=objective,
+            requested=requested,
         ),
     }
 
@@ -146,7 +166,8 @@ def job_detail(request, public_id):
         "job": job,
         "events": selectors.message_events(job),
         "checkpoints": job.checkpoints.all(),
-        "figures": selectors.job_figures(points),
+        "figures": selectors.job_figures(points, job.objective),
+        "chart_panels": selectors.chart_panels(job.objective),
         "warnings": selectors.warnings_of(job),
         "last_step": max((p["step"] for p in points), default=0),
         "queue_position": selectors.queue_position(job),

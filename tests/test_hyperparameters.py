@@ -94,6 +94,7 @@ def test_the_engine_checks_the_same_bounds(tiny_model_dir, tmp_path, definition)
         validation_file=str(train_file),
         out_dir=str(tmp_path / "out"),
         eval_every=1,
+        objective=definition.objectives[0],  # beta is checked for dpo, the objective it means something for
     )
     field = definition.engine_name
 

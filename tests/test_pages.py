@@ -66,7 +66,7 @@ def test_unknown_pages_get_a_finished_404(client, alice, settings):
     assert response.status_code == 404 and "belongs to another user" in response.content.decode()
 
 
-def test_fine_tune_from_a_fine_tuned_card_starts_from_its_base(client, alice, settings, tiny_model_dir):
+def test_fine_tune_from_a_fine_tuned_card_trains_on_from_it(client, alice, settings, tiny_model_dir):
     from deployments_app.models import ModelCard
 
     settings.FT_MODELS_DIR = tiny_model_dir.parent
@@ -77,7 +77,7 @@ def test_fine_tune_from_a_fine_tuned_card_starts_from_its_base(client, alice, se
         path="/nowhere",
     )
     page = client.get(f"/jobs/new/?model={card.model_id}").content.decode()
-    assert '<option value="tiny-random-smollm2" selected>' in page
+    assert f'<option value="{card.model_id}" selected>' in page  # DPO after SFT starts here
 
 
 def test_the_admin_cannot_edit_server_paths_or_a_jobs_status(client):

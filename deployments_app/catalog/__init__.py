@@ -7,19 +7,23 @@ to count with) is offered here; the rest lives in the modules beside it.
 from .resolution import (
     BaseModel,
     ResolvedModel,
+    TrainedModel,
     base_models,
     get_base_model,
     resolve_model,
     tokenizer_path,
+    trained_model,
     weights_folder,
 )
 
 __all__ = [
     "BaseModel",
     "ResolvedModel",
+    "TrainedModel",
     "base_models",
     "get_base_model",
     "resolve_model",
     "tokenizer_path",
+    "trained_model",
     "weights_folder",
 ]

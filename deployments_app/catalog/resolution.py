@@ -54,19 +54,48 @@ def get_base_model(model_id: str) -> BaseModel | None:
     return next((m for m in base_models() if m.id == model_id), None)
 
 
+@dataclass(frozen=True)
+class TrainedModel:
+    """A fine-tuned model or one of its checkpoints: what it was trained from, how, and its weights."""
+
+    id: str
+    base_model: str
+    method: str
+    folder: Path
+    """The PEFT adapter folder (lora, dora, qlora) or the full model folder (full)."""
+    card: object = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.method != "full"
+
+
 def resolve_model(user, model_id: str) -> ResolvedModel | None:
     """Map a base, fine-tuned or checkpoint model id the user may use to its files."""
 
     base = get_base_model(model_id)
     if base is not None:
         return ResolvedModel(base.id, base.path, None) if base.ready else None
+    trained = trained_model(user, model_id)
+    if trained is None:
+        return None
+    if not trained.is_adapter:
+        return ResolvedModel(model_id, trained.folder, None, trained.card)
+    base = get_base_model(trained.base_model)
+    if base is None:
+        return None
+    return ResolvedModel(model_id, base.path, trained.folder, trained.card)
+
+
+def trained_model(user, model_id: str) -> TrainedModel | None:
+    """The user's fine-tuned model or checkpoint with this id, or None (base models are not trained ones)."""
     card = ModelCard.objects.owned_by(user).filter(model_id=model_id).first()
     if card is not None:
-        return _resolve_files(model_id, card.base_model, card.method, Path(card.path), card)
+        return TrainedModel(model_id, card.base_model, card.method, Path(card.path), card)
     checkpoint = checkpoint_for_model_id(user, model_id)
     if checkpoint is not None:
         job = checkpoint.job
-        return _resolve_files(model_id, job.base_model, job.method, weights_folder(Path(checkpoint.path)), None)
+        return TrainedModel(model_id, job.base_model, job.method, weights_folder(Path(checkpoint.path)))
     return None
 
 
@@ -76,15 +105,6 @@ def weights_folder(folder: Path) -> Path:
         if (candidate / "adapter_config.json").exists() or (candidate / "config.json").exists():
             return candidate
     return folder
-
-
-def _resolve_files(model_id, base_id, method, folder: Path, card) -> ResolvedModel | None:
-    base = get_base_model(base_id)
-    if method == "full":
-        return ResolvedModel(model_id, folder, None, card)
-    if base is None:
-        return None
-    return ResolvedModel(model_id, base.path, folder, card)
 
 
 def tokenizer_path(model_id: str | None = None) -> Path | None:

@@ -1,6 +1,6 @@
 """Reads for the model catalog: the models a user may pick, and what each Model Square card shows."""
 
-from jobs_app.models import Checkpoint
+from jobs_app.models import Checkpoint, FineTuningJob
 from jobs_app.selectors import job_figures, metric_points
 
 from ..deployments.selectors import deployment_status_by_model
@@ -57,12 +57,17 @@ _SHOWN_HYPERPARAMETERS = {
     "lora_rank": "LoRA rank",
     "lora_alpha": "alpha",
     "max_seq_len": "max length",
+    "beta": "beta",
 }
 _SHOWN_METRICS = {
     "final_train_loss": "train loss",
     "eval_loss": "validation loss",
     "eval_token_accuracy": "validation accuracy",
+    "final_reward_accuracy": "reward accuracy",
+    "eval_reward_accuracy": "validation reward accuracy",
+    "eval_reward_margin": "validation reward margin",
 }
+OBJECTIVE_LABELS = dict(FineTuningJob.OBJECTIVE_CHOICES)
 
 
 def model_square(user) -> list[dict]:
@@ -75,6 +80,7 @@ def model_square(user) -> list[dict]:
             {
                 "card": card,
                 "job": job,
+                "objective": OBJECTIVE_LABELS.get(card.objective, card.objective),
                 "training_file": getattr(job, "training_file", None) if job else None,
                 "validation_file": getattr(job, "validation_file", None) if job else None,
                 "hyperparameters": [

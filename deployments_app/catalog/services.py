@@ -6,8 +6,9 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 
-from finetune_site.errors import InvalidInput, NotAllowed, NotFound
+from finetune_site.errors import InvalidInput, InvalidState, NotAllowed, NotFound
 from jobs_app.models import FineTuningJob
 
 from ..deployments.services import cancel_deployments_of
@@ -21,20 +22,23 @@ def folder_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
 
 
+_SUMMARY_METRICS = (
+    "final_train_loss",
+    "eval_loss",
+    "eval_token_accuracy",
+    "train_tokens",
+    "tokens_per_second",
+    "train_seconds",
+)
+_DPO_SUMMARY_METRICS = ("final_reward_accuracy", "final_reward_margin", "eval_reward_accuracy", "eval_reward_margin")
+"""What a DPO run's summary adds: reward accuracy and margin on the last training steps and on validation."""
+
+
 def model_card_create_from_job(*, job: FineTuningJob, summary: dict) -> ModelCard:
     """Record the model a succeeded job produced (idempotent for re-runs)."""
     folder = job.output_dir / ("model" if job.method == "full" else "adapter")
-    metrics = {
-        k: summary.get(k)
-        for k in (
-            "final_train_loss",
-            "eval_loss",
-            "eval_token_accuracy",
-            "train_tokens",
-            "tokens_per_second",
-            "train_seconds",
-        )
-    }
+    kept = _SUMMARY_METRICS + (_DPO_SUMMARY_METRICS if job.objective == FineTuningJob.DPO else ())
+    metrics = {k: summary.get(k) for k in kept}
     card, _ = ModelCard.objects.update_or_create(
         model_id=job.fine_tuned_model_id,
         defaults={
@@ -42,6 +46,7 @@ def model_card_create_from_job(*, job: FineTuningJob, summary: dict) -> ModelCar
             "job": job,
             "base_model": job.base_model,
             "method": job.method,
+            "objective": job.objective,
             "path": str(folder),
             "hyperparameters": job.resolved,
             "metrics": metrics,
@@ -75,6 +80,17 @@ def model_card_delete(*, card: ModelCard) -> None:
     a deleted model must not stay usable, deployable or on disk as a checkpoint.
     """
     model_id = card.model_id
+    starting = (
+        FineTuningJob.objects.filter(Q(init_model=model_id) | Q(init_model__startswith=f"{model_id}:ckpt-step-"))
+        .exclude(status__in=FineTuningJob.FINAL_STATUSES)
+        .first()
+    )
+    if starting is not None:
+        raise InvalidState(
+            f"Job {starting.public_id} ({starting.status}) trains on from {starting.init_model}; "
+            "cancel it or let it finish before deleting this model.",
+            param="model",
+        )
     folders = [Path(card.path), export_dir(card)]
     if card.job is not None:
         # The engine writes every checkpoint under here (llm/train/checkpoint.py).

@@ -52,8 +52,11 @@ def validation_examples(user, model_id: str, *, n: int, seed: int | None = None)
 
 def _split(line: bytes) -> dict | None:
     try:
-        messages = json.loads(line).get("messages") or []
-    except (ValueError, AttributeError):
+        example = json.loads(line)
+        if "input" in example:  # a preference pair: its prompt, and the preferred answer as the reference
+            return _pair_prompt(example)
+        messages = example.get("messages") or []
+    except (ValueError, AttributeError, TypeError):
         return None
     last = max(
         (i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"), default=None
@@ -61,6 +64,14 @@ def _split(line: bytes) -> dict | None:
     if not last or not isinstance(messages[last].get("content"), str):
         return None
     return {"messages": messages[:last], "reference": messages[last]["content"]}
+
+
+def _pair_prompt(example: dict) -> dict | None:
+    messages, answer = example["input"].get("messages") or [], example.get("preferred_output") or []
+    reference = answer[-1].get("content") if answer and isinstance(answer[-1], dict) else None
+    if not messages or not isinstance(reference, str):
+        return None
+    return {"messages": messages, "reference": reference}
 
 
 @lru_cache(maxsize=8)

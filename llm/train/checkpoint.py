@@ -7,19 +7,38 @@ OUT/checkpoints/step-N/
 
 The state dict: step, epoch and index (the next example in that epoch's
 order), tokens, train_seconds, elapsed_s, optimizer, rng, metrics, config.
-A checkpoint is written to a temporary folder and renamed, so a crash never
-leaves a half-written one behind.
+
+A checkpoint is written to a temporary folder, flushed to disk (fsync) and
+renamed, so a crash or a full disk never leaves a half-written one behind; a
+save that would not fit in the free space is refused before it starts.
+Retention (`prune`) keeps the newest few checkpoints and the best one; only
+the newest keeps the optimizer state, which for a full fine-tune is twice the
+size of the weights. The others still deploy, and still resume, with fresh
+optimizer moments.
 """
 
+import errno
+import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .config import STATE_FILE
 from .hf import TrainableModel, TrainTokenizer
 from .modeling import save_weights
+
+FREE_SPACE_MARGIN_BYTES = 256 * 2**20
+"""Left free after a checkpoint: the database, the logs and other users' work share the disk."""
+_STEP = re.compile(r"step-(\d+)")
+
+
+class DiskFull(OSError):
+    """A checkpoint does not fit: the run stops, its earlier checkpoints stay as they were."""
 
 
 def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
@@ -27,23 +46,147 @@ def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    out_dir: str | Path, state: dict[str, Any], model: TrainableModel, tokenizer: TrainTokenizer, *, full: bool
+    out_dir: str | Path,
+    state: dict[str, Any],
+    model: TrainableModel,
+    tokenizer: TrainTokenizer,
+    *,
+    full: bool,
+    expected_bytes: int = 0,
 ) -> Path:
-    """Write the weights and state of state["step"]; return the checkpoint folder."""
+    """Write the weights and state of state["step"]; return the checkpoint folder.
+
+    expected_bytes: how big it will be (the last checkpoint's size); raises DiskFull when
+    that plus a margin is not free, and when the disk fills while writing.
+    """
     final = checkpoint_dir(out_dir, state["step"])
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    save_weights(model, tokenizer, partial, full=full)
-    torch.save(state, partial / STATE_FILE)
+    free = shutil.disk_usage(partial).free
+    if expected_bytes and free < expected_bytes + FREE_SPACE_MARGIN_BYTES:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise DiskFull(
+            errno.ENOSPC,
+            f"Not enough disk space for the checkpoint at step {state['step']}: it needs about "
+            f"{_size(expected_bytes + FREE_SPACE_MARGIN_BYTES)} and {_size(free)} is free. Earlier checkpoints "
+            "are kept; free some space and retry the job to continue from the last one.",
+        )
+    try:
+        save_weights(model, tokenizer, partial, full=full)
+        torch.save(state, partial / STATE_FILE)
+        _sync_tree(partial)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(
+                error.errno,
+                f"The disk filled while writing the checkpoint at step {state['step']}; the partial write was "
+                "removed and earlier checkpoints are kept. Free some space and retry the job.",
+            ) from error
+        raise
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
+    _sync_directory(final.parent)
     return final
 
 
 def load_state(checkpoint: str | Path) -> dict[str, Any]:
     state: dict[str, Any] = torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=True)
     return state
+
+
+def damage(checkpoint: str | Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (unreadable state or weights), or None when it can."""
+    folder = Path(checkpoint)
+    try:
+        state = load_state(folder)
+        if not isinstance(state, dict) or "step" not in state:
+            return f"{folder.name}: {STATE_FILE} holds no training state"
+        weights = sorted(folder.glob("*.safetensors"))
+        if not weights:
+            return f"{folder.name}: no weights file"
+        for path in weights:
+            with safe_open(str(path), framework="pt") as tensors:
+                for name in tensors.keys():
+                    tensors.get_tensor(name)
+    # A torn or foreign file: whatever the readers raise means "do not resume from it".
+    except (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as error:
+        return f"{folder.name}: {type(error).__name__}: {error}"
+    return None
+
+
+def checkpoint_steps(out_dir: str | Path) -> list[int]:
+    """Steps of the finished checkpoints in out_dir, oldest first."""
+    folder = Path(out_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for path in folder.iterdir() if (m := _STEP.fullmatch(path.name)))
+
+
+def prune(out_dir: str | Path, *, keep_last: int, keep: set[int]) -> list[int]:
+    """Remove checkpoints older than the newest keep_last unless their step is in keep; return the removed steps.
+
+    The optimizer state stays only in the newest. keep_last 0 keeps every checkpoint.
+    """
+    steps = checkpoint_steps(out_dir)
+    if not steps:
+        return []
+    removed = []
+    if keep_last:
+        for step in steps[:-keep_last]:
+            if step not in keep:
+                shutil.rmtree(checkpoint_dir(out_dir, step), ignore_errors=True)
+                removed.append(step)
+    for step in steps[:-1]:
+        if step not in removed:
+            _drop_optimizer_state(checkpoint_dir(out_dir, step))
+    return removed
+
+
+def folder_bytes(folder: str | Path) -> int:
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
+def _drop_optimizer_state(folder: Path) -> None:
+    path = folder / STATE_FILE
+    state = load_state(folder)
+    if "optimizer" not in state:
+        return
+    del state["optimizer"]
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    _sync_file(partial)
+    os.replace(partial, path)
+    _sync_directory(folder)
+
+
+def _sync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            _sync_file(path)
+    for directory in [*(p for p in folder.rglob("*") if p.is_dir()), folder]:
+        _sync_directory(directory)
+
+
+def _sync_file(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _sync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.2f} GB" if count >= 2**30 else f"{count / 2**20:.0f} MB"
 
 
 def rng_state() -> dict[str, torch.Tensor | list[torch.Tensor]]:

@@ -92,6 +92,9 @@ class TrainConfig:
     """Validate every N optimizer steps; 0 validates only at the end."""
     save_every: int = SAVE_EVERY.default
     """Checkpoint every N optimizer steps; 0 checkpoints only at the end of each epoch."""
+    keep_checkpoints: int = 2
+    """Keep the newest N checkpoints, plus the one with the best validation loss; 0 keeps them all.
+    Only the newest keeps the optimizer state."""
     early_stopping_patience: int = EARLY_STOPPING_PATIENCE.default
     """Finish early after this many validations in a row without a lower validation loss; 0 never does."""
     seed: int = 42
@@ -194,6 +197,11 @@ class TrainConfig:
             _is_number(self.weight_decay) and self.weight_decay >= 0,
             "weight_decay",
             f"must be >= 0, got {self.weight_decay!r}",
+        )
+        check(
+            _is_int(self.keep_checkpoints) and self.keep_checkpoints >= 0,
+            "keep_checkpoints",
+            f"must be a whole number >= 0 (0 = keep all), got {self.keep_checkpoints!r}",
         )
         check(
             _is_int(self.log_every) and self.log_every >= 1,

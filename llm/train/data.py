@@ -6,6 +6,7 @@ example. This module reads files of them, names every bad line, and orders epoch
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from .config import ConfigError
 __all__ = ["IGNORE_INDEX", "ExampleSet", "RenderedExample", "epoch_order", "load_examples", "render_example"]
 
 _MAX_LISTED_PROBLEMS = 20
+CHECK_EVERY_LINES = 256
+"""How often a long read asks whether the run was cancelled or paused meanwhile."""
 
 
 def render_example(
@@ -46,11 +49,18 @@ class ExampleSet:
 
 
 def load_examples(
-    path: str | Path, tokenizer: Tokenizer, *, loss_on: str, max_seq_len: int, name: str = "train_file"
+    path: str | Path,
+    tokenizer: Tokenizer,
+    *,
+    loss_on: str,
+    max_seq_len: int,
+    name: str = "train_file",
+    interrupt: Callable[[], None] = lambda: None,
 ) -> ExampleSet:
     """Read and render every example of a JSONL file; raise ConfigError listing the bad lines.
 
     loss_on: "all" trains every token, anything else (the config allows only "assistant") the replies.
+    interrupt() is called every CHECK_EVERY_LINES lines: it raises to stop a long read.
     """
     mode: LossOn = "all" if loss_on == "all" else "assistant"
     examples: list[RenderedExample] = []
@@ -58,6 +68,8 @@ def load_examples(
     total = truncated = skipped = 0
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
+            if number % CHECK_EVERY_LINES == 0:
+                interrupt()
             if not line.strip():
                 continue
             total += 1

@@ -53,16 +53,18 @@ def reference_logps(
     token_budget: int,
     device: torch.device,
     context: Callable[[], AbstractContextManager[object]] = nullcontext,
+    interrupt: Callable[[], None] = lambda: None,
 ) -> torch.Tensor:
     """(2, pairs) chosen and rejected log-probabilities of every pair under the model as it is now.
 
     context() wraps each forward pass: autocast, and for a fresh adapter peft's disable_adapter(),
-    so the reference is the base model itself.
+    so the reference is the base model itself. interrupt() is called before each batch: it raises to stop.
     """
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
     for batch in pack_pairs(pairs, token_budget):
+        interrupt()
         with context():
             pc, pr = answer_logps(model, batch.to(device))
         chosen.append(pc.cpu())

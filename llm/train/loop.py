@@ -38,7 +38,9 @@ from .packing import pack, trained_logits
 from .preference import PairSet, RenderedPair, load_pairs, pack_pairs
 
 Sink = Callable[[str, dict[str, Any]], None]
-"""sink(kind, payload): where events, metrics, evaluations, checkpoints and the summary go."""
+"""sink(kind, payload): where events, metrics, evaluations, checkpoints (saved and removed) and the summary go."""
+MAX_CHECKPOINTS_PER_RUN = 100
+"""save_every is raised so that a run writes at most this many checkpoints: each costs a full write."""
 ShouldStop = Callable[[], object]
 """Asked before every optimizer step: falsy continues, "pause" pauses, anything else cancels."""
 
@@ -67,8 +69,18 @@ def train(config: TrainConfig, sink: Sink | None = None, should_stop: ShouldStop
     run = _Run(config, sink or (lambda kind, payload: None), should_stop or (lambda: None))
     try:
         return run.main()
+    except _Interrupted as stop:
+        return run.stopped_before_training(stop.request)
     finally:
         run.release()
+
+
+class _Interrupted(Exception):
+    """should_stop answered while the run was still reading data or computing its reference."""
+
+    def __init__(self, request: str) -> None:
+        super().__init__(request)
+        self.request = request
 
 
 class _Progress(TypedDict):
@@ -83,6 +95,8 @@ class _Progress(TypedDict):
     elapsed_s: float
     best_eval_loss: float
     stale_evals: int
+    checkpoint_evals: dict[int, float]
+    """Checkpoint step -> the validation loss known when it was saved (retention keeps the lowest)."""
 
 
 class _Latest(TypedDict):
@@ -148,8 +162,18 @@ class _Run:
         self.total_steps = self.steps_per_epoch * config.epochs
         self.warmup_steps = math.ceil(config.warmup_ratio * self.total_steps)
         self.progress = _Progress(
-            step=0, epoch=0, index=0, tokens=0, train_seconds=0.0, elapsed_s=0.0, best_eval_loss=math.inf, stale_evals=0
+            step=0,
+            epoch=0,
+            index=0,
+            tokens=0,
+            train_seconds=0.0,
+            elapsed_s=0.0,
+            best_eval_loss=math.inf,
+            stale_evals=0,
+            checkpoint_evals={},
         )
+        self.save_every = self._save_every()
+        self.checkpoint_bytes = 0
         self.early_stopped = False
         self.latest = _Latest(train=None, eval=None)
         if resumed:
@@ -176,10 +200,17 @@ class _Run:
                 continue
             try:
                 if config.objective == "dpo":
-                    sets[name] = load_pairs(path, self.tokenizer, max_seq_len=config.max_seq_len, name=name)
+                    sets[name] = load_pairs(
+                        path, self.tokenizer, max_seq_len=config.max_seq_len, name=name, interrupt=self._interrupt
+                    )
                 else:
                     sets[name] = load_examples(
-                        path, self.tokenizer, loss_on=config.loss_on, max_seq_len=config.max_seq_len, name=name
+                        path,
+                        self.tokenizer,
+                        loss_on=config.loss_on,
+                        max_seq_len=config.max_seq_len,
+                        name=name,
+                        interrupt=self._interrupt,
                     )
             except ConfigError as error:
                 problems += error.problems
@@ -231,6 +262,7 @@ class _Run:
                     token_budget=self.micro_batch_tokens,
                     device=self.placement.device,
                     context=reference,
+                    interrupt=self._interrupt,
                 )
         what = "the base model with the adapter switched off" if switch_off else "the starting weights"
         self._event(
@@ -257,7 +289,14 @@ class _Run:
             raise ConfigError(problems)
 
     def _resume(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:  # an older checkpoint, kept without it by retention: resumable, with fresh moments
+            self._event(
+                f"{self.config.resume_from} holds no optimizer state (only the newest checkpoint keeps it): "
+                "AdamW's moments start afresh",
+                "warn",
+            )
         ckpt.restore_rng(state["rng"])
         start = self.progress  # what a checkpoint from before a field existed continues with
         self.progress = _Progress(
@@ -269,6 +308,11 @@ class _Run:
             elapsed_s=state.get("elapsed_s", start["elapsed_s"]),
             best_eval_loss=state.get("best_eval_loss", start["best_eval_loss"]),
             stale_evals=state.get("stale_evals", start["stale_evals"]),
+            checkpoint_evals={
+                step: loss
+                for step, loss in state.get("checkpoint_evals", start["checkpoint_evals"]).items()
+                if step in ckpt.checkpoint_steps(self.out)
+            },
         )
         self.latest = state["metrics"]
         self._trim_metrics_file(state["step"])
@@ -322,12 +366,13 @@ class _Run:
                 self.latest["train"] = metric
                 if step % config.log_every == 0 or step == self.total_steps:
                     self._report("metric", metric)
-                if self.val_set and config.eval_every and step % config.eval_every == 0:
+                # The last step validates here, so its checkpoint carries the final validation numbers.
+                if self.val_set and ((config.eval_every and step % config.eval_every == 0) or step == self.total_steps):
                     evaluation = self.validate()
                     if self._patience_ran_out(evaluation["eval_loss"]):
                         self._save_checkpoint()
                         return None
-                if epoch_done or (config.save_every and step % config.save_every == 0):
+                if epoch_done or (self.save_every and step % self.save_every == 0):
                     self._save_checkpoint()
                 if epoch_done:
                     break
@@ -463,7 +508,31 @@ class _Run:
 
     # --- output --------------------------------------------------------------
 
+    def _save_every(self) -> int:
+        """config.save_every, raised where it would write more than MAX_CHECKPOINTS_PER_RUN checkpoints."""
+        asked = self.config.save_every
+        floor = math.ceil(self.total_steps / MAX_CHECKPOINTS_PER_RUN)
+        if not asked or asked >= floor:
+            return asked
+        self._event(
+            f"save_every={asked} would write {math.ceil(self.total_steps / asked)} checkpoints; "
+            f"checkpointing every {floor} steps instead (at most {MAX_CHECKPOINTS_PER_RUN} a run)",
+            "warn",
+        )
+        return floor
+
+    def _expected_checkpoint_bytes(self) -> int:
+        """The last checkpoint's size, or before the first: the saved weights plus AdamW's two moments."""
+        if self.checkpoint_bytes:
+            return self.checkpoint_bytes
+        saved = self.params if self.config.uses_adapter else list(self.model.parameters())
+        weights = sum(p.numel() * p.element_size() for p in saved)
+        return weights + sum(2 * p.numel() * 4 for p in self.params)
+
     def _save_checkpoint(self) -> Path:
+        evaluation = self.latest["eval"]
+        if evaluation is not None:
+            self.progress["checkpoint_evals"][self.progress["step"]] = evaluation["eval_loss"]
         state = {
             **self.progress,
             "elapsed_s": self.progress["elapsed_s"] + (time.monotonic() - self.started),
@@ -474,8 +543,21 @@ class _Run:
             "config": asdict(self.config),
             **({"reference_logps": self.reference} if self.config.objective == "dpo" else {}),
         }
-        path = ckpt.save_checkpoint(self.out, state, self.model, self.tokenizer, full=not self.config.uses_adapter)
+        path = ckpt.save_checkpoint(
+            self.out,
+            state,
+            self.model,
+            self.tokenizer,
+            full=not self.config.uses_adapter,
+            expected_bytes=self._expected_checkpoint_bytes(),
+        )
+        self.checkpoint_bytes = ckpt.folder_bytes(path)
         self.sink("checkpoint", {"step": state["step"], "path": str(path), "metrics": self._checkpoint_metrics()})
+        evals = self.progress["checkpoint_evals"]
+        best = {min(evals, key=lambda step: (evals[step], -step))} if evals else set()
+        for step in ckpt.prune(self.out, keep_last=self.config.keep_checkpoints, keep=best):
+            evals.pop(step, None)
+            self.sink("checkpoint_removed", {"step": step, "path": str(ckpt.checkpoint_dir(self.out, step))})
         return path
 
     def _checkpoint_metrics(self) -> dict[str, float | None]:
@@ -587,6 +669,19 @@ class _Run:
 
     def _event(self, message: str, level: str = "info") -> None:
         self.sink("event", {"level": level, "message": message})
+
+    def _interrupt(self) -> None:
+        """Stop setup (reading data, the DPO reference) when should_stop asks to."""
+        request = self._stop_request()
+        if request:
+            raise _Interrupted(request)
+
+    def stopped_before_training(self, request: str) -> dict[str, Any]:
+        """The summary of a run cancelled or paused before its first step: nothing trained, nothing saved."""
+        self._event(f"{'Paused' if request == 'pause' else 'Cancelled'} before training started")
+        summary = {"stopped": request, "steps": 0, "train_tokens": 0, "output_dir": None, "method": self.config.method}
+        self.sink("summary", summary)
+        return summary
 
     def _stop_request(self) -> str | None:
         answer = self.should_stop()

@@ -11,6 +11,7 @@ position, which is therefore a loss position twice.
 
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from llm.chat.format import Tokenizer
 from llm.chat.pairs import RenderedPair, render_pair
 
 from .config import ConfigError
+from .data import CHECK_EVERY_LINES
 
 __all__ = ["PairBatch", "PairSet", "RenderedPair", "load_pairs", "pack_pairs", "render_pair"]
 
@@ -41,13 +43,25 @@ class PairSet:
         return sum(pair.tokens for pair in self.examples)
 
 
-def load_pairs(path: str | Path, tokenizer: Tokenizer, *, max_seq_len: int, name: str = "train_file") -> PairSet:
-    """Read and render every pair of a JSONL file; raise ConfigError listing the bad lines."""
+def load_pairs(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    *,
+    max_seq_len: int,
+    name: str = "train_file",
+    interrupt: Callable[[], None] = lambda: None,
+) -> PairSet:
+    """Read and render every pair of a JSONL file; raise ConfigError listing the bad lines.
+
+    interrupt() is called every CHECK_EVERY_LINES lines: it raises to stop a long read.
+    """
     pairs: list[RenderedPair] = []
     problems: list[str] = []
     total = truncated = 0
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
+            if number % CHECK_EVERY_LINES == 0:
+                interrupt()
             if not line.strip():
                 continue
             total += 1

@@ -1,5 +1,6 @@
 // The job page: draws the charts from history, then extends them live from the job's websocket.
-// Trace order follows jobs_app.selectors.job_figures.
+// Each live trace names its point key and message in `meta` (jobs_app.selectors.job_figures);
+// the loss chart's traces are train, smoothed train and validation loss.
 (function () {
   "use strict";
   const meta = document.getElementById("job-meta");
@@ -7,9 +8,11 @@
   const finalStatuses = ["succeeded", "failed", "cancelled"];
   const smoothing = figures.smoothing || 0.9;
   const charts = {};
-  for (const name of ["loss", "accuracy", "lr", "grad_norm", "throughput"]) {
-    charts[name] = document.getElementById("chart-" + name);
-    Plotly.newPlot(charts[name], figures[name].data, figures[name].layout, { responsive: true, displaylogo: false });
+  for (const [name, figure] of Object.entries(figures)) {
+    const element = document.getElementById("chart-" + name);
+    if (!element || !figure.data) continue;  // the charts of another objective are not on this page
+    charts[name] = element;
+    Plotly.newPlot(element, figure.data, figure.layout, { responsive: true, displaylogo: false });
   }
   const loss = figures.loss.data;
   let lastStep = Number(meta.dataset.lastStep) || 0;
@@ -19,12 +22,20 @@
   let status = meta.dataset.status;
   charts.loss.dataset.points = points;
 
-  function extend(name, traces, step, values) {
-    const keep = traces.filter((_, i) => values[i] !== null && values[i] !== undefined);
-    if (!keep.length) return;
-    const x = keep.map(() => [step]);
-    const y = traces.map((_, i) => values[i]).filter((v) => v !== null && v !== undefined).map((v) => [v]);
-    Plotly.extendTraces(charts[name], { x, y }, keep);
+  // Add the point's values to every trace that message extends, on every chart.
+  function extendAll(kind, point, step) {
+    for (const [name, element] of Object.entries(charts)) {
+      const keep = [], y = [];
+      figures[name].data.forEach((trace, i) => {
+        const live = trace.meta;
+        if (!live || live.live !== kind) return;
+        const value = live.smoothed ? smoothed : point[live.key];
+        if (value === null || value === undefined) return;
+        keep.push(i);
+        y.push([value]);
+      });
+      if (keep.length) Plotly.extendTraces(element, { x: keep.map(() => [step]), y }, keep);
+    }
   }
 
   function setProgress(step, total) {
@@ -62,11 +73,7 @@
     if (m.train_loss == null || m.step <= lastStep) return; // already drawn
     lastStep = m.step;
     smoothed = smoothed === null ? m.train_loss : smoothing * smoothed + (1 - smoothing) * m.train_loss;
-    extend("loss", [0, 1], m.step, [m.train_loss, smoothed]);
-    extend("accuracy", [0], m.step, [m.train_mean_token_accuracy]);
-    extend("lr", [0], m.step, [m.learning_rate]);
-    extend("grad_norm", [0], m.step, [m.grad_norm]);
-    extend("throughput", [0], m.step, [m.tokens_per_second]);
+    extendAll("metric", m, m.step);
     points += 1;
     charts.loss.dataset.points = points;
     setProgress(m.step, m.total_steps);
@@ -75,8 +82,7 @@
   function onEval(m) {
     if (m.valid_loss == null || m.step <= lastEvalStep) return;
     lastEvalStep = m.step;
-    extend("loss", [2], m.step, [m.valid_loss]);
-    extend("accuracy", [1], m.step, [m.valid_mean_token_accuracy]);
+    extendAll("eval", m, m.step);
   }
 
   // Every event time in the browser's own zone, 24-hour, whether the server drew it or it came live.

@@ -177,8 +177,13 @@ def test_the_step_loss_is_the_mean_dpo_loss_of_its_pairs_against_the_base(dpo_co
 def test_a_paused_and_resumed_dpo_run_ends_where_an_uninterrupted_one_does(dpo_config, tmp_path):
     whole = Recorder()
     train(dpo_config(epochs=2, out_dir=str(tmp_path / "whole")), sink=whole)
-    paused = Recorder(stop_answers=[None, None, "pause"])
-    train(dpo_config(epochs=2, out_dir=str(tmp_path / "parts")), sink=paused, should_stop=paused.should_stop)
+    paused = Recorder()
+    # Pause after step 2 (should_stop is also asked while the reference is computed).
+    train(
+        dpo_config(epochs=2, out_dir=str(tmp_path / "parts")),
+        sink=paused,
+        should_stop=lambda: "pause" if len(paused.of("metric")) == 2 else None,
+    )
     checkpoint = paused.of("checkpoint")[-1]["path"]
 
     resumed = Recorder()
@@ -265,3 +270,13 @@ def test_a_dora_run_cannot_continue_a_lora_adapter(dpo_config, tmp_path):
     problems = dpo_config(method="dora", init_from=str(adapter)).problems()
 
     assert any("is a LoRA adapter; continue it with method lora, not dora" in problem for problem in problems)
+
+
+def test_a_pause_is_heard_while_the_reference_is_computed(dpo_config):
+    recorder = Recorder(stop_answers=["pause"])
+
+    summary = train(dpo_config(), sink=recorder, should_stop=recorder.should_stop)
+
+    assert summary["stopped"] == "pause" and summary["steps"] == 0
+    assert not recorder.of("metric") and not recorder.of("checkpoint")
+    assert "Paused before training started" in [event["message"] for event in recorder.of("event")]

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm.train import train
 
-from .conftest import Recorder
+from .conftest import Recorder, chat_examples, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 METRIC_KEYS = {
@@ -82,7 +82,7 @@ def test_full_fine_tuning_writes_a_model_and_tokenizer_that_load(tiny_config, ti
 
 def test_the_sink_hears_metrics_evals_checkpoints_and_the_summary(tiny_config, chat_files):
     _, validation_file = chat_files
-    config = tiny_config(validation_file=str(validation_file), eval_every=2, epochs=2, save_every=2)
+    config = tiny_config(validation_file=str(validation_file), eval_every=2, epochs=2, save_every=2, keep_checkpoints=0)
     recorder = Recorder()
 
     summary = train(config, sink=recorder, should_stop=recorder.should_stop)
@@ -255,3 +255,15 @@ def test_the_cli_trains_and_writes_every_output(tiny_model_dir, chat_files, tmp_
     assert stdout[:-1] == metrics_file
     assert [line["kind"] for line in stdout] == ["metric", "eval", "metric", "eval", "summary"]
     assert stdout[-1] == {"kind": "summary", **summary}
+
+
+def test_a_cancel_is_heard_while_a_long_file_is_still_being_read(tiny_config, tmp_path):
+    long_file = write_jsonl(tmp_path / "long.jsonl", chat_examples(600))
+    recorder = Recorder(stop_answers=["cancel"])
+
+    summary = train(tiny_config(train_file=str(long_file)), sink=recorder, should_stop=recorder.should_stop)
+
+    assert recorder.stop_asked == 1  # asked at line 256, before the file was read to its end
+    assert summary["stopped"] == "cancel" and summary["steps"] == 0
+    assert not recorder.of("metric") and not recorder.of("checkpoint")
+    assert recorder.calls[-1] == ("summary", summary)
