@@ -12,11 +12,9 @@ from jobs_app import services
 from jobs_app.models import FineTuningJob
 from llm.train import checkpoint as ckpt
 
-from . import test_dpo_jobs
-from .test_dpo_jobs import BASE
+from .test_model_square import BASE, alice, folders  # noqa: F401 - the same user, folders and base model
 
 pytestmark = pytest.mark.django_db(transaction=True)
-alice, folders = test_dpo_jobs.alice, test_dpo_jobs.folders
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import io
 import json
 
 import pytest
-from django.contrib.auth import get_user_model
 from django.core.files.base import ContentFile
 
 from datasets_app import services as dataset_services
@@ -18,23 +17,9 @@ from jobs_app.models import Checkpoint, FineTuningJob
 from jobs_app.sink import JobSink
 
 from .test_api_auth import make_dataset
+from .test_model_square import BASE, alice, folders  # noqa: F401 - the same user, folders and base model
 
 pytestmark = pytest.mark.django_db
-BASE = "tiny-random-smollm2"
-
-
-@pytest.fixture(autouse=True)
-def folders(settings, tmp_path, tiny_model_dir):
-    settings.FT_MODELS_DIR = tiny_model_dir.parent
-    settings.MEDIA_ROOT = tmp_path / "media"
-    settings.FT_ARTIFACTS_DIR = tmp_path / "artifacts"
-
-
-@pytest.fixture
-def alice(client):
-    user = get_user_model().objects.create_user("alice", password="pw-alice-123")
-    client.force_login(user)
-    return user
 
 
 def preference_lines(n: int) -> bytes:

@@ -9,7 +9,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from llm.chat import IGNORE_INDEX, RenderedExample, chat_format
 from llm.chat.format import LossOn, Tokenizer
@@ -19,6 +19,7 @@ from .config import ConfigError
 __all__ = ["IGNORE_INDEX", "ExampleSet", "RenderedExample", "epoch_order", "load_examples", "render_example"]
 
 _MAX_LISTED_PROBLEMS = 20
+T = TypeVar("T")
 CHECK_EVERY_LINES = 256
 """How often a long read asks whether the run was cancelled or paused meanwhile."""
 
@@ -63,9 +64,38 @@ def load_examples(
     interrupt() is called every CHECK_EVERY_LINES lines: it raises to stop a long read.
     """
     mode: LossOn = "all" if loss_on == "all" else "assistant"
-    examples: list[RenderedExample] = []
+
+    def render(example: object) -> RenderedExample:
+        if not isinstance(example, dict) or not isinstance(example.get("messages"), list) or not example["messages"]:
+            raise ValueError('expected an object with a non-empty "messages" list')
+        return render_example(tokenizer, example, loss_on=mode, max_seq_len=max_seq_len)
+
+    rendered, total = read_jsonl(path, render, name=name, what="examples", interrupt=interrupt)
+    examples = [example for example in rendered if example.trained_tokens]
+    return ExampleSet(
+        examples=examples,
+        total_lines=total,
+        truncated_examples=sum(example.truncated_tokens > 0 for example in rendered),
+        skipped_examples=len(rendered) - len(examples),
+    )
+
+
+def read_jsonl(
+    path: str | Path,
+    render: Callable[[object], T],
+    *,
+    name: str,
+    what: str,
+    interrupt: Callable[[], None] = lambda: None,
+) -> tuple[list[T], int]:
+    """render() each non-blank line of a JSONL file, decoded; return what it made and the count of lines.
+
+    Raises ConfigError naming every line that is not JSON or that render() refuses (the first
+    few, then how many more), or saying that the file holds no `what` at all.
+    """
+    made: list[T] = []
     problems: list[str] = []
-    total = truncated = skipped = 0
+    total = 0
     with open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if number % CHECK_EVERY_LINES == 0:
@@ -74,33 +104,20 @@ def load_examples(
                 continue
             total += 1
             try:
-                example = json.loads(line)
-                if (
-                    not isinstance(example, dict)
-                    or not isinstance(example.get("messages"), list)
-                    or not example["messages"]
-                ):
-                    raise ValueError('expected an object with a non-empty "messages" list')
-                rendered = render_example(tokenizer, example, loss_on=mode, max_seq_len=max_seq_len)
-            # ValueError: bad JSON, no messages, or a conversation the chat format or template refuses
+                made.append(render(json.loads(line)))
+            # ValueError: bad JSON, a line of the wrong shape, or one the chat format or template refuses
             # (ChatFormatError); the others: a message, tool or tool call that is not an object of the
             # expected shape, met while rendering it.
             except (ValueError, LookupError, TypeError, AttributeError) as error:
                 problems.append(f"{name} line {number}: {error}")
-                continue
-            truncated += rendered.truncated_tokens > 0
-            if rendered.trained_tokens == 0:
-                skipped += 1
-                continue
-            examples.append(rendered)
     if total == 0:
-        problems.append(f"{name}: {path} holds no examples")
+        problems.append(f"{name}: {path} holds no {what}")
     if problems:
         listed = problems[:_MAX_LISTED_PROBLEMS]
         if len(problems) > len(listed):
             listed.append(f"{name}: ... and {len(problems) - len(listed)} more bad lines")
         raise ConfigError(listed)
-    return ExampleSet(examples=examples, total_lines=total, truncated_examples=truncated, skipped_examples=skipped)
+    return made, total
 
 
 def epoch_order(count: int, *, seed: int, epoch: int) -> list[int]:

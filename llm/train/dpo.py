@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .hf import TrainableModel
+from .packing import trained_logits
 from .preference import PairBatch, RenderedPair, pack_pairs
 
 METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "logps_chosen", "logps_rejected")
@@ -28,18 +29,7 @@ METRICS = ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accura
 
 def answer_logps(model: TrainableModel, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of each pair's chosen and rejected answer, summed over their tokens: ((pairs,), (pairs,))."""
-    output = model(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        cu_seq_lens_q=batch.cu_seq_lens,
-        cu_seq_lens_k=batch.cu_seq_lens,
-        max_length_q=batch.max_length,
-        max_length_k=batch.max_length,
-        shared_prompt=batch.shared_prompt,
-        logits_to_keep=batch.loss_positions,
-        use_cache=False,
-    )
-    token_logps = -F.cross_entropy(output.logits[0].float(), batch.targets, reduction="none")
+    token_logps = -F.cross_entropy(trained_logits(model, batch).float(), batch.targets, reduction="none")
     sums = torch.zeros(2 * batch.pairs, device=token_logps.device, dtype=token_logps.dtype)
     sums = sums.index_add(0, batch.slots, token_logps)
     return sums[0::2], sums[1::2]

@@ -15,7 +15,7 @@ Only trained positions are sent through the LM head (logits_to_keep): with a
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ from transformers import AttentionInterface
 
 from .data import IGNORE_INDEX, RenderedExample
 from .hf import TrainableModel
+
+if TYPE_CHECKING:
+    from .preference import PairBatch
 
 ATTENTION = "packed_sdpa"
 
@@ -103,8 +106,8 @@ def _micro_batch(examples: list[RenderedExample]) -> MicroBatch:
     )
 
 
-def trained_logits(model: TrainableModel, batch: MicroBatch) -> torch.Tensor:
-    """Run the model on a packed micro-batch; return (loss positions, vocab) logits."""
+def trained_logits(model: TrainableModel, batch: "MicroBatch | PairBatch") -> torch.Tensor:
+    """Run the model on a packed micro-batch (of examples, or of preference pairs); return (loss positions, vocab) logits."""
     output = model(
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
@@ -112,6 +115,7 @@ def trained_logits(model: TrainableModel, batch: MicroBatch) -> torch.Tensor:
         cu_seq_lens_k=batch.cu_seq_lens,
         max_length_q=batch.max_length,
         max_length_k=batch.max_length,
+        shared_prompt=getattr(batch, "shared_prompt", None),
         logits_to_keep=batch.loss_positions,
         use_cache=False,
     )

@@ -10,7 +10,6 @@ position, which is therefore a loss position twice.
 """
 
 import itertools
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,9 @@ import torch
 from llm.chat.format import Tokenizer
 from llm.chat.pairs import RenderedPair, render_pair
 
-from .config import ConfigError
-from .data import CHECK_EVERY_LINES
+from .data import read_jsonl
 
 __all__ = ["PairBatch", "PairSet", "RenderedPair", "load_pairs", "pack_pairs", "render_pair"]
-
-_MAX_LISTED_PROBLEMS = 20
 
 
 @dataclass(frozen=True)
@@ -53,40 +49,20 @@ def load_pairs(
 ) -> PairSet:
     """Read and render every pair of a JSONL file; raise ConfigError listing the bad lines.
 
-    interrupt() is called every CHECK_EVERY_LINES lines: it raises to stop a long read.
+    interrupt() is called every few hundred lines: it raises to stop a long read.
     """
-    pairs: list[RenderedPair] = []
-    problems: list[str] = []
-    total = truncated = 0
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if number % CHECK_EVERY_LINES == 0:
-                interrupt()
-            if not line.strip():
-                continue
-            total += 1
-            try:
-                example = json.loads(line)
-                if not isinstance(example, dict) or not isinstance(example.get("input"), dict):
-                    raise ValueError(
-                        'expected a preference pair {"input": {"messages": [...]}, "preferred_output": [...], '
-                        '"non_preferred_output": [...]}'
-                        + (' (this line is a chat example: train it with objective "sft")' if _is_chat(example) else "")
-                    )
-                pair = render_pair(tokenizer, example, max_seq_len=max_seq_len)
-            # ValueError: bad JSON or a pair the chat format refuses; the others: a field of the wrong shape.
-            except (ValueError, LookupError, TypeError, AttributeError) as error:
-                problems.append(f"{name} line {number}: {error}")
-                continue
-            truncated += pair.truncated_tokens > 0
-            pairs.append(pair)
-    if total == 0:
-        problems.append(f"{name}: {path} holds no preference pairs")
-    if problems:
-        listed = problems[:_MAX_LISTED_PROBLEMS]
-        if len(problems) > len(listed):
-            listed.append(f"{name}: ... and {len(problems) - len(listed)} more bad lines")
-        raise ConfigError(listed)
+
+    def render(example: object) -> RenderedPair:
+        if not isinstance(example, dict) or not isinstance(example.get("input"), dict):
+            raise ValueError(
+                'expected a preference pair {"input": {"messages": [...]}, "preferred_output": [...], '
+                '"non_preferred_output": [...]}'
+                + (' (this line is a chat example: train it with objective "sft")' if _is_chat(example) else "")
+            )
+        return render_pair(tokenizer, example, max_seq_len=max_seq_len)
+
+    pairs, total = read_jsonl(path, render, name=name, what="preference pairs", interrupt=interrupt)
+    truncated = sum(pair.truncated_tokens > 0 for pair in pairs)
     return PairSet(examples=pairs, total_lines=total, truncated_examples=truncated)
 
 

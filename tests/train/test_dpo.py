@@ -3,7 +3,6 @@
 import json
 import math
 import random
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -50,25 +49,15 @@ def tokenizer(tiny_model_dir):
 
 
 @pytest.fixture
-def dpo_config(tiny_model_dir, tmp_path):
-    train_file = write_jsonl(tmp_path / "pairs.jsonl", pairs(12, seed=1))
-    validation_file = write_jsonl(tmp_path / "pairs-validation.jsonl", pairs(4, seed=2))
-    base = TrainConfig(
-        model=str(tiny_model_dir),
-        train_file=str(train_file),
-        validation_file=str(validation_file),
-        out_dir=str(tmp_path / "out"),
-        objective="dpo",
-        epochs=1,
-        batch_size=4,
-        lr=1e-2,
-        lora_r=4,
-        lora_alpha=8,
-        warmup_ratio=0.0,
-    )
+def dpo_config(tiny_config, tmp_path):
+    """tiny_config's quick LoRA run on 12 preference pairs (4 for validation) with objective dpo."""
+    files = {
+        "train_file": str(write_jsonl(tmp_path / "pairs.jsonl", pairs(12, seed=1))),
+        "validation_file": str(write_jsonl(tmp_path / "pairs-validation.jsonl", pairs(4, seed=2))),
+    }
 
     def make(**changes) -> TrainConfig:
-        return replace(base, **changes)
+        return tiny_config(**{**files, "objective": "dpo", **changes})
 
     return make
 
