@@ -6,11 +6,18 @@ class FinetuneSiteConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self):
-        from django.contrib.auth.signals import user_logged_out
+        from django.contrib import admin
+        from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 
-        from . import schema  # noqa: F401  (registers the API-key scheme)
+        from . import (
+            login_throttle,
+            schema,  # noqa: F401  (registers the API-key scheme)
+        )
 
         user_logged_out.connect(_say_logged_out, dispatch_uid="finetune-logged-out")
+        user_login_failed.connect(login_throttle.record_failure, dispatch_uid="finetune-login-failed")
+        user_logged_in.connect(login_throttle.clear_failures, dispatch_uid="finetune-logged-in")
+        admin.site.login_form = login_throttle.ThrottledAdminAuthenticationForm
 
 
 def _say_logged_out(sender, request, user, **kwargs):

@@ -149,8 +149,15 @@ CHANNEL_LAYERS = {
 
 # --- Auth
 AUTH_PASSWORD_VALIDATORS = [
-    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 10}},
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# Sign-in throttling (finetune_site.login_throttle): failures per account and address, and how long
+# an account is refused once it has that many (0 failures: no throttling).
+FT_LOGIN_MAX_FAILURES = env_int("FT_LOGIN_MAX_FAILURES", 5, minimum=0)
+FT_LOGIN_LOCKOUT_SECONDS = env_int("FT_LOGIN_LOCKOUT_SECONDS", 900, minimum=1)
 # Cookies belong to a host, not a port: two instances on one host (FT_PORT 8000 and 8001) must
 # not overwrite each other's session and CSRF cookies, or each logs the other's users out.
 SESSION_COOKIE_NAME = f"ftsession-{FT_PORT}"
@@ -160,6 +167,11 @@ LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
 
 # --- API
+# Fair use, per user (finetune_site.limits; 0 turns a limit off).
+FT_RATE_LIMIT_RPM = env_int("FT_RATE_LIMIT_RPM", 1200, minimum=0)
+FT_RATE_LIMIT_TPM = env_int("FT_RATE_LIMIT_TPM", 200_000, minimum=0)
+FT_MAX_CHAT_STREAMS_PER_USER = env_int("FT_MAX_CHAT_STREAMS_PER_USER", 8, minimum=0)
+FT_MAX_ACTIVE_JOBS_PER_USER = env_int("FT_MAX_ACTIVE_JOBS_PER_USER", 4, minimum=0)
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "finetune_site.auth.ApiKeyAuthentication",
@@ -173,6 +185,7 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.FormParser",
     ],
     "EXCEPTION_HANDLER": "finetune_site.api_errors.exception_handler",
+    "DEFAULT_THROTTLE_CLASSES": ["finetune_site.limits.RequestRate"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }

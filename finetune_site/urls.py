@@ -10,7 +10,7 @@ from deployments_app.chat import api_router as chat_api
 from deployments_app.deployments import api as deployments_api
 from jobs_app import api as jobs_api
 
-from . import metrics, views
+from . import login_throttle, metrics, views
 
 # The same API under /v1/ (openai) and /api/paas/v4/ (zhipuai); no trailing
 # slashes, and model ids may hold '/' and ':'.
@@ -35,7 +35,11 @@ urlpatterns = [
     path("", views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
     path("metrics", metrics.metrics, name="metrics"),
-    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+    path(
+        "accounts/login/",
+        auth_views.LoginView.as_view(authentication_form=login_throttle.ThrottledAuthenticationForm),
+        name="login",
+    ),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("keys/", views.api_keys, name="api_keys"),
     path("keys/<int:key_pk>/revoke/", views.api_key_revoke, name="api_key_revoke"),

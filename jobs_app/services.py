@@ -1,6 +1,7 @@
 """Writes for fine-tuning jobs: create, control, run (the engine boundary), recover."""
 
 import logging
+import os
 import shutil
 import socket
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from datasets_app.models import Dataset
 from deployments_app.catalog import BaseModel, TrainedModel, get_base_model, trained_model
 from deployments_app.catalog.services import model_card_create_from_job
 from deployments_app.deployments.services import cancel_deployments_of
-from finetune_site.errors import ApplicationError, InvalidInput, InvalidState
+from finetune_site.errors import ApplicationError, Busy, InvalidInput, InvalidState
 from finetune_site.services import notify
 from llm.train import ConfigError, TrainConfig
 from llm.train.hyperparameters import to_engine
@@ -126,6 +127,19 @@ def _check_continues(trained: TrainedModel, method: str) -> None:
     )
 
 
+def _check_active_jobs(owner) -> None:
+    """One account may have FT_MAX_ACTIVE_JOBS_PER_USER jobs validating, queued or running (0: any number)."""
+    most = settings.FT_MAX_ACTIVE_JOBS_PER_USER
+    active = FineTuningJob.objects.owned_by(owner).active().count() if most else 0
+    if most and active >= most:
+        raise Busy(
+            f"You have {active} fine-tuning jobs validating, queued or running, the most one account may have "
+            "at once; create this one when one of them has finished, or cancel one.",
+            retry_after=60,
+            code="too_many_active_jobs",
+        )
+
+
 @transaction.atomic
 def job_create(
     *,
@@ -146,6 +160,7 @@ def job_create(
     method is the training type (lora when not given, or that of the fine-tuned model
     it starts from); objective is sft or dpo, or None to train what the training file holds.
     """
+    _check_active_jobs(owner)
     start = _starting_point(owner, model)
     method = method or (start.trained.method if start.trained else "lora")
     if method not in METHODS:
@@ -418,7 +433,8 @@ def job_run(*, job_id: int, worker: str | None = None) -> None:
     from llm.train.checkpoint import DiskFull
 
     job = FineTuningJob.objects.filter(pk=job_id).first()
-    worker = worker or socket.gethostname()
+    # Unique per process: two worker processes on one host must never pass for each other.
+    worker = f"{worker or socket.gethostname()}:{os.getpid()}"
     if job is None or not transitions.start(job, worker=worker):
         return
     checkpoint = _resumable_checkpoint(job)
@@ -432,10 +448,14 @@ def job_run(*, job_id: int, worker: str | None = None) -> None:
 
     summary, failure = None, None
     watchdog = Watchdog(job, heartbeat_seconds=settings.FT_HEARTBEAT_SECONDS)
+
+    def should_stop():
+        return "cancel" if sink.lost else watchdog.should_stop()
+
     try:
         config = build_train_config(job, resume_from=checkpoint.path if checkpoint else None)
         with watchdog:
-            summary = train(config, sink=sink, should_stop=watchdog.should_stop)
+            summary = train(config, sink=sink, should_stop=should_stop)
     except ConfigError as exc:
         failure = {"code": "invalid_config", "message": "; ".join(exc.problems), "param": None}
     except DiskFull as exc:
@@ -444,10 +464,10 @@ def job_run(*, job_id: int, worker: str | None = None) -> None:
         log.exception("job %s failed", job.public_id)
         failure = {"code": "training_failed", "message": f"{type(exc).__name__}: {exc}", "param": None}
     finally:
-        if watchdog.lost:
+        if watchdog.lost or sink.lost:
             sink.discard()
         sink.flush()
-    if watchdog.lost:
+    if watchdog.lost or sink.lost:
         log.warning(
             "job %s: %s stopped; the job was handed to another worker after its heartbeat lapsed", job.public_id, worker
         )
@@ -475,33 +495,46 @@ def _resumable_checkpoint(job: FineTuningJob) -> Checkpoint | None:
 
 
 def _finish_run(job: FineTuningJob, summary: dict | None, failure: dict | None, sink: JobSink) -> None:
-    worker = job.worker  # the claimer, read before the refresh below: only its own run may end the job
-    if failure is not None:
-        won = transitions.fail(job, error=failure, worker=worker)
-        final, note, level = FineTuningJob.FAILED, f"Training failed: {failure['message']}", "error"
-    elif summary.get("stopped") == "pause":
-        won = transitions.pause(job, worker=worker)
-        final, note, level = FineTuningJob.PAUSED, "Job paused; resume continues from the last checkpoint.", "info"
-    elif summary.get("stopped"):
-        won = transitions.stop(job, worker=worker)
-        final, note, level = FineTuningJob.CANCELLED, "Job cancelled; finished checkpoints are kept.", "info"
-    else:
-        job.refresh_from_db()
-        card = model_card_create_from_job(job=job, summary=summary)
-        won = transitions.finish(
-            job,
-            worker=worker,
-            fine_tuned_model=card.model_id,
-            trained_tokens=summary.get("train_tokens"),
-            step=job.total_steps or job.step,
-        )
-        final, note, level = FineTuningJob.SUCCEEDED, f"Fine-tuning succeeded. New model: {card.model_id}", "info"
+    """End the run's job as the run ended, in one transaction, only while the job is still this run's."""
+    # The run's fencing token, as start() claimed it: a run whose job was re-queued (and perhaps
+    # claimed again, even by this same worker) changes nothing, makes no model and tells no one.
+    worker, attempt = job.worker, job.attempts
+    with transaction.atomic():
+        if failure is not None:
+            won = transitions.fail(job, error=failure, worker=worker, attempt=attempt)
+            final, note, level = FineTuningJob.FAILED, f"Training failed: {failure['message']}", "error"
+        elif summary.get("stopped") == "pause":
+            won = transitions.pause(job, worker=worker, attempt=attempt)
+            final, note, level = FineTuningJob.PAUSED, "Job paused; resume continues from the last checkpoint.", "info"
+        elif summary.get("stopped"):
+            won = transitions.stop(job, worker=worker, attempt=attempt)
+            final, note, level = FineTuningJob.CANCELLED, "Job cancelled; finished checkpoints are kept.", "info"
+        else:
+            job.refresh_from_db(fields=["step", "total_steps"])
+            won = transitions.finish(
+                job,
+                worker=worker,
+                attempt=attempt,
+                fine_tuned_model=job.fine_tuned_model_id,
+                trained_tokens=summary.get("train_tokens"),
+                step=job.total_steps or job.step,
+            )
+            if won:
+                job.refresh_from_db()
+                model_card_create_from_job(job=job, summary=summary)
+            final = FineTuningJob.SUCCEEDED
+            note, level = f"Fine-tuning succeeded. New model: {job.fine_tuned_model_id}", "info"
     if not won:
-        # The job was handed to another worker meanwhile: its news is that worker's to tell.
-        log.warning("job %s: %s ended the run (%s) but no longer holds the job", job.public_id, worker, final)
+        # The job was handed to another run meanwhile: its news is that run's to tell.
+        log.warning(
+            "job %s: %s (attempt %s) ended the run (%s) but no longer holds the job",
+            job.public_id,
+            worker,
+            attempt,
+            final,
+        )
         return
-    sink.event(note, level=level)
-    publish(job.public_id, {"type": "status", "status": final})
+    _note(job, note, level=level, status=final)
     if final in (FineTuningJob.SUCCEEDED, FineTuningJob.FAILED):
         _notify_finished(job)
 

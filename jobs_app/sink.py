@@ -8,7 +8,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import redis
-from django.db import connections, transaction
+from django.conf import settings
+from django.db import DatabaseError, connections, transaction
 from django.utils import timezone
 
 from deployments_app.deployments.streams import sync_client
@@ -74,6 +75,10 @@ class JobSink:
 
     def __init__(self, job: FineTuningJob):
         self.job = job
+        # The run's fencing token: written rows are this run's only while the job is still its.
+        self.worker, self.attempt = job.worker, job.attempts
+        self.lost = False
+        """True once a write found the job handed to another run; nothing more is written."""
         self.summary: dict | None = None
         self._pending: list[JobEvent] = []
         self._last_flush = time.monotonic()
@@ -138,18 +143,23 @@ class JobSink:
 
     def _on_checkpoint(self, payload: dict) -> None:
         self.flush()
-        checkpoint, _ = Checkpoint.objects.update_or_create(
-            job=self.job,
-            step=payload["step"],
-            defaults={"path": str(Path(payload["path"]).resolve()), "metrics": payload.get("metrics") or {}},
-        )
+        with transaction.atomic():
+            if not self._holds():
+                return
+            checkpoint, _ = Checkpoint.objects.update_or_create(
+                job=self.job,
+                step=payload["step"],
+                defaults={"path": str(Path(payload["path"]).resolve()), "metrics": payload.get("metrics") or {}},
+            )
         self.event(f"Checkpoint saved at step {checkpoint.step}.")
         publish(self.job.public_id, {"type": "checkpoint", "step": checkpoint.step, "id": checkpoint.public_id})
 
     def _on_checkpoint_removed(self, payload: dict) -> None:
         # The engine keeps its newest checkpoints (and the best); a removed one's id must stop resolving.
         self.flush()
-        Checkpoint.objects.filter(job=self.job, step=payload["step"]).delete()
+        with transaction.atomic():
+            if self._holds():
+                Checkpoint.objects.filter(job=self.job, step=payload["step"]).delete()
 
     def _on_summary(self, payload: dict) -> None:
         self.summary = payload
@@ -159,11 +169,26 @@ class JobSink:
         # The engine names files by their path on the worker; users know the run, not the disk.
         for folder in {str(self.job.output_dir), str(Path(self.job.output_dir).resolve())}:
             message = message.replace(folder + "/", "").replace(folder, "the run's folder")
-        row = JobEvent.objects.create(job=self.job, level=level, message=message)
+        with transaction.atomic():
+            if not self._holds():
+                return
+            row = JobEvent.objects.create(job=self.job, level=level, message=message)
         publish(
             self.job.public_id,
             {"type": "event", "level": level, "message": message, "created_at": int(row.created_at.timestamp())},
         )
+
+    def _holds(self) -> bool:
+        """Whether the job is still this run's; once it is not, it never is again."""
+        if not self.lost and not transitions.holds(self.job.pk, worker=self.worker, attempt=self.attempt):
+            log.warning(
+                "job %s: attempt %s of %s no longer holds the job; its writes stop",
+                self.job.public_id,
+                self.attempt,
+                self.worker,
+            )
+            self.lost = True
+        return not self.lost
 
     def _maybe_flush(self) -> None:
         if len(self._pending) >= _FLUSH_ROWS or time.monotonic() - self._last_flush >= _FLUSH_SECONDS:
@@ -178,6 +203,9 @@ class JobSink:
         if not self._pending and not self._progress:
             return
         with transaction.atomic():
+            if not self._holds():
+                self.discard()
+                return
             JobEvent.objects.bulk_create(self._pending)
             if self._progress:
                 eta = self._progress.get("eta_s")
@@ -230,13 +258,22 @@ def wake_watchdog(job_pk: int) -> None:
 class Watchdog:
     """Keeps the job's heartbeat fresh and brings the user's cancel/pause to the engine."""
 
-    def __init__(self, job: FineTuningJob, *, heartbeat_seconds: float, poll_seconds: float = 1.0):
+    def __init__(
+        self,
+        job: FineTuningJob,
+        *,
+        heartbeat_seconds: float,
+        poll_seconds: float = 1.0,
+        timeout_seconds: float | None = None,
+    ):
         self.job_pk = job.pk
-        self.worker = job.worker
+        self.worker, self.attempt = job.worker, job.attempts
         self.lost = False
-        """True once the job is no longer this worker's (re-queued after a lapsed heartbeat, or deleted)."""
+        """True once the job is no longer this run's (re-queued after a lapsed heartbeat, or deleted), or
+        once the database could not confirm it was for longer than the heartbeat timeout."""
         self.heartbeat_seconds = heartbeat_seconds
         self.poll_seconds = poll_seconds
+        self.timeout_seconds = timeout_seconds if timeout_seconds is not None else settings.FT_HEARTBEAT_TIMEOUT
         self.control = ""
         self._redis = None
         self._redis_broken = False
@@ -258,18 +295,44 @@ class Watchdog:
 
     def _run(self) -> None:
         last_beat = 0.0
+        confirmed = time.monotonic()  # when the database last said the job is this run's
+        failures = 0
         try:
-            while not self._stop.is_set():
-                now = time.monotonic()
-                if now - last_beat >= self.heartbeat_seconds:
-                    transitions.heartbeat(self.job_pk, worker=self.worker)
-                    last_beat = now
-                row = FineTuningJob.objects.filter(pk=self.job_pk).values_list("control", "status", "worker").first()
-                if row is None or row[1] != FineTuningJob.RUNNING or row[2] != self.worker:
-                    # A stalled worker whose job was re-queued must stop, or two would train it.
+            while not self._stop.is_set() and not self.lost:
+                try:
+                    now = time.monotonic()
+                    if now - last_beat >= self.heartbeat_seconds:
+                        transitions.heartbeat(self.job_pk, worker=self.worker, attempt=self.attempt)
+                        last_beat = now
+                    row = (
+                        FineTuningJob.objects.filter(pk=self.job_pk)
+                        .values_list("control", "status", "worker", "attempts")
+                        .first()
+                    )
+                except DatabaseError as error:
+                    # A database hiccup must not end the watch: cancel, pause and the heartbeat
+                    # depend on it. Back off and retry; past the heartbeat timeout, stop the run,
+                    # since recovery may by then have handed the job to another worker.
+                    failures += 1
+                    connections.close_all()  # the next query opens a fresh connection
+                    if time.monotonic() - confirmed > self.timeout_seconds:
+                        log.error(
+                            "job %s: the database has not answered for %.0f s; stopping the run",
+                            self.job_pk,
+                            time.monotonic() - confirmed,
+                        )
+                        self.lost, self.control = True, "cancel"
+                        return
+                    log.warning("job %s: the watchdog could not reach the database (%s); retrying", self.job_pk, error)
+                    self._stop.wait(min(self.poll_seconds * 2**failures, self.heartbeat_seconds))
+                    continue
+                failures = 0
+                if row is None or row[1] != FineTuningJob.RUNNING or (row[2], row[3]) != (self.worker, self.attempt):
+                    # A stalled run whose job was re-queued must stop, or two would train it.
                     self.lost, self.control = True, "cancel"
-                else:
-                    self.control = row[0] or ""
+                    return
+                confirmed = time.monotonic()
+                self.control = row[0] or ""
                 self._wait()
         finally:
             connections.close_all()

@@ -17,8 +17,10 @@ from there:
 
 A running job is stopped through its worker: `request_cancel` and `request_pause`
 only set the flag the worker reads every step, and the worker then makes the move
-(`stop`, `pause`). Moves a worker makes carry its name, so an attempt whose job
-was handed to another worker after a lapsed heartbeat never wins.
+(`stop`, `pause`). Moves a worker makes carry its name and the attempt number it
+started (a fencing token), so a run whose job was handed on after a lapsed
+heartbeat never wins, even when the same worker process claimed the job again;
+`holds` lets a run check the same before it writes anything else.
 
 Only the row is written; the job object in hand keeps its old values (callers
 `refresh_from_db()` when they need the new ones), except after `start`, whose
@@ -60,16 +62,25 @@ TRANSITIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
 
 
 def _move(
-    job: FineTuningJob, name: str, *, held_by: str | None = None, stale_before: datetime | None = None, **changes
+    job: FineTuningJob,
+    name: str,
+    *,
+    held_by: str | None = None,
+    attempt: int | None = None,
+    stale_before: datetime | None = None,
+    **changes,
 ) -> bool:
     """Apply transition `name` to the job's row if it is in one of its from-states and the guards hold.
 
-    `held_by`: only while this worker has the job. `stale_before`: only while its heartbeat is older.
+    `held_by`: only while this worker has the job; `attempt`: only while the run it started is the
+    current one. `stale_before`: only while its heartbeat is older.
     """
     leaves, enters = TRANSITIONS[name]
-    guards = {}
+    guards: dict[str, object] = {}
     if held_by is not None:
         guards["worker"] = held_by
+    if attempt is not None:
+        guards["attempts"] = attempt
     if stale_before is not None:
         guards["heartbeat_at__lt"] = stale_before
     if enters is not None:
@@ -112,9 +123,9 @@ def request_cancel(job: FineTuningJob) -> bool:
     return _move(job, "request_cancel", control="cancel")
 
 
-def pause(job: FineTuningJob, *, worker: str) -> bool:
+def pause(job: FineTuningJob, *, worker: str, attempt: int | None = None) -> bool:
     """running -> paused: the worker saved a checkpoint and stopped, as asked."""
-    return _move(job, "pause", held_by=worker, control="", estimated_finish=None)
+    return _move(job, "pause", held_by=worker, attempt=attempt, control="", estimated_finish=None)
 
 
 def resume(job: FineTuningJob) -> bool:
@@ -127,17 +138,28 @@ def cancel(job: FineTuningJob) -> bool:
     return _move(job, "cancel", control="", finished_at=timezone.now())
 
 
-def stop(job: FineTuningJob, *, worker: str) -> bool:
+def stop(job: FineTuningJob, *, worker: str, attempt: int | None = None) -> bool:
     """running -> cancelled: the worker stopped, as asked."""
-    return _move(job, "stop", held_by=worker, control="", finished_at=timezone.now(), estimated_finish=None)
+    return _move(
+        job, "stop", held_by=worker, attempt=attempt, control="", finished_at=timezone.now(), estimated_finish=None
+    )
 
 
-def finish(job: FineTuningJob, *, worker: str, fine_tuned_model: str, trained_tokens: int | None, step: int) -> bool:
+def finish(
+    job: FineTuningJob,
+    *,
+    worker: str,
+    fine_tuned_model: str,
+    trained_tokens: int | None,
+    step: int,
+    attempt: int | None = None,
+) -> bool:
     """running -> succeeded with the model the worker trained."""
     return _move(
         job,
         "finish",
         held_by=worker,
+        attempt=attempt,
         fine_tuned_model=fine_tuned_model,
         trained_tokens=trained_tokens,
         step=step,
@@ -152,7 +174,14 @@ def reject(job: FineTuningJob, *, error: dict) -> bool:
     return _move(job, "reject", error=error, control="", finished_at=timezone.now(), estimated_finish=None)
 
 
-def fail(job: FineTuningJob, *, error: dict, worker: str | None = None, stale_before: datetime | None = None) -> bool:
+def fail(
+    job: FineTuningJob,
+    *,
+    error: dict,
+    worker: str | None = None,
+    attempt: int | None = None,
+    stale_before: datetime | None = None,
+) -> bool:
     """running -> failed with `error` ({"code", "message", "param"}).
 
     A running job fails through its worker (`worker`), or because its worker stopped
@@ -166,6 +195,7 @@ def fail(job: FineTuningJob, *, error: dict, worker: str | None = None, stale_be
         job,
         "fail",
         held_by=worker,
+        attempt=attempt,
         stale_before=stale_before,
         error=error,
         control="",
@@ -185,8 +215,16 @@ def retry(job: FineTuningJob) -> bool:
     return _move(job, "retry", error=None, control="", finished_at=None, attempts=0, queued_at=timezone.now())
 
 
-def heartbeat(job_pk: int, *, worker: str) -> bool:
-    """Mark the running job alive on this worker; False once it is no longer this worker's."""
-    return bool(
-        FineTuningJob.objects.filter(pk=job_pk, status=RUNNING, worker=worker).update(heartbeat_at=timezone.now())
-    )
+def heartbeat(job_pk: int, *, worker: str, attempt: int | None = None) -> bool:
+    """Mark the running job alive on this worker; False once it is no longer this worker's run."""
+    return bool(_held(job_pk, worker, attempt).update(heartbeat_at=timezone.now()))
+
+
+def holds(job_pk: int, *, worker: str, attempt: int | None = None) -> bool:
+    """Whether this worker's run (attempt) still has the running job: asked before a run writes."""
+    return _held(job_pk, worker, attempt).exists()
+
+
+def _held(job_pk: int, worker: str, attempt: int | None):
+    attempts = {"attempts": attempt} if attempt is not None else {}
+    return FineTuningJob.objects.filter(pk=job_pk, status=RUNNING, worker=worker, **attempts)

@@ -79,6 +79,8 @@ def start_stack(home: Path, models: dict[str, Path], *, timeout: float = 180, ke
         FT_HEARTBEAT_TIMEOUT="15",
         PYTHONUNBUFFERED="1",
     )
+    # Tests send chat requests back to back from one account; the rate limits have tests of their own.
+    env.setdefault("FT_RATE_LIMIT_RPM", "0")
     stack = Stack(home=home, port=port, env=env)
     stack.manage("runstack", "--skip-models", "--write-config-only")
     supervisord = Path(sys.executable).parent / "supervisord"
@@ -133,6 +135,28 @@ def chat_lines(n: int, *, seed_word: str = "blue") -> bytes:
 
 
 POSTGRES = "postgres://postgres@127.0.0.1:5432"
+
+
+@contextmanager
+def local_redis(settings, database: int):
+    """settings.REDIS_URL pointed at the machine's Redis (127.0.0.1:6379), database `database`, empty before
+    and after; the test is skipped without one. Yields a client of that database."""
+    import pytest
+    import redis
+
+    url = f"redis://127.0.0.1:6379/{database}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError:
+        pytest.skip("Redis on 127.0.0.1:6379 is needed for this test")
+    settings.REDIS_URL = url
+    client.flushdb()
+    try:
+        yield client
+    finally:
+        client.flushdb()
+        client.close()
 
 
 def postgres_up() -> bool:

@@ -2,6 +2,7 @@
 checkpoint is skipped on resume, and a full disk fails the job saying so, earlier checkpoints kept."""
 
 import json
+import os
 
 import pytest
 from django.core.files.base import ContentFile
@@ -83,7 +84,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one
     assert job.status == FineTuningJob.SUCCEEDED, job.error
     said = messages(job)
     assert any("The checkpoint at step 6 cannot be read (step-6: SafetensorError" in m for m in said), said
-    assert "Training started on test-2 from the checkpoint at step 5 (attempt 2)." in said
+    assert f"Training started on test-2:{os.getpid()} from the checkpoint at step 5 (attempt 2)." in said
     assert job.checkpoints.get(step=6).pk != newest.pk  # step 6 trained again and saved afresh
     assert ckpt.damage(ckpt.checkpoint_dir(job.output_dir, 6)) is None
     steps = list(job.events.filter(type="metrics").values_list("step", flat=True))

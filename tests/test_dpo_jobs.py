@@ -12,7 +12,7 @@ from datasets_app.models import Dataset
 from deployments_app.catalog import services as catalog_services
 from deployments_app.models import ModelCard
 from finetune_site.errors import InvalidInput, InvalidState
-from jobs_app import services
+from jobs_app import services, transitions
 from jobs_app.models import Checkpoint, FineTuningJob
 from jobs_app.sink import JobSink
 
@@ -260,7 +260,10 @@ def dpo_eval(step: int, *, margin: float = 0.4) -> dict:
 
 
 def dpo_job(owner) -> FineTuningJob:
-    return services.job_create(owner=owner, model=BASE, training_file=pairs_dataset(owner).public_id)
+    """A DPO job a worker has claimed: its sink writes only while the run holds it."""
+    job = services.job_create(owner=owner, model=BASE, training_file=pairs_dataset(owner).public_id)
+    assert transitions.start(job, worker="test-worker")
+    return job
 
 
 def test_dpo_points_carry_rewards_and_log_probabilities_and_the_csv_has_their_columns(client, alice):

@@ -22,26 +22,14 @@ from llm.serve.errors import Overloaded
 from llm.serve.openmp import INTEL_OPENMP, serving_environment
 from llm.serve.pool import ModelPool
 
-from .live import login_cookies
+from .live import local_redis, login_cookies
 from .test_deployments_live import wait_for
-
-REDIS = "redis://127.0.0.1:6379/11"
 
 
 @pytest.fixture
 def redis_client(settings):
-    import redis
-
-    client = redis.Redis.from_url(REDIS, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError:
-        pytest.skip("Redis on 127.0.0.1:6379 is needed for this test")
-    settings.REDIS_URL = REDIS
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    with local_redis(settings, 11) as client:
+        yield client
 
 
 def take(client, stream_key: str, consumer: str, count: int) -> list:

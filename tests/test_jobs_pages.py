@@ -41,6 +41,10 @@ def dataset(alice):
     return ds
 
 
+RUNNING = {"status": "running", "worker": "w1", "attempts": 1}
+"""A job as its worker's run holds it: the sink writes only then."""
+
+
 def make_job(owner, dataset, **fields):
     defaults = dict(
         owner=owner,
@@ -182,7 +186,10 @@ def test_a_retried_job_queues_behind_the_jobs_already_waiting(client, alice, dat
 
 def test_the_job_page_names_settings_and_files_as_people_read_them(client, alice, dataset):
     job = make_job(
-        alice, dataset, resolved=resolve_hyperparameters({"early_stopping_patience": 3}, method="lora", examples=40)
+        alice,
+        dataset,
+        resolved=resolve_hyperparameters({"early_stopping_patience": 3}, method="lora", examples=40),
+        **RUNNING,
     )
     JobSink(job).event(f"Saved {job.output_dir}/adapter")
     page = client.get(f"/jobs/{job.public_id}/").content.decode()
@@ -194,7 +201,12 @@ def test_the_job_page_names_settings_and_files_as_people_read_them(client, alice
 
 def test_compare_marks_settings_that_differ_even_when_they_read_alike(client, alice, dataset):
     jobs = [
-        make_job(alice, dataset, resolved=resolve_hyperparameters({"warmup_ratio": ratio}, method="lora", examples=40))
+        make_job(
+            alice,
+            dataset,
+            **RUNNING,
+            resolved=resolve_hyperparameters({"warmup_ratio": ratio}, method="lora", examples=40),
+        )
         for ratio in (0.031, 0.0310001)
     ]
     page = client.get(f"/jobs/compare/?ids={jobs[0].public_id}&ids={jobs[1].public_id}").content.decode()
@@ -203,7 +215,7 @@ def test_compare_marks_settings_that_differ_even_when_they_read_alike(client, al
 
 
 def test_metrics_csv_and_log_downloads(client, alice, dataset):
-    job = make_job(alice, dataset)
+    job = make_job(alice, dataset, **RUNNING)
     sink = JobSink(job)
     sink("metric", {"step": 1, "total_steps": 2, "loss": 2.5, "lr": 1e-4, "grad_norm": 0.5, "tokens": 10})
     sink("eval", {"step": 1, "eval_loss": 2.7, "eval_token_accuracy": 0.4})
@@ -216,7 +228,7 @@ def test_metrics_csv_and_log_downloads(client, alice, dataset):
 
 
 def test_the_sink_warns_when_validation_rises_while_training_falls(alice, dataset):
-    job = make_job(alice, dataset)
+    job = make_job(alice, dataset, **RUNNING)
     sink = JobSink(job)
     for step, (train, valid) in enumerate([(3.0, 2.0), (2.0, 2.1), (1.0, 2.2), (0.5, 2.3)], start=1):
         sink("metric", {"step": step, "total_steps": 4, "loss": train})

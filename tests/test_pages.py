@@ -24,7 +24,7 @@ def test_login_page_logs_in(client):
 
 def test_a_wrong_password_says_so_and_keeps_the_username(client):
     response = client.post("/accounts/login/", {"username": "nobody", "password": "x"})
-    assert "didn't match" in response.content.decode() and 'value="nobody"' in response.content.decode()
+    assert "did not match" in response.content.decode() and 'value="nobody"' in response.content.decode()
 
 
 def test_logging_out_says_so(client, alice):

@@ -9,10 +9,11 @@ from asgiref.sync import sync_to_async
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from finetune_site import jsonbody
+from finetune_site import jsonbody, limits
 from finetune_site.api_errors import ApiError, application_error_response, error_response
 from finetune_site.apiviews import api_user_or_error, session_csrf_error
 from finetune_site.errors import ApplicationError
+from llm.serve.schema import Completion
 
 from . import protocol, serving
 from .streaming import Closable
@@ -38,17 +39,58 @@ async def chat_completions(request):
         return error_response(exc.message, status_code=exc.status_code, param=exc.param, code=exc.code)
     meta = protocol.answer_meta(params["model"])
     try:
-        events = await serving.open_events(user, params)
+        await sync_to_async(limits.admit_chat)(user)
+    except ApplicationError as exc:
+        return application_error_response(exc)
+    try:
+        events = _Metered(await serving.open_events(user, params), user)
+    except BaseException as exc:
+        await sync_to_async(limits.finish_chat)(user, 0)
+        if isinstance(exc, ApplicationError):
+            return application_error_response(exc)
+        raise
+    try:
         if params["stream"]:
-            return _event_stream(serving.sse_events(events, meta, params["include_usage"]))
+            return _event_stream(serving.sse_events(events, meta, params["include_usage"]), metered=events)
         completion = await serving.collect(events)
     except ApplicationError as exc:
         return application_error_response(exc)
     return JsonResponse(protocol.completion_object(completion, meta))
 
 
-def _event_stream(events) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(Closable(events), content_type="text/event-stream")
+class _Metered:
+    """The answer's events; when they end or are closed, however that happens, the user's chat slot is
+    given back and the tokens counted, once."""
+
+    def __init__(self, events, user):
+        self._events, self._user = events, user
+        self._tokens, self._done = 0, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            event = await self._events.__anext__()
+        except BaseException:  # the end (StopAsyncIteration), a failure or a cancellation
+            await self.aclose()
+            raise
+        if isinstance(event, Completion):
+            self._tokens = event.total_tokens
+        return event
+
+    async def aclose(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            await self._events.aclose()
+        finally:
+            await sync_to_async(limits.finish_chat)(self._user, self._tokens)
+
+
+def _event_stream(events, *, metered: _Metered) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(Closable(events, also=metered), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # let each token through a buffering proxy at once
     return response

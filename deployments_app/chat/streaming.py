@@ -36,12 +36,23 @@ class Closable:
     it schedules aclose() on the loop, which closes the chain down to the model.
     """
 
-    def __init__(self, events):
+    def __init__(self, events, *, also=None):
         self._events = events
+        self._also = also
+        """An iterator events reads from, closed after it: a generator never started never closes its own."""
         self._loop = asyncio.get_running_loop()
 
     def __aiter__(self):
         return self._events
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._events.aclose(), self._loop)
+        if self._loop.is_closed():  # the request's loop has ended (a test client's): nothing runs to stop
+            return
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop)
+
+    async def _close(self) -> None:
+        try:
+            await self._events.aclose()
+        finally:
+            if self._also is not None:
+                await self._also.aclose()
