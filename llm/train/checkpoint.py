@@ -60,7 +60,8 @@ def save_checkpoint(
     that plus a margin is not free, and when the disk fills while writing.
     """
     final = checkpoint_dir(out_dir, state["step"])
-    partial = final.with_name(final.name + ".partial")
+    # Named for this process: a stalled run whose job was handed on must not delete the new run's write.
+    partial = final.with_name(f"{final.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     free = shutil.disk_usage(partial).free

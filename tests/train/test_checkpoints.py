@@ -27,7 +27,7 @@ def test_only_the_newest_checkpoints_stay_and_only_the_newest_keeps_the_optimize
     kept = states(config.out_dir)
     assert "optimizer" not in kept[5] and "optimizer" in kept[6]
     assert [payload["step"] for payload in sink.of("checkpoint_removed")] == [1, 2, 3, 4]
-    assert not list((Path(config.out_dir) / "checkpoints").glob("*.partial"))
+    assert not list((Path(config.out_dir) / "checkpoints").glob("*.partial*"))
 
 
 def test_the_checkpoint_with_the_best_validation_loss_is_kept_too(tiny_config, chat_files):
@@ -85,7 +85,7 @@ def test_a_checkpoint_that_would_not_fit_stops_the_run_and_keeps_the_earlier_one
     assert "Not enough disk space for the checkpoint at step 6" in full.value.strerror
     assert ckpt.checkpoint_steps(config.out_dir) == [3]
     assert ckpt.damage(ckpt.checkpoint_dir(config.out_dir, 3)) is None
-    assert not list((Path(config.out_dir) / "checkpoints").glob("*.partial"))
+    assert not list((Path(config.out_dir) / "checkpoints").glob("*.partial*"))
 
 
 def test_a_disk_that_fills_while_writing_leaves_no_partial_checkpoint(tiny_config, monkeypatch):
