@@ -147,6 +147,40 @@ def test_the_merged_model_loads_with_transformers_and_matches_the_adapter(
     assert not torch.allclose(got, base, atol=1e-4), "the adapter must change the model"
 
 
+def test_two_builds_of_one_merged_model_at_once_both_finish_and_leave_one_whole_model(card, monkeypatch):
+    import threading
+
+    from deployments_app.catalog import exports
+
+    # Both builds have saved their weights before either writes its README and moves into place.
+    both_saved = threading.Barrier(2, timeout=60)
+    real_readme = exports.model_readme
+
+    def readme(*args, **kwargs):
+        both_saved.wait()
+        return real_readme(*args, **kwargs)
+
+    monkeypatch.setattr(exports, "model_readme", readme)
+    folder, errors = services.export_dir(card), []
+
+    def build():
+        try:
+            exports.build_merged_model(card, folder)
+        except Exception as error:  # noqa: BLE001 - collected and asserted on
+            errors.append(repr(error))
+
+    builds = [threading.Thread(target=build) for _ in range(2)]
+    for thread in builds:
+        thread.start()
+    for thread in builds:
+        thread.join(timeout=120)
+
+    assert errors == []
+    assert sorted(path.name for path in folder.iterdir()) == ["merged"]  # no half-built folder, no marker
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in (folder / "merged").iterdir()}
+    assert exports.merged_state(folder) == "ready"
+
+
 def test_the_merged_download_waits_until_it_is_built(client, card):
     assert client.get(f"/models/{card.model_id}/download/merged.zip").status_code == 302
 

@@ -1,6 +1,8 @@
 """Downloads of a model: its files as a zip streamed in constant memory, and the merged LoRA model."""
 
 import io
+import os
+import secrets
 import shutil
 import time
 import zipfile
@@ -152,7 +154,12 @@ def merged_state(export_dir: Path) -> str:
 
 
 def build_merged_model(card: ModelCard, export_dir: Path) -> Path:
-    """Merge the card's LoRA adapter into its base and save weights, tokenizer and README."""
+    """Merge the card's LoRA adapter into its base and save weights, tokenizer and README.
+
+    Each build writes into a folder of its own and renames it into place, so two builds of one
+    card (a request repeated after a build looked abandoned) never write into each other: the
+    first to finish stands, the other drops its copy. `merged.partial` only marks "building".
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -162,19 +169,28 @@ def build_merged_model(card: ModelCard, export_dir: Path) -> Path:
     base = get_base_model(card.base_model)
     if base is None or not card.is_adapter:
         raise ValueError(f"{card.model_id} is not a LoRA model of a known base")
-    partial, final = export_dir / "merged.partial", merged_folder(export_dir)
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    marker, final = export_dir / "merged.partial", merged_folder(export_dir)
+    own = export_dir / f"merged.build-{os.getpid()}-{secrets.token_hex(4)}"
+    marker.mkdir(parents=True, exist_ok=True)
+    os.utime(marker)  # building, from now
+    own.mkdir()
     try:
         with MODEL_LOADING:  # the worker's other thread may be loading a model too
             model = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32)
             merged = PeftModel.from_pretrained(model, card.path).merge_and_unload()
-        merged.save_pretrained(partial, safe_serialization=True)
-        AutoTokenizer.from_pretrained(str(base.path)).save_pretrained(partial)
-        (partial / "README.md").write_text(model_readme(card, merged=True))
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
+        merged.save_pretrained(own, safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(base.path)).save_pretrained(own)
+        (own / "README.md").write_text(model_readme(card, merged=True))
+        if not (final / "config.json").exists():
+            shutil.rmtree(final, ignore_errors=True)  # a half-removed leftover, not a build
+        try:
+            own.rename(final)
+        except OSError:
+            if not (final / "config.json").exists():
+                raise
+            shutil.rmtree(own)  # another build finished first: it stands
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(own, ignore_errors=True)
         raise
+    shutil.rmtree(marker, ignore_errors=True)
     return final
