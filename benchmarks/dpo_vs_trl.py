@@ -72,9 +72,7 @@ from .train_vs_trl import (
     trl_batch_split,
 )
 
-for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-    os.environ[_name] = "1"  # never reach the hub, whatever the caller's environment says
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Importing train_vs_trl above set the hub to offline (HF_*_OFFLINE) for this process and its children.
 
 ROOT = Path(__file__).resolve().parent.parent
 FT_HOME = Path(os.environ.get("FT_HOME", ROOT / "var"))

@@ -163,10 +163,11 @@ def _drop_optimizer_state(folder: Path) -> None:
 
 
 def _sync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
+    paths = list(folder.rglob("*"))
+    for path in paths:
         if path.is_file():
             _sync_file(path)
-    for directory in [*(p for p in folder.rglob("*") if p.is_dir()), folder]:
+    for directory in [*(path for path in paths if path.is_dir()), folder]:
         _sync_directory(directory)
 
 

@@ -299,6 +299,7 @@ class _Run:
             )
         ckpt.restore_rng(state["rng"])
         start = self.progress  # what a checkpoint from before a field existed continues with
+        on_disk = set(ckpt.checkpoint_steps(self.out))  # retention may have removed some since it was saved
         self.progress = _Progress(
             step=state.get("step", start["step"]),
             epoch=state.get("epoch", start["epoch"]),
@@ -311,7 +312,7 @@ class _Run:
             checkpoint_evals={
                 step: loss
                 for step, loss in state.get("checkpoint_evals", start["checkpoint_evals"]).items()
-                if step in ckpt.checkpoint_steps(self.out)
+                if step in on_disk
             },
         )
         self.latest = state["metrics"]
