@@ -151,8 +151,12 @@ def test_a_full_kv_memory_makes_new_requests_wait_then_refuses_them_with_a_retry
         first = pool.generate_stream(chat(chatty_model_dir, max_tokens=400))
         next(first)
         started = time.monotonic()
+        # Held, the first stream cannot end (and free its memory) before the second's wait runs out.
+        with paused(pool._base(str(chatty_model_dir)).model):
+            second = pool.generate_stream(chat(chatty_model_dir, max_tokens=400))
+            time.sleep(0.6)
         with pytest.raises(Overloaded) as refused:
-            drain(pool.generate_stream(chat(chatty_model_dir, max_tokens=400)))
+            drain(second)
         assert time.monotonic() - started >= 0.5
         assert 1 <= refused.value.retry_after <= 60
         _, done = drain(first)  # the running stream finishes
