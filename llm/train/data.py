@@ -1,7 +1,8 @@
 """Training data: JSONL files of chat examples, rendered through the one chat format (`llm.chat`).
 
 `render_example` is `llm.chat.ChatFormat.render`: the tokens and loss mask of one
-example. This module reads files of them, names every bad line, and orders epochs.
+example. This module reads files of them line by line, names every bad line, keeps
+what it rendered in a compact store (`llm.train.token_store`), and orders epochs.
 """
 
 import json
@@ -15,6 +16,7 @@ from llm.chat import IGNORE_INDEX, RenderedExample, chat_format
 from llm.chat.format import LossOn, Tokenizer
 
 from .config import ConfigError
+from .token_store import ExampleStore, ExampleStoreWriter
 
 __all__ = ["IGNORE_INDEX", "ExampleSet", "RenderedExample", "epoch_order", "load_examples", "render_example"]
 
@@ -38,7 +40,7 @@ def render_example(
 class ExampleSet:
     """A JSONL file rendered for training: only examples with at least one trained token."""
 
-    examples: list[RenderedExample]
+    examples: ExampleStore
     total_lines: int
     truncated_examples: int
     skipped_examples: int
@@ -46,7 +48,7 @@ class ExampleSet:
 
     @property
     def tokens(self) -> int:
-        return sum(len(example.input_ids) for example in self.examples)
+        return self.examples.tokens
 
 
 def load_examples(
@@ -57,43 +59,54 @@ def load_examples(
     max_seq_len: int,
     name: str = "train_file",
     interrupt: Callable[[], None] = lambda: None,
+    spill_dir: str | Path | None = None,
 ) -> ExampleSet:
     """Read and render every example of a JSONL file; raise ConfigError listing the bad lines.
 
     loss_on: "all" trains every token, anything else (the config allows only "assistant") the replies.
     interrupt() is called every CHECK_EVERY_LINES lines: it raises to stop a long read.
+    spill_dir: where the rendered tokens' temporary files go (the system's temporary folder when None).
     """
     mode: LossOn = "all" if loss_on == "all" else "assistant"
+    store = ExampleStoreWriter(spill_dir)
+    counts = {"truncated": 0, "skipped": 0}
 
     def render(example: object) -> RenderedExample:
         if not isinstance(example, dict) or not isinstance(example.get("messages"), list) or not example["messages"]:
             raise ValueError('expected an object with a non-empty "messages" list')
         return render_example(tokenizer, example, loss_on=mode, max_seq_len=max_seq_len)
 
-    rendered, total = read_jsonl(path, render, name=name, what="examples", interrupt=interrupt)
-    examples = [example for example in rendered if example.trained_tokens]
+    def keep(example: RenderedExample) -> None:
+        counts["truncated"] += example.truncated_tokens > 0
+        if example.trained_tokens:
+            store.add(example)
+        else:
+            counts["skipped"] += 1
+
+    total = read_jsonl(path, render, keep, name=name, what="examples", interrupt=interrupt)
     return ExampleSet(
-        examples=examples,
+        examples=store.finish(),
         total_lines=total,
-        truncated_examples=sum(example.truncated_tokens > 0 for example in rendered),
-        skipped_examples=len(rendered) - len(examples),
+        truncated_examples=counts["truncated"],
+        skipped_examples=counts["skipped"],
     )
 
 
 def read_jsonl(
     path: str | Path,
     render: Callable[[object], T],
+    keep: Callable[[T], None],
     *,
     name: str,
     what: str,
     interrupt: Callable[[], None] = lambda: None,
-) -> tuple[list[T], int]:
-    """render() each non-blank line of a JSONL file, decoded; return what it made and the count of lines.
+) -> int:
+    """render() each non-blank line of a JSONL file, decoded, and keep() what it made; return the count of lines.
 
     Raises ConfigError naming every line that is not JSON or that render() refuses (the first
-    few, then how many more), or saying that the file holds no `what` at all.
+    few, then how many more), or saying that the file holds no `what` at all. Once a line is
+    bad, later lines are still checked but no longer kept: the read will fail anyway.
     """
-    made: list[T] = []
     problems: list[str] = []
     total = 0
     with open(path, encoding="utf-8") as lines:
@@ -104,12 +117,15 @@ def read_jsonl(
                 continue
             total += 1
             try:
-                made.append(render(json.loads(line)))
+                made = render(json.loads(line))
             # ValueError: bad JSON, a line of the wrong shape, or one the chat format or template refuses
             # (ChatFormatError); the others: a message, tool or tool call that is not an object of the
             # expected shape, met while rendering it.
             except (ValueError, LookupError, TypeError, AttributeError) as error:
                 problems.append(f"{name} line {number}: {error}")
+                continue
+            if not problems:
+                keep(made)
     if total == 0:
         problems.append(f"{name}: {path} holds no {what}")
     if problems:
@@ -117,7 +133,7 @@ def read_jsonl(
         if len(problems) > len(listed):
             listed.append(f"{name}: ... and {len(problems) - len(listed)} more bad lines")
         raise ConfigError(listed)
-    return made, total
+    return total
 
 
 def epoch_order(count: int, *, seed: int, epoch: int) -> list[int]:

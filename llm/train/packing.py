@@ -14,8 +14,9 @@ Only trained positions are sent through the LM head (logits_to_keep): with a
 """
 
 import itertools
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from transformers import AttentionInterface
 
 from .data import IGNORE_INDEX, RenderedExample
 from .hf import TrainableModel
+from .token_store import BuiltWhenRead, ExampleStore
 
 if TYPE_CHECKING:
     from .preference import PairBatch
@@ -66,20 +68,41 @@ class MicroBatch:
         )
 
 
-def pack(examples: list[RenderedExample], token_budget: int) -> list[MicroBatch]:
+Batch = TypeVar("Batch")
+
+
+class Packed(BuiltWhenRead[Batch]):
+    """Micro-batches planned at once and built when read, so a whole file's never sit in memory together."""
+
+    def __init__(self, groups: list[range], build: Callable[[range], Batch]) -> None:
+        self.groups, self.build = groups, build
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def _item(self, index: int) -> Batch:
+        return self.build(self.groups[index])
+
+
+def plan_groups(sizes: Iterable[int], token_budget: int) -> list[range]:
+    """Split items of these sizes, in order, into runs of at most token_budget tokens (an item never splits)."""
+    groups: list[range] = []
+    start = size = count = 0
+    for index, length in enumerate(sizes):
+        if index > start and size + length > token_budget:
+            groups.append(range(start, index))
+            start, size = index, 0
+        size += length
+        count = index + 1
+    if count > start:
+        groups.append(range(start, count))
+    return groups
+
+
+def pack(examples: Sequence[RenderedExample], token_budget: int) -> Packed[MicroBatch]:
     """Split examples, in order, into micro-batches of at most token_budget tokens (one example never splits)."""
-    groups: list[list[RenderedExample]] = []
-    current: list[RenderedExample] = []
-    size = 0
-    for example in examples:
-        if current and size + len(example.input_ids) > token_budget:
-            groups.append(current)
-            current, size = [], 0
-        current.append(example)
-        size += len(example.input_ids)
-    if current:
-        groups.append(current)
-    return [_micro_batch(group) for group in groups]
+    sizes = examples.lengths().tolist() if isinstance(examples, ExampleStore) else [len(e.input_ids) for e in examples]
+    return Packed(plan_groups(sizes, token_budget), lambda group: _micro_batch([examples[i] for i in group]))
 
 
 def _micro_batch(examples: list[RenderedExample]) -> MicroBatch:

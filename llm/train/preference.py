@@ -10,7 +10,7 @@ position, which is therefore a loss position twice.
 """
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,8 @@ from llm.chat.format import Tokenizer
 from llm.chat.pairs import RenderedPair, render_pair
 
 from .data import read_jsonl
+from .packing import Packed, plan_groups
+from .token_store import PairStore, PairStoreWriter
 
 __all__ = ["PairBatch", "PairSet", "RenderedPair", "load_pairs", "pack_pairs", "render_pair"]
 
@@ -28,7 +30,7 @@ __all__ = ["PairBatch", "PairSet", "RenderedPair", "load_pairs", "pack_pairs", "
 class PairSet:
     """A JSONL file of preference pairs rendered for training."""
 
-    examples: list[RenderedPair]
+    examples: PairStore
     total_lines: int
     truncated_examples: int
     skipped_examples: int = 0
@@ -36,7 +38,7 @@ class PairSet:
 
     @property
     def tokens(self) -> int:
-        return sum(pair.tokens for pair in self.examples)
+        return self.examples.tokens
 
 
 def load_pairs(
@@ -46,11 +48,20 @@ def load_pairs(
     max_seq_len: int,
     name: str = "train_file",
     interrupt: Callable[[], None] = lambda: None,
+    spill_dir: str | Path | None = None,
 ) -> PairSet:
     """Read and render every pair of a JSONL file; raise ConfigError listing the bad lines.
 
     interrupt() is called every few hundred lines: it raises to stop a long read.
+    spill_dir: where the rendered tokens' temporary files go (the system's temporary folder when None).
     """
+    store = PairStoreWriter(spill_dir)
+    truncated = 0
+
+    def keep(pair: RenderedPair) -> None:
+        nonlocal truncated
+        truncated += pair.truncated_tokens > 0
+        store.add(pair)
 
     def render(example: object) -> RenderedPair:
         if not isinstance(example, dict) or not isinstance(example.get("input"), dict):
@@ -61,9 +72,8 @@ def load_pairs(
             )
         return render_pair(tokenizer, example, max_seq_len=max_seq_len)
 
-    pairs, total = read_jsonl(path, render, name=name, what="preference pairs", interrupt=interrupt)
-    truncated = sum(pair.truncated_tokens > 0 for pair in pairs)
-    return PairSet(examples=pairs, total_lines=total, truncated_examples=truncated)
+    total = read_jsonl(path, render, keep, name=name, what="preference pairs", interrupt=interrupt)
+    return PairSet(examples=store.finish(), total_lines=total, truncated_examples=truncated)
 
 
 def _is_chat(example: object) -> bool:
@@ -112,20 +122,10 @@ class PairBatch:
         )
 
 
-def pack_pairs(pairs: list[RenderedPair], token_budget: int) -> list[PairBatch]:
+def pack_pairs(pairs: Sequence[RenderedPair], token_budget: int) -> Packed[PairBatch]:
     """Split pairs, in order, into batches of at most token_budget tokens (a pair never splits)."""
-    groups: list[list[RenderedPair]] = []
-    current: list[RenderedPair] = []
-    size = 0
-    for pair in pairs:
-        if current and size + pair.tokens > token_budget:
-            groups.append(current)
-            current, size = [], 0
-        current.append(pair)
-        size += pair.tokens
-    if current:
-        groups.append(current)
-    return [_pair_batch(group) for group in groups]
+    sizes = pairs.lengths().tolist() if isinstance(pairs, PairStore) else [pair.tokens for pair in pairs]
+    return Packed(plan_groups(sizes, token_budget), lambda group: _pair_batch([pairs[i] for i in group]))
 
 
 def _pair_batch(pairs: list[RenderedPair]) -> PairBatch:
