@@ -73,7 +73,7 @@ test: install-test lint
 	$(PY) -m pytest
 
 test-fast: install-test
-	$(PY) -m pytest -m "not live and not browser and not realmodel"
+	$(PY) -m pytest -m "not live and not browser and not realmodel and not faults"
 
 bench: install-bench install-test
 	$(PY) manage.py prepare_models
@@ -83,7 +83,9 @@ bench: install-bench install-test
 	$(PY) -m benchmarks.chat_api_throughput --repeats 5
 	$(PY) -m benchmarks.curve_latency --clients 20
 	$(PY) -m benchmarks.serving_load --deployment
+	$(PY) -m benchmarks.load_test
 	$(PY) -m datasets_app.bench_validation --mb 1024
+	$(PY) -m benchmarks.data_memory --megabytes 50
 
 clean:
 	rm -rf $(VENV) build *.egg-info

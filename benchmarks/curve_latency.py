@@ -16,23 +16,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import openai
 
 from llm.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID, build_tiny_model, prepare_bundled_model
-from tests.live import ADMIN_PASSWORD, chat_lines, start_stack, stop_stack
+from tests.live import chat_lines, login_cookies, start_stack, stop_stack
 
 CACHE = Path(__file__).resolve().parent.parent / "var" / "test-cache"
 
 
-def login_cookie_header(url: str) -> str:
-    with httpx.Client(base_url=url) as http:
-        http.get("/accounts/login/")
-        http.post(
-            "/accounts/login/",
-            data={"username": "admin", "password": ADMIN_PASSWORD, "csrfmiddlewaretoken": http.cookies["csrftoken"]},
-        )
-        return "; ".join(f"{k}={v}" for k, v in http.cookies.items())
+def login_cookie_header(stack) -> str:
+    return "; ".join(f"{k}={v}" for k, v in login_cookies(stack).items())
 
 
 async def watch(url: str, job_id: str, cookie: str, points: int, latencies: list[float]) -> None:
@@ -70,7 +63,7 @@ def main() -> None:
             client = openai.OpenAI(base_url=stack.url + "/v1", api_key=stack.api_key("admin"), max_retries=0)
             uploaded = client.files.create(file=("bench.jsonl", chat_lines(200)), purpose="fine-tune")
             client.files.wait_for_processing(uploaded.id, poll_interval=0.5)
-            cookie = login_cookie_header(stack.url)
+            cookie = login_cookie_header(stack)
             job = client.fine_tuning.jobs.create(
                 model=TINY_MODEL_ID, training_file=uploaded.id, hyperparameters={"n_epochs": 3, "batch_size": 1}
             )

@@ -1,4 +1,4 @@
-"""The Files API (OpenAI shape): upload, list, retrieve, delete, content."""
+"""The Files API (OpenAI shape): upload, list, retrieve, delete, content; split and dedupe (our own)."""
 
 from django.http import FileResponse, Http404
 from drf_spectacular.types import OpenApiTypes
@@ -82,6 +82,24 @@ class FileDetail(APIView):
         return Response({"id": file_id, "object": "file", "deleted": True})
 
 
+@extend_schema(request=OpenApiTypes.OBJECT, responses=OpenApiTypes.OBJECT)
+class FileSplit(APIView):
+    """New train/validation(/test) files, answered at once with status `uploaded` and written in the background."""
+
+    def post(self, request, file_id):
+        dataset = _owned(request, file_id)
+        parts = services.dataset_split(dataset=dataset, **services.split_options(request.data))
+        return Response({"object": "list", "data": [file_object(part) for part in parts]})
+
+
+@extend_schema(request=None, responses=OpenApiTypes.OBJECT)
+class FileDedupe(APIView):
+    """A new file without exact duplicates, answered at once with status `uploaded` and written in the background."""
+
+    def post(self, request, file_id):
+        return Response(file_object(services.dataset_dedupe(dataset=_owned(request, file_id))))
+
+
 def file_content(request, file_id):
     """The raw bytes; a plain view because DRF answers `Accept: application/binary` with 406."""
     user, error = api_user_or_error(request)
@@ -90,6 +108,10 @@ def file_content(request, file_id):
     dataset = selectors.dataset_for(user, file_id)
     if dataset is None:
         return error_response(f"No file with id {file_id!r} was found.", status_code=404, code="not_found")
+    if dataset.is_being_written:
+        return error_response(
+            f"File {file_id} is still being written; retry when its status is processed.", code="file_not_ready"
+        )
     return FileResponse(
         dataset.file.open("rb"), content_type="application/octet-stream", as_attachment=True, filename=dataset.filename
     )

@@ -34,6 +34,15 @@ class Dataset(models.Model):
     report = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     processed_at = models.DateTimeField(null=True, blank=True)
+    origin = models.JSONField(
+        null=True,
+        blank=True,
+        help_text="How a split or deduplicated file is made from its source; a worker writes it while status is "
+        "uploaded and the file is still empty.",
+    )
+    enqueued_at = models.DateTimeField(
+        default=timezone.now, help_text="When its last background task was queued; the reconciliation reads it."
+    )
 
     objects = DatasetQuerySet.as_manager()
 
@@ -47,8 +56,13 @@ class Dataset(models.Model):
     def is_ready(self) -> bool:
         return self.status == self.PROCESSED
 
+    @property
+    def is_being_written(self) -> bool:
+        """A split or deduplicated file whose lines a worker has not written yet."""
+        return self.status == self.UPLOADED and not self.file
+
     def mark_processed(self, *, examples: int, fmt: str, report: dict, details: str = "") -> bool:
-        """Record a valid file (with its normalized copy); False when the dataset was deleted meanwhile."""
+        """Record a valid file (with its normalized copy); False when it was deleted or finished meanwhile."""
         return self._update_row(
             status=self.PROCESSED,
             examples=examples,
@@ -60,15 +74,16 @@ class Dataset(models.Model):
         )
 
     def mark_error(self, details: str, *, report: dict | None = None) -> bool:
-        """Record an invalid file; False when the dataset was deleted meanwhile."""
+        """Record an invalid file; False when it was deleted or finished meanwhile."""
         return self._update_row(status=self.ERROR, status_details=details, report=report, processed_at=timezone.now())
 
     def _update_row(self, **fields) -> bool:
-        """Set fields here and in the row with an UPDATE only; False when the row is gone.
+        """Leave the uploaded state with an UPDATE only; False when the row is gone or has left it already.
 
         A file can be deleted while it is being validated; save() would then find
-        no row to update and INSERT it again, bringing the deleted dataset back.
+        no row to update and INSERT it again, bringing the deleted dataset back. A
+        validation that runs twice (re-queued after a lost task) records once.
         """
         for name, value in fields.items():
             setattr(self, name, value)
-        return type(self).objects.filter(pk=self.pk).update(**fields) == 1
+        return type(self).objects.filter(pk=self.pk, status=self.UPLOADED).update(**fields) == 1

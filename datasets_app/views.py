@@ -7,7 +7,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from deployments_app.catalog import tokenizer_path
-from finetune_site.errors import ApplicationError, InvalidInput
+from finetune_site.errors import ApplicationError
 
 from . import selectors, services
 from .models import Dataset
@@ -96,16 +96,11 @@ def dataset_preview(request, public_id):
 @require_POST
 def dataset_split(request, public_id):
     dataset = _owned(request, public_id)
-    try:
-        settings_asked = {
-            "validation_percent": float(request.POST.get("validation_percent") or 10),
-            "test_percent": float(request.POST.get("test_percent") or 0),
-            "seed": int(request.POST.get("seed") or 42),
-        }
-    except ValueError as exc:
-        raise InvalidInput(f"Invalid split settings: {exc}") from None
-    created = services.dataset_split(dataset=dataset, **settings_asked)
-    messages.success(request, "Created " + ", ".join(d.filename for d in created) + "; the original is unchanged.")
+    created = services.dataset_split(dataset=dataset, **services.split_options(request.POST))
+    messages.success(
+        request,
+        "Creating " + ", ".join(d.filename for d in created) + " in the background; the original is unchanged.",
+    )
     return redirect("dataset_list")
 
 
@@ -114,7 +109,9 @@ def dataset_split(request, public_id):
 def dataset_dedupe(request, public_id):
     dataset = _owned(request, public_id)
     created = services.dataset_dedupe(dataset=dataset)
-    messages.success(request, f"Created {created.filename} without duplicates; the original is unchanged.")
+    messages.success(
+        request, f"Creating {created.filename} without duplicates in the background; the original is unchanged."
+    )
     return redirect("dataset_list")
 
 

@@ -10,6 +10,8 @@ take the API down with it.
     FT_RATE_LIMIT_RPM            API requests per user per minute (0: no limit)
     FT_RATE_LIMIT_TPM            chat tokens (prompt + answer) per user per minute (0: no limit)
     FT_MAX_CHAT_STREAMS_PER_USER chat requests one user may have open at once (0: no limit)
+
+What a user keeps rather than sends (storage, deployment slots) is limited in `finetune_site.quotas`.
 """
 
 import logging

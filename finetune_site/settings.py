@@ -121,10 +121,37 @@ CELERY_TASK_ROUTES = {
     "finetune_site.tasks.send_notification_email": {"queue": "notifications"},
     "jobs_app.tasks.recover_stale_jobs": {"queue": "housekeeping"},
     "deployments_app.tasks.reconcile_deployments": {"queue": "housekeeping"},
+    "datasets_app.tasks.reconcile_datasets": {"queue": "housekeeping"},
 }
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Every task has a time limit. The default, notifications and housekeeping workers run the
+# prefork pool (runstack), which enforces it: past the soft limit the task gets
+# SoftTimeLimitExceeded and ends as an error it records; past the hard limit its process is
+# killed and replaced, and the worker goes on with the next task. FT_TASK_SOFT_TIME_LIMIT and
+# FT_TASK_TIME_LIMIT (seconds) bound any task not named below: a dataset's validation or
+# statistics, a holdout split, a merged-model build.
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("FT_TASK_SOFT_TIME_LIMIT", 1800, minimum=1)
+CELERY_TASK_TIME_LIMIT = env_int(
+    "FT_TASK_TIME_LIMIT", CELERY_TASK_SOFT_TIME_LIMIT + 60, minimum=CELERY_TASK_SOFT_TIME_LIMIT + 1
+)
+_LONG_LIVED = {"soft_time_limit": 30 * 86400, "time_limit": 30 * 86400 + 60}
+CELERY_TASK_ANNOTATIONS = {
+    # Long-lived by design and bounded by their own watchdogs (a run's heartbeat, cancel and
+    # FT_HEARTBEAT_TIMEOUT; an instance's process heartbeat and FT_INSTANCE_START_TIMEOUT). Their
+    # workers run the threads pool, which enforces no limit; this one only keeps a prefork worker
+    # started by hand (`celery worker -Q training`) from killing them after FT_TASK_TIME_LIMIT.
+    "jobs_app.tasks.train_job": _LONG_LIVED,
+    "deployments_app.tasks.run_instance": _LONG_LIVED,
+    # A sweep takes seconds; one stuck on a lock must not hold the housekeeping worker.
+    "jobs_app.tasks.recover_stale_jobs": {"soft_time_limit": 60, "time_limit": 90},
+    "deployments_app.tasks.reconcile_deployments": {"soft_time_limit": 60, "time_limit": 90},
+    "datasets_app.tasks.reconcile_datasets": {"soft_time_limit": 60, "time_limit": 90},
+    # A delivery has a 15 s deadline, but resolving its host does not; SMTP's timeout is per operation.
+    "finetune_site.tasks.deliver_webhook": {"soft_time_limit": 30, "time_limit": 45},
+    "finetune_site.tasks.send_notification_email": {"soft_time_limit": 120, "time_limit": 150},
+}
 # A sweep not started by the time the next one is due is dropped (expires): the next one
 # does the same work, and a backlog of sweeps after an outage would only repeat it.
 CELERY_BEAT_SCHEDULE = {
@@ -137,6 +164,12 @@ CELERY_BEAT_SCHEDULE = {
         "task": "deployments_app.tasks.reconcile_deployments",
         "schedule": 5.0,
         "options": {"expires": 5.0},
+    },
+    # Datasets whose task was lost (a Redis restart, a killed worker) are queued again.
+    "reconcile-datasets": {
+        "task": "datasets_app.tasks.reconcile_datasets",
+        "schedule": 60.0,
+        "options": {"expires": 60.0},
     },
 }
 
@@ -172,6 +205,11 @@ FT_RATE_LIMIT_RPM = env_int("FT_RATE_LIMIT_RPM", 1200, minimum=0)
 FT_RATE_LIMIT_TPM = env_int("FT_RATE_LIMIT_TPM", 200_000, minimum=0)
 FT_MAX_CHAT_STREAMS_PER_USER = env_int("FT_MAX_CHAT_STREAMS_PER_USER", 8, minimum=0)
 FT_MAX_ACTIVE_JOBS_PER_USER = env_int("FT_MAX_ACTIVE_JOBS_PER_USER", 4, minimum=0)
+# Serving instances one user's deployments may hold in all (finetune_site.quotas; 0: no limit).
+FT_MAX_DEPLOYMENT_SLOTS_PER_USER = env_int("FT_MAX_DEPLOYMENT_SLOTS_PER_USER", 4, minimum=0)
+# Bytes one user's datasets, job folders, models and merged builds may take on disk (finetune_site.quotas;
+# 0: no limit). Checked at upload, job creation, every checkpoint and merged-model build.
+FT_STORAGE_QUOTA_BYTES = env_int("FT_STORAGE_QUOTA_BYTES", 50 * 1024**3, minimum=0)
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "finetune_site.auth.ApiKeyAuthentication",
@@ -223,6 +261,10 @@ FT_ARTIFACTS_DIR = FT_HOME / "artifacts"
 FT_KEEP_CHECKPOINTS = env_int("FT_KEEP_CHECKPOINTS", 2, minimum=0)
 FT_HEARTBEAT_SECONDS = env_int("FT_HEARTBEAT_SECONDS", 5, minimum=1)
 FT_HEARTBEAT_TIMEOUT = env_int("FT_HEARTBEAT_TIMEOUT", 30, minimum=2)
+# A dataset whose validation, writing or statistics task has not ended this long after it was
+# queued (a Redis restart, a killed worker) is queued again by the housekeeping sweep.
+# By default longer than a task may run, so a task still running is not queued twice.
+FT_DATASET_STUCK_SECONDS = env_int("FT_DATASET_STUCK_SECONDS", CELERY_TASK_TIME_LIMIT + 60, minimum=10)
 # Webhook receivers on private, loopback or link-local addresses are refused unless their host
 # name, address or network (CIDR) is listed here: "hooks.internal,10.0.0.0/8".
 FT_WEBHOOK_ALLOWED_HOSTS = [entry.strip() for entry in env_str("FT_WEBHOOK_ALLOWED_HOSTS").split(",") if entry.strip()]

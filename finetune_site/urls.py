@@ -18,6 +18,8 @@ api_patterns = [
     path("files", files_api.FileListCreate.as_view()),
     path("files/<str:file_id>", files_api.FileDetail.as_view()),
     path("files/<str:file_id>/content", files_api.file_content),
+    path("files/<str:file_id>/split", files_api.FileSplit.as_view()),
+    path("files/<str:file_id>/dedupe", files_api.FileDedupe.as_view()),
     path("fine_tuning/jobs", jobs_api.JobListCreate.as_view()),
     path("fine_tuning/jobs/<str:job_id>", jobs_api.JobDetail.as_view()),
     path("fine_tuning/jobs/<str:job_id>/cancel", jobs_api.JobCancel.as_view()),

@@ -1,5 +1,6 @@
 """Writes for fine-tuning jobs: create, control, run (the engine boundary), recover."""
 
+import errno
 import logging
 import os
 import shutil
@@ -16,6 +17,8 @@ from datasets_app.models import Dataset
 from deployments_app.catalog import BaseModel, TrainedModel, get_base_model, trained_model
 from deployments_app.catalog.services import model_card_create_from_job
 from deployments_app.deployments.services import cancel_deployments_of
+from finetune_site import quotas
+from finetune_site.broker import send_task, waiting_task_args
 from finetune_site.errors import ApplicationError, Busy, InvalidInput, InvalidState
 from finetune_site.services import notify
 from llm.train import ConfigError, TrainConfig
@@ -161,6 +164,7 @@ def job_create(
     it starts from); objective is sft or dpo, or None to train what the training file holds.
     """
     _check_active_jobs(owner)
+    quotas.check_not_full(owner)  # its checkpoints would be refused at once
     start = _starting_point(owner, model)
     method = method or (start.trained.method if start.trained else "lora")
     if method not in METHODS:
@@ -248,7 +252,8 @@ def job_prepare_holdout(*, job_id: int, percent: int) -> None:
         message = exc.message if refused else f"{type(exc).__name__}: {exc}"
         if not refused:
             log.exception("holding out validation data for job %s failed", job.public_id)
-        if transitions.reject(job, error={"code": "invalid_file", "message": message, "param": "holdout_percent"}):
+        code = (exc.code if refused else None) or "invalid_file"  # storage_quota_exceeded says more
+        if transitions.reject(job, error={"code": code, "message": message, "param": "holdout_percent"}):
             _note(job, f"Could not hold out validation data: {message}", level="error", status=FineTuningJob.FAILED)
             _notify_finished(job)
         return
@@ -257,6 +262,9 @@ def job_prepare_holdout(*, job_id: int, percent: int) -> None:
             job.hyperparameters, method=job.method, examples=train_part.examples or 0, objective=job.objective
         )
         if not transitions.validated(job, training_file=train_part, validation_file=valid_part, resolved=resolved):
+            # Another hold-out of this job (a task sent again by requeue_lost_jobs) won: its parts stand.
+            for part in (train_part, valid_part):
+                dataset_services.dataset_delete(dataset=part)
             return
         job.refresh_from_db()
         _note(
@@ -387,6 +395,52 @@ def recover_stale_jobs() -> list[str]:
     return recovered
 
 
+LOST_QUEUED_SECONDS = 60
+"""A queued job whose message has not been in the training queue for this long is sent again."""
+LOST_HOLDOUT_SECONDS = 600
+"""The same for a job holding out validation data; longer, since nothing claims a hold-out and a second
+one while the first still runs would split the file twice (the second split then changes nothing)."""
+
+
+def requeue_lost_jobs() -> list[str]:
+    """Send again the task of each job left waiting whose message the broker no longer holds.
+
+    Tasks are acknowledged as they start, so a message is gone once a worker takes it: a Redis
+    restarted without it, or a worker that died between taking it and claiming the job, leaves a
+    job queued (or validating_files) that nothing would ever run. A job whose message still waits
+    in the queue is left alone however long it waits, so a busy training queue gets no copies; so
+    is one a worker reserved within the threshold (after it, that worker is taken to be dead).
+    A second message is harmless: the first to claim the job (`transitions.start`) runs it, and the
+    other finds it no longer queued and does nothing.
+    """
+    from .tasks import prepare_holdout, train_job  # tasks imports this module
+
+    now = timezone.now()
+    sent = []
+    waiting = {
+        FineTuningJob.QUEUED: (train_job, timedelta(seconds=LOST_QUEUED_SECONDS)),
+        FineTuningJob.VALIDATING: (prepare_holdout, timedelta(seconds=LOST_HOLDOUT_SECONDS)),
+    }
+    for status, (task, after) in waiting.items():
+        candidates = list(
+            FineTuningJob.objects.filter(status=status, queued_at__lt=now - after).values_list(
+                "pk", "public_id", "holdout_percent"
+            )
+        )
+        if not candidates:
+            continue
+        in_queue = {args[0] for args in waiting_task_args(task.name, reserved_within=after.total_seconds()) if args}
+        for pk, public_id, percent in candidates:
+            # Read again after the queue: a worker may have claimed it meanwhile.
+            if pk in in_queue or not FineTuningJob.objects.filter(pk=pk, status=status).exists():
+                continue
+            args = (pk,) if status == FineTuningJob.QUEUED else (pk, percent)
+            log.warning("job %s is %s but its task is in no queue: sending it again", public_id, status)
+            send_task(task, *args)
+            sent.append(public_id)
+    return sent
+
+
 # --- The engine boundary -------------------------------------------------------
 
 
@@ -430,7 +484,7 @@ def _local_path(dataset: Dataset) -> str:
 def job_run(*, job_id: int, worker: str | None = None) -> None:
     """Claim a queued job and train it to the end, a pause, a cancel or a failure."""
     from llm.train import train  # loads torch: only the training worker pays for it
-    from llm.train.checkpoint import DiskFull
+    from llm.train.checkpoint import DiskFull, limit_room
 
     job = FineTuningJob.objects.filter(pk=job_id).first()
     # Unique per process: two worker processes on one host must never pass for each other.
@@ -461,9 +515,14 @@ def job_run(*, job_id: int, worker: str | None = None) -> None:
     except DiskFull as exc:
         failure = {"code": "disk_full", "message": exc.strerror, "param": None}
     except Exception as exc:
-        log.exception("job %s failed", job.public_id)
-        failure = {"code": "training_failed", "message": f"{type(exc).__name__}: {exc}", "param": None}
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a write between checkpoints
+            message = f"The disk filled while training ({exc.strerror}). Earlier checkpoints are kept; free some "
+            failure = {"code": "disk_full", "message": message + "space and retry the job.", "param": None}
+        else:
+            log.exception("job %s failed", job.public_id)
+            failure = {"code": "training_failed", "message": f"{type(exc).__name__}: {exc}", "param": None}
     finally:
+        limit_room(job.output_dir, None)  # the sink asked for the quota check; the run is over
         if watchdog.lost or sink.lost:
             sink.discard()
         sink.flush()

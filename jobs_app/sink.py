@@ -5,6 +5,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import redis
@@ -13,6 +14,7 @@ from django.db import DatabaseError, connections, transaction
 from django.utils import timezone
 
 from deployments_app.deployments.streams import sync_client
+from finetune_site import quotas
 
 from . import transitions
 from .models import Checkpoint, FineTuningJob, JobEvent
@@ -87,6 +89,10 @@ class JobSink:
         self._smoothed_train: float | None = None  # of the watched training metric
         self._evals: list[tuple[float, float]] = []  # (watched validation metric, smoothed training metric)
         self._warned_overfitting = False
+        from llm.train.checkpoint import limit_room  # loads torch: only a training run needs it
+
+        # Before each checkpoint the engine asks whether the owner's storage quota has room for it.
+        limit_room(job.output_dir, partial(quotas.checkpoint_refusal, job.owner_id))
 
     def __call__(self, kind: str, payload: dict) -> None:
         handler = getattr(self, f"_on_{kind}", None)

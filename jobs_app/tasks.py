@@ -14,7 +14,8 @@ def train_job(job_id: int) -> None:
 
 @shared_task(name="jobs_app.tasks.recover_stale_jobs")
 def recover_stale_jobs() -> list[str]:
-    return services.recover_stale_jobs()
+    """The periodic sweep: jobs whose worker went quiet, then jobs whose task message was lost."""
+    return services.recover_stale_jobs() + services.requeue_lost_jobs()
 
 
 @shared_task(name="jobs_app.tasks.prepare_holdout")

@@ -7,7 +7,9 @@ runs: the tiny model in seconds, the bundled SmolLM2 in about half a minute.
 from pathlib import Path
 
 import pytest
+import redis
 
+from finetune_site.celery import app
 from llm.bundled import build_tiny_model, prepare_bundled_model
 
 from .live import fresh_postgres_database, postgres_up
@@ -71,3 +73,22 @@ def database_url(request):
         pytest.skip("PostgreSQL on 127.0.0.1:5432 is needed for this test")
     with fresh_postgres_database(f"ft_{request.module.__name__.rsplit('.', 1)[-1]}") as url:
         yield url
+
+
+BROKER_URL = "redis://127.0.0.1:6379/14"
+"""An empty database of the local Redis, as the Celery broker of tests that read what it holds."""
+
+
+@pytest.fixture
+def broker_redis(monkeypatch):
+    """The Celery app's broker pointed at an empty database of the local Redis; yields a client of it."""
+    client = redis.Redis.from_url(BROKER_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError:
+        pytest.skip("Redis on 127.0.0.1:6379 is needed for this test")
+    monkeypatch.setattr(app.conf, "broker_url", BROKER_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()

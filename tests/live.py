@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import openai
 
 REPO = Path(__file__).resolve().parent.parent
 MANAGE = [sys.executable, str(REPO / "manage.py")]
@@ -61,7 +62,9 @@ class Stack:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def start_stack(home: Path, models: dict[str, Path], *, timeout: float = 180, keep_env: bool = False) -> Stack:
+def start_stack(
+    home: Path, models: dict[str, Path], *, timeout: float = 180, keep_env: bool = False, env: dict | None = None
+) -> Stack:
     home.mkdir(parents=True, exist_ok=True)
     (home / "models").mkdir(exist_ok=True)
     for name, source in models.items():
@@ -70,6 +73,7 @@ def start_stack(home: Path, models: dict[str, Path], *, timeout: float = 180, ke
             link.symlink_to(source, target_is_directory=True)
     # keep_env passes REDIS_URL / DATABASE_URL through (scale-out tests); by default every part is embedded.
     dropped = ("DJANGO_SETTINGS_MODULE",) if keep_env else ("REDIS_URL", "DATABASE_URL", "DJANGO_SETTINGS_MODULE")
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if k not in dropped}
     port = free_port()
     env.update(
@@ -79,6 +83,7 @@ def start_stack(home: Path, models: dict[str, Path], *, timeout: float = 180, ke
         FT_HEARTBEAT_TIMEOUT="15",
         PYTHONUNBUFFERED="1",
     )
+    env.update(extra)
     # Tests send chat requests back to back from one account; the rate limits have tests of their own.
     env.setdefault("FT_RATE_LIMIT_RPM", "0")
     stack = Stack(home=home, port=port, env=env)
@@ -115,6 +120,97 @@ def stop_stack(stack: Stack) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(stack.process.pid, signal.SIGKILL)
             stack.process.wait()
+
+
+def wait_until(predicate, *, timeout: float = 120, interval: float = 0.5, what: str = "the condition"):
+    """predicate()'s first truthy value; a predicate that raises counts as not yet (the stack may be restarting)."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except Exception as exc:  # noqa: BLE001 - a process of the stack may be down for a moment
+            last_error, value = exc, None
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last_error!r})" if last_error else "")
+    )
+
+
+def program_pid(stack: Stack, program: str) -> int | None:
+    """The pid supervisord reports for a running program, None while it is down or starting again."""
+    out = stack.supervisorctl("pid", program).strip()
+    return int(out) if out.isdigit() and int(out) > 0 else None
+
+
+def wait_healthy(stack: Stack, *, timeout: float = 120) -> None:
+    wait_until(
+        lambda: httpx.get(stack.url + "/healthz", timeout=5).status_code == 200, timeout=timeout, what="/healthz"
+    )
+
+
+def kill_program(stack: Stack, program: str, *, timeout: float = 120) -> tuple[int, int]:
+    """kill -9 a program of the stack and wait until supervisord has started it again; (old pid, new pid)."""
+    old = program_pid(stack, program)
+    assert old, f"{program} is not running: {stack.supervisorctl('status')}"
+    os.kill(old, signal.SIGKILL)
+    new = wait_until(
+        lambda: (
+            (pid := program_pid(stack, program))
+            and pid != old
+            and "RUNNING" in stack.supervisorctl("status", program)
+            and pid
+        ),
+        timeout=timeout,
+        what=f"supervisord to start {program} again",
+    )
+    if program == "web":
+        wait_healthy(stack, timeout=timeout)
+    return old, new
+
+
+def job_status(client, job_id: str):
+    """The job, or None while the web server is down."""
+    try:
+        return client.fine_tuning.jobs.retrieve(job_id)
+    except (openai.APIConnectionError, openai.InternalServerError, httpx.HTTPError):
+        return None
+
+
+def job_step(client, job_id: str) -> int:
+    job = job_status(client, job_id)
+    return ((job.model_extra or {}).get("progress") or {}).get("step", 0) if job else 0
+
+
+def wait_finished(client, job_id: str, *, timeout: float = 240):
+    return wait_until(
+        lambda: (job := job_status(client, job_id)) and job.status in ("succeeded", "failed", "cancelled") and job,
+        timeout=timeout,
+        what=f"job {job_id} to finish",
+    )
+
+
+def metric_steps(client, job_id: str) -> list[int]:
+    """The step of every training-loss point the job recorded, in the order the API lists them."""
+    return [
+        event.data["step"]
+        for event in client.fine_tuning.jobs.list_events(job_id, limit=100)
+        if event.type == "metrics" and event.data.get("train_loss") is not None
+    ]
+
+
+def answers(client, model: str) -> str:
+    """A short greedy answer of model; asserts it produced at least one token."""
+    reply = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is the code for item 3?"}],
+        max_tokens=5,
+        temperature=0,
+    )
+    assert reply.usage.completion_tokens >= 1, reply
+    return reply.choices[0].message.content
 
 
 def chat_lines(n: int, *, seed_word: str = "blue") -> bytes:

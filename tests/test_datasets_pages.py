@@ -30,6 +30,16 @@ def media(settings, tmp_path, tiny_model_dir):
     settings.FT_MODELS_DIR = tiny_model_dir.parent
 
 
+@pytest.fixture
+def eager_tasks():
+    """Celery runs each task in the caller, as soon as it is sent (the worker's code, without the worker)."""
+    from finetune_site.celery import app
+
+    app.conf.task_always_eager = True
+    yield
+    app.conf.task_always_eager = False
+
+
 def upload(client, content: bytes, name="train.jsonl") -> Dataset:
     response = client.post("/datasets/upload/", {"file": SimpleUploadedFile(name, content)})
     assert response.status_code == 302
@@ -262,17 +272,25 @@ def test_a_dataset_deleted_while_validated_stays_deleted(client, alice, monkeypa
     assert list((Path(settings.MEDIA_ROOT) / "datasets" / "normalized").glob("*")) == []
 
 
-def test_split_creates_new_datasets_and_keeps_the_original(client, alice):
+def test_split_creates_new_datasets_and_keeps_the_original(
+    client, alice, eager_tasks, django_capture_on_commit_callbacks
+):
     dataset = upload(client, chat_lines(20))
-    created = services.dataset_split(dataset=dataset, validation_percent=25, seed=1)
+    with django_capture_on_commit_callbacks(execute=True):  # the worker writes the parts once the rows are committed
+        created = services.dataset_split(dataset=dataset, validation_percent=25, seed=1)
+    for d in created:
+        d.refresh_from_db()
     sizes = [len([line for line in d.file.open("rb") if line.strip()]) for d in created]
     assert sizes == [15, 5]
+    assert [d.status for d in created] == [Dataset.PROCESSED] * 2
     assert Dataset.objects.filter(pk=dataset.pk).exists()
 
 
-def test_dedupe_drops_exact_duplicates(client, alice):
+def test_dedupe_drops_exact_duplicates(client, alice, eager_tasks, django_capture_on_commit_callbacks):
     dataset = upload(client, chat_lines(5) + chat_lines(5))
-    copy = services.dataset_dedupe(dataset=dataset)
+    with django_capture_on_commit_callbacks(execute=True):
+        copy = services.dataset_dedupe(dataset=dataset)
+    copy.refresh_from_db()
     assert len([line for line in copy.file.open("rb") if line.strip()]) == 5
 
 

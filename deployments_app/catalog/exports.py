@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 
 from ..models import ModelCard
 from .resolution import get_base_model
@@ -132,6 +133,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 {usage}
 ```
 """
+
+
+def export_dir(card: ModelCard) -> Path:
+    """Where downloads built from this card (the merged model) are kept."""
+    return settings.FT_ARTIFACTS_DIR / "exports" / str(card.pk)
 
 
 def merged_folder(export_dir: Path) -> Path:

@@ -8,19 +8,15 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 
-from finetune_site.errors import InvalidInput, InvalidState, NotAllowed, NotFound
+from finetune_site import quotas
+from finetune_site.errors import ApplicationError, InvalidInput, InvalidState, NotAllowed, NotFound
+from finetune_site.services import notify
 from jobs_app.models import FineTuningJob
 
 from ..deployments.services import cancel_deployments_of
 from ..models import ModelCard
-from .exports import build_merged_model, merged_state
+from .exports import build_merged_model, export_dir, merged_state
 from .resolution import get_base_model
-
-
-def folder_size(folder: Path) -> int:
-    """Bytes of the files under folder (0 when it is gone)."""
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
-
 
 _SUMMARY_METRICS = (
     "final_train_loss",
@@ -50,7 +46,7 @@ def model_card_create_from_job(*, job: FineTuningJob, summary: dict) -> ModelCar
             "path": str(folder),
             "hyperparameters": job.resolved,
             "metrics": metrics,
-            "size_bytes": folder_size(folder),
+            "size_bytes": quotas.folder_bytes(folder),
         },
     )
     return card
@@ -104,16 +100,32 @@ def model_card_delete(*, card: ModelCard) -> None:
     transaction.on_commit(lambda: [shutil.rmtree(f, ignore_errors=True) for f in folders])
 
 
-def export_dir(card: ModelCard) -> Path:
-    """Where downloads built from this card (the merged model) are kept."""
-    return settings.FT_ARTIFACTS_DIR / "exports" / str(card.pk)
+def _check_merge_room(card: ModelCard) -> None:
+    """Refuse a merged build that would take the owner past their storage quota.
+
+    The merged model is the base model with the adapter folded in: about the base's size.
+    """
+    base = get_base_model(card.base_model)
+    quotas.check_room(card.owner_id, quotas.folder_bytes(base.path) if base else 0, param="model")
 
 
 def model_merge(*, card_id: int) -> None:
     """Build the merged full model of a LoRA card for download (runs on a worker)."""
     card = ModelCard.objects.filter(pk=card_id).first()
-    if card is not None:
-        build_merged_model(card, export_dir(card))
+    if card is None:
+        return
+    try:
+        _check_merge_room(card)  # again: the quota may have filled since the request was queued
+    except ApplicationError as refusal:
+        shutil.rmtree(export_dir(card) / "merged.partial", ignore_errors=True)  # not building any more
+        notify(
+            card.owner,
+            f"The merged model of {card.model_id} was not built. {refusal.message}",
+            level="error",
+            link="/models/",
+        )
+        return
+    build_merged_model(card, export_dir(card))
 
 
 def model_merge_request(*, card: ModelCard) -> str:
@@ -124,6 +136,7 @@ def model_merge_request(*, card: ModelCard) -> str:
         raise InvalidInput("Only LoRA models have a merged download; this model's files are already a full model.")
     state = merged_state(export_dir(card))
     if state == "absent":
+        _check_merge_room(card)
         (export_dir(card) / "merged.partial").mkdir(parents=True, exist_ok=True)
         os.utime(export_dir(card) / "merged.partial")  # an abandoned one is marked fresh again
         transaction.on_commit(lambda: tasks.build_merged_model.delay(card.pk))

@@ -8,6 +8,7 @@ from django.http import Http404, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
+from finetune_site import quotas
 from finetune_site.middleware import refusals_go_to
 
 from ..deployments.selectors import deployment_status_by_model
@@ -21,7 +22,7 @@ def model_list(request):
     bases = base_models()
     deployments = deployment_status_by_model(request.user)
     base_rows = [
-        {"base": b, "size": services.folder_size(b.path) if b.ready else 0, "deployments": deployments.get(b.id, [])}
+        {"base": b, "size": quotas.folder_bytes(b.path) if b.ready else 0, "deployments": deployments.get(b.id, [])}
         for b in bases
     ]
     return render(request, "models/list.html", {"bases": base_rows, "cards": selectors.model_square(request.user)})

@@ -15,6 +15,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import closing
 from dataclasses import dataclass, field
 
+import redis
 import torch
 from django.conf import settings
 from django.db.models import F
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 # Set when the process is told to stop by its host (SIGTERM: the serving worker shuts down).
 stop_requested = threading.Event()
 _RECLAIM_MIN_IDLE_MS = 1000
+# While Redis is away, wait this long before the first retry, doubling up to the most.
+_REDIS_BACKOFF_FIRST = 0.2
+_REDIS_BACKOFF_MOST = 5.0
 
 
 @dataclass
@@ -151,46 +155,85 @@ class _Server:
         self.client = streams.sync_client()
         # Set once the deployment is cancelled: running answers end now with finish_reason "cancelled".
         self.cancelled = threading.Event()
+        self.redis_away_since: float | None = None
+        self.redis_backoff = _REDIS_BACKOFF_FIRST
+
+    def _redis_failed(self, exc: Exception) -> None:
+        """Redis went away (a restart): wait a little longer each time, then try again; never give up.
+
+        The heartbeat goes to the database, so the instance stays alive (and keeps its place) meanwhile;
+        requests and the consumer group come back with Redis (its append-only file), or are made again.
+        """
+        if self.redis_away_since is None:
+            self.redis_away_since = time.monotonic()
+            log.warning("instance %s: Redis is away (%s); retrying", self.name, exc)
+        time.sleep(self.redis_backoff)
+        self.redis_backoff = min(self.redis_backoff * 2, _REDIS_BACKOFF_MOST)
+
+    def _redis_back(self) -> None:
+        if self.redis_away_since is not None:
+            log.info("instance %s: Redis is back after %.1f s", self.name, time.monotonic() - self.redis_away_since)
+        self.redis_away_since, self.redis_backoff = None, _REDIS_BACKOFF_FIRST
 
     def serve(self) -> None:
-        streams.ensure_group(self.client, self.key)
         in_flight: set = set()
         stopping = False
         next_beat = 0.0
+        grouped = False  # whether the stream and its group are known to exist (again, after Redis was away)
         with ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix=self.name) as executor:
             while True:
                 in_flight = {f for f in in_flight if not f.done()}
                 if self.host_gone():
                     stopping = True
-                if time.monotonic() >= next_beat:
+                beat = time.monotonic() >= next_beat
+                if beat:  # to the database, so it goes on while Redis is away
                     next_beat = time.monotonic() + min(settings.FT_HEARTBEAT_SECONDS, 2)
                     if self._heartbeat() != Instance.RUNNING:
                         stopping = True
                         self._cancel_if_deployment_cancelled(in_flight)
-                    elif len(in_flight) < self.slots:
-                        for msg_id, fields in self._reclaim(self.slots - len(in_flight)):
-                            in_flight.add(executor.submit(self._answer, msg_id, fields, reclaimed=True))
-                if stopping:
-                    # Scaling down never drops a request: finish what was taken; the last
-                    # instance also answers what is still queued, since no one else will.
-                    if not in_flight:
-                        leftovers = self._drain() if self._is_last() else []
-                        if not leftovers:
-                            break
-                        in_flight |= {executor.submit(self._answer, msg_id, fields) for msg_id, fields in leftovers}
-                    wait(in_flight, timeout=0.2, return_when=FIRST_COMPLETED)
-                    continue
-                if len(in_flight) >= self.slots:
-                    wait(in_flight, timeout=0.5, return_when=FIRST_COMPLETED)
-                    continue
-                batch = self.client.xreadgroup(
-                    streams.GROUP, self.name, {self.key: ">"}, count=self.slots - len(in_flight), block=500
-                )
-                for _stream, messages in batch or []:
-                    for msg_id, fields in messages:
-                        in_flight.add(executor.submit(self._answer, msg_id, fields))
+                try:
+                    if beat and not stopping:
+                        # The request stream expires when unused and is lost with a Redis without
+                        # persistence: keep it, and its group, in being while this instance serves.
+                        streams.ensure_group(self.client, self.key)
+                        if len(in_flight) < self.slots:
+                            for msg_id, fields in self._reclaim(self.slots - len(in_flight)):
+                                in_flight.add(executor.submit(self._answer, msg_id, fields, reclaimed=True))
+                    elif not grouped:
+                        streams.ensure_group(self.client, self.key)
+                    grouped = True
+                    if stopping:
+                        # Scaling down never drops a request: finish what was taken; the last
+                        # instance also answers what is still queued, since no one else will.
+                        if not in_flight:
+                            leftovers = self._drain() if self._is_last() else []
+                            if not leftovers:
+                                break
+                            in_flight |= {executor.submit(self._answer, msg_id, fields) for msg_id, fields in leftovers}
+                        wait(in_flight, timeout=0.2, return_when=FIRST_COMPLETED)
+                        continue
+                    if len(in_flight) >= self.slots:
+                        wait(in_flight, timeout=0.5, return_when=FIRST_COMPLETED)
+                        continue
+                    batch = self.client.xreadgroup(
+                        streams.GROUP, self.name, {self.key: ">"}, count=self.slots - len(in_flight), block=500
+                    )
+                    self._redis_back()
+                    for _stream, messages in batch or []:
+                        for msg_id, fields in messages:
+                            in_flight.add(executor.submit(self._answer, msg_id, fields))
+                except redis.RedisError as exc:
+                    if not streams.is_transient(exc):
+                        raise
+                    if stopping and not in_flight:
+                        break  # nothing taken is left to finish; what is queued waits in Redis for another instance
+                    grouped = False
+                    self._redis_failed(exc)
         self._heartbeat()
-        self.client.xgroup_delconsumer(self.key, streams.GROUP, self.name)
+        try:
+            self.client.xgroup_delconsumer(self.key, streams.GROUP, self.name)
+        except redis.RedisError:  # Redis is away: the next instance's _reclaim removes this consumer
+            log.warning("instance %s: could not leave the consumer group", self.name, exc_info=True)
         final = Instance.DEAD if self.host_gone() and self._status() == Instance.RUNNING else Instance.STOPPED
         self.instance.mark_final(final, "The worker shut down." if final == Instance.DEAD else "")
         self.client.close()
@@ -275,10 +318,16 @@ class _Server:
                 if isinstance(exc, ServingError)
                 else f"The model failed while answering: {type(exc).__name__}: {exc}"
             )
-            self._send(reply, streams.error_event(message, status=500))
+            try:
+                self._send(reply, streams.error_event(message, status=500))
+            except redis.RedisError:  # the failure was Redis going away: nobody can be told on it
+                pass
         finally:
-            self.client.xack(self.key, streams.GROUP, msg_id)
-            self.client.xdel(self.key, msg_id)
+            try:
+                self.client.xack(self.key, streams.GROUP, msg_id)
+                self.client.xdel(self.key, msg_id)
+            except redis.RedisError:  # Redis is away; the caller, whose reads failed too, was told so
+                log.warning("instance %s: could not acknowledge request %s", self.name, request_id, exc_info=True)
             self.stats.record(seconds=time.monotonic() - started, tokens=tokens, failed=failed)
 
     def _generate(self, request_id: str, reply: str, params: dict) -> int:

@@ -1,12 +1,18 @@
 """The web side of a deployment: put a chat request on its stream, read the answer back."""
 
+import logging
 import time
+
+import redis
 
 from ..models import Deployment
 from . import streams
 
+log = logging.getLogger(__name__)
 # After the first piece, an instance silent for this long is taken for dead.
 _IDLE_TIMEOUT_SECONDS = 120
+# What the caller is told while Redis, which carries requests to the instances, is away.
+_REDIS_AWAY = "The deployment cannot be reached right now (its message broker is restarting); send it again shortly."
 
 
 async def deployment_events(deployment: Deployment, params: dict):
@@ -17,7 +23,10 @@ async def deployment_events(deployment: Deployment, params: dict):
     deadline = time.time() + streams.QUEUE_TIMEOUT_SECONDS
     finished = False
     try:
-        await client.xadd(deployment.stream_key, streams.encode_request(request_id, params, deadline=deadline))
+        pipe = client.pipeline(transaction=False)
+        request = streams.encode_request(request_id, params, deadline=deadline)
+        streams.add_request_commands(pipe, deployment.stream_key, request)
+        await pipe.execute()
         last_id, last_seen, started = "0-0", time.monotonic(), False
         while True:
             batch = await client.xread({reply: last_id}, count=256, block=1000)
@@ -44,8 +53,21 @@ async def deployment_events(deployment: Deployment, params: dict):
                     yield event
                     if finished:
                         return
+    except redis.RedisError as exc:
+        # Redis went away (a restart): the caller hears it now, in the error shape, and the next
+        # request, once Redis is back, opens a new connection.
+        log.warning("deployment %s: Redis failed during a request: %s", deployment.public_id, exc)
+        raise streams.RemoteError(_REDIS_AWAY, 503, retry_after=5) from exc
     finally:
+        await _clean_up(client, request_id, reply, finished=finished)
+
+
+async def _clean_up(client, request_id: str, reply: str, *, finished: bool) -> None:
+    try:
         if not finished:  # the caller left (or timed out): tell the instance to stop generating for nobody
             await client.set(streams.cancel_key(request_id), 1, ex=streams.REPLY_TTL_SECONDS)
         await client.delete(reply)
+    except redis.RedisError:  # Redis is away: the reply stream expires on its own
+        pass
+    finally:
         await client.aclose()

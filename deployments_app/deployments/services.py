@@ -10,6 +10,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from finetune_site import quotas
 from finetune_site.errors import CapacityExceeded, InvalidInput, InvalidState
 from finetune_site.locks import hold_until_commit
 
@@ -87,6 +88,8 @@ def deployment_create(*, user, model_id: str, instances: int = 1, max_concurrent
             param="model",
             code="model_not_found",
         )
+    hold_until_commit("serving-capacity")  # before counting: two creates at once would count the same
+    quotas.check_deployment_slots(user, instances)
     _check_capacity(instances)
     deployment = Deployment.objects.create(
         owner=user, model_id=model_id, instances=instances, max_concurrent_requests=max_concurrent_requests
@@ -107,6 +110,7 @@ def deployment_scale(*, deployment: Deployment, instances: int) -> Deployment:
             f"The deployment is {deployment.status}; only a deploying or running deployment can be scaled.",
             param="instances",
         )
+    quotas.check_deployment_slots(deployment.owner_id, instances - deployment.instances)
     serving = deployment.instance_set.filter(status__in=(Instance.STARTING, Instance.RUNNING)).count()
     _check_capacity(instances - serving)
     deployment.instances = instances

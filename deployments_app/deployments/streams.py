@@ -18,6 +18,17 @@ GROUP = "instances"
 REPLY_TTL_SECONDS = 300
 # A request nobody has started within this long is answered with an error and skipped.
 QUEUE_TIMEOUT_SECONDS = 120
+# Caps, so that requests nobody takes and answers nobody reads never pile up in Redis.
+# A request stream keeps at most about this many entries (an answered one is deleted, and an
+# instance answers one whose caller gave up with an error at once), and vanishes this long after
+# its last request or its last instance's heartbeat (`ensure_group` keeps it while one serves).
+# Entries are never dropped by age: one taken long ago may still be being answered, and a dead
+# instance's begun answers are found by their entries (`fail_begun_requests`).
+REQUEST_STREAM_MAXLEN = 10_000
+REQUEST_STREAM_TTL_SECONDS = 2 * QUEUE_TIMEOUT_SECONDS
+# A reply stream holds one answer, one entry per piece: room for the longest answer
+# (max_tokens is at most 32768, about one piece per token) and its ending.
+REPLY_STREAM_MAXLEN = 33_000
 # What the caller of an answer is told when the instance answering it died mid-answer.
 STOPPED_MID_ANSWER = "The instance answering this request stopped mid-answer; send it again."
 
@@ -82,11 +93,31 @@ def decode_reply(fields: dict):
 
 
 def send_event(client, reply: str, event: dict) -> None:
-    """Append one event to a reply stream, which expires if nobody reads it."""
+    """Append one event to a reply stream, which is capped and expires if nobody reads it."""
     pipe = client.pipeline(transaction=False)
-    pipe.xadd(reply, event)
+    pipe.xadd(reply, event, maxlen=REPLY_STREAM_MAXLEN, approximate=True)
     pipe.expire(reply, REPLY_TTL_SECONDS)
     pipe.execute()
+
+
+def add_request_commands(pipe, stream_key: str, request: dict) -> None:
+    """Queue on `pipe` the commands that put a request on a deployment's stream, capped in length, expiring."""
+    pipe.xadd(stream_key, request, maxlen=REQUEST_STREAM_MAXLEN, approximate=True)
+    pipe.expire(stream_key, REQUEST_STREAM_TTL_SECONDS)
+
+
+def is_transient(exc: Exception) -> bool:
+    """Whether a Redis error is Redis being away (restarting, loading, a stream lost with it): retry, not fail."""
+    import redis
+
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):  # BusyLoadingError (LOADING) is one
+        return True
+    # After a restart without persistence, or once a request stream has expired, the stream and
+    # its group are gone; a reader blocked on a deleted stream is told UNBLOCKED (Redis 7).
+    text = str(exc)
+    return isinstance(exc, redis.ResponseError) and any(
+        word in text for word in ("NOGROUP", "UNBLOCKED", "no such key", "LOADING")
+    )
 
 
 def fail_begun_requests(client, stream_key: str, consumer: str, message: str) -> int:
@@ -125,19 +156,36 @@ def as_text(value) -> str:
 
 def sync_client(*, socket_timeout: float = 30, connect_timeout: float = 5):
     import redis
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.retry import Retry
 
+    # Few quick retries: an instance must get back to its (database) heartbeat soon while Redis
+    # is away, and then retries at its own pace (`instance._Server`).
     return redis.Redis.from_url(
-        settings.REDIS_URL, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout
+        settings.REDIS_URL,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 3),
     )
 
 
 def async_client():
     import redis.asyncio
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialWithJitterBackoff
 
-    return redis.asyncio.Redis.from_url(settings.REDIS_URL, socket_timeout=30, socket_connect_timeout=5)
+    # A few quick retries (about a second in all), not redis-py's ten: while Redis is away the
+    # caller gets an error within seconds instead of a request that hangs.
+    return redis.asyncio.Redis.from_url(
+        settings.REDIS_URL,
+        socket_timeout=30,
+        socket_connect_timeout=2,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 3),
+    )
 
 
 def ensure_group(client, stream_key: str) -> None:
+    """Make the request stream and its group if they are gone; either way it lives on for another TTL."""
     import redis
 
     try:
@@ -145,3 +193,4 @@ def ensure_group(client, stream_key: str) -> None:
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+    client.expire(stream_key, REQUEST_STREAM_TTL_SECONDS)

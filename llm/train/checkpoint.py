@@ -10,7 +10,8 @@ order), tokens, train_seconds, elapsed_s, optimizer, rng, metrics, config.
 
 A checkpoint is written to a temporary folder, flushed to disk (fsync) and
 renamed, so a crash or a full disk never leaves a half-written one behind; a
-save that would not fit in the free space is refused before it starts.
+save that would not fit in the free space, or that the caller's own limit
+(`limit_room`: a storage quota per user) refuses, is refused before it starts.
 Retention (`prune`) keeps the newest few checkpoints and the best one; only
 the newest keeps the optimizer state, which for a full fine-tune is twice the
 size of the weights. The others still deploy, and still resume, with fresh
@@ -22,6 +23,7 @@ import os
 import pickle
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +36,43 @@ from .modeling import save_weights
 
 FREE_SPACE_MARGIN_BYTES = 256 * 2**20
 """Left free after a checkpoint: the database, the logs and other users' work share the disk."""
+ALMOST_NO_SPACE_BYTES = 2**20
+"""A write that failed with less than this left failed for want of room, whatever its error says."""
 _STEP = re.compile(r"step-(\d+)")
 
 
 class DiskFull(OSError):
     """A checkpoint does not fit: the run stops, its earlier checkpoints stay as they were."""
+
+
+RoomCheck = Callable[[int], str | None]
+"""Given a checkpoint's expected size in bytes, why it may not be written (a sentence), or None when it may."""
+_room_checks: dict[Path, RoomCheck] = {}
+
+
+def _out_of_space(error: BaseException, folder: Path) -> bool:
+    """Whether a failed write failed for want of room: by its errno, its words, or the free space left."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left" in str(error):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < ALMOST_NO_SPACE_BYTES
+    except OSError:
+        return False
+
+
+def limit_room(out_dir: str | Path, check: RoomCheck | None) -> None:
+    """Ask check before every checkpoint written under out_dir, beside the free-space check (None: stop asking).
+
+    A refusal ends the run as a full disk does (DiskFull, earlier checkpoints kept): for
+    limits the engine cannot see, such as a storage quota shared by a user's runs and files.
+    """
+    folder = Path(out_dir).resolve()
+    if check is None:
+        _room_checks.pop(folder, None)
+    else:
+        _room_checks[folder] = check
 
 
 def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
@@ -63,6 +97,14 @@ def save_checkpoint(
     # Named for this process: a stalled run whose job was handed on must not delete the new run's write.
     partial = final.with_name(f"{final.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
+    room_check = _room_checks.get(Path(out_dir).resolve())
+    refusal = room_check(expected_bytes) if room_check else None
+    if refusal:
+        raise DiskFull(
+            errno.EDQUOT,
+            f"No room for the checkpoint at step {state['step']}: {refusal} Earlier checkpoints are kept; "
+            "make room and retry the job to continue from the last one.",
+        )
     partial.mkdir(parents=True)
     free = shutil.disk_usage(partial).free
     if expected_bytes and free < expected_bytes + FREE_SPACE_MARGIN_BYTES:
@@ -77,11 +119,13 @@ def save_checkpoint(
         save_weights(model, tokenizer, partial, full=full)
         torch.save(state, partial / STATE_FILE)
         _sync_tree(partial)
-    except OSError as error:
+    # torch and safetensors report a full disk as their own errors, not as OSError.
+    except (OSError, RuntimeError, SafetensorError) as error:
+        full = _out_of_space(error, final.parent)  # while the partial write still takes its room
         shutil.rmtree(partial, ignore_errors=True)
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if full:
             raise DiskFull(
-                error.errno,
+                errno.ENOSPC,
                 f"The disk filled while writing the checkpoint at step {state['step']}; the partial write was "
                 "removed and earlier checkpoints are kept. Free some space and retry the job.",
             ) from error

@@ -201,7 +201,12 @@ class _Run:
             try:
                 if config.objective == "dpo":
                     sets[name] = load_pairs(
-                        path, self.tokenizer, max_seq_len=config.max_seq_len, name=name, interrupt=self._interrupt
+                        path,
+                        self.tokenizer,
+                        max_seq_len=config.max_seq_len,
+                        name=name,
+                        interrupt=self._interrupt,
+                        spill_dir=self.out,
                     )
                 else:
                     sets[name] = load_examples(
@@ -211,6 +216,7 @@ class _Run:
                         max_seq_len=config.max_seq_len,
                         name=name,
                         interrupt=self._interrupt,
+                        spill_dir=self.out,  # the tokens' temporary files: on the run's disk, gone when it ends
                     )
             except ConfigError as error:
                 problems += error.problems
@@ -424,7 +430,7 @@ class _Run:
 
     def _sft_step(self, examples: list[RenderedExample]) -> _StepResult:
         """Mean cross-entropy over every trained token of the step."""
-        micro_batches = pack(examples, self.micro_batch_tokens)
+        micro_batches = list(pack(examples, self.micro_batch_tokens))  # read twice: built once
         loss_tokens = sum(len(batch.targets) for batch in micro_batches)
         loss_sum: torch.Tensor | float = 0
         correct: torch.Tensor | int = 0
@@ -643,7 +649,7 @@ class _Run:
         """Drop lines written after the checkpoint we resume from: those steps are trained again."""
         path = self.out / "metrics.jsonl"
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def _write_config(self, threads: int, checkpointing: bool) -> None:
@@ -718,3 +724,11 @@ def _peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     # Linux reports the peak resident set of the whole process in KiB.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _step_of(line: str) -> float:
+    """The step a metrics line records; a line cut short (a full disk, a killed process) counts as after every step."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

@@ -133,6 +133,8 @@ class Command(BaseCommand):
                 priority=10,
                 env=serving_env,  # the shared pool's engines run here
             ),
+            # Training and serving keep the threads pool: their tasks are long-lived, watched by their own
+            # heartbeats, and a thread shares the process's loaded models and GPU context.
             _program(
                 "worker-train",
                 f"{celery} worker -Q training --pool threads --concurrency 1 --disable-prefetch -n train-{port}@%%h --without-gossip --without-mingle -l INFO",
@@ -140,9 +142,12 @@ class Command(BaseCommand):
                 priority=20,
                 env=env,
             ),
+            # The short-task workers run the prefork pool: a process per task slot is what lets Celery
+            # enforce every task's time limit (CELERY_TASK_TIME_LIMIT and the per-task ones in settings),
+            # killing and replacing a process whose task hangs; the threads pool cannot stop a thread.
             _program(
                 "worker-default",
-                f"{celery} worker -Q default --pool threads --concurrency 2 -n default-{port}@%%h --without-gossip --without-mingle -l INFO",
+                f"{celery} worker -Q default --pool prefork --concurrency 2 -n default-{port}@%%h --without-gossip --without-mingle -l INFO",
                 log_dir=log_dir,
                 priority=20,
                 env=env,
@@ -150,7 +155,7 @@ class Command(BaseCommand):
             # Webhooks and email, apart: a receiver that answers slowly delays only other notices.
             _program(
                 "worker-notify",
-                f"{celery} worker -Q notifications --pool threads --concurrency 4 -n notify-{port}@%%h --without-gossip --without-mingle -l INFO",
+                f"{celery} worker -Q notifications --pool prefork --concurrency 4 -n notify-{port}@%%h --without-gossip --without-mingle -l INFO",
                 log_dir=log_dir,
                 priority=20,
                 env=env,
@@ -158,7 +163,7 @@ class Command(BaseCommand):
             # The periodic sweeps (stale-job recovery, instance repair), never queued behind other work.
             _program(
                 "worker-housekeeping",
-                f"{celery} worker -Q housekeeping --pool threads --concurrency 1 -n housekeeping-{port}@%%h --without-gossip --without-mingle -l INFO",
+                f"{celery} worker -Q housekeeping --pool prefork --concurrency 1 -n housekeeping-{port}@%%h --without-gossip --without-mingle -l INFO",
                 log_dir=log_dir,
                 priority=20,
                 env=env,
