@@ -242,8 +242,10 @@ def test_a_full_engine_answers_429_with_retry_after_and_the_running_stream_finis
     full = ModelPool(device="cpu", dtype="float32", kv_memory_bytes=room * per_token, queue_timeout=0.2)
     monkeypatch.setattr(shared, "_pool", full)
     try:
-        # Long enough to hold the memory for the whole test (the engine does not wait for its reader).
-        running = full.generate_stream(GenerationRequest(base_path=base_path, messages=messages, max_tokens=1500))
+        # Long enough to hold the memory for the whole test (the engine does not wait for its reader);
+        # seeded, so the random model never samples its end-of-turn token first (unseeded, it did 1 run in ~30).
+        request = GenerationRequest(base_path=base_path, messages=messages, max_tokens=1500, seed=7)
+        running = full.generate_stream(request)
         next(running)
 
         response = chat(client, hello(max_tokens=64))
