@@ -354,15 +354,15 @@ def datasets_reconcile(*, stuck_after: timedelta | None = None, batch: int = 100
         return []
     # A message a worker took this long ago and never began is lost with that worker.
     within = (now - cutoff).total_seconds()
-    waiting = {
+    in_broker = {
         args[0]
         for task in (validate_dataset, compute_statistics)
         for args in waiting_task_args(task.name, reserved_within=within)
     }
-    waiting |= {pk for args in waiting_task_args(derive_datasets.name, reserved_within=within) for pk in args[0]}
+    in_broker |= {pk for args in waiting_task_args(derive_datasets.name, reserved_within=within) for pk in args[0]}
     queued = []
     for dataset in stuck + uncounted:
-        if dataset.pk in waiting:  # behind a backlog, not lost
+        if dataset.pk in in_broker:  # behind a backlog, not lost
             continue
         # Claimed by moving enqueued_at on: two sweeps at once queue each dataset once.
         if not Dataset.objects.filter(pk=dataset.pk, enqueued_at=dataset.enqueued_at).update(enqueued_at=now):

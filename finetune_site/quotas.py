@@ -63,7 +63,7 @@ def _file_bytes(field) -> int:
         return 0
     try:
         return field.size
-    except (FileNotFoundError, OSError):
+    except OSError:  # gone meanwhile
         return 0
 
 
