@@ -4,6 +4,7 @@ Each stack gets its own FT_HOME (so its own SQLite file and embedded Redis socke
 and port; base models are linked from the test cache instead of converted again.
 """
 
+import json
 import os
 import secrets
 import signal
@@ -289,3 +290,10 @@ def login_cookies(stack) -> dict:
         )
         assert response.status_code == 302
         return dict(http.cookies)
+
+
+def chat_events(response):
+    """The JSON events of a streamed chat completion's server-sent events, [DONE] left out."""
+    for line in response.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[len("data: ") :])

@@ -4,7 +4,6 @@ The first tests use a real Redis on 127.0.0.1:6379 (skipped without one); the
 live ones start the whole stack and kill real instance processes.
 """
 
-import json
 import os
 import signal
 import threading
@@ -22,7 +21,7 @@ from llm.serve.errors import Overloaded
 from llm.serve.openmp import INTEL_OPENMP, serving_environment
 from llm.serve.pool import ModelPool
 
-from .live import local_redis, login_cookies
+from .live import chat_events, local_redis, login_cookies
 from .test_deployments_live import wait_for
 
 
@@ -179,10 +178,7 @@ class Stream(threading.Thread):
         try:
             with self.rest.stream("POST", "/v1/chat/completions", json=body, timeout=300) as response:
                 assert response.status_code == 200, response.read()
-                for line in response.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[len("data: ") :])
+                for event in chat_events(response):
                     if "error" in event:
                         self.error = event["error"]
                         continue

@@ -7,7 +7,6 @@ go on, and a chat stream whose server died ends at once instead of hanging.
 """
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ from llm.bundled import TINY_MODEL_ID
 
 from ..live import (
     answers,
+    chat_events,
     chat_lines,
     job_status,
     job_step,
@@ -126,10 +126,7 @@ class Stream(threading.Thread):
         try:
             with self.http.stream("POST", "/v1/chat/completions", json=self.body, timeout=120) as response:
                 assert response.status_code == 200, response.read()
-                for line in response.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[len("data: ") :])
+                for event in chat_events(response):
                     if "error" in event:
                         self.error = event["error"]
                     for choice in event.get("choices", []):

@@ -2,7 +2,6 @@
 as supervisord starts it under `make run`) during a training job and during a deployment: both carry on,
 and nothing is lost."""
 
-import json
 import os
 import signal
 import time
@@ -12,7 +11,7 @@ import pytest
 
 from llm.bundled import TINY_MODEL_ID
 
-from ..live import job_step, kill_program, metric_steps, program_pid, wait_finished, wait_until
+from ..live import chat_events, job_step, kill_program, metric_steps, program_pid, wait_finished, wait_until
 
 pytestmark = [pytest.mark.live, pytest.mark.faults, pytest.mark.timeout(420)]
 
@@ -44,10 +43,7 @@ def chat(http: httpx.Client, *, max_tokens: int = 8) -> tuple[int, str | None, s
         with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as response:
             if response.status_code != 200:
                 return 0, None, f"{response.status_code}: {response.read()[:300]!r}"
-            for line in response.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[len("data: ") :])
+            for event in chat_events(response):
                 error = event.get("error", error)
                 for choice in event.get("choices", []):
                     pieces += bool(choice["delta"].get("content"))
