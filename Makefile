@@ -86,6 +86,8 @@ bench: install-bench install-test
 	$(PY) -m benchmarks.load_test
 	$(PY) -m datasets_app.bench_validation --mb 1024
 	$(PY) -m benchmarks.data_memory --megabytes 50
+	$(PY) -m benchmarks.evals_speed
+	$(PY) -m benchmarks.banking77_eval
 
 clean:
 	rm -rf $(VENV) build *.egg-info

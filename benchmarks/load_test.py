@@ -281,27 +281,34 @@ async def viewer(url: str, job_id: str, cookie: str, stats: ViewerStats, clock: 
 
 
 async def batch_compare(url: str, key: str, body: dict, result: BatchResult, clock: Clock) -> None:
-    """One playground batch compare, read line by line until it ends or the run does."""
+    """One playground batch compare: an evaluation run per model on the evaluations worker, polled until done.
+
+    The web process only creates the runs; `rows` counts the examples every model has answered.
+    """
     started = time.perf_counter()
     clock.batch_start = time.time()
+    headers = {"Authorization": f"Bearer {key}"}
     try:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=600)) as http:
-            async with http.stream(
-                "POST", url + "/playground/batch/", json=body, headers={"Authorization": f"Bearer {key}"}
-            ) as response:
-                result.status = response.status_code
-                if response.status_code != 200:
-                    result.error = f"HTTP {response.status_code}: {(await response.aread())[:300].decode()}"
+        async with httpx.AsyncClient(timeout=30) as http:
+            response = await http.post(url + "/playground/batch/", json=body, headers=headers)
+            result.status = response.status_code
+            if response.status_code != 201:
+                result.error = f"HTTP {response.status_code}: {response.text[:300]}"
+                return
+            runs_url = f"{url}/v1/evals/{response.json()['id']}/runs"
+            while True:
+                listed = await http.get(runs_url, headers=headers, params={"limit": 100})
+                result.status = listed.status_code
+                if listed.status_code != 200:
+                    result.error = f"HTTP {listed.status_code}: {listed.text[:300]}"
                     return
-                async for line in response.aiter_lines():
-                    if not line.strip():
-                        continue
-                    row = json.loads(line)
-                    if row["type"] == "row":
-                        result.rows += 1
-                        result.failed_answers += sum(1 for a in row["answers"].values() if a["error"])
-                    elif row["type"] == "total":
-                        result.finished = True
+                runs = listed.json()["data"]
+                result.rows = min((run["progress"]["done"] for run in runs), default=0)
+                result.failed_answers = sum(run["result_counts"]["errored"] for run in runs)
+                if runs and all(run["status"] not in ("queued", "in_progress") for run in runs):
+                    result.finished = True
+                    return
+                await asyncio.sleep(1)
     except httpx.HTTPError as exc:
         result.error = f"{type(exc).__name__}: {exc}"
     finally:

@@ -36,6 +36,7 @@ INSTALLED_APPS = [
     "datasets_app",
     "jobs_app",
     "deployments_app",
+    "evals_app",
 ]
 
 MIDDLEWARE = [
@@ -122,6 +123,8 @@ CELERY_TASK_ROUTES = {
     "jobs_app.tasks.recover_stale_jobs": {"queue": "housekeeping"},
     "deployments_app.tasks.reconcile_deployments": {"queue": "housekeeping"},
     "datasets_app.tasks.reconcile_datasets": {"queue": "housekeeping"},
+    "evals_app.tasks.run_eval": {"queue": "evaluations"},
+    "evals_app.tasks.reconcile_eval_runs": {"queue": "housekeeping"},
 }
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
@@ -144,10 +147,12 @@ CELERY_TASK_ANNOTATIONS = {
     # started by hand (`celery worker -Q training`) from killing them after FT_TASK_TIME_LIMIT.
     "jobs_app.tasks.train_job": _LONG_LIVED,
     "deployments_app.tasks.run_instance": _LONG_LIVED,
+    "evals_app.tasks.run_eval": _LONG_LIVED,  # its heartbeat and the run sweep watch it
     # A sweep takes seconds; one stuck on a lock must not hold the housekeeping worker.
     "jobs_app.tasks.recover_stale_jobs": {"soft_time_limit": 60, "time_limit": 90},
     "deployments_app.tasks.reconcile_deployments": {"soft_time_limit": 60, "time_limit": 90},
     "datasets_app.tasks.reconcile_datasets": {"soft_time_limit": 60, "time_limit": 90},
+    "evals_app.tasks.reconcile_eval_runs": {"soft_time_limit": 60, "time_limit": 90},
     # A delivery has a 15 s deadline, but resolving its host does not; SMTP's timeout is per operation.
     "finetune_site.tasks.deliver_webhook": {"soft_time_limit": 30, "time_limit": 45},
     "finetune_site.tasks.send_notification_email": {"soft_time_limit": 120, "time_limit": 150},
@@ -164,6 +169,12 @@ CELERY_BEAT_SCHEDULE = {
         "task": "deployments_app.tasks.reconcile_deployments",
         "schedule": 5.0,
         "options": {"expires": 5.0},
+    },
+    # Evaluation runs whose worker went quiet, or whose task was lost, are queued again.
+    "reconcile-eval-runs": {
+        "task": "evals_app.tasks.reconcile_eval_runs",
+        "schedule": 30.0,
+        "options": {"expires": 30.0},
     },
     # Datasets whose task was lost (a Redis restart, a killed worker) are queued again.
     "reconcile-datasets": {
@@ -298,6 +309,20 @@ FT_PREFILL_TOKENS = env_int("FT_PREFILL_TOKENS", 256, minimum=16)
 """Prompt tokens read per engine step: a long prompt is read over several steps between the running streams'."""
 FT_ENGINE_QUEUE_SECONDS = env_int("FT_ENGINE_QUEUE_SECONDS", 30, minimum=1)
 """How long a request waits for room in the batch before it is refused with 429 and Retry-After."""
+
+# --- Evaluations (evals_app): a run's answers come from the serving engine, batched.
+FT_EVAL_CONCURRENCY = env_int("FT_EVAL_CONCURRENCY", FT_MAX_BATCH, minimum=1)
+"""Requests one evaluation run keeps in flight: the engine answers them in the same forward passes."""
+FT_EVAL_MAX_ITEMS = env_int("FT_EVAL_MAX_ITEMS", 5000, minimum=1)
+"""Examples one run reads from its data source; a larger file is refused when the run is created."""
+FT_EVAL_MAX_TOKENS = env_int("FT_EVAL_MAX_TOKENS", 256, minimum=1)
+"""An answer's token limit when the run's sampling_params give none."""
+FT_AUTO_EVAL = env_bool("FT_AUTO_EVAL", True)
+"""Evaluate tuned against base on the held-out data (and the general set) when a job succeeds."""
+FT_AUTO_EVAL_MAX_EXAMPLES = env_int("FT_AUTO_EVAL_MAX_EXAMPLES", 200, minimum=1)
+"""Held-out examples an automatic evaluation reads; the checkpoints' runs read the same ones."""
+FT_FORGETTING_DROP = env_float("FT_FORGETTING_DROP", 0.05, minimum=0.0)
+"""A fall in the general set's score beyond this (absolute) marks the model card with a warning."""
 
 # --- Deployments
 FT_MAX_INSTANCES = env_int("FT_MAX_INSTANCES", 8, minimum=1)

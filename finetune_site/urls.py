@@ -8,6 +8,7 @@ from datasets_app import api as files_api
 from deployments_app.catalog import api as models_api
 from deployments_app.chat import api_router as chat_api
 from deployments_app.deployments import api as deployments_api
+from evals_app import api as evals_api
 from jobs_app import api as jobs_api
 
 from . import login_throttle, metrics, views
@@ -31,6 +32,14 @@ api_patterns = [
     path("models", models_api.ModelList.as_view()),
     path("models/<path:model>", models_api.ModelDetail.as_view()),
     path("chat/completions", chat_api.chat_completions),
+    path("evals", evals_api.EvalListCreate.as_view()),
+    path("evals/<str:eval_id>", evals_api.EvalDetail.as_view()),
+    path("evals/<str:eval_id>/runs", evals_api.RunListCreate.as_view()),
+    path("evals/<str:eval_id>/runs/<str:run_id>", evals_api.RunDetail.as_view()),
+    path("evals/<str:eval_id>/runs/<str:run_id>/cancel", evals_api.RunCancel.as_view()),
+    path("evals/<str:eval_id>/runs/<str:run_id>/resume", evals_api.RunResume.as_view()),
+    path("evals/<str:eval_id>/runs/<str:run_id>/output_items", evals_api.OutputItemList.as_view()),
+    path("evals/<str:eval_id>/runs/<str:run_id>/output_items/<str:item_id>", evals_api.OutputItemDetail.as_view()),
 ]
 
 urlpatterns = [
@@ -49,6 +58,7 @@ urlpatterns = [
     path("datasets/", include("datasets_app.urls")),
     path("jobs/", include("jobs_app.urls")),
     path("", include("deployments_app.urls")),
+    path("evals/", include("evals_app.urls")),
     path("admin/", admin.site.urls),
     path("api/deployments", deployments_api.DeploymentListCreate.as_view(), name="api_deployments"),
     path("api/deployments/<str:deployment_id>", deployments_api.DeploymentDetail.as_view(), name="api_deployment"),

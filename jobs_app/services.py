@@ -579,8 +579,11 @@ def _finish_run(job: FineTuningJob, summary: dict | None, failure: dict | None, 
                 step=job.total_steps or job.step,
             )
             if won:
+                from evals_app.auto import evaluate_job_later  # evals_app imports the serving path
+
                 job.refresh_from_db()
                 model_card_create_from_job(job=job, summary=summary)
+                evaluate_job_later(job)  # runs on commit; never fails the job
             final = FineTuningJob.SUCCEEDED
             note, level = f"Fine-tuning succeeded. New model: {job.fine_tuned_model_id}", "info"
     if not won:

@@ -14,6 +14,7 @@ from django.views.decorators.http import require_POST
 from datasets_app.selectors import dataset_for
 from datasets_app.selectors import ready_datasets_for as ready_datasets
 from deployments_app.models import ModelCard
+from evals_app.summaries import evaluation_of
 from finetune_site.errors import ApplicationError
 
 from . import selectors, services
@@ -169,6 +170,7 @@ def job_detail(request, public_id):
         "figures": selectors.job_figures(points, job.objective),
         "chart_panels": selectors.chart_panels(job.objective),
         "warnings": selectors.warnings_of(job),
+        "evaluation": evaluation_of(job),
         "last_step": max((p["step"] for p in points), default=0),
         "queue_position": selectors.queue_position(job),
         "settings": described_settings(job.resolved, validation=selectors.has_validation(job)),

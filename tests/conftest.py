@@ -60,6 +60,9 @@ def _in_memory_channel_layer(request):
         return
     settings = request.getfixturevalue("settings")
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    # A job that succeeds here would queue its automatic evaluation to a broker these tests do not
+    # run; tests/evals/test_auto_eval.py turns it on where it is the thing under test.
+    settings.FT_AUTO_EVAL = False
     yield
 
 

@@ -87,6 +87,9 @@ def start_stack(
     env.update(extra)
     # Tests send chat requests back to back from one account; the rate limits have tests of their own.
     env.setdefault("FT_RATE_LIMIT_RPM", "0")
+    # A succeeded job is evaluated on the evaluations worker; the live tests train many small jobs and
+    # check other things, so by default they skip it (tests/evals covers it, and a stack may set it).
+    env.setdefault("FT_AUTO_EVAL", "0")
     stack = Stack(home=home, port=port, env=env)
     stack.manage("runstack", "--skip-models", "--write-config-only")
     supervisord = Path(sys.executable).parent / "supervisord"

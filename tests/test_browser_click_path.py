@@ -115,3 +115,18 @@ def test_a_user_clicks_from_upload_to_side_by_side_answers(stack, page, tmp_path
         expect(answer).to_have_attribute("data-done", "1", timeout=180_000)
         text = answer.inner_text()
         assert text.strip() and not text.startswith("Error"), text
+
+    # Batch compare: a run per model on the stack's evaluations worker, the results polled into the page.
+    page.evaluate("window.__batchPage = true")
+    page.get_by_label("Max tokens").fill("8")
+    page.get_by_label("Validation prompts").fill("2")
+    page.get_by_test_id("batch-run").click()
+    expect(page.get_by_test_id("batch-totals")).to_have_attribute("data-done", "1", timeout=300_000)
+    expect(page.get_by_test_id("batch-row")).to_have_count(2)
+    totals = page.get_by_test_id("batch-total")
+    expect(totals).to_have_count(2)
+    for index in range(2):
+        expect(totals.nth(index)).to_contain_text("completed")
+        expect(totals.nth(index)).to_contain_text("over 2 prompts")
+    assert page.get_by_test_id("batch-eval-link").get_attribute("href").startswith("/evals/eval")
+    assert page.evaluate("window.__batchPage") is True, "the results came through a reload, not the partial"

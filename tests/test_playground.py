@@ -1,24 +1,13 @@
-"""Playground helpers: ROUGE-L, validation samples, the rendered chat template, batch compare."""
+"""Playground helpers: validation samples, the rendered chat template, batch compare as evaluation runs."""
 
 import json
 
 import pytest
+from django.utils.html import escape
 
-from deployments_app.playground.metrics import exact_match, lcs_length, rouge_l
-
-from .test_model_square import BASE, alice, body_of, card, folders  # noqa: F401 - shared fixtures
+from .test_model_square import BASE, alice, card, folders  # noqa: F401 - shared fixtures
 
 pytestmark = pytest.mark.django_db
-
-
-def test_rouge_l_is_the_lcs_f1_over_whitespace_tokens():
-    assert lcs_length("a b c d".split(), "a c d e".split()) == 3
-    assert rouge_l("the cat sat", "the cat sat") == 1.0
-    assert rouge_l("the cat", "dog") == 0.0
-    # LCS "the sat" = 2; precision 2/3, recall 2/4 -> F1 = 4/7
-    assert rouge_l("the cat sat", "the dog has sat") == pytest.approx(4 / 7)
-    assert rouge_l("", "") == 1.0 and rouge_l("", "x") == 0.0
-    assert exact_match(" The  code\n", "The code") and not exact_match("the code", "The code")
 
 
 def test_the_page_keeps_the_ids_the_browser_test_uses_and_offers_three_panes(client, card):
@@ -33,6 +22,8 @@ def test_the_page_keeps_the_ids_the_browser_test_uses_and_offers_three_panes(cli
         "send",
         "sample",
         "batch-run",
+        "batch-totals",
+        "batch-table",
         "copy-curl",
         "copy-python",
         "show-template",
@@ -78,25 +69,117 @@ def test_the_rendered_template_is_what_the_model_sees(client, card):
     )
 
 
-@pytest.mark.django_db(transaction=True)  # rows are generated in other threads, which need committed data
-def test_batch_compare_streams_a_scored_row_per_prompt_then_totals(client, card):
-    response = client.post(
-        "/playground/batch/",
-        {"models": [BASE, card.model_id], "n": 3, "max_tokens": 4, "temperature": 0, "source": card.model_id},
-        content_type="application/json",
-    )
-    assert response.status_code == 200 and response["Content-Type"] == "application/x-ndjson"
-    lines = [json.loads(line) for line in body_of(response).decode().splitlines()]
-    assert [line["type"] for line in lines] == ["start", "row", "row", "row", "total"]
-    row = lines[1]
-    assert row["reference"].startswith("The code for item ") and set(row["answers"]) == {BASE, card.model_id}
-    answer = row["answers"][card.model_id]
-    assert answer["error"] is None and answer["text"] and 0 <= answer["rouge_l"] <= 1
-    assert answer["rouge_l"] == pytest.approx(round(rouge_l(answer["text"], row["reference"]), 4))
-    total = lines[-1]["models"][card.model_id]
-    assert total["rouge_l"] == pytest.approx(
-        sum(r["answers"][card.model_id]["rouge_l"] for r in lines[1:4]) / 3, abs=1e-3
-    )
+@pytest.fixture
+def sent(monkeypatch):
+    """The run ids that would go to the evaluations worker; tests run them here with run_execute."""
+    from evals_app import services
+
+    queued = []
+    monkeypatch.setattr(services, "_enqueue", queued.append)
+    return queued
+
+
+def start_batch(client, card, **extra):
+    body = {"models": [BASE, card.model_id], "n": 3, "max_tokens": 4, "temperature": 0, "source": card.model_id}
+    return client.post("/playground/batch/", {**body, **extra}, content_type="application/json")
+
+
+def batch_partial(client, eval_id):
+    return client.get("/playground/", {"batch": eval_id}, HTTP_HX_REQUEST="true")
+
+
+def test_batch_compare_queues_an_evaluation_run_per_model_and_answers_nothing_in_the_request(
+    client, card, sent, django_capture_on_commit_callbacks
+):
+    from evals_app.models import Eval, EvalOutputItem
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = start_batch(
+            client, card, models=[card.model_id, BASE, card.model_id], system="Answer in one word.", seed=3
+        )
+    assert response.status_code == 201, response.content
+    started = response.json()
+    evaluation = Eval.objects.get(public_id=started["id"])
+    assert evaluation.kind == Eval.COMPARE and evaluation.owner == card.owner
+    assert [c["name"] for c in evaluation.testing_criteria] == ["exact_match", "rouge_l"]
+    assert evaluation.testing_criteria[1]["evaluation_metric"] == "rouge_l"
+    runs = list(evaluation.runs.order_by("id"))
+    # A model chosen in two panes is one run.
+    assert [r.model for r in runs] == [card.model_id, BASE] == [r["model"] for r in started["runs"]]
+    assert sent == [r.pk for r in runs] and all(r.status == "queued" and r.total == 3 for r in runs)
+    assert EvalOutputItem.objects.count() == 0
+    source = runs[0].data_source
+    assert source["sampling_params"] == {"temperature": 0, "top_p": 1.0, "max_completion_tokens": 4, "seed": 3}
+    items = [entry["item"] for entry in source["source"]["content"]]
+    assert len(items) == 3 and all(item["reference"].startswith("The code for item ") for item in items)
+    # The playground's system prompt replaces the example's own.
+    assert all(item["input"][0] == {"role": "system", "content": "Answer in one word."} for item in items)
+    assert all(sum(m["role"] == "system" for m in item["input"]) == 1 for item in items)
+    assert started["progress_url"] == f"/playground/?batch={evaluation.public_id}"
+    assert started["eval_url"] == f"/evals/{evaluation.public_id}/"
+    # Until the worker answers, the results poll themselves and show every prompt waiting.
+    partial = batch_partial(client, evaluation.public_id).content.decode()
+    assert 'hx-trigger="every 2s"' in partial and "data-done" not in partial
+    assert partial.count('data-testid="batch-row"') == 3 and partial.count('class="muted">…</td>') == 6
+
+
+@pytest.mark.django_db(transaction=True)  # the run's writes come from the event loop's helper thread
+def test_the_worker_answers_every_row_and_the_page_shows_the_answers_and_totals(client, card, sent):
+    from evals_app.models import Eval, EvalRun
+    from evals_app.services import run_execute
+    from llm.evals.text import similarity
+
+    eval_id = start_batch(client, card).json()["id"]
+    for run_id in sent:
+        run_execute(run_id=run_id)
+    evaluation = Eval.objects.get(public_id=eval_id)
+    runs = list(evaluation.runs.order_by("id"))
+    assert [r.status for r in runs] == [EvalRun.COMPLETED] * 2, [r.error for r in runs]
+    for run in runs:
+        for item in run.items.all():
+            exact, rouge = item.results
+            assert exact["passed"] == (item.output_text.strip() == item.item["reference"])
+            assert rouge["score"] == pytest.approx(similarity("rouge_l", item.output_text, item.item["reference"]))
+
+    response = batch_partial(client, eval_id)
+    partial = response.content.decode()
+    assert response.status_code == 200 and "<html" not in partial
+    assert "hx-get" not in partial and 'data-done="1"' in partial  # nothing left to poll for
+    assert partial.count('data-testid="batch-row"') == 3 and "…</td>" not in partial
+    assert f'href="/evals/{eval_id}/"' in partial
+    for run in runs:
+        exact, rouge = run.aggregates["exact_match"], run.aggregates["rouge_l"]
+        assert exact["n"] == rouge["n"] == 3
+        totals = (
+            f"exact match {100 * exact['mean']:.1f}% [{100 * exact['low']:.1f}, {100 * exact['high']:.1f}]"
+            f" · ROUGE-L {rouge['mean']:.3f} [{rouge['low']:.3f}, {rouge['high']:.3f}] over 3 prompts"
+        )
+        assert escape(totals) in partial, totals
+        for item in run.items.all():
+            assert escape(item.output_text) in partial
+            assert f"{item.results[1]['score']:.3f}]" in partial
+    # Without htmx, the same address is the whole page with the results in it.
+    page = client.get("/playground/", {"batch": eval_id}).content.decode()
+    assert 'data-testid="batch-run"' in page and page.count('data-testid="batch-row"') == 3
+
+
+def test_nobody_else_sees_a_batch_compare(client, card, sent):
+    from django.contrib.auth import get_user_model
+
+    eval_id = start_batch(client, card).json()["id"]
+    bob = get_user_model().objects.create_user("bob", password="pw-bob-123")
+    client.force_login(bob)
+    assert batch_partial(client, eval_id).status_code == 404
+    page = client.get("/playground/", {"batch": eval_id}).content.decode()
+    assert eval_id not in page and 'data-testid="batch-row"' not in page
+
+
+def test_batch_compare_of_a_model_that_does_not_exist_is_refused_and_leaves_nothing(client, card, sent):
+    from evals_app.models import Eval
+
+    response = start_batch(client, card, models=[BASE, "ft:nope"])
+    assert response.status_code == 404 and "ft:nope" in response.json()["error"]["message"]
+    assert Eval.objects.count() == 0 and sent == []
 
 
 def test_batch_compare_refuses_bad_input(client, card):
@@ -105,6 +188,9 @@ def test_batch_compare_refuses_bad_input(client, card):
         client.post("/playground/batch/", {"models": [BASE], "n": 500}, content_type="application/json").status_code
         == 400
     )
+    system = {"models": [BASE], "n": 1, "source": card.model_id, "system": ["Be brief."]}
+    response = client.post("/playground/batch/", system, content_type="application/json")
+    assert response.status_code == 400 and response.json()["error"]["param"] == "system"
 
 
 def refused(response, param=None) -> None:
@@ -144,28 +230,6 @@ def test_playground_posts_refuse_a_model_id_that_is_not_a_string(client, card):
         ),
         param="source",
     )
-
-
-@pytest.mark.django_db(transaction=True)
-def test_batch_compare_scores_a_model_chosen_in_two_panes_once(client, card):
-    response = client.post(
-        "/playground/batch/",
-        {
-            "models": [card.model_id, BASE, card.model_id],
-            "n": 2,
-            "max_tokens": 2,
-            "temperature": 0,
-            "source": card.model_id,
-        },
-        content_type="application/json",
-    )
-    lines = [json.loads(line) for line in body_of(response).decode().splitlines()]
-    assert lines[0]["models"] == [card.model_id, BASE]
-    assert all(list(line["answers"]) == [card.model_id, BASE] for line in lines[1:-1])
-    for model, total in lines[-1]["models"].items():
-        rows = [line["answers"][model] for line in lines[1:-1]]
-        assert total["exact_match"] == sum(r["exact_match"] for r in rows) / 2 <= 1
-        assert total["rouge_l"] == pytest.approx(sum(r["rouge_l"] for r in rows) / 2, abs=1e-3)
 
 
 SAMPLE_HARNESS = r"""
@@ -239,51 +303,6 @@ def test_a_sampled_example_keeps_its_earlier_turns_in_every_panes_conversation(t
     assert [r["model"] for r in result["requests"]] == ["base", "ft:base:alice:x:12345678"]
     assert all(r["messages"] == expected for r in result["requests"])
     assert result["shown"][0][:2] == ["msg user: Code of item 1?", "msg assistant: blue"]
-
-
-def test_scoring_a_huge_reference_never_holds_the_event_loop(monkeypatch):
-    """A 300,000-word reference against a 200-word answer: the server keeps answering meanwhile."""
-    import asyncio
-    import time
-
-    from deployments_app.playground import batch
-
-    async def long_answer(user, params):  # the model is not under test here: its answer is given
-        return " ".join(f"w{i}" for i in range(200)), None
-
-    monkeypatch.setattr(batch, "_answer", long_answer)
-    examples = [{"messages": [{"role": "user", "content": "Say many words."}], "reference": "word " * 300_000}]
-
-    async def run() -> tuple[list[str], float]:
-        gaps, stop = [0.0], asyncio.Event()
-
-        async def ticker():
-            last = time.monotonic()
-            while not stop.is_set():
-                await asyncio.sleep(0.01)
-                now = time.monotonic()
-                gaps.append(now - last)
-                last = now
-
-        ticking = asyncio.create_task(ticker())
-        await asyncio.sleep(0.05)  # the ticker is running before the batch starts
-        lines = [line async for line in batch.batch_rows(None, [BASE], examples, {}, "")]
-        stop.set()
-        await ticking
-        return lines, max(gaps)
-
-    lines, longest_gap = asyncio.run(run())
-    assert [json.loads(line)["type"] for line in lines] == ["start", "row", "total"]
-    assert longest_gap < 0.5, f"the event loop stood still for {longest_gap:.2f} s"
-
-
-def test_rouge_l_reads_a_bounded_number_of_words():
-    from deployments_app.playground.metrics import MAX_SCORED_WORDS
-
-    long = " ".join(f"w{i}" for i in range(MAX_SCORED_WORDS * 10))
-    assert rouge_l(long, long) == 1.0
-    # Only the first MAX_SCORED_WORDS words count: a difference after them does not.
-    assert rouge_l(long + " extra", long) == 1.0
 
 
 def test_batch_compare_takes_at_most_as_many_models_as_the_playground_has_panes(client, card):

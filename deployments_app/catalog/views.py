@@ -8,6 +8,7 @@ from django.http import Http404, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
+from evals_app.summaries import evaluation_of
 from finetune_site import quotas
 from finetune_site.middleware import refusals_go_to
 
@@ -25,7 +26,10 @@ def model_list(request):
         {"base": b, "size": quotas.folder_bytes(b.path) if b.ready else 0, "deployments": deployments.get(b.id, [])}
         for b in bases
     ]
-    return render(request, "models/list.html", {"bases": base_rows, "cards": selectors.model_square(request.user)})
+    cards = selectors.model_square(request.user)
+    for row in cards:
+        row["auto_evaluation"] = evaluation_of(row["job"])
+    return render(request, "models/list.html", {"bases": base_rows, "cards": cards})
 
 
 def _card_or_404(request, model_id) -> ModelCard:

@@ -1,5 +1,8 @@
 """Playground pages and their JSON endpoints: the page, a validation sample, the rendered template, batch compare.
 
+Batch compare starts evaluation runs (`batch.py`); the page then polls its own URL with
+`?batch=<eval id>` and gets the results partial while the runs go on.
+
 The JSON endpoints answer in the API's error shape: a refusal of the view's own
 (a body that is not a JSON object) as ApiError, a service's through
 `application_error_response`.
@@ -7,10 +10,10 @@ The JSON endpoints answer in the API's error shape: a refusal of the view's own
 
 import random
 
-from asgiref.sync import sync_to_async
 from django.contrib.auth.decorators import login_required
-from django.http import JsonResponse, StreamingHttpResponse
+from django.http import Http404, JsonResponse
 from django.shortcuts import render
+from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
@@ -23,19 +26,26 @@ from ..catalog import base_models
 from ..catalog.selectors import model_choices
 from ..chat.protocol import parse_chat_body
 from ..models import ModelCard
-from .batch import MAX_BATCH, MAX_MODELS, batch_rows
+from .batch import MAX_BATCH, MAX_MODELS, batch_compare_create, batch_progress
 from .selectors import render_chat_template, validation_examples
 
 
 @login_required
 def playground(request):
+    batch_id = request.GET.get("batch", "")
+    batch = batch_progress(request.user, batch_id) if batch_id else None
+    if request.htmx and batch_id:  # the batch results polling themselves while the runs go on
+        if batch is None:
+            raise Http404("No such batch compare.")
+        return render(request, "playground/_batch.html", {"batch": batch})
     bases = [b for b in base_models() if b.ready]
     cards = list(ModelCard.objects.owned_by(request.user))
     left = request.GET.get("a") or (cards[0].base_model if cards else (bases[0].id if bases else ""))
     right = request.GET.get("b") or (cards[0].model_id if cards else "")
     third = request.GET.get("c", "")
     choices = model_choices(request.user, [left, right, third])
-    return render(request, "playground.html", {"choices": choices, "left": left, "right": right, "third": third})
+    context = {"choices": choices, "left": left, "right": right, "third": third, "batch": batch}
+    return render(request, "playground.html", context)
 
 
 @login_required
@@ -92,19 +102,19 @@ def rendered_template(request):
 
 
 @csrf_exempt
-async def batch_compare(request):
-    """Stream one JSON line per validation example with each model's answer and scores, then the totals."""
+def batch_compare(request):
+    """Start a batch compare: an evaluation run per model over sampled validation examples, on the worker."""
     if request.method != "POST":
         return error_response("Use POST.", status_code=405)
-    user, error = await sync_to_async(api_user_or_error)(request)
+    user, error = api_user_or_error(request)
     if error:
         return error
-    if error := await sync_to_async(session_csrf_error)(request):
+    if error := session_csrf_error(request):
         return error
     try:
-        body = await sync_to_async(_json_object, thread_sensitive=False)(request)
+        body = _json_object(request)
         listed = body.get("models")
-        # Two panes may show the same model: one column, scored once per row.
+        # Two panes may show the same model: one run, one column.
         models = list(dict.fromkeys(m for m in listed if isinstance(m, str) and m)) if isinstance(listed, list) else []
         if not models:
             raise ApiError("models must list at least one model id.", param="models")
@@ -113,21 +123,33 @@ async def batch_compare(request):
         n = body.get("n", 5)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_BATCH:
             raise ApiError(f"n must be a whole number from 1 to {MAX_BATCH}.", param="n")
-        settings_ = parse_chat_body(
+        chat = parse_chat_body(
             {
                 **{k: body.get(k) for k in ("temperature", "top_p", "max_tokens", "seed")},
                 "model": models[0],
                 "messages": [{"role": "user", "content": "-"}],
             }
         )
+        system = body.get("system") or ""
+        if not isinstance(system, str):
+            raise ApiError("system must be a string: the system prompt every example is sent with.", param="system")
         source = _model_id(body, "source", default=models[-1])
-        examples = await sync_to_async(validation_examples)(user, source, n=n, seed=settings_["seed"] or 0)
+        examples = validation_examples(user, source, n=n, seed=chat["seed"] or 0)
+        sampling = {
+            "temperature": chat["temperature"],
+            "top_p": chat["top_p"],
+            "max_completion_tokens": chat["max_tokens"],
+            **({"seed": chat["seed"]} if chat["seed"] is not None else {}),
+        }
+        evaluation = batch_compare_create(user=user, models=models, examples=examples, sampling=sampling, system=system)
     except (ApiError, ApplicationError) as exc:
         return _refused(exc)
-    system = body.get("system") or ""
-    response = StreamingHttpResponse(
-        batch_rows(user, models, examples, settings_, system), content_type="application/x-ndjson"
+    return JsonResponse(
+        {
+            "id": evaluation.public_id,
+            "runs": [{"id": r.public_id, "model": r.model, "status": r.status} for r in evaluation.runs.order_by("id")],
+            "progress_url": f"{reverse('playground')}?batch={evaluation.public_id}",
+            "eval_url": reverse("eval_detail", args=[evaluation.public_id]),
+        },
+        status=201,
     )
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
-    return response

@@ -1,6 +1,7 @@
 // Side-by-side chat: the same conversation and settings sent to each pane's model,
 // answers streamed from /v1/chat/completions as they are generated. Also: samples
-// from the validation set, the rendered chat template, copy-as-code, batch compare.
+// from the validation set, the rendered chat template, copy-as-code, batch compare
+// (evaluation runs on the worker, their results polled by htmx).
 (function () {
   "use strict";
   const panes = Array.from(document.querySelectorAll(".pane"));
@@ -202,50 +203,25 @@
       `print(answer.choices[0].message.content)\n`);
   });
 
-  function cell(row, text, className) {
-    const td = row.insertCell();
-    td.textContent = text;
-    if (className) td.className = className;
-    return td;
-  }
-
+  // Batch compare starts an evaluation run per model on the worker; the results partial then
+  // polls the page's own URL (hx-trigger "every 2s") until every run has ended.
   document.getElementById("batch-form").addEventListener("submit", async (event) => {
     event.preventDefault();
-    const models = Array.from(new Set(activePanes().map(modelOf)));  // one column per model, as the server scores it
-    const table = document.getElementById("batch-table");
-    const totals = document.getElementById("batch-totals");
-    table.tHead.innerHTML = "";
-    table.tBodies[0].innerHTML = "";
-    totals.textContent = "Running…";
-    const head = table.tHead.insertRow();
-    ["#", "Prompt", "Reference"].concat(models.map((m) => m + " (EM · ROUGE-L)")).forEach((t) => { const th = document.createElement("th"); th.textContent = t; head.append(th); });
+    const models = Array.from(new Set(activePanes().map(modelOf)));  // one run per model
+    const failure = document.getElementById("batch-error");
+    failure.hidden = true;
     const body = Object.assign({ models, source: sourceModel(), n: Number(event.target.elements.n.value),
       system: settings.elements.system.value.trim() }, samplingSettings());
     try {
       const response = await postJson("/playground/batch/", body);
-      for await (const line of records(response, "\n")) {
-        const item = JSON.parse(line);
-        if (item.type === "row") {
-          const row = table.tBodies[0].insertRow();
-          row.dataset.testid = "batch-row";
-          cell(row, String(item.index + 1));
-          cell(row, item.prompt);
-          cell(row, item.reference);
-          models.forEach((m) => {
-            const a = item.answers[m];
-            cell(row, a.error ? "Error: " + a.error : `${a.text}\n[${a.exact_match ? "exact" : "—"} · ${a.rouge_l.toFixed(3)}]`, a.exact_match ? "match" : "");
-          });
-        } else if (item.type === "total") {
-          totals.innerHTML = "";
-          models.forEach((m) => {
-            const t = item.models[m];
-            const p = document.createElement("p");
-            p.textContent = `${m}: exact match ${(100 * t.exact_match).toFixed(1)}% · ROUGE-L ${t.rouge_l.toFixed(3)} over ${item.rows} prompts` + (t.errors ? ` · ${t.errors} errors` : "");
-            totals.append(p);
-          });
-          totals.dataset.done = "1";
-        }
-      }
-    } catch (error) { totals.textContent = "Error: " + error.message; }
+      const started = await response.json();
+      const here = new URL(location.href);
+      here.searchParams.set("batch", started.id);  // a reload shows these results again
+      window.history.replaceState(null, "", here);  // `history` here is the panes' conversations
+      await htmx.ajax("GET", started.progress_url, { target: "#batch-results", swap: "outerHTML" });
+    } catch (error) {
+      failure.hidden = false;
+      failure.textContent = "Error: " + error.message;
+    }
   });
 })();

@@ -30,10 +30,26 @@ def test_only_the_newest_checkpoints_stay_and_only_the_newest_keeps_the_optimize
     assert not list((Path(config.out_dir) / "checkpoints").glob("*.partial*"))
 
 
-def test_the_checkpoint_with_the_best_validation_loss_is_kept_too(tiny_config, chat_files):
-    _, validation = chat_files
-    # A learning rate this high makes the validation loss climb after the first epoch.
-    config = tiny_config(epochs=4, lr=0.3, validation_file=str(validation), eval_every=3, keep_checkpoints=1)
+def test_the_checkpoint_with_the_best_validation_loss_is_kept_too(tiny_config, tmp_path):
+    def answering(word: str, questions: range) -> list[dict]:
+        return [
+            {
+                "messages": [
+                    {"role": "user", "content": f"Question {i}?"},
+                    {"role": "assistant", "content": f"{word} " * 8},
+                ]
+            }
+            for i in questions
+        ]
+
+    # Training teaches "yes" to every question; the validation answers say "no": the more the model
+    # learns, the higher the validation loss. (A learning rate of 0.3 on chat data did this by chance;
+    # on a fresh install on 2026-12-03 its validation loss fell at every evaluation, old code too.)
+    train_file = write_jsonl(tmp_path / "yes.jsonl", answering("yes", range(12)))
+    validation = write_jsonl(tmp_path / "no.jsonl", answering("no", range(100, 104)))
+    config = tiny_config(
+        train_file=str(train_file), epochs=4, validation_file=str(validation), eval_every=3, keep_checkpoints=1
+    )
     sink = Recorder()
 
     train(config, sink=sink)

@@ -142,6 +142,15 @@ class Command(BaseCommand):
                 priority=20,
                 env=env,
             ),
+            # Evaluation runs: each keeps up to FT_EVAL_CONCURRENCY requests in flight on this process's
+            # serving engine (or the model's deployment) and grades the answers; one run at a time.
+            _program(
+                "worker-eval",
+                f"{celery} worker -Q evaluations --pool threads --concurrency 1 --disable-prefetch -n eval-{port}@%%h --without-gossip --without-mingle -l INFO",
+                log_dir=log_dir,
+                priority=20,
+                env=serving_env,
+            ),
             # The short-task workers run the prefork pool: a process per task slot is what lets Celery
             # enforce every task's time limit (CELERY_TASK_TIME_LIMIT and the per-task ones in settings),
             # killing and replacing a process whose task hangs; the threads pool cannot stop a thread.
