@@ -79,6 +79,7 @@ class BatchResult:
     rows: int = 0
     failed_answers: int = 0
     finished: bool = False
+    run_statuses: list = field(default_factory=list)
     seconds: float = 0.0
     error: str | None = None
 
@@ -283,7 +284,7 @@ async def viewer(url: str, job_id: str, cookie: str, stats: ViewerStats, clock: 
 async def batch_compare(url: str, key: str, body: dict, result: BatchResult, clock: Clock) -> None:
     """One playground batch compare: an evaluation run per model on the evaluations worker, polled until done.
 
-    The web process only creates the runs; `rows` counts the examples every model has answered.
+    The web process only creates the runs; `rows` counts the answers written, all models together.
     """
     started = time.perf_counter()
     clock.batch_start = time.time()
@@ -303,7 +304,8 @@ async def batch_compare(url: str, key: str, body: dict, result: BatchResult, clo
                     result.error = f"HTTP {listed.status_code}: {listed.text[:300]}"
                     return
                 runs = listed.json()["data"]
-                result.rows = min((run["progress"]["done"] for run in runs), default=0)
+                result.rows = sum(run["progress"]["done"] for run in runs)  # answers, all models together
+                result.run_statuses = [run["status"] for run in runs]
                 result.failed_answers = sum(run["result_counts"]["errored"] for run in runs)
                 if runs and all(run["status"] not in ("queued", "in_progress") for run in runs):
                     result.finished = True
@@ -416,7 +418,8 @@ def print_report(report: dict) -> None:
         f" p95 {view['metric_latency']['p95_ms']} ms (n {view['metric_latency']['n']})"
     )
     print(
-        f"batch compare: HTTP {batch['status']}, {batch['rows']} of {batch['requested_rows']} rows in"
+        f"batch compare: HTTP {batch['status']}, runs {batch['run_statuses']},"
+        f" {batch['rows']} of {batch['requested_rows']} answers in"
         f" {batch['seconds']:.1f} s, finished {batch['finished']}, failed answers {batch['failed_answers']},"
         f" error {batch['error']}"
     )
@@ -457,7 +460,7 @@ def build_report(args, settings: dict, chats, viewers: ViewerStats, batch: Batch
             "errors_by_kind": dict(Counter(viewers.errors)),
             "metric_latency": ms_summary(viewers.metric_latencies_ms),
         },
-        "batch_compare": {**asdict(batch), "requested_rows": args.batch_n},
+        "batch_compare": {**asdict(batch), "requested_rows": args.batch_n * 2},  # two models
         "healthz": healthz,
         "target": {
             "healthz_p95_ms_during_batch": during,

@@ -103,6 +103,7 @@ def dataset_validate(*, dataset_id: int) -> Dataset | None:
         if not dataset.mark_error(f"The file could not be read: {type(exc).__name__}: {exc}"):
             return _gone(dataset)
         log.exception("validation of %s crashed", dataset.public_id)
+        _tell_waiting_jobs(dataset.pk)
         return dataset
     if report.ok:
         details = report.summary_text() if report.warnings else ""
@@ -115,7 +116,15 @@ def dataset_validate(*, dataset_id: int) -> Dataset | None:
         _enqueue(compute_statistics, dataset.pk)
     elif not dataset.mark_error(report.summary_text(), report=report.to_dict()):
         return _gone(dataset)
+    _tell_waiting_jobs(dataset.pk)
     return dataset
+
+
+def _tell_waiting_jobs(dataset_id: int) -> None:
+    """Jobs created while the file was validated start, or fail with its errors, once its result is committed."""
+    from jobs_app.services import jobs_advance_waiting_on  # jobs_app.services imports this module
+
+    transaction.on_commit(lambda: jobs_advance_waiting_on(dataset_id=dataset_id))
 
 
 def _gone(dataset: Dataset) -> None:

@@ -16,7 +16,6 @@ from django.db import transaction
 from finetune_site.errors import ApplicationError
 from jobs_app.models import FineTuningJob
 from llm.evals.graders import default_criteria
-from llm.evals.text import tokens
 
 from . import items as run_items
 from . import services
@@ -98,21 +97,10 @@ def heldout_eval(job: FineTuningJob) -> Eval | None:
     )
     runs = [(BASE, _start_model(job), None), (TUNED, tuned, None)]
     runs += [(CHECKPOINT, c.model_id, c.step) for c in job.checkpoints.order_by("step") if c.model_id]
-    sampling = {"max_completion_tokens": answer_budget(examples)}
+    sampling = {"max_completion_tokens": run_items.answer_budget(examples)}
     for role, model, step in runs:
         _queue_run(evaluation, role, model, source, step=step, limit=limit, sampling=sampling)
     return evaluation
-
-
-def answer_budget(examples: list[dict]) -> int:
-    """Tokens an answer may take: room for twice the longest reference, within FT_EVAL_MAX_TOKENS.
-
-    A base model asked a short-answer question often goes on for hundreds of tokens; an answer
-    far longer than every reference is graded wrong anyway, and cutting it keeps an automatic
-    evaluation of a job with several checkpoints to minutes on a CPU.
-    """
-    longest = max((len(tokens(str(item.get("reference") or ""))) for item in examples), default=0)
-    return min(settings.FT_EVAL_MAX_TOKENS, 32 + 3 * longest)
 
 
 def forgetting_eval(job: FineTuningJob) -> Eval:
@@ -129,7 +117,7 @@ def forgetting_eval(job: FineTuningJob) -> Eval:
     )
     content = general_set()
     source = {"type": "file_content", "content": content}
-    sampling = {"max_completion_tokens": answer_budget([line["item"] for line in content])}
+    sampling = {"max_completion_tokens": run_items.answer_budget([line["item"] for line in content])}
     for role, model in ((BASE, _start_model(job)), (TUNED, tuned)):
         _queue_run(evaluation, role, model, source, sampling=sampling)
     return evaluation

@@ -15,6 +15,7 @@ from datasets_app.models import Dataset
 from datasets_app.selectors import dataset_for
 from finetune_site.errors import InvalidInput, InvalidState, NotFound
 from llm.evals.templates import MissingField, render
+from llm.evals.text import tokens
 
 CHAT_ITEM_FIELDS = {"input", "reference", "reference_tool_calls", "tools"}
 """The fields of an item made from a chat example: graders over such data may name only these."""
@@ -147,3 +148,15 @@ def _path(item: dict, reference: str):
         else:
             raise MissingField(reference)
     return value
+
+
+def answer_budget(examples: list[dict]) -> int:
+    """Tokens an answer may take when nobody said: 32 plus three per word of the longest reference
+    (a word is one to three tokens), within FT_EVAL_MAX_TOKENS.
+
+    A base model asked a short-answer question often goes on for hundreds of tokens; an answer
+    far longer than every reference is graded wrong anyway, and cutting it keeps an evaluation of
+    several models (a job's automatic one, one made on the page) to minutes on a CPU.
+    """
+    longest = max((len(tokens(str(item.get("reference") or ""))) for item in examples), default=0)
+    return min(settings.FT_EVAL_MAX_TOKENS, 32 + 3 * longest)

@@ -52,11 +52,7 @@ def eval_summaries(user, limit: int = 200) -> list[dict]:
         names = grader_names(evaluation)
         headline = names[0] if names else ""
         runs = [
-            {
-                "run": run,
-                "percent": progress_percent(run),
-                "score": ((run.aggregates or {}).get(headline) or {}).get("mean"),
-            }
+            {"run": run, "score": ((run.aggregates or {}).get(headline) or {}).get("mean")}
             for run in evaluation.runs.all()
         ]
         summaries.append({"eval": evaluation, "headline": headline, "runs": runs})

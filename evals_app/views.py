@@ -17,6 +17,7 @@ from datasets_app.selectors import dataset_for
 from finetune_site.errors import ApplicationError
 from llm.evals.graders import default_criteria
 
+from . import items as run_items
 from . import pages, selectors, services
 from .forms import EvalForm
 from .models import Eval
@@ -38,9 +39,11 @@ def _start(user, form: EvalForm) -> Eval | None:
     data = form.cleaned_data
     source = {"type": "file_id", "id": data["dataset"]}
     try:
+        examples = pages.dataset_items(user, data["dataset"], limit=data["max_examples"])
         criteria = form.chosen_criteria()
         if criteria is None:
-            criteria = default_criteria(pages.dataset_items(user, data["dataset"], limit=data["max_examples"]))
+            criteria = default_criteria(examples)
+        sampling = {"max_completion_tokens": run_items.answer_budget(examples)}
         with transaction.atomic():
             evaluation = services.eval_create(
                 owner=user,
@@ -51,7 +54,7 @@ def _start(user, form: EvalForm) -> Eval | None:
             for model in data["models"]:
                 services.run_create(
                     evaluation=evaluation,
-                    data_source={"type": "completions", "model": model, "source": source},
+                    data_source={"type": "completions", "model": model, "source": source, "sampling_params": sampling},
                     limit=data["max_examples"],
                 )
     except ApplicationError as exc:

@@ -1,14 +1,21 @@
 """Typed readers for settings that come from the environment.
 
 Each reader fails loudly with the variable's name, so a typo in a deployment
-shows up at start-up instead of as odd behaviour later.
+shows up at start-up instead of as odd behaviour later. `load_env_files`
+reads the optional `.env` files once, before any reader runs.
 """
 
+import ipaddress
 import os
+import re
 import secrets
+from collections.abc import MutableMapping
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
+from dotenv import dotenv_values
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*")
 
 
 def env_str(name: str, default: str = "") -> str:
@@ -76,3 +83,26 @@ def persistent_secret(path: Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(secret)
     return secret
+
+
+def env_host(name: str, default: str) -> str:
+    """An address to bind to: an IPv4 or IPv6 address, or a host name."""
+    value = os.environ.get(name) or default
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOST_NAME.fullmatch(value):
+            raise ImproperlyConfigured(f"{name} must be an IP address or a host name, got {value!r}") from None
+    return value
+
+
+def load_env_files(repo_dir: Path, environ: MutableMapping[str, str] = os.environ) -> None:
+    """Read `repo_dir/.env`, then `FT_HOME/.env` over it, into environ; variables already set win over both.
+
+    FT_HOME itself comes from the environment (`make` sets it), since it says where the second file is.
+    """
+    home = Path(environ.get("FT_HOME") or repo_dir / "var")
+    values = {**dotenv_values(repo_dir / ".env"), **dotenv_values(home / ".env")}
+    for name, value in values.items():
+        if value is not None and name != "FT_HOME":
+            environ.setdefault(name, value)

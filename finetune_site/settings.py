@@ -5,17 +5,24 @@ from pathlib import Path
 
 import dj_database_url
 
-from .env import env_bool, env_choice, env_float, env_int, env_str, persistent_secret
+from .env import env_bool, env_choice, env_float, env_host, env_int, env_str, load_env_files, persistent_secret
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+# `.env` in the repository and in FT_HOME, for settings kept out of the shell; real variables win.
+load_env_files(BASE_DIR)
 FT_HOME = Path(env_str("FT_HOME") or BASE_DIR / "var").resolve()
 FT_PORT = env_int("FT_PORT", 8000, minimum=1, maximum=65535)
+# The web server's bind address. Anything but loopback exposes the console, the API and /admin to the
+# network; README's "Running beyond one machine's loopback" says what to set with it.
+FT_HOST = env_host("FT_HOST", "127.0.0.1")
 FT_ADMIN_USER = env_str("FT_ADMIN_USER", "admin")
 FT_DEVICE = env_choice("FT_DEVICE", "auto", ("auto", "cpu", "cuda"))
 
 SECRET_KEY = env_str("SECRET_KEY") or persistent_secret(FT_HOME / "secret_key")
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = [h for h in env_str("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",") if h]
+if FT_HOST not in ("0.0.0.0", "::") and FT_HOST not in ALLOWED_HOSTS:
+    ALLOWED_HOSTS.append(FT_HOST)  # the address it is bound to answers, `make run`'s readiness check included
 CSRF_TRUSTED_ORIGINS = [o for o in env_str("CSRF_TRUSTED_ORIGINS").split(",") if o]
 
 INSTALLED_APPS = [
@@ -40,6 +47,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First, so it times and logs every response, static files and refusals included.
+    "finetune_site.access_log.AccessLogMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -351,8 +360,10 @@ def _plotly_js_dir() -> Path:
 
 
 STATICFILES_DIRS = [BASE_DIR / "static", ("vendor/plotly", _plotly_js_dir())]
-# Serve straight from the finders: no collectstatic step for `make run`.
-WHITENOISE_USE_FINDERS = True
+# `make run` collects the static files into STATIC_ROOT at every start, each with a gzip copy (and a
+# brotli one when the `brotli` package is installed), and whitenoise serves those to browsers that
+# accept them. Without a collected copy (unit tests, a bare uvicorn) it serves the finders' files, uncompressed.
+WHITENOISE_USE_FINDERS = DEBUG or not any(STATIC_ROOT.iterdir())
 WHITENOISE_AUTOREFRESH = DEBUG
 
 LANGUAGE_CODE = "en-us"
@@ -363,8 +374,18 @@ USE_TZ = True
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        "bare": {"format": "%(message)s"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
+        "access": {"class": "logging.StreamHandler", "formatter": "bare"},
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
-    "loggers": {"django.channels.server": {"level": "WARNING"}},
+    "loggers": {
+        "django.channels.server": {"level": "WARNING"},
+        # One JSON line per request (finetune_site.access_log), whatever LOG_LEVEL says.
+        "finetune_site.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+    },
 }

@@ -10,6 +10,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from datasets_app import services as dataset_services
@@ -35,21 +36,28 @@ log = logging.getLogger(__name__)
 
 
 def _usable_file(owner, file_id: str, param: str) -> Dataset:
+    """The caller's file, processed or still being validated (the job then waits for it)."""
     dataset = Dataset.objects.owned_by(owner).filter(public_id=file_id).first()
     if dataset is None:
         raise InvalidInput(f"No file with id {file_id!r} was found.", param=param, code="file_not_found")
-    if dataset.status == Dataset.UPLOADED:
-        raise InvalidState(
-            f"File {file_id} is still being validated; retry when its status is processed.",
-            param=param,
-            code="file_not_ready",
-        )
     if dataset.status == Dataset.ERROR:
         first = (dataset.status_details or "").splitlines()[:1]
         raise InvalidInput(f"File {file_id} failed validation: {' '.join(first)}", param=param, code="invalid_file")
     if dataset.purpose != "fine-tune":
         raise InvalidInput(f"File {file_id} has purpose {dataset.purpose!r}, expected 'fine-tune'.", param=param)
     return dataset
+
+
+def _fit_files(
+    train_set: Dataset, valid_set: Dataset | None, *, objective: str | None, requested: dict, method: str
+) -> tuple[str, dict]:
+    """The objective processed files train and the settings resolved for them; refuse files that do not fit."""
+    objective = check_training_file(train_set, objective)
+    check_hyperparameters_for(requested, objective, training=train_set)
+    if valid_set is not None:
+        check_validation_file(valid_set, training=train_set)
+    examples = train_set.examples or 0
+    return objective, resolve_hyperparameters(requested, method=method, examples=examples, objective=objective)
 
 
 METADATA_LIMITS = {"keys": 16, "key_chars": 64, "value_chars": 512}
@@ -143,6 +151,12 @@ def _check_active_jobs(owner) -> None:
         )
 
 
+ASKED_OBJECTIVE = "asked_objective"
+"""The key of the creation event's data that keeps the objective a waiting job was asked for (None: the file's)."""
+_WAITING_ON_FILES = {"status": FineTuningJob.VALIDATING, "resolved": {}}
+"""A job whose files were still being validated when it was created, until they are checked."""
+
+
 @transaction.atomic
 def job_create(
     *,
@@ -162,6 +176,8 @@ def job_create(
 
     method is the training type (lora when not given, or that of the fine-tuned model
     it starts from); objective is sft or dpo, or None to train what the training file holds.
+    A file still being validated is checked when it is processed: the job waits in
+    validating_files until then (`job_advance`).
     """
     _check_active_jobs(owner)
     quotas.check_not_full(owner)  # its checkpoints would be refused at once
@@ -183,11 +199,11 @@ def job_create(
     _check_metadata(metadata)
     requested = check_hyperparameters(hyperparameters)
     train_set = _usable_file(owner, training_file, "training_file")
-    objective = check_training_file(train_set, objective)
-    check_hyperparameters_for(requested, objective, training=train_set)
     valid_set = _usable_file(owner, validation_file, "validation_file") if validation_file else None
-    if valid_set is not None:
-        check_validation_file(valid_set, training=train_set)
+    waiting_on = [d.public_id for d in (train_set, valid_set) if d is not None and d.status == Dataset.UPLOADED]
+    asked_objective, resolved = objective, {}
+    if not waiting_on:
+        objective, resolved = _fit_files(train_set, valid_set, objective=objective, requested=requested, method=method)
     most = HOLDOUT_PERCENT.maximum
     if holdout_percent and (valid_set is not None or not 1 <= holdout_percent <= most):
         raise InvalidInput(
@@ -208,19 +224,29 @@ def job_create(
         training_file_ref=train_set.public_id,
         validation_file_ref=valid_set.public_id if valid_set else "",
         method=method,
-        objective=objective,
+        objective=objective or FineTuningJob.SFT,  # until the files decide, when none was asked for
         hyperparameters=requested,
-        resolved=resolve_hyperparameters(
-            requested, method=method, examples=train_set.examples or 0, objective=objective
-        ),
+        resolved=resolved,  # empty while it waits on its files: the settings depend on them
         suffix=suffix,
         seed=seed if seed is not None else 42,
         metadata=metadata,
         holdout_percent=holdout_percent,
-        status=FineTuningJob.VALIDATING if holdout_percent else FineTuningJob.QUEUED,
+        status=FineTuningJob.VALIDATING if holdout_percent or waiting_on else FineTuningJob.QUEUED,
     )
     start_note = f" from {start.trained.id}" if start.trained else ""
-    JobEvent.objects.create(job=job, message=f"Created fine-tuning job {job.public_id}{start_note}.")
+    created = f"Created fine-tuning job {job.public_id}{start_note}."
+    if waiting_on:
+        # The row has no column for "the file decides the objective"; the creation event keeps what was asked.
+        JobEvent.objects.create(
+            job=job,
+            message=f"{created} It starts once {' and '.join(waiting_on)} {'is' if len(waiting_on) == 1 else 'are'} "
+            "validated.",
+            data={ASKED_OBJECTIVE: asked_objective},
+        )
+        # A file that finished between the read above and this commit found no job waiting on it.
+        transaction.on_commit(lambda: _advance_logged(job.pk, job.public_id))
+        return job
+    JobEvent.objects.create(job=job, message=created)
     if holdout_percent:
         from .tasks import prepare_holdout
 
@@ -230,11 +256,119 @@ def job_create(
     return job
 
 
+def job_advance(*, job_id: int) -> bool:
+    """Move on a job waiting on its files once they are validated: queue it (or hold out its share next),
+    or fail it with the files' own errors. False while a file is still being validated, or when
+    another caller moved it on first."""
+    job = (
+        FineTuningJob.objects.filter(pk=job_id, **_WAITING_ON_FILES)
+        .select_related("training_file", "validation_file")
+        .first()
+    )
+    if job is None:
+        return False
+    files = [("training_file", job.training_file, job.training_file_ref)]
+    if job.validation_file_ref:
+        files.append(("validation_file", job.validation_file, job.validation_file_ref))
+    for param, dataset, file_id in files:
+        error = _file_failure(param, dataset, file_id)
+        if error is not None:
+            return _reject_waiting(job, error)
+    if any(dataset.status != Dataset.PROCESSED for _, dataset, _ in files):
+        return False
+    asked = job.events.filter(data__has_key=ASKED_OBJECTIVE).values_list("data", flat=True).first() or {}
+    try:
+        objective, resolved = _fit_files(
+            job.training_file,
+            job.validation_file,
+            objective=asked.get(ASKED_OBJECTIVE),
+            requested=job.hyperparameters,
+            method=job.method,
+        )
+    except ApplicationError as exc:
+        code = f"invalid_{exc.param}" if exc.param in ("training_file", "validation_file") else exc.code
+        return _reject_waiting(
+            job, {"code": code or "invalid_hyperparameters", "message": exc.message, "param": exc.param}
+        )
+    done = " and ".join(file_id for _, _, file_id in files)
+    with transaction.atomic():
+        if job.holdout_percent:
+            if not transitions.files_checked(job, objective=objective, resolved=resolved):
+                return False
+            _note(job, f"{done} validated; holding out {job.holdout_percent}% of the training data for validation.")
+            from .tasks import prepare_holdout
+
+            percent = job.holdout_percent
+            transaction.on_commit(lambda: prepare_holdout.delay(job.pk, percent))
+            return True
+        if not transitions.validated(
+            job,
+            training_file=job.training_file,
+            validation_file=job.validation_file,
+            resolved=resolved,
+            objective=objective,
+            waiting_on_files=True,
+        ):
+            return False
+        _note(job, f"{done} validated; job queued.", status=FineTuningJob.QUEUED)
+        _enqueue(job)
+    return True
+
+
+def jobs_advance_waiting_on(*, dataset_id: int) -> list[str]:
+    """Move on every job waiting on this file, which has just been validated; the ids of those moved."""
+    waiting = FineTuningJob.objects.filter(Q(training_file_id=dataset_id) | Q(validation_file_id=dataset_id))
+    return _advance_each(waiting.filter(**_WAITING_ON_FILES))
+
+
+def _advance_each(jobs) -> list[str]:
+    return [public_id for pk, public_id in jobs.values_list("pk", "public_id") if _advance_logged(pk, public_id)]
+
+
+def _advance_logged(pk: int, public_id: str) -> bool:
+    """job_advance for the callers that must go on whatever happens (a validation worker, the sweep)."""
+    try:
+        return job_advance(job_id=pk)
+    except Exception:
+        log.exception("moving on job %s, which waits on its files, failed; the periodic sweep tries again", public_id)
+        return False
+
+
+ERROR_DETAILS_CHARS = 2000
+"""How much of a file's validation report a job's error repeats (the file's status_details has all of it)."""
+
+
+def _file_failure(param: str, dataset: Dataset | None, file_id: str) -> dict | None:
+    """The job's error when the file it waits on failed validation or was deleted, else None."""
+    what = "Training" if param == "training_file" else "Validation"
+    if dataset is None:
+        message = f"{what} file {file_id} was deleted before it was validated; upload it again and create a new job."
+    elif dataset.status == Dataset.ERROR:
+        details = (dataset.status_details or "").strip()
+        if len(details) > ERROR_DETAILS_CHARS:
+            details = details[:ERROR_DETAILS_CHARS].rsplit("\n", 1)[0] + "\n  ... (the file's status_details lists all)"
+        message = f"{what} file {file_id} failed validation. {details}"
+    else:
+        return None
+    return {"code": f"invalid_{param}", "message": message, "param": param}
+
+
+def _reject_waiting(job: FineTuningJob, error: dict) -> bool:
+    if not transitions.reject(job, error=error, waiting_on_files=True):
+        return False
+    _note(job, error["message"], level="error", status=FineTuningJob.FAILED)
+    _notify_finished(job)
+    return True
+
+
 def job_prepare_holdout(*, job_id: int, percent: int) -> None:
     """Split the training file into train and validation parts, then queue the job."""
 
     job = (
-        FineTuningJob.objects.filter(pk=job_id, status=FineTuningJob.VALIDATING).select_related("training_file").first()
+        FineTuningJob.objects.filter(pk=job_id, status=FineTuningJob.VALIDATING)
+        .exclude(resolved={})  # its files are still being validated: job_advance sends this task again
+        .select_related("training_file")
+        .first()
     )
     if job is None:
         return
@@ -329,6 +463,12 @@ def job_resume(*, job: FineTuningJob) -> FineTuningJob:
 @transaction.atomic
 def job_retry(*, job: FineTuningJob) -> FineTuningJob:
     """Run a failed or cancelled job again, from its last checkpoint when it has one."""
+    if not job.resolved and job.status in (FineTuningJob.FAILED, FineTuningJob.CANCELLED):
+        raise InvalidState(
+            f"Job {job.public_id} ended before its files were checked, so there is nothing to run again; "
+            "create a new job with files that validate.",
+            code="invalid_state",
+        )
     if not transitions.retry(job):
         raise InvalidState(
             f"Only a failed or cancelled job can be retried; {job.public_id} is {job.status}.", code="invalid_state"
@@ -412,20 +552,23 @@ def requeue_lost_jobs() -> list[str]:
     is one a worker reserved within the threshold (after it, that worker is taken to be dead).
     A second message is harmless: the first to claim the job (`transitions.start`) runs it, and the
     other finds it no longer queued and does nothing.
+
+    A job waiting on its files has no message to lose: it is moved on when a file is validated. When
+    that call was lost (a validation worker killed after it recorded the file), this moves it on.
     """
     from .tasks import prepare_holdout, train_job  # tasks imports this module
 
+    sent = _advance_each(FineTuningJob.objects.filter(**_WAITING_ON_FILES))
     now = timezone.now()
-    sent = []
     waiting = {
         FineTuningJob.QUEUED: (train_job, timedelta(seconds=LOST_QUEUED_SECONDS)),
         FineTuningJob.VALIDATING: (prepare_holdout, timedelta(seconds=LOST_HOLDOUT_SECONDS)),
     }
     for status, (task, after) in waiting.items():
         candidates = list(
-            FineTuningJob.objects.filter(status=status, queued_at__lt=now - after).values_list(
-                "pk", "public_id", "holdout_percent"
-            )
+            FineTuningJob.objects.filter(status=status, queued_at__lt=now - after)
+            .exclude(resolved={})  # waiting on its files, above
+            .values_list("pk", "public_id", "holdout_percent")
         )
         if not candidates:
             continue

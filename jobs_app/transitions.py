@@ -5,11 +5,11 @@ with one conditional UPDATE, so of two callers racing for the same move exactly
 one wins, and a move from a state the table does not list changes nothing. Each
 returns whether it won; the caller writes the notes and notifications.
 
-A job is created `validating_files` (a share is being held out) or `queued`;
-from there:
+A job is created `validating_files` (its files are still being validated, or a
+share is being held out) or `queued`; from there:
 
-    validating_files --validated--> queued --start--> running
-    validating_files --reject--> failed                  (the hold-out went wrong)
+    validating_files --validated--> queued --start--> running   (its files are ready, or the hold-out made them)
+    validating_files --reject--> failed                  (a file failed validation, or the hold-out went wrong)
     running --finish/fail/pause/stop--> succeeded/failed/paused/cancelled   (its worker only)
     running --requeue--> queued                          (its heartbeat lapsed)
     validating_files/queued/paused --cancel--> cancelled  paused --resume--> queued
@@ -24,8 +24,13 @@ heartbeat never wins, even when the same worker process claimed the job again;
 
 Only the row is written; the job object in hand keeps its old values (callers
 `refresh_from_db()` when they need the new ones), except after `start`, whose
-caller goes on to train the row it claimed. `heartbeat` is the one other guarded
-write: it keeps a running job alive only while its worker still holds it.
+caller goes on to train the row it claimed. Two other writes are guarded the same
+way without moving the status: `heartbeat` keeps a running job alive only while its
+worker still holds it, and `files_checked` records once what a job waiting on its
+files will train (before its hold-out).
+
+A job waiting on its files has nothing resolved yet (`resolved` is empty): the
+settings depend on the files. `waiting_on_files=True` limits a move to such a job.
 """
 
 from datetime import datetime
@@ -60,6 +65,9 @@ TRANSITIONS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "retry": ((FAILED, CANCELLED), QUEUED),
 }
 
+_WAITING_ON_FILES = {"resolved": {}}
+"""The guard of a job waiting on its files: nothing is resolved until they are processed."""
+
 
 def _move(
     job: FineTuningJob,
@@ -68,15 +76,17 @@ def _move(
     held_by: str | None = None,
     attempt: int | None = None,
     stale_before: datetime | None = None,
+    waiting_on_files: bool = False,
     **changes,
 ) -> bool:
     """Apply transition `name` to the job's row if it is in one of its from-states and the guards hold.
 
     `held_by`: only while this worker has the job; `attempt`: only while the run it started is the
-    current one. `stale_before`: only while its heartbeat is older.
+    current one. `stale_before`: only while its heartbeat is older. `waiting_on_files`: only while
+    its files are unchecked (nothing resolved yet).
     """
     leaves, enters = TRANSITIONS[name]
-    guards: dict[str, object] = {}
+    guards: dict[str, object] = dict(_WAITING_ON_FILES) if waiting_on_files else {}
     if held_by is not None:
         guards["worker"] = held_by
     if attempt is not None:
@@ -88,17 +98,38 @@ def _move(
     return bool(FineTuningJob.objects.filter(pk=job.pk, status__in=leaves, **guards).update(**changes))
 
 
-def validated(job: FineTuningJob, *, training_file, validation_file, resolved: dict) -> bool:
-    """validating_files -> queued, training on the parts the hold-out produced."""
+def validated(
+    job: FineTuningJob,
+    *,
+    training_file,
+    validation_file,
+    resolved: dict,
+    objective: str | None = None,
+    waiting_on_files: bool = False,
+) -> bool:
+    """validating_files -> queued, training on these files: the parts the hold-out produced, or the
+    files it waited on (`waiting_on_files`), now processed; `objective` when the files decided it."""
     return _move(
         job,
         "validated",
+        waiting_on_files=waiting_on_files,
         training_file=training_file,
         validation_file=validation_file,
         training_file_ref=training_file.public_id,
-        validation_file_ref=validation_file.public_id,
+        validation_file_ref=validation_file.public_id if validation_file else "",
         resolved=resolved,
         queued_at=timezone.now(),
+        **({"objective": objective} if objective else {}),
+    )
+
+
+def files_checked(job: FineTuningJob, *, objective: str, resolved: dict) -> bool:
+    """Record what a job whose files are now processed trains, once; the status stays validating_files
+    while its hold-out is made. False when another caller recorded it first, or the job moved on."""
+    return bool(
+        FineTuningJob.objects.filter(pk=job.pk, status=VALIDATING, **_WAITING_ON_FILES).update(
+            objective=objective, resolved=resolved
+        )
     )
 
 
@@ -169,9 +200,20 @@ def finish(
     )
 
 
-def reject(job: FineTuningJob, *, error: dict) -> bool:
-    """validating_files -> failed with `error`: the data could not be prepared, so it never queued."""
-    return _move(job, "reject", error=error, control="", finished_at=timezone.now(), estimated_finish=None)
+def reject(job: FineTuningJob, *, error: dict, waiting_on_files: bool = False) -> bool:
+    """validating_files -> failed with `error`: the data could not be prepared, so it never queued.
+
+    `waiting_on_files`: only while its files are unchecked (a file failed validation or does not fit).
+    """
+    return _move(
+        job,
+        "reject",
+        waiting_on_files=waiting_on_files,
+        error=error,
+        control="",
+        finished_at=timezone.now(),
+        estimated_finish=None,
+    )
 
 
 def fail(

@@ -26,6 +26,13 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def web_url(host: str, port: int) -> str:
+    """The URL the web server answers on when bound to host (all interfaces answer on loopback too)."""
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def _program(name: str, command: str, *, log_dir: Path, priority: int, env: str, stopsignal: str = "TERM") -> str:
     return f"""[program:{name}]
 command={command}
@@ -62,16 +69,24 @@ class Command(BaseCommand):
         self.stdout.write(f"Finetune Console: data in {home}")
         call_command("migrate", interactive=False, verbosity=0)
         self.stdout.write("Database ready.")
+        # Every start, so a changed file is never served stale; each gets a compressed copy (settings say why).
+        call_command("collectstatic", interactive=False, verbosity=0)
+        self.stdout.write(f"Static files collected and compressed into {settings.STATIC_ROOT}.")
         call_command("prepare_models", tiny_only=skip_models, stdout=self.stdout)
         login = self._ensure_admin(home)
         config = self._write_config(run_dir, log_dir)
         if write_config_only:
             self.stdout.write(str(config))
             return
-        url = f"http://127.0.0.1:{settings.FT_PORT}/"
+        url = web_url(settings.FT_HOST, settings.FT_PORT)
+        exposed = (
+            ""
+            if settings.FT_HOST in ("127.0.0.1", "localhost", "::1")
+            else f"\n  Bound to {settings.FT_HOST}: reachable beyond this machine."
+        )
         self.stdout.write(
             self.style.SUCCESS(
-                f"\n  Finetune Console starting at {url}\n  {login}\n  Logs: {log_dir}\n  Stop with Ctrl-C.\n"
+                f"\n  Finetune Console starting at {url}{exposed}\n  {login}\n  Logs: {log_dir}\n  Stop with Ctrl-C.\n"
             )
         )
         self.stdout.flush()
@@ -128,7 +143,7 @@ class Command(BaseCommand):
         programs += [
             _program(
                 "web",
-                f"{python} -m uvicorn finetune_site.asgi:application --host 127.0.0.1 --port {port} --ws websockets --no-access-log --timeout-graceful-shutdown 5",
+                f"{python} -m uvicorn finetune_site.asgi:application --host {settings.FT_HOST} --port {port} --ws websockets --no-access-log --timeout-graceful-shutdown 5",
                 log_dir=log_dir,
                 priority=10,
                 env=serving_env,  # the shared pool's engines run here
