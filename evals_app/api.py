@@ -81,7 +81,7 @@ def run_object(run: EvalRun) -> dict:
 
 def output_item_object(item: EvalOutputItem) -> dict:
     run = item.run
-    sampling = services.sampling_of(run.data_source)
+    sampling = _sampling_shown(run)
     return {
         "object": "eval.run.output_item",
         "id": item.public_id,
@@ -118,10 +118,25 @@ def output_item_object(item: EvalOutputItem) -> dict:
     }
 
 
+def _sampling_shown(run: EvalRun) -> dict:
+    """The run's sampling settings as an output item shows them: as stored, not checked again on a read."""
+    params = run.data_source.get("sampling_params") or {}
+    return {
+        "temperature": params.get("temperature", 0),
+        "max_tokens": params.get("max_completion_tokens") or params.get("max_tokens"),
+        **{k: params[k] for k in ("top_p", "seed") if params.get(k) is not None},
+    }
+
+
 class EvalCreateInput(serializers.Serializer):
     name = serializers.CharField(required=False, allow_blank=True, allow_null=True, max_length=200)
     data_source_config = serializers.JSONField()
     testing_criteria = serializers.JSONField()
+    metadata = serializers.JSONField(required=False, allow_null=True)
+
+
+class EvalUpdateInput(serializers.Serializer):
+    name = serializers.CharField(required=False, allow_blank=True, allow_null=True, max_length=200)
     metadata = serializers.JSONField(required=False, allow_null=True)
 
 
@@ -170,11 +185,14 @@ class EvalDetail(APIView):
     def get(self, request, eval_id):
         return Response(eval_object(_eval(request, eval_id)))
 
-    @extend_schema(request=OpenApiTypes.OBJECT, responses=OpenApiTypes.OBJECT)
+    @extend_schema(request=EvalUpdateInput, responses=OpenApiTypes.OBJECT)
     def post(self, request, eval_id):
         """Rename it or replace its metadata (OpenAI's update)."""
+        incoming = EvalUpdateInput(data=request.data)
+        incoming.is_valid(raise_exception=True)
+        data = incoming.validated_data
         evaluation = services.eval_update(
-            evaluation=_eval(request, eval_id), name=request.data.get("name"), metadata=request.data.get("metadata")
+            evaluation=_eval(request, eval_id), name=data.get("name"), metadata=data.get("metadata")
         )
         return Response(eval_object(evaluation))
 

@@ -15,7 +15,7 @@ from django.db import transaction
 
 from finetune_site.errors import ApplicationError
 from jobs_app.models import FineTuningJob
-from llm.evals.graders import default_criteria
+from llm.evals.graders import CONTAINS, default_criteria
 
 from . import items as run_items
 from . import services
@@ -25,15 +25,8 @@ from .summaries import BASE, CHECKPOINT, TUNED
 log = logging.getLogger(__name__)
 
 GENERAL_SET = Path(__file__).parent / "general" / "general_v1.jsonl"
-GENERAL_CRITERIA = [
-    {
-        "type": "string_check",
-        "name": "contains_answer",
-        "input": "{{sample.output_text}}",
-        "reference": "{{item.reference}}",
-        "operation": "ilike",
-    }
-]
+GENERAL_CRITERIA = [{**CONTAINS, "name": "contains_answer"}]
+"""The general set's answers are graded as "contains the reference": a model may say more than the word."""
 GENERAL_SCHEMA = {
     "type": "object",
     "properties": {"input": {"type": "array", "items": {"type": "object"}}, "reference": {"type": "string"}},
@@ -56,20 +49,23 @@ def evaluate_job(job_pk: int) -> list[Eval]:
     """Create the held-out and forgetting evaluations of a succeeded job and queue their runs; never raises."""
     made: list[Eval] = []
     try:
-        job = FineTuningJob.objects.select_related("owner", "validation_file").get(pk=job_pk)
-        if job.evaluations.filter(kind__in=(Eval.AUTO, Eval.FORGETTING)).exists():
-            return made  # a second call (a success told twice) must not double the work
+        with transaction.atomic():
+            # The job's row is locked while its evaluations are made: a success told twice at once
+            # makes them once (the second call waits, then finds them).
+            job = FineTuningJob.objects.select_for_update().select_related("owner", "validation_file").get(pk=job_pk)
+            if job.evaluations.filter(kind__in=(Eval.AUTO, Eval.FORGETTING)).exists():
+                return made
+            for create in (heldout_eval, forgetting_eval):
+                try:
+                    with transaction.atomic():  # one that fails leaves the other
+                        evaluation = create(job)
+                except Exception:
+                    log.exception("automatic evaluation of job %s: %s failed", job.public_id, create.__name__)
+                    continue
+                if evaluation is not None:
+                    made.append(evaluation)
     except Exception:
         log.exception("automatic evaluation: job %s could not be read", job_pk)
-        return made
-    for create in (heldout_eval, forgetting_eval):
-        try:
-            evaluation = create(job)
-        except Exception:
-            log.exception("automatic evaluation of job %s: %s failed", job.public_id, create.__name__)
-            continue
-        if evaluation is not None:
-            made.append(evaluation)
     return made
 
 

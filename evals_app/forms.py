@@ -9,46 +9,19 @@ from django.conf import settings
 from datasets_app.selectors import ready_datasets_for
 from deployments_app.catalog.selectors import model_choices
 from deployments_app.models import ModelCard
+from llm.evals.graders import CONTAINS, EXACT_MATCH, ROUGE_L, TOOL_CALL, similarity_grader
 
 MAX_MODELS = 3
 DEFAULT_MAX_EXAMPLES = 200
 
-_ANSWER, _REFERENCE = "{{sample.output_text}}", "{{item.reference}}"
-
-
-def _similarity(name: str, metric: str, threshold: float) -> dict:
-    return {
-        "type": "text_similarity",
-        "name": name,
-        "input": _ANSWER,
-        "reference": _REFERENCE,
-        "evaluation_metric": metric,
-        "pass_threshold": threshold,
-    }
-
-
 PRESETS = {
-    "exact_match": (
-        "Exact match",
-        {"type": "string_check", "name": "exact_match", "input": _ANSWER, "reference": _REFERENCE, "operation": "eq"},
-    ),
-    "contains": (
-        "Contains the reference (ilike)",
-        {"type": "string_check", "name": "contains", "input": _ANSWER, "reference": _REFERENCE, "operation": "ilike"},
-    ),
-    "rouge_l": ("ROUGE-L (pass at 0.5)", _similarity("rouge_l", "rouge_l", 0.5)),
+    "exact_match": ("Exact match", EXACT_MATCH),
+    "contains": ("Contains the reference (ilike)", CONTAINS),
+    "rouge_l": ("ROUGE-L (pass at 0.5)", ROUGE_L),
     # Sentence BLEU is harsh on short answers: a lower bar than ROUGE's.
-    "bleu": ("BLEU (pass at 0.3)", _similarity("bleu", "bleu", 0.3)),
-    "fuzzy_match": ("Fuzzy match (pass at 0.8)", _similarity("fuzzy_match", "fuzzy_match", 0.8)),
-    "tool_call": (
-        "Tool call (name and arguments)",
-        {
-            "type": "tool_call",
-            "name": "tool_call",
-            "input": "{{sample.output_tools}}",
-            "reference": "{{item.reference_tool_calls}}",
-        },
-    ),
+    "bleu": ("BLEU (pass at 0.3)", similarity_grader("bleu", 0.3)),
+    "fuzzy_match": ("Fuzzy match (pass at 0.8)", similarity_grader("fuzzy_match", 0.8)),
+    "tool_call": ("Tool call (name and arguments)", TOOL_CALL),
 }
 """Graders in OpenAI's JSON shapes (tool_call is ours), over items made from chat examples."""
 

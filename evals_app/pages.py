@@ -254,7 +254,11 @@ def last_user_message(item: EvalOutputItem | None) -> str:
     """The last user turn the model was sent, as text."""
     if item is None:
         return ""
-    messages = item.input or item.item.get("input") or []
+    return last_user_text(item.input or item.item.get("input") or [])
+
+
+def last_user_text(messages: list) -> str:
+    """The last user turn of a conversation, as text."""
     users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
     return _text(users[-1].get("content")) if users else ""
 

@@ -1,8 +1,9 @@
 """Evaluations: create one, start runs, answer and grade every example on a worker, aggregate.
 
 A run's answers come from the serving path chat uses (`open_events`): the model's deployment
-when it has one, the serving engine's pool otherwise. Up to FT_EVAL_CONCURRENCY requests are in
-flight at once, so the engine answers them in the same forward passes. Grading runs in threads
+when it has one, else the serving engine's pool of the process running the run (the evaluations
+worker's own, a second copy of the weights beside the web's). Up to FT_EVAL_CONCURRENCY requests
+are in flight at once, so that engine answers them in the same forward passes. Grading runs in threads
 beside it; a judge grader asks its model through the same path. Nothing here runs on the web
 server's event loop.
 """
@@ -15,7 +16,7 @@ from datetime import timedelta
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections, transaction
+from django.db import IntegrityError, close_old_connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -35,10 +36,14 @@ from .models import Eval, EvalOutputItem, EvalRun
 
 log = logging.getLogger(__name__)
 
+WATCH_SECONDS = 1.0
+"""How often a running run heartbeats and looks for a cancel."""
 SUMMARY_EVERY_SECONDS = 5
 STALE_RUN_SECONDS = 120
 """A run in progress whose worker has not written for this long is taken to be lost and queued again."""
 LOST_QUEUED_SECONDS = 300
+MAX_RUN_ATTEMPTS = 3
+"""A run whose worker dies this many times (out of memory on it, say) fails instead of being queued again."""
 BUSY_RETRIES = 20
 
 
@@ -50,6 +55,7 @@ def eval_create(
 ):
     """Check the graders against the data's fields and the judges against the models the owner may use."""
     config = _data_source_config(data_source_config)
+    _check_metadata(metadata)
     properties = (config.get("item_schema") or {}).get("properties")
     item_fields = set(properties) if isinstance(properties, dict) else None
     try:
@@ -113,11 +119,16 @@ def run_create(*, evaluation: Eval, data_source, name: str = "", metadata=None, 
             code="model_not_found",
         )
     source = data_source.get("source")
-    if not isinstance(source, dict) or source.get("type") not in ("file_id", "file_content"):
+    if (
+        not isinstance(source, dict)
+        or source.get("type") not in ("file_id", "file_content")
+        or (source["type"] == "file_content" and not isinstance(source.get("content"), list))
+    ):
         raise InvalidInput(
             'data_source.source must be {"type": "file_id", "id": ...} or {"type": "file_content", "content": [...]}.',
             param="data_source.source",
         )
+    _check_input_messages(data_source.get("input_messages"))
     examples = run_items.read_items(owner, data_source, limit=limit)
     input_messages = data_source.get("input_messages")
     try:
@@ -147,8 +158,7 @@ def eval_update(*, evaluation: Eval, name=None, metadata=None) -> Eval:
             raise InvalidInput("name must be a string of at most 200 characters.", param="name")
         evaluation.name = name
     if metadata is not None:
-        if not isinstance(metadata, dict):
-            raise InvalidInput("metadata must be an object.", param="metadata")
+        _check_metadata(metadata)
         evaluation.metadata = metadata
     evaluation.save(update_fields=["name", "metadata"])
     return evaluation
@@ -166,6 +176,32 @@ def run_delete(*, run: EvalRun) -> None:
     run.delete()
 
 
+def _check_input_messages(spec) -> None:
+    template = spec.get("template") if isinstance(spec, dict) else None
+    if spec is None or (
+        isinstance(spec, dict)
+        and (
+            (spec.get("type") == "item_reference" and isinstance(spec.get("item_reference"), str))
+            or (
+                spec.get("type") == "template"
+                and isinstance(template, list)
+                and all(isinstance(m, dict) for m in template)
+            )
+        )
+    ):
+        return
+    raise InvalidInput(
+        'input_messages must be {"type": "template", "template": [{"role", "content"}, ...]} '
+        'or {"type": "item_reference", "item_reference": "item.<field>"}.',
+        param="data_source.input_messages",
+    )
+
+
+def _check_metadata(metadata) -> None:
+    if metadata is not None and not isinstance(metadata, dict):
+        raise InvalidInput("metadata must be an object of string pairs.", param="metadata")
+
+
 def _enqueue(run_pk: int) -> None:
     from .tasks import run_eval  # tasks imports this module
 
@@ -173,13 +209,14 @@ def _enqueue(run_pk: int) -> None:
 
 
 def run_cancel(*, run: EvalRun) -> EvalRun:
-    """A queued run stops at once; a running one at its next answer (the worker sees `control`)."""
-    if run.status == EvalRun.QUEUED:
-        EvalRun.objects.filter(pk=run.pk, status=EvalRun.QUEUED).update(
-            status=EvalRun.CANCELED, finished_at=timezone.now()
-        )
-    elif run.status == EvalRun.IN_PROGRESS:
-        EvalRun.objects.filter(pk=run.pk).update(control="cancel")
+    """A queued run stops at once; a running one within a second (its worker sees `control`).
+
+    Both writes go by the row's state now, not as it was read: a worker may claim it in between.
+    """
+    if not EvalRun.objects.filter(pk=run.pk, status=EvalRun.QUEUED).update(
+        status=EvalRun.CANCELED, finished_at=timezone.now()
+    ):
+        EvalRun.objects.filter(pk=run.pk, status=EvalRun.IN_PROGRESS).update(control="cancel")
     run.refresh_from_db()
     return run
 
@@ -188,8 +225,10 @@ def run_resume(*, run: EvalRun) -> EvalRun:
     """Queue a cancelled or failed run again: the examples it already answered are kept."""
     if run.status not in (EvalRun.CANCELED, EvalRun.FAILED):
         raise InvalidState(f"The run is {run.status}; only a canceled or failed run can be resumed.")
-    EvalRun.objects.filter(pk=run.pk).update(status=EvalRun.QUEUED, control="", error=None, finished_at=None)
-    transaction.on_commit(lambda: _enqueue(run.pk))
+    if EvalRun.objects.filter(pk=run.pk, status__in=(EvalRun.CANCELED, EvalRun.FAILED)).update(
+        status=EvalRun.QUEUED, control="", error=None, finished_at=None, attempts=0
+    ):
+        transaction.on_commit(lambda: _enqueue(run.pk))
     run.refresh_from_db()
     return run
 
@@ -198,7 +237,11 @@ def run_resume(*, run: EvalRun) -> EvalRun:
 
 
 def run_execute(*, run_id: int) -> None:
-    """The task: claim the run, answer and grade each example not yet done, then aggregate."""
+    """The task: claim the run, answer and grade each example not yet done, then aggregate.
+
+    The claim's attempt number fences the run: every later write of this worker carries it, so a
+    worker that lost the run (the sweep queued it again after it went quiet) changes nothing.
+    """
     now = timezone.now()
     claimed = EvalRun.objects.filter(pk=run_id, status=EvalRun.QUEUED).update(
         status=EvalRun.IN_PROGRESS, started_at=now, heartbeat_at=now, attempts=F("attempts") + 1
@@ -210,27 +253,36 @@ def run_execute(*, run_id: int) -> None:
         examples = run_items.read_items(run.owner, run.data_source, limit=run.data_source.get("limit"))
         done = set(run.items.values_list("index", flat=True))
         pending = [(index, item) for index, item in enumerate(examples) if index not in done]
-        EvalRun.objects.filter(pk=run.pk).update(total=len(examples))
-        cancelled = asyncio.run(_Executor(run).answer_all(pending))
+        _mine(run).update(total=len(examples))
+        outcome = asyncio.run(_Executor(run).answer_all(pending))
+        if outcome != _LOST:
+            _finish(run, EvalRun.CANCELED if outcome == _CANCELLED else EvalRun.COMPLETED)
     except ApplicationError as exc:
         _finish(run, EvalRun.FAILED, error={"code": exc.code or "invalid_data_source", "message": exc.message})
-        return
     except Exception as exc:
         log.exception("evaluation run %s failed", run.public_id)
         _finish(run, EvalRun.FAILED, error={"code": "run_failed", "message": f"{type(exc).__name__}: {exc}"})
-        return
-    _finish(run, EvalRun.CANCELED if cancelled else EvalRun.COMPLETED)
+
+
+_DONE, _CANCELLED, _LOST = "done", "cancelled", "lost"
+
+
+def _mine(run: EvalRun):
+    """The run's row while this worker still holds it (in progress, under the attempt it claimed)."""
+    return EvalRun.objects.filter(pk=run.pk, status=EvalRun.IN_PROGRESS, attempts=run.attempts)
 
 
 def _write_summary(run: EvalRun) -> None:
-    EvalRun.objects.filter(pk=run.pk).update(**run_summary(run))
+    _mine(run).update(**run_summary(run))
 
 
 def _finish(run: EvalRun, status: str, error: dict | None = None) -> None:
-    summary = run_summary(run)
-    EvalRun.objects.filter(pk=run.pk).update(
-        status=status, control="", error=error, finished_at=timezone.now(), **summary
-    )
+    try:
+        summary = run_summary(run)
+    except Exception:  # the status must still be written, or the run would be taken for lost and redone
+        log.exception("evaluation run %s: its totals could not be computed", run.public_id)
+        summary = {}
+    _mine(run).update(status=status, control="", error=error, finished_at=timezone.now(), **summary)
 
 
 class _Executor:
@@ -241,11 +293,11 @@ class _Executor:
         self.criteria = run.eval.testing_criteria
         self.body = sampling_of(run.data_source)
         self.input_messages = run.data_source.get("input_messages")
-        self.stop = asyncio.Event()
+        self.outcome = _DONE
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def answer_all(self, pending: list[tuple[int, dict]]) -> bool:
-        """True when the run was cancelled before every example was answered."""
+    async def answer_all(self, pending: list[tuple[int, dict]]) -> str:
+        """_DONE, _CANCELLED (asked to stop) or _LOST (the run is no longer this worker's)."""
         self.loop = asyncio.get_running_loop()
         # The database work of this loop runs in asgiref's one shared thread, whose connection
         # outlives the task: drop it if the database went away since the last run.
@@ -262,10 +314,12 @@ class _Executor:
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             watcher.cancel()
+        if watcher.done() and not watcher.cancelled() and watcher.exception() is not None:
+            raise watcher.exception()  # its heartbeat failed: the answers were stopped with it
         for task in tasks:
             if not task.cancelled() and task.exception() is not None:
                 raise task.exception()
-        return self.stop.is_set()
+        return self.outcome
 
     async def _watch(self, tasks: list[asyncio.Task]) -> None:
         """Each second: heartbeat and look for a cancel; every few, the totals so far for the live page.
@@ -273,16 +327,17 @@ class _Executor:
         A cancel stops the answers in flight too (the engine stops generating them); they are not
         saved, so a resume asks them again.
         """
-        for tick in itertools.count(1):
-            await asyncio.sleep(1)
-            control = await sync_to_async(_heartbeat)(self.run.pk)
-            if control != "":
-                self.stop.set()
-                for task in tasks:
-                    task.cancel()
-                return
-            if tick % SUMMARY_EVERY_SECONDS == 0:
-                await sync_to_async(_write_summary)(self.run)
+        try:
+            for tick in itertools.count(1):
+                await asyncio.sleep(WATCH_SECONDS)
+                self.outcome = await sync_to_async(_heartbeat)(self.run)
+                if self.outcome != _DONE:
+                    break
+                if tick % max(1, round(SUMMARY_EVERY_SECONDS / WATCH_SECONDS)) == 0:
+                    await sync_to_async(_write_summary)(self.run)
+        finally:  # asked to stop, the run lost, or the heartbeat failed: no answer goes on unwatched
+            for task in tasks:
+                task.cancel()  # a task already done ignores it
 
     async def _answer_and_grade(self, index: int, item: dict) -> None:
         output = {"input": [], "output_text": "", "output_tools": [], "finish_reason": "", "error": "", "usage": {}}
@@ -374,13 +429,11 @@ def sampling_of(data_source: dict) -> dict:
     return body
 
 
-def _heartbeat(run_pk: int) -> str:
-    EvalRun.objects.filter(pk=run_pk).update(heartbeat_at=timezone.now())
-    row = EvalRun.objects.filter(pk=run_pk).values_list("control", "status").first()
-    if row is None:
-        return "deleted"
-    control, status = row
-    return control or ("" if status == EvalRun.IN_PROGRESS else status)
+def _heartbeat(run: EvalRun) -> str:
+    """_DONE to go on, _CANCELLED when asked to stop, _LOST when the row is gone or no longer this worker's."""
+    if not _mine(run).update(heartbeat_at=timezone.now()):
+        return _LOST
+    return _CANCELLED if _mine(run).filter(control="cancel").exists() else _DONE
 
 
 def _status_of(error: str, results: list[dict]) -> str:
@@ -390,11 +443,14 @@ def _status_of(error: str, results: list[dict]) -> str:
 
 
 def _save_item(run: EvalRun, index: int, item: dict, output: dict, results: list, status: str) -> None:
-    _, created = EvalOutputItem.objects.update_or_create(
-        run=run, index=index, defaults={"item": item, "results": results, "status": status, **output}
-    )
+    try:
+        _, created = EvalOutputItem.objects.update_or_create(
+            run=run, index=index, defaults={"item": item, "results": results, "status": status, **output}
+        )
+    except IntegrityError:  # the run was deleted while this answer was on its way
+        return
     if created:
-        EvalRun.objects.filter(pk=run.pk).update(done=F("done") + 1, heartbeat_at=timezone.now())
+        _mine(run).update(done=F("done") + 1, heartbeat_at=timezone.now())
 
 
 # --- Aggregating -------------------------------------------------------------------
@@ -463,10 +519,19 @@ def reconcile_runs() -> list[str]:
         EvalRun.objects.filter(status=EvalRun.IN_PROGRESS, heartbeat_at__lt=quiet_since).values_list("pk", "public_id")
     )
     for pk, public_id in stale:
-        # Only if still quiet: the worker may have written meanwhile.
-        if EvalRun.objects.filter(pk=pk, status=EvalRun.IN_PROGRESS, heartbeat_at__lt=quiet_since).update(
-            status=EvalRun.QUEUED, control=""
+        # Each only if still quiet: the worker may have written meanwhile.
+        still_quiet = EvalRun.objects.filter(pk=pk, status=EvalRun.IN_PROGRESS, heartbeat_at__lt=quiet_since)
+        ended = {"control": "", "finished_at": now}
+        if still_quiet.filter(control="cancel").update(status=EvalRun.CANCELED, **ended):
+            continue  # its user asked it to stop: it stays stopped, and a resume goes on from its answers
+        if still_quiet.filter(attempts__gte=MAX_RUN_ATTEMPTS).update(
+            status=EvalRun.FAILED,
+            error={"code": "run_failed", "message": f"Its worker stopped {MAX_RUN_ATTEMPTS} times during this run."},
+            **ended,
         ):
+            log.warning("evaluation run %s lost its worker %d times: failed", public_id, MAX_RUN_ATTEMPTS)
+            continue
+        if still_quiet.update(status=EvalRun.QUEUED, control=""):
             log.warning("evaluation run %s went quiet: queued again", public_id)
             sent[pk] = public_id
     lost_after = timedelta(seconds=LOST_QUEUED_SECONDS)

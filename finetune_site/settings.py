@@ -21,8 +21,9 @@ FT_DEVICE = env_choice("FT_DEVICE", "auto", ("auto", "cpu", "cuda"))
 SECRET_KEY = env_str("SECRET_KEY") or persistent_secret(FT_HOME / "secret_key")
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = [h for h in env_str("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",") if h]
-if FT_HOST not in ("0.0.0.0", "::") and FT_HOST not in ALLOWED_HOSTS:
-    ALLOWED_HOSTS.append(FT_HOST)  # the address it is bound to answers, `make run`'s readiness check included
+_FT_HOST_NAME = f"[{FT_HOST}]" if ":" in FT_HOST else FT_HOST  # Django compares IPv6 hosts in brackets
+if FT_HOST not in ("0.0.0.0", "::") and _FT_HOST_NAME not in ALLOWED_HOSTS:
+    ALLOWED_HOSTS.append(_FT_HOST_NAME)  # the address it is bound to answers, `make run`'s readiness check included
 CSRF_TRUSTED_ORIGINS = [o for o in env_str("CSRF_TRUSTED_ORIGINS").split(",") if o]
 
 INSTALLED_APPS = [
@@ -362,7 +363,9 @@ def _plotly_js_dir() -> Path:
 STATICFILES_DIRS = [BASE_DIR / "static", ("vendor/plotly", _plotly_js_dir())]
 # `make run` collects the static files into STATIC_ROOT at every start, each with a gzip copy (and a
 # brotli one when the `brotli` package is installed), and whitenoise serves those to browsers that
-# accept them. Without a collected copy (unit tests, a bare uvicorn) it serves the finders' files, uncompressed.
+# accept them. Only while STATIC_ROOT is empty (or with DEBUG) does it serve the finders' files, uncompressed:
+# once `make run` has collected into an FT_HOME, anything else using that FT_HOME (a bare uvicorn, the unit
+# tests with the default ./var) serves the copy collected last, which may be older than static/.
 WHITENOISE_USE_FINDERS = DEBUG or not any(STATIC_ROOT.iterdir())
 WHITENOISE_AUTOREFRESH = DEBUG
 

@@ -12,27 +12,13 @@ from django.db import transaction
 
 from evals_app import services as eval_services
 from evals_app.models import Eval, EvalOutputItem, EvalRun
+from evals_app.pages import last_user_text, progress_percent
 from evals_app.selectors import eval_for
+from llm.evals.graders import EXACT_MATCH, ROUGE_L
 
 MAX_BATCH = 50
 MAX_MODELS = 3
 """As many as the playground has panes."""
-
-EXACT_MATCH = {
-    "type": "string_check",
-    "name": "exact_match",
-    "input": "{{sample.output_text}}",
-    "reference": "{{item.reference}}",
-    "operation": "eq",
-}
-ROUGE_L = {
-    "type": "text_similarity",
-    "name": "rouge_l",
-    "input": "{{sample.output_text}}",
-    "reference": "{{item.reference}}",
-    "evaluation_metric": "rouge_l",
-    "pass_threshold": 0.5,
-}
 
 
 @transaction.atomic
@@ -84,7 +70,7 @@ class Column:
 
     @property
     def percent(self) -> int:
-        return round(100 * self.run.done / self.run.total) if self.run.total else 0
+        return progress_percent(self.run)
 
     @property
     def totals(self) -> str:
@@ -131,7 +117,7 @@ def batch_progress(user, eval_id: str) -> BatchProgress | None:
     runs = list(evaluation.runs.order_by("id"))
     columns = [_column(run) for run in runs]
     content = runs[0].data_source["source"]["content"] if runs else []
-    rows = [Row(i, _last_user_text(e["item"]["input"]), e["item"]["reference"]) for i, e in enumerate(content)]
+    rows = [Row(i, last_user_text(e["item"]["input"]), e["item"]["reference"]) for i, e in enumerate(content)]
     answered = _answers(runs)
     for row in rows:
         row.answers = [answered.get((run.pk, row.index)) for run in runs]
@@ -139,18 +125,13 @@ def batch_progress(user, eval_id: str) -> BatchProgress | None:
 
 
 def _column(run: EvalRun) -> Column:
-    # A finished run's totals were stored when it ended; a running one's are summed from its answers so far.
-    summary = (
-        eval_services.run_summary(run)
-        if run.is_active
-        else {"aggregates": run.aggregates, "result_counts": run.result_counts}
-    )
-    aggregates = summary["aggregates"] or {}
+    # The worker stores a run's totals every few seconds while it runs, and when it ends: read, never recomputed.
+    aggregates = run.aggregates or {}
     return Column(
         run=run,
         exact_match=aggregates.get(EXACT_MATCH["name"]) or {},
         rouge_l=aggregates.get(ROUGE_L["name"]) or {},
-        errored=(summary["result_counts"] or {}).get("errored", 0),
+        errored=(run.result_counts or {}).get("errored", 0),
     )
 
 
@@ -168,8 +149,3 @@ def _answers(runs: list[EvalRun]) -> dict[tuple[int, int], dict]:
             "rouge_l": (scores.get(ROUGE_L["name"]) or {}).get("score"),
         }
     return answers
-
-
-def _last_user_text(messages: list[dict]) -> str:
-    content = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
-    return content if isinstance(content, str) else ""

@@ -619,6 +619,39 @@ _GRADERS: dict[str, Callable[[dict[str, Any], str, Mapping[str, Any], Sample, Ju
 # Defaults for a dataset
 
 
+ANSWER, REFERENCE = "{{sample.output_text}}", "{{item.reference}}"
+
+
+def similarity_grader(metric: str, pass_threshold: float, name: str | None = None) -> dict[str, Any]:
+    """A text_similarity grader of the answer against item.reference."""
+    return {
+        "type": "text_similarity",
+        "name": name or metric,
+        "input": ANSWER,
+        "reference": REFERENCE,
+        "evaluation_metric": metric,
+        "pass_threshold": pass_threshold,
+    }
+
+
+EXACT_MATCH: dict[str, Any] = {
+    "type": "string_check",
+    "name": "exact_match",
+    "input": ANSWER,
+    "reference": REFERENCE,
+    "operation": "eq",
+}
+CONTAINS: dict[str, Any] = {**EXACT_MATCH, "name": "contains", "operation": "ilike"}
+ROUGE_L = similarity_grader("rouge_l", 0.5)
+TOOL_CALL: dict[str, Any] = {
+    "type": "tool_call",
+    "name": "tool_call",
+    "input": "{{sample.output_tools}}",
+    "reference": "{{item.reference_tool_calls}}",
+}
+"""Graders over items made from chat examples (item.reference, item.reference_tool_calls), named by what they check."""
+
+
 def default_criteria(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Return the default graders for items in our convention.
 
@@ -629,21 +662,13 @@ def default_criteria(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
     """
     criteria: list[dict[str, Any]] = []
     if any(item.get("reference_tool_calls") for item in items):  # an empty list: this row expects no call
-        criteria.append({"type": "tool_call", "name": "tool_call"})
+        criteria.append(TOOL_CALL)
     references = [item["reference"] for item in items if isinstance(item.get("reference"), str)]
     references = [reference for reference in references if reference.strip()]
     if criteria and not references:
         return criteria
     short = all(len(tokens(r)) <= DEFAULT_SHORT_WORDS and "\n" not in r.strip() for r in references)
-    text = {
-        "name": "exact_match" if short else "rouge_l",
-        "input": "{{sample.output_text}}",
-        "reference": "{{item.reference}}",
-    }
-    if short:
-        criteria.append({"type": "string_check", **text, "operation": "eq"})
-    else:
-        criteria.append({"type": "text_similarity", **text, "evaluation_metric": "rouge_l", "pass_threshold": 0.5})
+    criteria.append(EXACT_MATCH if short else ROUGE_L)
     return criteria
 
 

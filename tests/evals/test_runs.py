@@ -143,7 +143,10 @@ def test_a_run_answers_every_example_through_the_engine_and_aggregates(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_cancel_stops_a_run_and_resume_answers_only_what_is_left(alice, settings):
+def test_cancel_stops_a_run_and_resume_answers_only_what_is_left(alice, settings, monkeypatch):
+    # The tiny model answers all 60 in about two seconds: the worker must look for the cancel more often
+    # than once a second for it to land mid-run.
+    monkeypatch.setattr(services, "WATCH_SECONDS", 0.05)
     settings.FT_EVAL_CONCURRENCY = 1
     settings.FT_EVAL_MAX_TOKENS = 24
     data = chat_file(alice, [(f"Say the number {i} please.", str(i)) for i in range(60)])
@@ -300,3 +303,37 @@ def test_default_graders_on_data_mixing_tool_calls_and_text_score_every_row(alic
     for item in run.items.all():
         assert [r["error"] for r in item.results] == [None, None], item.results
     assert run.aggregates["tool_call"]["n"] == 2 and run.aggregates["exact_match"]["n"] == 2
+
+
+@pytest.mark.django_db
+def test_the_sweep_keeps_a_cancel_and_fails_a_run_that_keeps_losing_its_worker(alice, heldout, _no_broker):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    evaluation = services.eval_create(owner=alice, data_source_config={"type": "chat"}, testing_criteria=[EXACT])
+    cancelled, doomed = (
+        services.run_create(evaluation=evaluation, data_source=run_source(BASE, heldout)) for _ in "ab"
+    )
+    long_ago = timezone.now() - timedelta(seconds=services.STALE_RUN_SECONDS + 5)
+    quiet = {"status": EvalRun.IN_PROGRESS, "heartbeat_at": long_ago}
+    EvalRun.objects.filter(pk=cancelled.pk).update(control="cancel", attempts=1, **quiet)
+    EvalRun.objects.filter(pk=doomed.pk).update(attempts=services.MAX_RUN_ATTEMPTS, **quiet)
+    _no_broker.clear()
+    assert services.reconcile_runs() == [] and _no_broker == []
+    assert EvalRun.objects.get(pk=cancelled.pk).status == EvalRun.CANCELED
+    failed = EvalRun.objects.get(pk=doomed.pk)
+    assert failed.status == EvalRun.FAILED and "3 times" in failed.error["message"]
+
+
+@pytest.mark.django_db
+def test_a_worker_that_lost_its_run_writes_nothing_more(alice, heldout):
+    evaluation = services.eval_create(owner=alice, data_source_config={"type": "chat"}, testing_criteria=[EXACT])
+    run = services.run_create(evaluation=evaluation, data_source=run_source(BASE, heldout))
+    EvalRun.objects.filter(pk=run.pk).update(status=EvalRun.IN_PROGRESS, attempts=1)
+    old_worker = EvalRun.objects.get(pk=run.pk)
+    # The sweep took it for lost and a second worker claimed it (attempt 2).
+    EvalRun.objects.filter(pk=run.pk).update(attempts=2)
+    assert services._heartbeat(old_worker) == services._LOST
+    services._finish(old_worker, EvalRun.CANCELED)
+    assert EvalRun.objects.get(pk=run.pk).status == EvalRun.IN_PROGRESS
