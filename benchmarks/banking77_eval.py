@@ -29,6 +29,7 @@ from pathlib import Path
 
 from benchmarks.evals_speed import BANKING77, CLASSIFY, SOURCE_HOME, eval_runs, interval, start_product
 from llm.bundled import BUNDLED_MODEL_ID, prepare_bundled_model
+from llm.evals.graders import EXACT_MATCH
 
 
 def read_rows(path: Path) -> list[tuple[str, str]]:
@@ -148,19 +149,12 @@ def main() -> None:
             flush=True,
         )
 
-        exact = {
-            "type": "string_check",
-            "name": "exact_match",
-            "input": "{{sample.output_text}}",
-            "reference": "{{item.reference}}",
-            "operation": "eq",
-        }
         items = [
             {"input": [{"role": "user", "content": CLASSIFY.format(text=text)}], "reference": label}
             for text, label in test
         ]
         models = [BUNDLED_MODEL_ID, job.fine_tuned_model]
-        runs = eval_runs(user, models, items, {"max_completion_tokens": max_tokens, "temperature": 0}, [exact])
+        runs = eval_runs(user, models, items, {"max_completion_tokens": max_tokens, "temperature": 0}, [EXACT_MATCH])
         print(f"  evaluated both models on {len(items)} queries in {runs['seconds']:.0f} s", flush=True)
         base, tuned = (runs[model].aggregates["exact_match"] for model in models)
         labels = runs[job.fine_tuned_model].aggregates["exact_match"].get("labels") or {}

@@ -34,6 +34,7 @@ from pathlib import Path
 import django
 
 from llm.bundled import BUNDLED_MODEL_ID, prepare_bundled_model
+from llm.evals.graders import EXACT_MATCH
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE_HOME = Path(os.environ.get("FT_HOME", REPO / "var"))
@@ -181,15 +182,8 @@ def main() -> None:
         sequential_seconds = time.perf_counter() - started
         print(f"  sequential chat calls: {len(models) * len(items)} in {sequential_seconds:.1f} s", flush=True)
 
-        exact = {
-            "type": "string_check",
-            "name": "exact_match",
-            "input": "{{sample.output_text}}",
-            "reference": "{{item.reference}}",
-            "operation": "eq",
-        }
         sampling = {"max_completion_tokens": args.max_tokens, "temperature": 0}
-        runs = eval_runs(user, models, items, sampling, [exact])
+        runs = eval_runs(user, models, items, sampling, [EXACT_MATCH])
         evaluated = {model: _outputs(runs[model]) for model in models}
         print(f"  evaluation runs: {len(models) * len(items)} answers in {runs['seconds']:.1f} s", flush=True)
 
