@@ -43,7 +43,8 @@ STALE_RUN_SECONDS = 120
 """A run in progress whose worker has not written for this long is taken to be lost and queued again."""
 LOST_QUEUED_SECONDS = 300
 MAX_RUN_ATTEMPTS = 3
-"""A run whose worker dies this many times (out of memory on it, say) fails instead of being queued again."""
+"""A run whose worker dies this many times in all (out of memory on it, say) fails instead of being queued
+again; each resume gives it one more try."""
 BUSY_RETRIES = 20
 
 
@@ -226,8 +227,8 @@ def run_resume(*, run: EvalRun) -> EvalRun:
     if run.status not in (EvalRun.CANCELED, EvalRun.FAILED):
         raise InvalidState(f"The run is {run.status}; only a canceled or failed run can be resumed.")
     if EvalRun.objects.filter(pk=run.pk, status__in=(EvalRun.CANCELED, EvalRun.FAILED)).update(
-        status=EvalRun.QUEUED, control="", error=None, finished_at=None, attempts=0
-    ):
+        status=EvalRun.QUEUED, control="", error=None, finished_at=None
+    ):  # attempts go on counting: a worker of an earlier attempt, still alive, must never match the new one
         transaction.on_commit(lambda: _enqueue(run.pk))
     run.refresh_from_db()
     return run
@@ -526,7 +527,11 @@ def reconcile_runs() -> list[str]:
             continue  # its user asked it to stop: it stays stopped, and a resume goes on from its answers
         if still_quiet.filter(attempts__gte=MAX_RUN_ATTEMPTS).update(
             status=EvalRun.FAILED,
-            error={"code": "run_failed", "message": f"Its worker stopped {MAX_RUN_ATTEMPTS} times during this run."},
+            error={
+                "code": "run_failed",
+                "message": f"Its worker stopped responding {MAX_RUN_ATTEMPTS} times or more, so it is not queued "
+                "again; resume it to try once more.",
+            },
             **ended,
         ):
             log.warning("evaluation run %s lost its worker %d times: failed", public_id, MAX_RUN_ATTEMPTS)
