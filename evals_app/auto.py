@@ -95,7 +95,7 @@ def heldout_eval(job: FineTuningJob) -> Eval | None:
     runs += [(CHECKPOINT, c.model_id, c.step) for c in job.checkpoints.order_by("step") if c.model_id]
     sampling = {"max_completion_tokens": run_items.answer_budget(examples)}
     for role, model, step in runs:
-        _queue_run(evaluation, role, model, source, step=step, limit=limit, sampling=sampling)
+        _queue_run(evaluation, role, model, source, step=step, limit=limit, sampling=sampling, examples=examples)
     return evaluation
 
 
@@ -135,7 +135,9 @@ def _tuned_model(job: FineTuningJob) -> str:
     return job.fine_tuned_model or job.fine_tuned_model_id
 
 
-def _queue_run(evaluation: Eval, role: str, model: str, source: dict, *, step=None, limit=None, sampling=None) -> None:
+def _queue_run(
+    evaluation: Eval, role: str, model: str, source: dict, *, step=None, limit=None, sampling=None, examples=None
+) -> None:
     """Queue one model's run; a model that cannot answer (its files gone) is logged and left out."""
     names = {BASE: f"base {model}", TUNED: f"fine-tuned {model}", CHECKPOINT: f"checkpoint step {step}"}
     metadata = {"role": role, **({"step": str(step)} if step is not None else {})}
@@ -146,6 +148,7 @@ def _queue_run(evaluation: Eval, role: str, model: str, source: dict, *, step=No
             name=names[role][:200],
             metadata=metadata,
             limit=limit,
+            examples=examples,
         )
     except ApplicationError as exc:
         log.warning("evaluation %s: no run for %s: %s", evaluation.public_id, model, exc.message)

@@ -102,7 +102,9 @@ def _data_source_config(config) -> dict:
     return {"type": "custom", "item_schema": schema, "include_sample_schema": bool(config.get("include_sample_schema"))}
 
 
-def run_create(*, evaluation: Eval, data_source, name: str = "", metadata=None, limit: int | None = None) -> EvalRun:
+def run_create(
+    *, evaluation: Eval, data_source, name: str = "", metadata=None, limit: int | None = None, examples=None
+) -> EvalRun:
     """Check the data source now (model, file, messages), then queue the run on the evaluations worker."""
     owner = evaluation.owner
     if not isinstance(data_source, dict) or data_source.get("type") not in ("completions", "jsonl"):
@@ -130,7 +132,8 @@ def run_create(*, evaluation: Eval, data_source, name: str = "", metadata=None, 
             param="data_source.source",
         )
     _check_input_messages(data_source.get("input_messages"))
-    examples = run_items.read_items(owner, data_source, limit=limit)
+    if examples is None:  # callers queueing several models over one source read it once and pass it
+        examples = run_items.read_items(owner, data_source, limit=limit)
     input_messages = data_source.get("input_messages")
     try:
         run_items.messages_for(examples[0], input_messages)

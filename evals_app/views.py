@@ -56,6 +56,7 @@ def _start(user, form: EvalForm) -> Eval | None:
                     evaluation=evaluation,
                     data_source={"type": "completions", "model": model, "source": source, "sampling_params": sampling},
                     limit=data["max_examples"],
+                    examples=examples,
                 )
     except ApplicationError as exc:
         where = f" ({exc.param})" if exc.param and exc.param not in exc.message else ""
