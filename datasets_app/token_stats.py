@@ -11,7 +11,7 @@ Plain Python (no Django); transformers is only used through the tokenizer given.
 import json
 import math
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from datasets_app.formats import InvalidExample, Issue, normalize_example
@@ -24,6 +24,8 @@ HISTOGRAM_BINS = 20
 # Maximum sequence lengths at which billable tokens are counted exactly, so that a job
 # with any max_seq_len (32 to 32,768) gets an estimate without counting again.
 BILLABLE_CAPS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+PROGRESS_EVERY = 100
+"""How many examples are counted between two calls of token_statistics' progress callback."""
 
 
 def token_statistics(
@@ -32,6 +34,7 @@ def token_statistics(
     *,
     max_seq_len: int,
     max_listed: int = 100,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Count the tokens of each example in lines and describe them for a page and a cost estimate.
 
@@ -39,14 +42,17 @@ def token_statistics(
     dicts, in any accepted format; invalid ones are skipped. Warning line
     numbers count every item, blank lines included, so they match the file.
     An example the chat template refuses is skipped with a warning: training
-    would refuse it too.
+    would refuse it too. progress, when given, is called with the number of
+    examples read so far every PROGRESS_EVERY examples.
     """
     lengths = array("I")
     totals = {"total": 0, "trained": 0, "billable": 0, "images": 0, "lost": 0, "over": 0, "skipped": 0, "refused": 0}
     caps = sorted({*BILLABLE_CAPS, max_seq_len})
     billable_at = dict.fromkeys(caps, 0)
     warnings: list[Issue] = []
-    for number, example in _numbered_examples(lines):
+    for read, (number, example) in enumerate(_numbered_examples(lines), start=1):
+        if progress is not None and read % PROGRESS_EVERY == 0:
+            progress(read)
         if example is None:
             totals["skipped"] += 1
             continue

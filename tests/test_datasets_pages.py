@@ -354,3 +354,27 @@ def test_split_settings_that_are_not_numbers_come_back_to_the_dataset_page(clien
         f"/datasets/{dataset.public_id}/split/", {"validation_percent": "60", "test_percent": "40"}, follow=True
     )
     assert "must stay below 100" in too_many.content.decode()
+
+
+def test_counting_tokens_shows_how_far_it_got_and_the_progress_goes_when_done(client, alice, monkeypatch):
+    dataset = upload(client, chat_lines(250))
+    monkeypatch.setattr(services, "TOKENS_PROGRESS_SECONDS", 0)
+    seen = []
+    write_progress = services._progress_writer
+
+    def progress_and_look(counting):
+        write = write_progress(counting)
+
+        def step(counted):
+            write(counted)
+            seen.append(client.get(f"/datasets/{dataset.public_id}/?part=tokens", HTTP_HX_REQUEST="true").content)
+
+        return step
+
+    monkeypatch.setattr(services, "_progress_writer", progress_and_look)
+    services.dataset_compute_statistics(dataset_id=dataset.pk)
+    dataset.refresh_from_db()
+
+    assert b"100 of 250 examples (40%) so far" in seen[0] and b"200 of 250 examples (80%) so far" in seen[1]
+    assert len(seen) == 2 and b"every 2s" in seen[0]
+    assert "tokens_progress" not in dataset.report and dataset.report["tokens"]["examples"] == 250
