@@ -1,6 +1,7 @@
 """Helpers for API views that live outside DRF (streams, raw downloads)."""
 
 from django.middleware.csrf import CsrfViewMiddleware
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework.exceptions import AuthenticationFailed
 
 from .api_errors import error_response
@@ -34,3 +35,18 @@ def session_csrf_error(request):
         return None
     reason = CsrfViewMiddleware(lambda r: None).process_view(request, None, (), {})
     return error_response("CSRF check failed for a session-authenticated call.", status_code=403) if reason else None
+
+
+@csrf_exempt
+def unsupported_endpoint(request, rest):
+    """Any other route under an API prefix: OpenAI's error shape naming it, not the HTML 404 page.
+
+    The SDKs raise NotFoundError either way, but only this one says what happened.
+    """
+    prefix = request.path[: len(request.path) - len(rest)]
+    return error_response(
+        f"{request.method} {request.path} is not an endpoint of Finetune Console. It serves files, fine_tuning/jobs, "
+        f"models, chat/completions and evals under {prefix}; the OpenAPI schema at /api/schema/ lists them all.",
+        status_code=404,
+        code="unsupported_endpoint",
+    )

@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
 
 from datasets_app import api as files_api
@@ -11,7 +11,7 @@ from deployments_app.deployments import api as deployments_api
 from evals_app import api as evals_api
 from jobs_app import api as jobs_api
 
-from . import login_throttle, metrics, views
+from . import apiviews, login_throttle, metrics, views
 
 # The same API under /v1/ (openai) and /api/paas/v4/ (zhipuai); no trailing
 # slashes, and model ids may hold '/' and ':'.
@@ -40,6 +40,8 @@ api_patterns = [
     path("evals/<str:eval_id>/runs/<str:run_id>/resume", evals_api.RunResume.as_view()),
     path("evals/<str:eval_id>/runs/<str:run_id>/output_items", evals_api.OutputItemList.as_view()),
     path("evals/<str:eval_id>/runs/<str:run_id>/output_items/<str:item_id>", evals_api.OutputItemDetail.as_view()),
+    # Last: an endpoint we lack (embeddings, responses, ...) answers in the API's error shape.
+    re_path(r"^(?P<rest>.*)$", apiviews.unsupported_endpoint),
 ]
 
 urlpatterns = [
