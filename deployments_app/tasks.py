@@ -34,3 +34,8 @@ def _stop_instances_on_shutdown(**kwargs):
 @shared_task(name="deployments_app.tasks.build_merged_model")
 def build_merged_model(card_id: int) -> None:
     catalog_services.model_merge(card_id=card_id)
+
+
+@shared_task(name="deployments_app.tasks.build_gguf_export")
+def build_gguf_export(card_id: int, quant: str) -> None:
+    catalog_services.gguf_export(card_id=card_id, quant=quant)

@@ -2,16 +2,34 @@
 
 from django.http import Http404
 from django.urls import reverse
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from finetune_site.ids import unix
+from finetune_site.openapi import MetadataField, cursor_parameters, errors
 from finetune_site.pagination import cursor_page
 
 from . import selectors, services
+from .api_schema import (
+    EVAL_ID,
+    ITEM_ID,
+    ITEM_STATUS,
+    RUN_ID,
+    RUN_STATUS,
+    DataSourceConfigField,
+    DataSourceField,
+    EvalDeleted,
+    EvalList,
+    EvalObject,
+    EvalRunList,
+    EvalRunObject,
+    OutputItemObject,
+    OutputItems,
+    RunDeleted,
+    TestingCriteriaField,
+)
 from .models import Eval, EvalOutputItem, EvalRun
 
 SAMPLE_SCHEMA = {
@@ -130,20 +148,20 @@ def _sampling_shown(run: EvalRun) -> dict:
 
 class EvalCreateInput(serializers.Serializer):
     name = serializers.CharField(required=False, allow_blank=True, allow_null=True, max_length=200)
-    data_source_config = serializers.JSONField()
-    testing_criteria = serializers.JSONField()
-    metadata = serializers.JSONField(required=False, allow_null=True)
+    data_source_config = DataSourceConfigField()
+    testing_criteria = TestingCriteriaField()
+    metadata = MetadataField(required=False, allow_null=True)
 
 
 class EvalUpdateInput(serializers.Serializer):
     name = serializers.CharField(required=False, allow_blank=True, allow_null=True, max_length=200)
-    metadata = serializers.JSONField(required=False, allow_null=True)
+    metadata = MetadataField(required=False, allow_null=True)
 
 
 class RunCreateInput(serializers.Serializer):
     name = serializers.CharField(required=False, allow_blank=True, allow_null=True, max_length=200)
-    data_source = serializers.JSONField()
-    metadata = serializers.JSONField(required=False, allow_null=True)
+    data_source = DataSourceField()
+    metadata = MetadataField(required=False, allow_null=True)
 
 
 def _eval(request, eval_id: str) -> Eval:
@@ -160,12 +178,22 @@ def _run(request, eval_id: str, run_id: str) -> EvalRun:
     return run
 
 
-@extend_schema(responses=OpenApiTypes.OBJECT)
 class EvalListCreate(APIView):
+    @extend_schema(
+        operation_id="listEvals",
+        summary="List your evals, newest first",
+        parameters=cursor_parameters(),
+        responses={200: EvalList, **errors(400)},
+    )
     def get(self, request):
         return Response(cursor_page(selectors.evals_for(request.user), request.query_params, to_dict=eval_object))
 
-    @extend_schema(request=EvalCreateInput, responses=OpenApiTypes.OBJECT)
+    @extend_schema(
+        operation_id="createEval",
+        summary="Create an eval: the data's shape and its graders",
+        request=EvalCreateInput,
+        responses={200: EvalObject, **errors(400)},
+    )
     def post(self, request):
         incoming = EvalCreateInput(data=request.data)
         incoming.is_valid(raise_exception=True)
@@ -180,12 +208,18 @@ class EvalListCreate(APIView):
         return Response(eval_object(evaluation))
 
 
-@extend_schema(responses=OpenApiTypes.OBJECT)
+@extend_schema(parameters=[EVAL_ID])
 class EvalDetail(APIView):
+    @extend_schema(operation_id="getEval", summary="An eval", responses={200: EvalObject, **errors(404)})
     def get(self, request, eval_id):
         return Response(eval_object(_eval(request, eval_id)))
 
-    @extend_schema(request=EvalUpdateInput, responses=OpenApiTypes.OBJECT)
+    @extend_schema(
+        operation_id="updateEval",
+        summary="Rename an eval or replace its metadata",
+        request=EvalUpdateInput,
+        responses={200: EvalObject, **errors(400, 404)},
+    )
     def post(self, request, eval_id):
         """Rename it or replace its metadata (OpenAI's update)."""
         incoming = EvalUpdateInput(data=request.data)
@@ -196,21 +230,37 @@ class EvalDetail(APIView):
         )
         return Response(eval_object(evaluation))
 
+    @extend_schema(
+        operation_id="deleteEval",
+        summary="Delete an eval and its runs",
+        responses={200: EvalDeleted, **errors(400, 404)},
+    )
     def delete(self, request, eval_id):
         evaluation = _eval(request, eval_id)
         services.eval_delete(evaluation=evaluation)
         return Response({"object": "eval.deleted", "deleted": True, "eval_id": eval_id})
 
 
-@extend_schema(responses=OpenApiTypes.OBJECT)
+@extend_schema(parameters=[EVAL_ID])
 class RunListCreate(APIView):
+    @extend_schema(
+        operation_id="getEvalRuns",
+        summary="An eval's runs, newest first",
+        parameters=[*cursor_parameters(), RUN_STATUS],
+        responses={200: EvalRunList, **errors(400, 404)},
+    )
     def get(self, request, eval_id):
         runs = _eval(request, eval_id).runs.select_related("eval")
         if request.query_params.get("status"):
             runs = runs.filter(status=request.query_params["status"])
         return Response(cursor_page(runs, request.query_params, to_dict=run_object))
 
-    @extend_schema(request=RunCreateInput, responses=OpenApiTypes.OBJECT)
+    @extend_schema(
+        operation_id="createEvalRun",
+        summary="Run a model over the eval's data; it is answered and graded in the background",
+        request=RunCreateInput,
+        responses={200: EvalRunObject, **errors(400, 404)},
+    )
     def post(self, request, eval_id):
         incoming = RunCreateInput(data=request.data)
         incoming.is_valid(raise_exception=True)
@@ -224,38 +274,62 @@ class RunListCreate(APIView):
         return Response(run_object(run))
 
 
-@extend_schema(responses=OpenApiTypes.OBJECT)
+@extend_schema(parameters=[EVAL_ID, RUN_ID])
 class RunDetail(APIView):
+    @extend_schema(operation_id="getEvalRun", summary="A run", responses={200: EvalRunObject, **errors(404)})
     def get(self, request, eval_id, run_id):
         return Response(run_object(_run(request, eval_id, run_id)))
 
-    @extend_schema(request=None, responses=OpenApiTypes.OBJECT)
+    @extend_schema(
+        operation_id="cancelEvalRunByPost",
+        summary="Cancel a run (the REST reference's spelling)",
+        request=None,
+        responses={200: EvalRunObject, **errors(400, 404)},
+    )
     def post(self, request, eval_id, run_id):
         """Cancel, as OpenAI's REST reference has it (the SDK posts to .../cancel)."""
         return Response(run_object(services.run_cancel(run=_run(request, eval_id, run_id))))
 
+    @extend_schema(
+        operation_id="deleteEvalRun", summary="Delete a run", responses={200: RunDeleted, **errors(400, 404)}
+    )
     def delete(self, request, eval_id, run_id):
         run = _run(request, eval_id, run_id)
         services.run_delete(run=run)
         return Response({"object": "eval.run.deleted", "deleted": True, "run_id": run_id})
 
 
-@extend_schema(responses=OpenApiTypes.OBJECT)
 class RunCancel(APIView):
-    @extend_schema(request=None, responses=OpenApiTypes.OBJECT)
+    @extend_schema(
+        operation_id="cancelEvalRun",
+        summary="Cancel a run (the SDK's spelling)",
+        parameters=[EVAL_ID, RUN_ID],
+        request=None,
+        responses={200: EvalRunObject, **errors(400, 404)},
+    )
     def post(self, request, eval_id, run_id):
         return Response(run_object(services.run_cancel(run=_run(request, eval_id, run_id))))
 
 
-@extend_schema(responses=OpenApiTypes.OBJECT)
 class RunResume(APIView):
-    @extend_schema(request=None, responses=OpenApiTypes.OBJECT)
+    @extend_schema(
+        operation_id="resumeEvalRun",
+        summary="Ours: resume a canceled or failed run; only what is left is answered",
+        parameters=[EVAL_ID, RUN_ID],
+        request=None,
+        responses={200: EvalRunObject, **errors(400, 404)},
+    )
     def post(self, request, eval_id, run_id):
         return Response(run_object(services.run_resume(run=_run(request, eval_id, run_id))))
 
 
-@extend_schema(responses=OpenApiTypes.OBJECT)
 class OutputItemList(APIView):
+    @extend_schema(
+        operation_id="getEvalRunOutputItems",
+        summary="A run's answers with their grades",
+        parameters=[EVAL_ID, RUN_ID, *cursor_parameters(), ITEM_STATUS],
+        responses={200: OutputItems, **errors(400, 404)},
+    )
     def get(self, request, eval_id, run_id):
         run = _run(request, eval_id, run_id)
         rows = run.items.select_related("run__eval")
@@ -264,8 +338,13 @@ class OutputItemList(APIView):
         return Response(cursor_page(rows, request.query_params, to_dict=output_item_object))
 
 
-@extend_schema(responses=OpenApiTypes.OBJECT)
 class OutputItemDetail(APIView):
+    @extend_schema(
+        operation_id="getEvalRunOutputItem",
+        summary="One answer with its grades",
+        parameters=[EVAL_ID, RUN_ID, ITEM_ID],
+        responses={200: OutputItemObject, **errors(404)},
+    )
     def get(self, request, eval_id, run_id, item_id):
         item = _run(request, eval_id, run_id).items.select_related("run__eval").filter(public_id=item_id).first()
         if item is None:

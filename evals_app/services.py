@@ -26,6 +26,7 @@ from deployments_app.chat.serving import open_events
 from finetune_site.api_errors import ApiError
 from finetune_site.broker import send_task, waiting_task_args
 from finetune_site.errors import ApplicationError, Busy, InvalidInput, InvalidState, NotFound
+from finetune_site.metadata import check_metadata
 from llm.evals.graders import GraderError, Sample, check_criteria, grade, judge_models
 from llm.evals.stats import is_label_task, label_summary, mean_interval
 from llm.evals.templates import MissingField
@@ -56,7 +57,7 @@ def eval_create(
 ):
     """Check the graders against the data's fields and the judges against the models the owner may use."""
     config = _data_source_config(data_source_config)
-    _check_metadata(metadata)
+    check_metadata(metadata)
     properties = (config.get("item_schema") or {}).get("properties")
     item_fields = set(properties) if isinstance(properties, dict) else None
     try:
@@ -162,7 +163,7 @@ def eval_update(*, evaluation: Eval, name=None, metadata=None) -> Eval:
             raise InvalidInput("name must be a string of at most 200 characters.", param="name")
         evaluation.name = name
     if metadata is not None:
-        _check_metadata(metadata)
+        check_metadata(metadata)
         evaluation.metadata = metadata
     evaluation.save(update_fields=["name", "metadata"])
     return evaluation
@@ -199,11 +200,6 @@ def _check_input_messages(spec) -> None:
         'or {"type": "item_reference", "item_reference": "item.<field>"}.',
         param="data_source.input_messages",
     )
-
-
-def _check_metadata(metadata) -> None:
-    if metadata is not None and not isinstance(metadata, dict):
-        raise InvalidInput("metadata must be an object of string pairs.", param="metadata")
 
 
 def _enqueue(run_pk: int) -> None:

@@ -29,7 +29,7 @@ from .errors import (
 
 log = logging.getLogger(__name__)
 
-_TYPES = {
+ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
@@ -79,7 +79,7 @@ def error_body(message: str, *, status_code: int, param=None, code=None) -> dict
     return {
         "error": {
             "message": message,
-            "type": _TYPES.get(status_code, "server_error" if status_code >= 500 else "invalid_request_error"),
+            "type": ERROR_TYPES.get(status_code, "server_error" if status_code >= 500 else "invalid_request_error"),
             "param": param,
             "code": code,
         }

@@ -92,38 +92,39 @@ def add_tokens(user, tokens: int) -> None:
         _count("tokens", user.pk, tokens)
 
 
-def _open_stream(user_id: int) -> bool:
+def _open_stream(user_id: int, streams: int = 1) -> bool:
     limit = settings.FT_MAX_CHAT_STREAMS_PER_USER
     if not limit:
         return True
     key = f"ft:streams:{user_id}"
     try:
-        count, _ = redis_client().pipeline().incr(key).expire(key, _STREAM_KEY_SECONDS).execute()
+        count, _ = redis_client().pipeline().incrby(key, streams).expire(key, _STREAM_KEY_SECONDS).execute()
         if count > limit:
-            redis_client().decr(key)
+            redis_client().decrby(key, streams)
             return False
     except (redis.RedisError, OSError) as error:
         log.warning("chat streams are not counted: Redis is unreachable (%s)", error)
     return True
 
 
-def _close_stream(user_id: int) -> None:
+def _close_stream(user_id: int, streams: int = 1) -> None:
     if not settings.FT_MAX_CHAT_STREAMS_PER_USER:
         return
     try:
-        redis_client().decr(f"ft:streams:{user_id}")
+        redis_client().decrby(f"ft:streams:{user_id}", streams)
     except (redis.RedisError, OSError):
         pass  # the key expires on its own
 
 
-def admit_chat(user) -> None:
-    """Count a chat request and take one of the user's open-stream slots; finish_chat gives it back.
+def admit_chat(user, streams: int = 1) -> None:
+    """Count a chat request and take `streams` of the user's open-stream slots (one per choice of `n`).
 
-    Raises Busy past the requests or tokens per minute, or with FT_MAX_CHAT_STREAMS_PER_USER open.
+    finish_chat gives them back. Raises Busy past the requests or tokens per minute, or when
+    FT_MAX_CHAT_STREAMS_PER_USER would be passed.
     """
     take_request(user)
     check_tokens(user)
-    if not _open_stream(user.pk):
+    if not _open_stream(user.pk, streams):
         limit = settings.FT_MAX_CHAT_STREAMS_PER_USER
         raise Busy(
             f"Too many chat requests at once: your account may have {limit} open. Retry when one has finished.",
@@ -132,10 +133,10 @@ def admit_chat(user) -> None:
         )
 
 
-def finish_chat(user, tokens: int) -> None:
-    """A chat request admitted by admit_chat ended, having used tokens (prompt and answer)."""
+def finish_chat(user, tokens: int, streams: int = 1) -> None:
+    """A chat request admitted by admit_chat (with as many streams) ended, having used tokens (prompt and answer)."""
     add_tokens(user, tokens)
-    _close_stream(user.pk)
+    _close_stream(user.pk, streams)
 
 
 class RequestRate(BaseThrottle):

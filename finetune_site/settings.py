@@ -260,7 +260,17 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
-    "PREPROCESSING_HOOKS": ["finetune_site.schema.drop_zhipu_mirror"],
+    # 3.1: JSON Schema proper, so a streamed answer's events can say they hold chat chunks (contentSchema).
+    "OAS_VERSION": "3.1.0",
+    # A PATCH body is described as the view reads it (scaling needs `instances`), not with every field optional.
+    "COMPONENT_SPLIT_PATCH": False,
+    "PREPROCESSING_HOOKS": ["finetune_site.schema.describe_plain_views_once"],
+    # Not drf-spectacular's enum hook: each fixed value stays inline where it is used (`object: "file"`).
+    "POSTPROCESSING_HOOKS": [
+        "finetune_site.schema.add_components",
+        "finetune_site.schema.add_common_errors",
+        "finetune_site.schema.mirror_zhipu_paths",
+    ],
 }
 
 # --- Files
@@ -282,6 +292,20 @@ FT_ARTIFACTS_DIR = FT_HOME / "artifacts"
 FT_KEEP_CHECKPOINTS = env_int("FT_KEEP_CHECKPOINTS", 2, minimum=0)
 FT_HEARTBEAT_SECONDS = env_int("FT_HEARTBEAT_SECONDS", 5, minimum=1)
 FT_HEARTBEAT_TIMEOUT = env_int("FT_HEARTBEAT_TIMEOUT", 30, minimum=2)
+# Training processes (torchrun ranks, DDP for LoRA, llm/train/launch.py) a job gets unless it asks, and the most it
+# may ask. Each rank holds a copy of the model (on GPUs, one GPU each), so the machine's owner opens it up:
+# set the maximum to the GPUs (or the cores and memory) one training worker may use.
+FT_TRAIN_PROCESSES = env_int("FT_TRAIN_PROCESSES", 1, minimum=1)
+FT_TRAIN_MAX_PROCESSES = env_int("FT_TRAIN_MAX_PROCESSES", FT_TRAIN_PROCESSES, minimum=1)
+# Experiment trackers every new job reports to unless its form says otherwise: a comma list of
+# tensorboard, mlflow, wandb (jobs_app.trackers). Empty: none; the jobs page still offers them.
+FT_REPORT_TO = [name.strip().lower() for name in env_str("FT_REPORT_TO").split(",") if name.strip()]
+if _unknown := [name for name in FT_REPORT_TO if name not in ("tensorboard", "mlflow", "wandb")]:
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(
+        f"FT_REPORT_TO names an unknown tracker {_unknown[0]!r}; use a comma list of tensorboard, mlflow, wandb"
+    )
 # A dataset whose validation, writing or statistics task has not ended this long after it was
 # queued (a Redis restart, a killed worker) is queued again by the housekeeping sweep.
 # By default longer than a task may run, so a task still running is not queued twice.

@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.urls import include, path, re_path
-from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
 from datasets_app import api as files_api
 from deployments_app.catalog import api as models_api
@@ -65,8 +65,10 @@ urlpatterns = [
     path("api/deployments", deployments_api.DeploymentListCreate.as_view(), name="api_deployments"),
     path("api/deployments/<str:deployment_id>", deployments_api.DeploymentDetail.as_view(), name="api_deployment"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    # A page for people: without a session it sends them to the login page (the schema answers 401).
+    # Pages for people: without a session they send them to the login page (the schema answers 401).
+    # Redoc to read; Swagger UI to try calls (Authorize with an API key, or the session of the page).
     path("api/docs/", login_required(SpectacularRedocView.as_view(url_name="schema")), name="api_docs"),
+    path("api/docs/swagger/", login_required(SpectacularSwaggerView.as_view(url_name="schema")), name="api_swagger"),
     path("v1/", include(api_patterns)),
     path("api/paas/v4/", include(api_patterns)),
 ]

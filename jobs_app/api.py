@@ -4,7 +4,6 @@ from django.db.models import TextField
 from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import Cast
 from django.http import Http404
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
@@ -12,9 +11,20 @@ from rest_framework.views import APIView
 
 from finetune_site.api_errors import ApiError
 from finetune_site.ids import unix
+from finetune_site.openapi import cursor_parameters, errors
 from finetune_site.pagination import cursor_page
 
 from . import selectors, services
+from .api_schema import (
+    CHECKPOINT_METRICS,
+    DPO_CHECKPOINT_METRICS,
+    JOB_ID,
+    METADATA_FILTER,
+    JobCheckpointList,
+    JobEventList,
+    JobList,
+    JobObject,
+)
 from .hyperparameters import (
     HOLDOUT_PERCENT,
     METHODS,
@@ -50,9 +60,10 @@ def job_object(job: FineTuningJob) -> dict:
         "seed": job.seed,
         "error": job.error,
         "estimated_finish": unix(job.estimated_finish),
-        "integrations": [],
+        "integrations": job.integrations or [],
         "metadata": job.metadata,
         "user_provided_suffix": job.suffix or None,
+        "processes": job.processes,
         "progress": {"step": job.step, "total_steps": job.total_steps or job.resolved.get("total_steps", 0)},
     }
 
@@ -86,25 +97,6 @@ def checkpoint_object(checkpoint: Checkpoint) -> dict:
     }
 
 
-CHECKPOINT_METRICS = (
-    "train_loss",
-    "train_mean_token_accuracy",
-    "valid_loss",
-    "valid_mean_token_accuracy",
-    "full_valid_loss",
-    "full_valid_mean_token_accuracy",
-)
-"""The engine stores a checkpoint's metrics under the names of OpenAI's checkpoint object."""
-
-DPO_CHECKPOINT_METRICS = (
-    "train_reward_accuracy",
-    "valid_reward_accuracy",
-    "train_reward_margin",
-    "valid_reward_margin",
-)
-"""What a DPO run's checkpoints add (their token accuracies are None)."""
-
-
 class JobCreateInput(serializers.Serializer):
     model = serializers.CharField()
     training_file = serializers.CharField()
@@ -120,6 +112,20 @@ class JobCreateInput(serializers.Serializer):
     suffix = serializers.CharField(required=False, allow_null=True, allow_blank=True, max_length=64)
     seed = serializers.IntegerField(required=False, allow_null=True)
     metadata = serializers.JSONField(required=False, allow_null=True)
+    # Checked by the service (jobs_app.trackers), which names the exact field of a bad one.
+    integrations = serializers.JSONField(
+        required=False, allow_null=True, help_text='OpenAI\'s: [{"type": "wandb", "wandb": {"project": ...}}].'
+    )
+    processes = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        help_text="Ours: training processes (torchrun ranks with DDP) on the worker's machine; default FT_TRAIN_PROCESSES.",
+    )
+    report_to = serializers.JSONField(
+        required=False,
+        allow_null=True,
+        help_text="Ours: experiment trackers, a list of tensorboard, mlflow, wandb (default: the server's FT_REPORT_TO).",
+    )
 
 
 def _method_from(data: dict) -> tuple[str | None, dict | None]:
@@ -153,8 +159,13 @@ def _owned(request, job_id: str) -> FineTuningJob:
     return job
 
 
-@extend_schema(responses=OpenApiTypes.OBJECT)
 class JobListCreate(APIView):
+    @extend_schema(
+        operation_id="listFineTuningJobs",
+        summary="List your fine-tuning jobs, newest first",
+        parameters=[*cursor_parameters(), METADATA_FILTER],
+        responses={200: JobList, **errors(400)},
+    )
     def get(self, request):
         jobs = selectors.jobs_for(request.user)
         for index, (key, value) in enumerate(request.query_params.items()):
@@ -166,7 +177,12 @@ class JobListCreate(APIView):
                 jobs = jobs.annotate(**{name: text}).filter(**{name: value})
         return Response(cursor_page(jobs, request.query_params, to_dict=job_object))
 
-    @extend_schema(request=JobCreateInput, responses=OpenApiTypes.OBJECT)
+    @extend_schema(
+        operation_id="createFineTuningJob",
+        summary="Create a job; it starts once its files are validated",
+        request=JobCreateInput,
+        responses={200: JobObject, **errors(400, 404)},
+    )
     def post(self, request):
         incoming = JobCreateInput(data=request.data)
         incoming.is_valid(raise_exception=True)
@@ -184,49 +200,83 @@ class JobListCreate(APIView):
             suffix=data.get("suffix"),
             seed=data.get("seed"),
             metadata=data.get("metadata"),
+            integrations=data.get("integrations"),
+            report_to=data.get("report_to"),
+            processes=data.get("processes"),
         )
         return Response(job_object(job))
 
 
-@extend_schema(responses=OpenApiTypes.OBJECT)
+@extend_schema(parameters=[JOB_ID])
 class JobDetail(APIView):
+    @extend_schema(operation_id="retrieveFineTuningJob", summary="A job", responses={200: JobObject, **errors(404)})
     def get(self, request, job_id):
         return Response(job_object(_owned(request, job_id)))
 
+    @extend_schema(
+        operation_id="deleteFineTuningJob",
+        summary="zhipuai's delete: a job that is not running (its model stays)",
+        responses={200: JobObject, **errors(400, 404)},
+    )
     def delete(self, request, job_id):
         return Response(job_object(services.job_delete(job=_owned(request, job_id))))
 
 
-@extend_schema(responses=OpenApiTypes.OBJECT)
 class JobCancel(APIView):
-    @extend_schema(request=None, responses=OpenApiTypes.OBJECT)
+    @extend_schema(
+        operation_id="cancelFineTuningJob",
+        summary="Cancel a job that has not finished",
+        parameters=[JOB_ID],
+        request=None,
+        responses={200: JobObject, **errors(400, 404)},
+    )
     def post(self, request, job_id):
         return Response(job_object(services.job_cancel(job=_owned(request, job_id))))
 
 
-@extend_schema(responses=OpenApiTypes.OBJECT)
 class JobPause(APIView):
-    @extend_schema(request=None, responses=OpenApiTypes.OBJECT)
+    @extend_schema(
+        operation_id="pauseFineTuningJob",
+        summary="Pause a running job at its next checkpoint",
+        parameters=[JOB_ID],
+        request=None,
+        responses={200: JobObject, **errors(400, 404)},
+    )
     def post(self, request, job_id):
         return Response(job_object(services.job_pause(job=_owned(request, job_id))))
 
 
-@extend_schema(responses=OpenApiTypes.OBJECT)
 class JobResume(APIView):
-    @extend_schema(request=None, responses=OpenApiTypes.OBJECT)
+    @extend_schema(
+        operation_id="resumeFineTuningJob",
+        summary="Resume a paused job from its last checkpoint",
+        parameters=[JOB_ID],
+        request=None,
+        responses={200: JobObject, **errors(400, 404)},
+    )
     def post(self, request, job_id):
         return Response(job_object(services.job_resume(job=_owned(request, job_id))))
 
 
-@extend_schema(responses=OpenApiTypes.OBJECT)
 class JobEvents(APIView):
+    @extend_schema(
+        operation_id="listFineTuningEvents",
+        summary="A job's log lines and metrics points, newest first",
+        parameters=[JOB_ID, *cursor_parameters()],
+        responses={200: JobEventList, **errors(400, 404)},
+    )
     def get(self, request, job_id):
         job = _owned(request, job_id)
         return Response(cursor_page(job.events.all(), request.query_params, to_dict=event_object))
 
 
-@extend_schema(responses=OpenApiTypes.OBJECT)
 class JobCheckpoints(APIView):
+    @extend_schema(
+        operation_id="listFineTuningJobCheckpoints",
+        summary="A job's kept checkpoints, newest first",
+        parameters=[JOB_ID, *cursor_parameters(default_limit=10)],
+        responses={200: JobCheckpointList, **errors(400, 404)},
+    )
     def get(self, request, job_id):
         job = _owned(request, job_id)
         return Response(

@@ -1,6 +1,7 @@
 """The "Create fine-tuning task" form; its hyperparameter fields come from their definitions."""
 
 from django import forms
+from django.conf import settings
 
 from datasets_app.selectors import ready_datasets_for
 from deployments_app.catalog import base_models
@@ -10,6 +11,7 @@ from llm.train.hyperparameters import HYPERPARAMETERS as DEFINITIONS
 from .hyperparameters import HOLDOUT_PERCENT, METHODS, form_field
 from .models import FineTuningJob
 from .objectives import kind_words, objective_of
+from .trackers import LABELS as TRACKER_LABELS
 
 METHOD_LABELS = {"lora": "LoRA", "dora": "DoRA", "full": "Full fine-tuning", "qlora": "QLoRA (CUDA workers only)"}
 HYPERPARAMETERS = tuple(definition.name for definition in DEFINITIONS)
@@ -35,6 +37,16 @@ class JobForm(_HyperparameterFields):
     method = forms.ChoiceField(label="Method", choices=[(m, METHOD_LABELS[m]) for m in METHODS], initial="lora")
     suffix = forms.CharField(label="Model name suffix", max_length=64, required=False)
     seed = forms.IntegerField(label="Seed", min_value=0, max_value=2**31 - 1, required=False, initial=42)
+    report_to = forms.MultipleChoiceField(
+        label="Experiment trackers",
+        choices=[
+            (name, f"{label} (offline unless WANDB_API_KEY is set)" if name == "wandb" else label)
+            for name, label in TRACKER_LABELS.items()
+        ],
+        widget=forms.CheckboxSelectMultiple,
+        required=False,
+        help_text="Every metric of the run is written with their own libraries too; the job page says where.",
+    )
 
     field_order = [
         "model",
@@ -46,6 +58,7 @@ class JobForm(_HyperparameterFields):
         *HYPERPARAMETERS,
         "suffix",
         "seed",
+        "report_to",
     ]
 
     def __init__(self, *args, user, **kwargs):
@@ -65,6 +78,7 @@ class JobForm(_HyperparameterFields):
         objective = self.current_objective()
         if not self.is_bound:
             self.initial.setdefault("objective", objective)
+            self.initial.setdefault("report_to", settings.FT_REPORT_TO)
         for definition in DEFINITIONS:
             if len(definition.objectives) < len(FineTuningJob.OBJECTIVE_CHOICES):
                 # Shown only for its objectives (beta for DPO); a hidden one is disabled so it is not sent.
@@ -99,6 +113,7 @@ class JobForm(_HyperparameterFields):
             "objective": job.objective,
             "suffix": job.suffix,
             "seed": job.seed,
+            "report_to": job.trackers,
         }
         initial.update({k: v for k, v in (job.hyperparameters or {}).items() if k in HYPERPARAMETERS and v != "auto"})
         if job.holdout_percent and not job.validation_file_ref:

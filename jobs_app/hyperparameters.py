@@ -131,6 +131,8 @@ class DefinedValueSchema(OpenApiSerializerFieldExtension):
         value = {"type": {int: "integer", float: "number", str: "string"}[definition.type]}
         if definition.minimum is not None:
             value.update(minimum=definition.minimum, maximum=definition.maximum)
+        if definition.accepts_auto and definition.type is str:
+            value["not"] = {"enum": ["auto"]}  # else "auto" is both branches of the oneOf, which then refuses it
         if definition.accepts_auto:
             return {
                 "oneOf": [value, {"type": "string", "enum": ["auto"]}],

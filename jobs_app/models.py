@@ -56,12 +56,19 @@ class FineTuningJob(models.Model):
     resolved = models.JSONField(default=dict)
     suffix = models.CharField(max_length=64, blank=True)
     seed = models.IntegerField(default=42)
+    processes = models.PositiveSmallIntegerField(default=1)
+    """Training processes (torchrun ranks, DDP) on the worker's machine; 1 trains inside the worker itself."""
     # The share of the training file asked to be held out for validation (0: none).
     holdout_percent = models.PositiveSmallIntegerField(default=0)
     # When the job last joined the training queue (created, resumed, retried or re-queued
     # after a lost worker): workers take jobs in this order, not in the order of creation.
     queued_at = models.DateTimeField(default=timezone.now)
     metadata = models.JSONField(null=True, blank=True)
+    # OpenAI's `integrations` as sent (a wandb run), and the trackers asked for by name (FT_REPORT_TO or the form).
+    integrations = models.JSONField(default=list, blank=True)
+    report_to = models.JSONField(default=list, blank=True)
+    # Where each tracker writes (a folder, a tracking URI and run id), from the first run on: a resumed job continues there.
+    tracking = models.JSONField(default=dict, blank=True)
 
     # Written only by jobs_app.transitions, the one place that knows which moves are allowed.
     status = models.CharField(max_length=20, choices=STATUS_CHOICES, default=QUEUED)
@@ -110,6 +117,13 @@ class FineTuningJob(models.Model):
     def display_name(self) -> str:
         """How charts and tables tell jobs apart: the suffix the user chose, else the id."""
         return f"{self.suffix} ({self.public_id[-8:]})" if self.suffix else self.public_id
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers that record its runs: those asked for by name, and W&B when an integration asks for it."""
+        from .trackers import names_of
+
+        return names_of(self.report_to or [], self.integrations or [])
 
     @property
     def output_dir(self):

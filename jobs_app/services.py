@@ -21,6 +21,7 @@ from deployments_app.deployments.services import cancel_deployments_of
 from finetune_site import quotas
 from finetune_site.broker import send_task, waiting_task_args
 from finetune_site.errors import ApplicationError, Busy, InvalidInput, InvalidState
+from finetune_site.metadata import check_metadata
 from finetune_site.services import notify
 from llm.train import ConfigError, TrainConfig
 from llm.train.hyperparameters import to_engine
@@ -31,6 +32,7 @@ from .models import Checkpoint, FineTuningJob, JobEvent
 from .objectives import OBJECTIVES, check_hyperparameters_for, check_training_file, check_validation_file
 from .publish import publish
 from .sink import JobSink, Watchdog, wake_watchdog
+from .trackers import check_integrations, check_report_to
 
 log = logging.getLogger(__name__)
 
@@ -58,32 +60,6 @@ def _fit_files(
         check_validation_file(valid_set, training=train_set)
     examples = train_set.examples or 0
     return objective, resolve_hyperparameters(requested, method=method, examples=examples, objective=objective)
-
-
-METADATA_LIMITS = {"keys": 16, "key_chars": 64, "value_chars": 512}
-"""OpenAI's limits on a job's metadata: up to 16 string pairs."""
-
-
-def _check_metadata(metadata) -> None:
-    if metadata is None:
-        return
-    if not isinstance(metadata, dict):
-        raise InvalidInput("metadata must be an object of string keys and string values.", param="metadata")
-    if len(metadata) > METADATA_LIMITS["keys"]:
-        raise InvalidInput(
-            f"metadata may hold at most {METADATA_LIMITS['keys']} pairs, got {len(metadata)}.", param="metadata"
-        )
-    for key, value in metadata.items():
-        if len(key) > METADATA_LIMITS["key_chars"]:
-            raise InvalidInput(
-                f"metadata key {key[:20]!r}... is longer than {METADATA_LIMITS['key_chars']} characters.",
-                param="metadata",
-            )
-        if not isinstance(value, str) or len(value) > METADATA_LIMITS["value_chars"]:
-            raise InvalidInput(
-                f"metadata[{key!r}] must be a string of at most {METADATA_LIMITS['value_chars']} characters.",
-                param="metadata",
-            )
 
 
 @dataclass(frozen=True)
@@ -171,13 +147,18 @@ def job_create(
     seed: int | None = None,
     metadata: dict | None = None,
     holdout_percent: int = 0,
+    integrations: list | None = None,
+    report_to: list[str] | None = None,
+    processes: int | None = None,
 ) -> FineTuningJob:
     """Check everything a run needs, save the job queued and enqueue it after commit.
 
     method is the training type (lora when not given, or that of the fine-tuned model
     it starts from); objective is sft or dpo, or None to train what the training file holds.
     A file still being validated is checked when it is processed: the job waits in
-    validating_files until then (`job_advance`).
+    validating_files until then (`job_advance`). report_to names the experiment trackers
+    (None: FT_REPORT_TO); integrations is OpenAI's, a W&B run. processes > 1 trains with that many
+    torchrun ranks (None: FT_TRAIN_PROCESSES).
     """
     _check_active_jobs(owner)
     quotas.check_not_full(owner)  # its checkpoints would be refused at once
@@ -196,8 +177,11 @@ def job_create(
         raise InvalidInput("suffix may contain only letters, digits, '-', '_' and '.'.", param="suffix")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**31 - 1):
         raise InvalidInput("seed must be an integer between 0 and 2147483647.", param="seed")
-    _check_metadata(metadata)
+    check_metadata(metadata)
+    integrations = check_integrations(integrations)
+    report_to = check_report_to(settings.FT_REPORT_TO if report_to is None else report_to)
     requested = check_hyperparameters(hyperparameters)
+    processes = _check_processes(settings.FT_TRAIN_PROCESSES if processes is None else processes)
     train_set = _usable_file(owner, training_file, "training_file")
     valid_set = _usable_file(owner, validation_file, "validation_file") if validation_file else None
     waiting_on = [d.public_id for d in (train_set, valid_set) if d is not None and d.status == Dataset.UPLOADED]
@@ -217,6 +201,7 @@ def job_create(
 
     job = FineTuningJob.objects.create(
         owner=owner,
+        processes=processes,
         base_model=start.base.id,
         init_model=start.trained.id if start.trained else "",
         training_file=train_set,
@@ -230,6 +215,8 @@ def job_create(
         suffix=suffix,
         seed=seed if seed is not None else 42,
         metadata=metadata,
+        integrations=integrations,
+        report_to=report_to,
         holdout_percent=holdout_percent,
         status=FineTuningJob.VALIDATING if holdout_percent or waiting_on else FineTuningJob.QUEUED,
     )
@@ -624,10 +611,21 @@ def _local_path(dataset: Dataset) -> str:
     return field.path
 
 
+def _check_processes(processes) -> int:
+    most = settings.FT_TRAIN_MAX_PROCESSES
+    if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= most:
+        raise InvalidInput(
+            f"processes must be a whole number from 1 to {most} (FT_TRAIN_MAX_PROCESSES), got {processes!r}.",
+            param="processes",
+        )
+    return processes
+
+
 def job_run(*, job_id: int, worker: str | None = None) -> None:
     """Claim a queued job and train it to the end, a pause, a cancel or a failure."""
     from llm.train import train  # loads torch: only the training worker pays for it
     from llm.train.checkpoint import DiskFull, limit_room
+    from llm.train.launch import TrainingProcessesFailed, train_in_processes
 
     job = FineTuningJob.objects.filter(pk=job_id).first()
     # Unique per process: two worker processes on one host must never pass for each other.
@@ -652,11 +650,22 @@ def job_run(*, job_id: int, worker: str | None = None) -> None:
     try:
         config = build_train_config(job, resume_from=checkpoint.path if checkpoint else None)
         with watchdog:
-            summary = train(config, sink=sink, should_stop=should_stop)
+            # Inside the watch: a tracker may take seconds to open, and the heartbeat must go on meanwhile.
+            sink.open_trackers(resume_step=checkpoint.step if checkpoint else None)
+            if job.processes > 1:
+                # Rank 0's lines reach the sink as train()'s calls would; a stop reaches every rank at one step.
+                run_id = f"{job.public_id}-{job.attempts}"  # a new attempt never joins an old one's ranks
+                summary = train_in_processes(
+                    config, processes=job.processes, sink=sink, should_stop=should_stop, run_id=run_id
+                )
+            else:
+                summary = train(config, sink=sink, should_stop=should_stop)
     except ConfigError as exc:
         failure = {"code": "invalid_config", "message": "; ".join(exc.problems), "param": None}
     except DiskFull as exc:
         failure = {"code": "disk_full", "message": exc.strerror, "param": None}
+    except TrainingProcessesFailed as exc:  # one rank died: torchrun ended the others, the attempt fails
+        failure = {"code": "training_failed", "message": str(exc)[-2000:], "param": None}
     except Exception as exc:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a write between checkpoints
             message = f"The disk filled while training ({exc.strerror}). Earlier checkpoints are kept; free some "
@@ -669,12 +678,25 @@ def job_run(*, job_id: int, worker: str | None = None) -> None:
         if watchdog.lost or sink.lost:
             sink.discard()
         sink.flush()
+        # Before the job's status says it ended, so whoever sees it final finds the trackers' files complete.
+        sink.close_trackers(_outcome(summary, failure, lost=watchdog.lost or sink.lost))
     if watchdog.lost or sink.lost:
         log.warning(
             "job %s: %s stopped; the job was handed to another worker after its heartbeat lapsed", job.public_id, worker
         )
         return
     _finish_run(job, summary, failure, sink)
+
+
+def _outcome(summary: dict | None, failure: dict | None, *, lost: bool) -> str:
+    """How a run ended, in the trackers' words (jobs_app.trackers.OUTCOMES)."""
+    if lost:
+        return "lost"
+    if failure is not None or summary is None:
+        return "failed"
+    if summary.get("stopped"):
+        return "paused" if summary["stopped"] == "pause" else "cancelled"
+    return "succeeded"
 
 
 def _resumable_checkpoint(job: FineTuningJob) -> Checkpoint | None:

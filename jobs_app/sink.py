@@ -20,6 +20,7 @@ from . import transitions
 from .models import Checkpoint, FineTuningJob, JobEvent
 from .publish import metrics_event_data, publish
 from .selectors import SMOOTHING
+from .trackers import RunInfo, Trackers, eval_metrics, train_metrics
 
 log = logging.getLogger(__name__)
 _FLUSH_SECONDS = 1.0
@@ -89,6 +90,7 @@ class JobSink:
         self._smoothed_train: float | None = None  # of the watched training metric
         self._evals: list[tuple[float, float]] = []  # (watched validation metric, smoothed training metric)
         self._warned_overfitting = False
+        self.trackers = Trackers(warn=lambda message: self.event(message, level="warn"))
         from llm.train.checkpoint import limit_room  # loads torch: only a training run needs it
 
         # Before each checkpoint the engine asks whether the owner's storage quota has room for it.
@@ -112,6 +114,8 @@ class JobSink:
             self._smoothed_train = value if previous is None else SMOOTHING * previous + (1 - SMOOTHING) * value
         # emitted_at lets a client measure engine-to-browser latency (benchmarks/curve_latency.py).
         publish(self.job.public_id, {"type": "metric", **data, "emitted_at": time.time()})
+        if not self.lost:
+            self.trackers.log(train_metrics(payload), payload["step"])
         self._maybe_flush()
 
     def _on_eval(self, payload: dict) -> None:
@@ -121,6 +125,8 @@ class JobSink:
             JobEvent(job=self.job, type=JobEvent.METRICS, step=payload["step"], message=message, data=data)
         )
         publish(self.job.public_id, {"type": "eval", **data})
+        if not self.lost:
+            self.trackers.log(eval_metrics(payload), payload["step"])
         self._watch_overfitting(payload.get(self._watched.valid_key))
         self._maybe_flush()
 
@@ -169,6 +175,40 @@ class JobSink:
 
     def _on_summary(self, payload: dict) -> None:
         self.summary = payload
+        if not self.lost:
+            self.trackers.summarize(payload)
+
+    def open_trackers(self, *, resume_step: int | None) -> None:
+        """Start recording to the job's experiment trackers; a resumed job continues the runs it started."""
+        job = self.job
+        if not job.trackers:
+            return
+        wandb = next((item["wandb"] for item in job.integrations or [] if item.get("type") == "wandb"), {})
+        params = {k: v for k, v in _run_params(job).items() if v is not None}
+        tags = ["finetune-console", job.base_model[:64], job.public_id]
+        where = self.trackers.start(
+            job.trackers,
+            lambda name: RunInfo(
+                job_id=job.public_id,
+                name=job.suffix or job.public_id,
+                folder=Path(job.output_dir) / "trackers",
+                params=params,
+                tags=tags,
+                resume_step=resume_step,
+                previous=(job.tracking or {}).get(name) or {},
+                wandb=wandb,
+            ),
+        )
+        if not where:
+            return
+        job.tracking = {**(job.tracking or {}), **where}
+        with transaction.atomic():
+            if self._holds():
+                FineTuningJob.objects.filter(pk=job.pk).update(tracking=job.tracking)
+
+    def close_trackers(self, outcome: str) -> None:
+        """Flush and close the trackers however the run ended (succeeded, failed, cancelled, paused, lost)."""
+        self.trackers.close(outcome)
 
     def event(self, message: str, *, level: str = "info") -> None:
         """Write a message event now and show it live."""
@@ -232,6 +272,22 @@ class JobSink:
                     "eta_s": self._progress.get("eta_s"),
                 },
             )
+
+
+def _run_params(job: FineTuningJob) -> dict:
+    """What trackers record as the run's parameters: the job's settings and its resolved hyperparameters."""
+    return {
+        "job_id": job.public_id,
+        "model": job.init_model or job.base_model,
+        "base_model": job.base_model,
+        "method": job.method,
+        "objective": job.objective,
+        "training_file": job.training_file_ref,
+        "validation_file": job.validation_file_ref or None,
+        "seed": job.seed,
+        "suffix": job.suffix or None,
+        **(job.resolved or {}),
+    }
 
 
 def _control_key(job_pk: int) -> str:

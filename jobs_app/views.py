@@ -17,7 +17,7 @@ from deployments_app.models import ModelCard
 from evals_app.summaries import evaluation_of
 from finetune_site.errors import ApplicationError
 
-from . import selectors, services
+from . import selectors, services, trackers
 from .estimates import estimate_job
 from .forms import JobForm
 from .hyperparameters import METHODS, check_hyperparameters, described_settings
@@ -91,6 +91,7 @@ def job_create(request):
                 suffix=data["suffix"],
                 seed=data["seed"],
                 holdout_percent=data["holdout_percent"] or 0,
+                report_to=data["report_to"],
             )
         except ApplicationError as exc:  # shown at the field it names, with everything typed kept
             form.add_error(_form_field(form, exc.param), exc.message)
@@ -174,6 +175,7 @@ def job_detail(request, public_id):
         "last_step": max((p["step"] for p in points), default=0),
         "queue_position": selectors.queue_position(job),
         "settings": described_settings(job.resolved, validation=selectors.has_validation(job)),
+        "trackers": trackers.described(job.tracking or {}, job.trackers, started=job.started_at is not None),
     }
     return render(request, "jobs/detail.html", context)
 

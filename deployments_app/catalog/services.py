@@ -1,4 +1,4 @@
-"""Writes for model cards: record a job's model, delete a model, build its merged download."""
+"""Writes for model cards: record a job's model, delete a model, build its merged and GGUF downloads."""
 
 import os
 import shutil
@@ -15,7 +15,8 @@ from jobs_app.models import FineTuningJob
 
 from ..deployments.services import cancel_deployments_of
 from ..models import ModelCard
-from .exports import build_merged_model, export_dir, merged_state
+from .exports import build_marker, build_merged_model, export_dir, merged_state, write_progress
+from .gguf_exports import build_gguf, gguf_state
 from .resolution import get_base_model
 
 _SUMMARY_METRICS = (
@@ -139,6 +140,72 @@ def model_merge_request(*, card: ModelCard) -> str:
         _check_merge_room(card)
         (export_dir(card) / "merged.partial").mkdir(parents=True, exist_ok=True)
         os.utime(export_dir(card) / "merged.partial")  # an abandoned one is marked fresh again
+        write_progress(export_dir(card), "merged", "waiting for a worker")
         transaction.on_commit(lambda: tasks.build_merged_model.delay(card.pk))
         state = "building"
     return state
+
+
+def _check_gguf_room(card: ModelCard, quant: str) -> None:
+    """Refuse a GGUF build that would take the owner past their quota: the merged model first (unless built),
+    then the file, about half the float32 base for f16 and a quarter for q8_0."""
+    base = get_base_model(card.base_model)
+    base_bytes = quotas.folder_bytes(base.path) if base else 0
+    merging = 0 if merged_state(export_dir(card)) == "ready" else base_bytes
+    quotas.check_room(card.owner_id, merging + base_bytes // (2 if quant == "f16" else 4), param="model")
+
+
+def gguf_export_request(*, card: ModelCard, quant: str) -> str:
+    """Queue building and checking a GGUF export (f16 or q8_0) unless it is ready or being built; return its state."""
+    from llm.export import QUANTS
+
+    from .. import tasks  # the tasks module imports these services
+
+    if quant not in QUANTS:
+        raise InvalidInput(f"quant must be one of {', '.join(QUANTS)}, got {quant!r}.", param="quant")
+    if not card.is_adapter:
+        raise InvalidInput("GGUF exports are built from a LoRA model merged into its base; this is a full model.")
+    state = gguf_state(export_dir(card), quant)
+    if state == "absent" and merged_state(export_dir(card)) == "building":
+        # The GGUF is written from the merged model: a second merge beside it would race the first.
+        raise InvalidState(
+            "The merged model of this card is being built; build the GGUF once it is ready.", code="merge_in_progress"
+        )
+    if state == "absent":
+        _check_gguf_room(card, quant)
+        marker = build_marker(export_dir(card), f"gguf-{quant}")
+        marker.mkdir(parents=True, exist_ok=True)
+        os.utime(marker)
+        write_progress(export_dir(card), f"gguf-{quant}", "waiting for a worker")
+        transaction.on_commit(lambda: tasks.build_gguf_export.delay(card.pk, quant))
+        state = "building"
+    return state
+
+
+def gguf_export(*, card_id: int, quant: str) -> None:
+    """Build, check and publish a card's GGUF export (runs on a worker); the owner hears of a refusal or failure."""
+    from llm.export import GGUFExportError
+
+    card = ModelCard.objects.filter(pk=card_id).first()
+    if card is None:
+        return
+    try:
+        _check_gguf_room(card, quant)  # again: the quota may have filled since the request was queued
+        build_gguf(card, export_dir(card), quant)
+    except (ApplicationError, GGUFExportError) as refusal:
+        shutil.rmtree(build_marker(export_dir(card), f"gguf-{quant}"), ignore_errors=True)
+        notify(
+            card.owner,
+            f"The {quant} GGUF of {card.model_id} was not built. {getattr(refusal, 'message', refusal)}",
+            level="error",
+            link="/models/",
+        )
+    except Exception as failure:  # any other failure (memory, reading the GGUF back): the owner hears of it too
+        shutil.rmtree(build_marker(export_dir(card), f"gguf-{quant}"), ignore_errors=True)
+        notify(
+            card.owner,
+            f"The {quant} GGUF of {card.model_id} failed: {type(failure).__name__}: {failure}",
+            level="error",
+            link="/models/",
+        )
+        raise

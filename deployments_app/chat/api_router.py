@@ -39,31 +39,34 @@ async def chat_completions(request):
         return error_response(exc.message, status_code=exc.status_code, param=exc.param, code=exc.code)
     meta = protocol.answer_meta(params["model"])
     try:
-        await sync_to_async(limits.admit_chat)(user)
+        await sync_to_async(limits.admit_chat)(user, params["n"])  # each choice is a stream of its own
     except ApplicationError as exc:
         return application_error_response(exc)
     try:
-        events = _Metered(await serving.open_events(user, params), user)
+        events = _Metered(await serving.open_events(user, params), user, streams=params["n"])
     except BaseException as exc:
-        await sync_to_async(limits.finish_chat)(user, 0)
+        await sync_to_async(limits.finish_chat)(user, 0, params["n"])
         if isinstance(exc, ApplicationError):
             return application_error_response(exc)
         raise
     try:
         if params["stream"]:
-            return _event_stream(serving.sse_events(events, meta, params["include_usage"]), metered=events)
-        completion = await serving.collect(events)
+            sse = serving.sse_events(
+                events, meta, params["include_usage"], choices=params["n"], logprobs=params["logprobs"]
+            )
+            return _event_stream(sse, metered=events)
+        completions = await serving.collect_choices(events)
     except ApplicationError as exc:
         return application_error_response(exc)
-    return JsonResponse(protocol.completion_object(completion, meta))
+    return JsonResponse(protocol.completion_object(completions, meta))
 
 
 class _Metered:
     """The answer's events; when they end or are closed, however that happens, the user's chat slot is
     given back and the tokens counted, once."""
 
-    def __init__(self, events, user):
-        self._events, self._user = events, user
+    def __init__(self, events, user, *, streams: int = 1):
+        self._events, self._user, self._streams = events, user, streams
         self._tokens, self._done = 0, False
 
     def __aiter__(self):
@@ -75,8 +78,8 @@ class _Metered:
         except BaseException:  # the end (StopAsyncIteration), a failure or a cancellation
             await self.aclose()
             raise
-        if isinstance(event, Completion):
-            self._tokens = event.total_tokens
+        if isinstance(event, Completion):  # n choices: the prompt counts once, each choice's tokens apiece
+            self._tokens += event.completion_tokens + (event.prompt_tokens if not self._tokens else 0)
         return event
 
     async def aclose(self) -> None:
@@ -86,7 +89,7 @@ class _Metered:
         try:
             await self._events.aclose()
         finally:
-            await sync_to_async(limits.finish_chat)(self._user, self._tokens)
+            await sync_to_async(limits.finish_chat)(self._user, self._tokens, self._streams)
 
 
 def _event_stream(events, *, metered: _Metered) -> StreamingHttpResponse:

@@ -5,6 +5,7 @@ view maps them to statuses. Once a stream has begun its status line is sent, so
 a failure then travels in-band as the protocol's error event.
 """
 
+import asyncio
 import logging
 from contextlib import aclosing
 
@@ -12,7 +13,8 @@ from asgiref.sync import sync_to_async
 
 from finetune_site.errors import ApplicationError, Busy, InvalidInput, ModelFailed, NotFound, TimedOut, Unavailable
 from llm.serve.errors import InvalidRequest, Overloaded, ServingError
-from llm.serve.schema import Completion, GenerationRequest
+from llm.serve.sampling import choice_seed
+from llm.serve.schema import Completion, GenerationRequest, piece_logprobs
 
 from ..catalog import resolve_model
 from ..deployments.routing import deployment_events
@@ -27,7 +29,8 @@ log = logging.getLogger(__name__)
 async def open_events(user, params: dict):
     """Route a parsed chat request to the model's deployment or the shared pool.
 
-    Returns an async iterator of text pieces ending with one Completion; raises
+    Returns an async iterator of text pieces ending with one Completion (with `n` > 1, each
+    choice's pieces and Completion, marked with its index, in the order they come); raises
     an ApplicationError when the request is refused before generation starts.
     """
     resolved = await sync_to_async(resolve_model)(user, params["model"])
@@ -37,8 +40,28 @@ async def open_events(user, params: dict):
             param="model",
             code="model_not_found",
         )
-    generation_fields = {k: params[k] for k in protocol.GENERATION_FIELDS}
+    generation_fields = {k: params[k] for k in protocol.GENERATION_FIELDS if k in params}
     deployment = await sync_to_async(serving_deployment)(user, params["model"])
+    n = params.get("n") or 1
+    if n == 1:
+        return await _open_choice(resolved, deployment, generation_fields)
+    # Each choice is an engine stream of its own; with a seed, each its own seed, so they differ reproducibly.
+    seed = generation_fields.get("seed")
+    opened = await asyncio.gather(
+        *(_open_choice(resolved, deployment, {**generation_fields, "seed": choice_seed(seed, i)}) for i in range(n)),
+        return_exceptions=True,
+    )
+    refusals = [result for result in opened if isinstance(result, BaseException)]
+    if refusals:
+        for result in opened:
+            if not isinstance(result, BaseException):
+                await result.aclose()
+        raise refusals[0]
+    return streaming.merge_choices(opened)
+
+
+async def _open_choice(resolved, deployment, generation_fields: dict):
+    """One answer's events, from the deployment or the pool, its first event already there."""
     if deployment is not None:
         events = deployment_events(deployment, generation_fields)
         try:
@@ -60,7 +83,7 @@ async def open_events(user, params: dict):
     except Overloaded as exc:
         raise Busy(str(exc), retry_after=exc.retry_after, code="engine_overloaded") from exc
     except InvalidRequest as exc:
-        raise InvalidInput(str(exc), param="messages", code="invalid_request") from exc
+        raise InvalidInput(str(exc), param=exc.param or "messages", code="invalid_request") from exc
     except ServingError as exc:
         raise ModelFailed(str(exc), code="model_error") from exc
     return streaming.prepend(first, events)
@@ -69,7 +92,7 @@ async def open_events(user, params: dict):
 def _refusal_of(error: RemoteError) -> ApplicationError:
     """The domain error for an instance's answer that was an error (its status travels on the stream)."""
     if error.status == 400:
-        return InvalidInput(str(error), param="messages", code="invalid_request")
+        return InvalidInput(str(error), param=getattr(error, "param", None) or "messages", code="invalid_request")
     if error.status == 429:  # the instance's engine stayed full
         retry_after = getattr(error, "retry_after", None) or 5
         return Busy(str(error), retry_after=retry_after, code="engine_overloaded")
@@ -89,33 +112,45 @@ def failure_message(exc: Exception) -> str:
 
 async def collect(events) -> Completion | None:
     """The whole answer (for a request without `stream`); a failure is a ModelFailed."""
-    completion = None
+    choices = await collect_choices(events)
+    return choices[0] if choices else None
+
+
+async def collect_choices(events) -> list[Completion]:
+    """Every choice's Completion, by index (for a request without `stream`); a failure is a ModelFailed."""
+    completions = []
     try:
         async with aclosing(events):  # a client that leaves cancels the view: stop generating too
             async for event in events:
                 if isinstance(event, Completion):
-                    completion = event
+                    completions.append(event)
     except Exception as exc:  # answered in the error shape, never a bare 500
         log.exception("chat completion failed")
         raise ModelFailed(failure_message(exc), code="model_error") from exc
-    return completion
+    return sorted(completions, key=lambda completion: completion.index)
 
 
-async def sse_events(events, meta, include_usage: bool):
-    """The answer as server-sent `chat.completion.chunk` events, ending with [DONE]."""
-    yield protocol.chunk_event(meta, {"role": "assistant", "content": ""})
+async def sse_events(events, meta, include_usage: bool, *, choices: int = 1, logprobs: bool = False):
+    """The answer as server-sent `chat.completion.chunk` events, ending with [DONE].
+
+    With n choices, each choice's chunks carry its index; the usage chunk comes once, after all of them.
+    """
+    for index in range(choices):
+        yield protocol.chunk_event(meta, {"role": "assistant", "content": ""}, index=index)
+    finished = []
     try:
         async with aclosing(events):
             async for event in events:
                 if isinstance(event, Completion):
+                    finished.append(event)
                     if event.tool_calls:
                         calls = [{"index": i, **call} for i, call in enumerate(event.tool_calls)]
-                        yield protocol.chunk_event(meta, {"tool_calls": calls})
-                    yield protocol.chunk_event(meta, {}, event.finish_reason)
-                    if include_usage:
-                        yield protocol.usage_event(meta, event)
-                elif event:
-                    yield protocol.chunk_event(meta, {"content": event})
+                        yield protocol.chunk_event(meta, {"tool_calls": calls}, index=event.index)
+                    yield protocol.chunk_event(meta, {}, event.finish_reason, index=event.index)
+                elif event or piece_logprobs(event):
+                    yield protocol.piece_chunk_event(meta, event, logprobs=logprobs)
+        if include_usage and finished:
+            yield protocol.usage_event(meta, finished)
     except Exception as exc:  # the stream has begun: report in-band
         log.exception("chat stream failed")
         yield protocol.error_event(failure_message(exc))

@@ -8,8 +8,11 @@ client has gone.
 """
 
 import asyncio
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
+
+from llm.serve.schema import Completion, TextPiece, piece_logprobs
 
 _executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="chat")
 
@@ -25,6 +28,48 @@ async def prepend(first, rest):
         yield first
         async for event in rest:
             yield event
+
+
+_ENDED = object()
+
+
+async def merge_choices(choices):
+    """The events of a request's n choices as one stream, in the order they come, each piece and
+    Completion marked with its choice's index; closing this closes every choice's stream."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index, events):
+        try:
+            async for event in events:
+                await queue.put((index, event))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
+            await queue.put((index, exc))
+        else:
+            await queue.put((index, _ENDED))
+
+    tasks = [asyncio.create_task(pump(index, events)) for index, events in enumerate(choices)]
+    try:
+        running = len(tasks)
+        while running:
+            index, event = await queue.get()
+            if event is _ENDED:
+                running -= 1
+            elif isinstance(event, Exception):
+                raise event
+            else:
+                yield _of_choice(event, index)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for events in choices:
+            await events.aclose()
+
+
+def _of_choice(event, index: int):
+    if isinstance(event, Completion):
+        return dataclasses.replace(event, index=index)
+    return TextPiece(event, piece_logprobs(event), choice=index)
 
 
 class Closable:

@@ -7,6 +7,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from finetune_site.ids import unix
+from finetune_site.openapi import Choice, Const, cursor_parameters, errors, path_parameter
 from finetune_site.pagination import cursor_page
 
 from ..models import Deployment, Instance
@@ -27,8 +28,8 @@ class DeploymentScaleInput(serializers.Serializer):
 
 class InstanceOutput(serializers.Serializer):
     id = serializers.CharField()
-    object = serializers.CharField(default="deployment.instance")
-    status = serializers.ChoiceField(choices=[s for s, _ in Instance.STATUS_CHOICES])
+    object = Const("deployment.instance")
+    status = Choice([s for s, _ in Instance.STATUS_CHOICES])
     worker = serializers.CharField()
     pid = serializers.IntegerField(allow_null=True, help_text="The instance process's id on its worker's host.")
     requests_served = serializers.IntegerField()
@@ -51,9 +52,9 @@ class InstanceOutput(serializers.Serializer):
 
 class DeploymentOutput(serializers.Serializer):
     id = serializers.CharField()
-    object = serializers.CharField(default="deployment")
+    object = Const("deployment")
     model = serializers.CharField()
-    status = serializers.ChoiceField(choices=[s for s, _ in Deployment.STATUS_CHOICES])
+    status = Choice([s for s, _ in Deployment.STATUS_CHOICES])
     instances = serializers.IntegerField(help_text="How many instances are wanted.")
     running_instances = serializers.IntegerField()
     max_concurrent_requests = serializers.IntegerField()
@@ -70,11 +71,14 @@ class DeploymentOutput(serializers.Serializer):
 class DeploymentListOutput(serializers.Serializer):
     """A page of deployments, newest first; pass `last_id` as `after` for the next page."""
 
-    object = serializers.CharField(default="list")
+    object = Const("list")
     data = DeploymentOutput(many=True)
     has_more = serializers.BooleanField()
     first_id = serializers.CharField(allow_null=True)
     last_id = serializers.CharField(allow_null=True)
+
+
+DEPLOYMENT_ID = path_parameter("deployment_id", "A deployment id.")
 
 
 def instance_object(instance: Instance) -> dict:
@@ -133,7 +137,12 @@ def _deployment(request, deployment_id: str) -> Deployment:
 
 
 class DeploymentListCreate(APIView):
-    @extend_schema(responses=DeploymentListOutput, summary="List your deployments, newest first")
+    @extend_schema(
+        operation_id="listDeployments",
+        summary="List your deployments, newest first",
+        parameters=cursor_parameters(),
+        responses={200: DeploymentListOutput, **errors(400)},
+    )
     def get(self, request):
         page = cursor_page(
             selectors.deployments_for(request.user).prefetch_related("instance_set"),
@@ -143,7 +152,10 @@ class DeploymentListCreate(APIView):
         return Response(page)
 
     @extend_schema(
-        request=DeploymentCreateInput, responses={200: DeploymentOutput}, summary="Deploy a model on N instances"
+        operation_id="createDeployment",
+        summary="Deploy a model on N instances",
+        request=DeploymentCreateInput,
+        responses={200: DeploymentOutput, **errors(400, 404)},
     )
     def post(self, request):
         data = DeploymentCreateInput(data=request.data)
@@ -157,13 +169,21 @@ class DeploymentListCreate(APIView):
         return Response(deployment_object(deployment))
 
 
+@extend_schema(parameters=[DEPLOYMENT_ID])
 class DeploymentDetail(APIView):
-    @extend_schema(responses=DeploymentOutput, summary="A deployment with its instances and usage")
+    @extend_schema(
+        operation_id="retrieveDeployment",
+        summary="A deployment with its instances and usage",
+        responses={200: DeploymentOutput, **errors(404)},
+    )
     def get(self, request, deployment_id):
         return Response(deployment_object(_deployment(request, deployment_id)))
 
     @extend_schema(
-        request=DeploymentScaleInput, responses=DeploymentOutput, summary="Scale: change the number of instances"
+        operation_id="scaleDeployment",
+        summary="Scale: change the number of instances",
+        request=DeploymentScaleInput,
+        responses={200: DeploymentOutput, **errors(400, 404)},
     )
     def patch(self, request, deployment_id):
         data = DeploymentScaleInput(data=request.data)
@@ -173,7 +193,12 @@ class DeploymentDetail(APIView):
         )
         return Response(deployment_object(deployment))
 
-    @extend_schema(request=None, responses=DeploymentOutput, summary="Cancel: stop every instance and free its memory")
+    @extend_schema(
+        operation_id="cancelDeployment",
+        summary="Cancel: stop every instance and free its memory",
+        request=None,
+        responses={200: DeploymentOutput, **errors(400, 404)},
+    )
     def delete(self, request, deployment_id):
         deployment = services.deployment_cancel(deployment=_deployment(request, deployment_id))
         return Response(deployment_object(deployment))

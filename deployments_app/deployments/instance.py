@@ -24,7 +24,7 @@ from django.utils import timezone
 from llm.serve.engine import percentile
 from llm.serve.errors import InvalidRequest, Overloaded, ServingError
 from llm.serve.pool import ModelPool
-from llm.serve.schema import Completion, GenerationRequest
+from llm.serve.schema import Completion, GenerationRequest, piece_logprobs
 
 from ..catalog import ResolvedModel, resolve_model
 from ..chat.pool import engine_settings
@@ -307,7 +307,7 @@ class _Server:
                 return
             tokens = self._generate(request_id, reply, params)
         except InvalidRequest as exc:
-            self._send(reply, streams.error_event(str(exc), status=400))
+            self._send(reply, streams.error_event(str(exc), status=400, param=exc.param))
         except Overloaded as exc:  # the engine's memory stayed full: the caller retries later
             self._send(reply, streams.error_event(str(exc), status=429, retry_after=exc.retry_after))
         except Exception as exc:  # the caller gets it in the error shape
@@ -344,7 +344,7 @@ class _Server:
                 if isinstance(event, Completion):
                     self._send(reply, streams.done_event(event))
                     return event.completion_tokens
-                if event:
+                if event or piece_logprobs(event):  # an empty piece may carry logprobs of held-back tokens
                     self._send(reply, streams.piece_event(event))
                 if number % _CANCEL_CHECK_EVERY == 0 and self.client.exists(cancel):
                     # About one token a piece; closing the stream stops generation.

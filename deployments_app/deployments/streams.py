@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 from django.conf import settings
 
-from llm.serve.schema import Completion
+from llm.serve.schema import Completion, TextPiece, piece_logprobs
 
 GROUP = "instances"
 REPLY_TTL_SECONDS = 300
@@ -56,28 +56,37 @@ def decode_request(fields: dict) -> tuple[str, dict, float]:
 
 
 def piece_event(text: str) -> dict:
-    return {"type": "piece", "data": text}
+    """A piece of text; the logprobs of its tokens travel with it when it has them (a TextPiece)."""
+    logprobs = piece_logprobs(text)
+    if logprobs:
+        return {"type": "piece", "data": str(text), "logprobs": json.dumps(logprobs)}
+    return {"type": "piece", "data": str(text)}
 
 
 def done_event(completion: Completion) -> dict:
     return {"type": "done", "data": json.dumps(asdict(completion))}
 
 
-def error_event(message: str, *, status: int, retry_after: float | None = None) -> dict:
-    """retry_after: seconds the caller should wait before sending it again (with a 429)."""
+def error_event(message: str, *, status: int, retry_after: float | None = None, param: str | None = None) -> dict:
+    """retry_after: seconds the caller should wait before sending it again (with a 429); param: the
+    request field at fault (with a 400)."""
     error = {"message": message, "status": status}
     if retry_after is not None:
         error["retry_after"] = retry_after
+    if param is not None:
+        error["param"] = param
     return {"type": "error", "data": json.dumps(error)}
 
 
 class RemoteError(Exception):
-    """The instance could not answer; status is the HTTP status to report, retry_after the seconds to wait."""
+    """The instance could not answer; status is the HTTP status to report, retry_after the seconds to wait,
+    param the request field at fault."""
 
-    def __init__(self, message: str, status: int = 500, retry_after: float | None = None):
+    def __init__(self, message: str, status: int = 500, retry_after: float | None = None, param: str | None = None):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        self.param = param
 
 
 def decode_reply(fields: dict):
@@ -85,11 +94,17 @@ def decode_reply(fields: dict):
     fields = {as_text(k): as_text(v) for k, v in fields.items()}
     kind, data = fields.get("type"), fields.get("data", "")
     if kind == "piece":
-        return data
+        logprobs = fields.get("logprobs")
+        return TextPiece(data, json.loads(logprobs)) if logprobs else data
     if kind == "done":
         return Completion(**json.loads(data))
     error = json.loads(data) if data else {}
-    raise RemoteError(error.get("message", "the instance failed"), error.get("status", 500), error.get("retry_after"))
+    raise RemoteError(
+        error.get("message", "the instance failed"),
+        error.get("status", 500),
+        error.get("retry_after"),
+        error.get("param"),
+    )
 
 
 def send_event(client, reply: str, event: dict) -> None:

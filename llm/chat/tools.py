@@ -117,3 +117,26 @@ def tool_calls_as_text(tool_calls: Sequence[Mapping[str, Any]]) -> str:
         body = json.dumps({"name": function.get("name"), "arguments": arguments}, ensure_ascii=False)
         blocks.append(TOOL_CALL_OPEN + body + TOOL_CALL_CLOSE)
     return "\n".join(blocks)
+
+
+def tool_call_schema(tools: Sequence[Mapping[str, Any]], *, name: str | None = None) -> dict[str, Any]:
+    """The JSON schema of one call's body inside the markup: {"name": <a tool>, "arguments": <its parameters>}.
+
+    With `name`, only that tool may be called. Grammar-constrained decoding (llm.serve.constraints)
+    uses it to make a forced tool call parse exactly as `parse_tool_calls` reads it.
+    """
+    choices = []
+    for tool in tools:
+        function = tool.get("function", tool)
+        if name is not None and function.get("name") != name:
+            continue
+        parameters = function.get("parameters") or {"type": "object"}
+        choices.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": function["name"]}, "arguments": parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    return choices[0] if len(choices) == 1 else {"anyOf": choices}

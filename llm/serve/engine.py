@@ -8,7 +8,10 @@ The loop runs on a thread of its own. Each turn it
    requests, in one padded pass, so a long prompt is read over several turns
    and never freezes the streams already running,
 4. runs one decoding pass for every running row, each row with its own adapter,
-   length and sampling settings, and hands each new token to its request.
+   length and sampling settings, and hands each new token to its request. A request
+   that asks for penalties, a logit bias, logprobs or a grammar (response_format, a
+   forced tool call) has its own row's scores shaped first (processors.py); the
+   others' rows cost nothing more.
 
 Requests join and leave between any two passes; nobody waits for a batch to
 finish. A request reserves its prompt plus max_tokens of KV memory when it is
@@ -28,12 +31,14 @@ from typing import Any
 
 import torch
 
+from .constraints import GrammarCompiler, grammar_text
 from .errors import InvalidRequest, Overloaded, ServingError
 from .hf import CausalLM, TokenDecoder
 from .kv import ATTENTION, SlotKV, attending, positions, register
 from .lora import row_adapters, rows_using
+from .processors import RowShaper, TokenTable, needs_shaping
 from .sampling import make_generator, sample_next_token
-from .schema import Completion, GenerationRequest, StreamEvent
+from .schema import Completion, GenerationRequest, StreamEvent, TextPiece
 from .text import IncrementalDecoder, OutputFilter
 
 log = logging.getLogger(__name__)
@@ -147,6 +152,8 @@ class _Sequence:
     """The last token picked, fed to the next decoding pass."""
     row: int = -1
     on_finish: Callable[[], None] | None = None
+    shaper: RowShaper | None = None
+    """Penalties, bias, grammar and logprobs of this request; None (the fast path) when it asks for none."""
 
 
 @dataclass
@@ -206,6 +213,9 @@ class BatchEngine:
         self._produced: deque[tuple[float, int]] = deque()
         self._first_token_ms: deque[float] = deque(maxlen=_LATENCIES_KEPT)
         self._failure: BaseException | None = None
+        self.vocab_size = int(config.vocab_size)
+        self._tokens = TokenTable(tokenizer)
+        self._grammars = GrammarCompiler(tokenizer, vocab_size=self.vocab_size, end_token_ids=end_token_ids)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -244,15 +254,29 @@ class BatchEngine:
             ),
             greedy=greedy,
             decoder=IncrementalDecoder(self.tokenizer),
-            output=OutputFilter(stop=request.stop_strings, tools=bool(request.tools)),
+            output=OutputFilter(stop=request.stop_strings, tools=bool(request.offered_tools)),
             reserved=reserved,
             on_finish=on_finish,
+            shaper=self._shaper(request),
         )
         with self._lock:
             self.check_alive()
             self._incoming.append(sequence)
             self._lock.notify()
         return stream
+
+    def _shaper(self, request: GenerationRequest) -> RowShaper | None:
+        """The request's per-row work on its scores, or None when it asks for none (bad settings raise here)."""
+        grammar = grammar_text(request)
+        if grammar is None and not needs_shaping(request):
+            return None
+        return RowShaper(
+            request,
+            vocab_size=self.vocab_size,
+            device=self.kv.device,
+            tokens=self._tokens,
+            grammar=self._grammars.matcher(grammar, self.kv.device, param=_grammar_param(request)) if grammar else None,
+        )
 
     def finish_all(self, finish_reason: str) -> None:
         """End every stream now, each with a Completion of the text so far and this finish_reason."""
@@ -418,7 +442,12 @@ class BatchEngine:
             sequence = sequences[i]
             self._prefilling.remove(sequence)
             self._running.append(sequence)
-            self._emit(sequence, self._pick(sequence, logits[i, keep.index(counts[i] - 1)]))
+            try:
+                token = self._pick(sequence, logits[i, keep.index(counts[i] - 1)].float())
+            except Exception as error:  # noqa: BLE001 - the request's own grammar: it alone fails
+                self._fail_row(sequence, error)
+                continue
+            self._emit(sequence, token)
 
     def _decode_step(self) -> None:
         self._pack()
@@ -433,14 +462,34 @@ class BatchEngine:
             logits = self.model(
                 input_ids=ids, position_ids=positions(starts, 1, device), use_cache=False, logits_to_keep=1
             ).logits[:, -1]
-        greedy = logits.float().argmax(dim=-1).tolist()  # float32 first: argmax over bfloat16 is slow on CPUs
+        scores = logits.float()  # float32 first: argmax over bfloat16 is slow on CPUs
+        failed = set()
         for i, sequence in enumerate(sequences):
+            if sequence.shaper is not None:
+                try:
+                    scores[i] = sequence.shaper.shape(scores[i])
+                except Exception as error:  # noqa: BLE001 - the request's own grammar: it alone fails
+                    self._fail_row(sequence, error)
+                    failed.add(i)
+        greedy = scores.argmax(dim=-1).tolist()
+        for i, sequence in enumerate(sequences):
+            if i in failed:
+                continue
             sequence.computed += 1
-            token = greedy[i] if sequence.greedy else self._pick(sequence, logits[i])
+            token = greedy[i] if sequence.greedy else sequence.pick(scores[i])
             self._emit(sequence, token)
 
-    def _pick(self, sequence: _Sequence, logits: torch.Tensor) -> int:
-        return int(logits.float().argmax()) if sequence.greedy else sequence.pick(logits)
+    def _fail_row(self, sequence: _Sequence, error: Exception) -> None:
+        """One request's own shaping (its grammar, from its own schema) failed: it alone ends, its batch goes on."""
+        log.warning("a request's constrained decoding failed: %s: %s", type(error).__name__, error)
+        self._release(sequence)
+        sequence.stream.put(ServingError(f"Constrained decoding failed for this request: {error}"))
+
+    def _pick(self, sequence: _Sequence, scores: torch.Tensor) -> int:
+        """The next token from one row's float32 scores, shaped first if the request asks for it."""
+        if sequence.shaper is not None:
+            scores = sequence.shaper.shape(scores)
+        return int(scores.argmax()) if sequence.greedy else sequence.pick(scores)
 
     def _emit(self, sequence: _Sequence, token: int) -> None:
         if sequence.generated == 0:
@@ -453,22 +502,41 @@ class BatchEngine:
         if token in self.end_token_ids:
             self._finish(sequence, "stop")
             return
-        piece = sequence.output.push(sequence.decoder.push(token))
-        if piece:
-            sequence.stream.put(piece)
-        if sequence.output.stopped:
+        shaper = sequence.shaper
+        if shaper is not None:
+            try:
+                shaper.accept(token)
+            except Exception as error:  # noqa: BLE001 - the request's own grammar: it alone fails
+                self._fail_row(sequence, error)
+                return
+        self._put(sequence, sequence.output.push(sequence.decoder.push(token)))
+        if sequence.output.stopped or (shaper is not None and shaper.done):
             self._finish(sequence, "stop")
         elif sequence.generated >= sequence.request.max_tokens:
             self._finish(sequence, "length")
 
+    def _put(self, sequence: _Sequence, piece: str, *, last: bool = False) -> None:
+        """Hand a piece of text to the stream, with the logprobs of the tokens generated since the last one.
+
+        Logprobs of tokens whose text is held back (a possible stop string, tool-call markup) wait for
+        the next piece; the last call hands over what is left even with no text.
+        """
+        shaper = sequence.shaper
+        if shaper is not None and shaper.wants_logprobs and (piece or last):
+            logprobs = shaper.unsent()
+            if piece or logprobs:
+                sequence.stream.put(TextPiece(piece, logprobs))
+        elif piece:
+            sequence.stream.put(piece)
+
     def _finish(self, sequence: _Sequence, finish_reason: str) -> None:
         self._release(sequence)
-        piece = sequence.output.push(sequence.decoder.flush())
-        if piece:
-            sequence.stream.put(piece)
+        self._put(sequence, sequence.output.push(sequence.decoder.flush()))
         content, tool_calls, piece = sequence.output.finish()
-        if piece:
-            sequence.stream.put(piece)
+        self._put(sequence, piece, last=True)
+        if not sequence.request.parallel_tool_calls:
+            tool_calls = tool_calls[:1]
+        shaper = sequence.shaper
         sequence.stream.put(
             Completion(
                 content=content,
@@ -476,6 +544,7 @@ class BatchEngine:
                 prompt_tokens=len(sequence.prompt_ids),
                 completion_tokens=sequence.generated,
                 tool_calls=tool_calls,
+                logprobs=list(shaper.entries) if shaper is not None and shaper.wants_logprobs else None,
             )
         )
 
@@ -520,6 +589,11 @@ class BatchEngine:
             self._release(sequence)
             sequence.stream.put(error)
         self._waiting.clear()
+
+
+def _grammar_param(request: GenerationRequest) -> str:
+    """The request field a grammar that does not compile is blamed on."""
+    return "response_format" if request.response_format else "tool_choice"
 
 
 def percentile(ordered: list[float], pct: float) -> float:

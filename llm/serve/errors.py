@@ -6,10 +6,14 @@ class ServingError(Exception):
 
 
 class InvalidRequest(ServingError):
-    """The request itself is wrong (bad messages, tools or sampling settings): a 400."""
+    """The request itself is wrong (bad messages, tools or sampling settings): a 400.
 
-    def __init__(self, problems: list[str]):
+    `param` names the request field at fault when it is not the messages (logit_bias, response_format...).
+    """
+
+    def __init__(self, problems: list[str], *, param: str | None = None):
         self.problems = list(problems)
+        self.param = param
         super().__init__("; ".join(self.problems))
 
 

@@ -32,6 +32,7 @@ from .errors import InvalidRequest, ModelLoadError, PromptTooLong, ServingError
 from .hf import ServedModel, ServingTokenizer
 from .kv import ATTENTION
 from .lora import NotPerRow, install, read_adapter, uninstall
+from .processors import MAX_TOP_LOGPROBS
 from .prompt import render_prompt
 from .schema import Completion, GenerationRequest
 
@@ -122,7 +123,7 @@ class ModelPool:
         _check_request(request)
         base = self._base(request.base_path)
         adapter_path = _adapter_folder(request.adapter_path) if request.adapter_path else None
-        prompt_ids = self._prompt_ids(base, request.messages, request.tools)
+        prompt_ids = self._prompt_ids(base, request.messages, request.offered_tools)
         if base.context_length and len(prompt_ids) + request.max_tokens > base.context_length:
             raise PromptTooLong(
                 prompt_tokens=len(prompt_ids), max_tokens=request.max_tokens, context_length=base.context_length
@@ -462,6 +463,38 @@ def _check_request(request: GenerationRequest) -> None:
         problems.append("stop must be a string or a list of strings")
     if problems:
         raise InvalidRequest(problems)
+    _check_choices(request)
+
+
+def _check_choices(request: GenerationRequest) -> None:
+    """The settings of penalties, logprobs and tool choice, each refused with the field it is about."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= getattr(request, name) <= 2:
+            raise InvalidRequest([f"{name} must be between -2 and 2"], param=name)
+    if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest([f"top_logprobs must be from 0 to {MAX_TOP_LOGPROBS}"], param="top_logprobs")
+    if request.top_logprobs and not request.logprobs:
+        raise InvalidRequest(["top_logprobs needs logprobs set to true"], param="top_logprobs")
+    for token, bias in (request.logit_bias or {}).items():
+        if not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise InvalidRequest([f"logit_bias of token {token} must be a number from -100 to 100"], param="logit_bias")
+    choice = request.tool_choice
+    if choice in (None, "auto", "none"):
+        return
+    names = [tool.get("function", tool).get("name") for tool in request.tools or []]
+    if not names:
+        raise InvalidRequest(["tool_choice asks for a tool call, but the request offers no tools"], param="tool_choice")
+    if choice == "required":
+        return
+    function = choice.get("function") if isinstance(choice, dict) else None
+    wanted = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(wanted, str):
+        raise InvalidRequest(
+            ['tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'],
+            param="tool_choice",
+        )
+    if wanted not in names:
+        raise InvalidRequest([f"tool_choice names {wanted!r}, which is not one of the tools"], param="tool_choice")
 
 
 def _adapter_folder(adapter_path: str) -> str:

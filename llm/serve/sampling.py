@@ -38,3 +38,15 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     else:
         generator.manual_seed(seed)
     return generator
+
+
+_SEED_STRIDE = 0x9E3779B97F4A7C15  # odd, about 2**64 / golden ratio: consecutive choices land far apart
+_SEED_SPACE = 2**63
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of a request asking for n choices: the request's own for the first
+    (so n=1 answers as before), a different but fixed one for each other; None stays None."""
+    if seed is None or index == 0:
+        return seed
+    return (seed + index * _SEED_STRIDE) % _SEED_SPACE

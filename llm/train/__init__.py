@@ -4,6 +4,9 @@
     summary = train(TrainConfig(model=..., train_file=..., out_dir=...), sink=print_sink)
 
 or from a shell: python -m llm.train train --model DIR --train-file F --out DIR
+
+Several processes: torchrun --nproc-per-node N -m llm.train train ... (llm.train.distributed),
+or from a program that stays one process, llm.train.launch.train_in_processes(config, processes=N, ...).
 """
 
 from typing import TYPE_CHECKING

@@ -19,10 +19,12 @@ optimizer moments.
 """
 
 import errno
+import json
 import os
 import pickle
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,60 @@ def limit_room(out_dir: str | Path, check: RoomCheck | None) -> None:
         _room_checks[folder] = check
 
 
+def room_check_of(out_dir: str | Path) -> RoomCheck | None:
+    """The check limit_room registered for out_dir in this process, if any."""
+    return _room_checks.get(Path(out_dir).resolve())
+
+
+ROOM_ANSWER_SECONDS = 60.0
+"""How long a rank waits for the launcher's answer before it writes anyway (the disk's own check still stands)."""
+
+
+def room_check_through(path: Path) -> RoomCheck:
+    """A RoomCheck for a training process whose real check lives in the process that launched it.
+
+    The question (the expected bytes) goes to PATH.ask, the answer comes back in PATH.answer as
+    {"refusal": ...}; the launcher answers with `answer_room_question`. Each file is written whole
+    (renamed into place), so neither side reads half of one.
+    """
+    ask, answer = path.with_name(path.name + ".ask"), path.with_name(path.name + ".answer")
+
+    def check(expected_bytes: int) -> str | None:
+        answer.unlink(missing_ok=True)
+        _write_whole(ask, str(expected_bytes))
+        deadline = time.monotonic() + ROOM_ANSWER_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                text = answer.read_text()
+            except FileNotFoundError:
+                time.sleep(0.05)
+                continue
+            answer.unlink(missing_ok=True)
+            refusal = json.loads(text).get("refusal")
+            return str(refusal) if refusal else None
+        ask.unlink(missing_ok=True)
+        return None
+
+    return check
+
+
+def answer_room_question(path: Path, check: RoomCheck) -> None:
+    """If a training process asked (room_check_through), answer it with check's verdict."""
+    ask = path.with_name(path.name + ".ask")
+    try:
+        expected_bytes = int(ask.read_text())
+    except (FileNotFoundError, ValueError):
+        return
+    ask.unlink(missing_ok=True)
+    _write_whole(path.with_name(path.name + ".answer"), json.dumps({"refusal": check(expected_bytes)}))
+
+
+def _write_whole(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def checkpoint_dir(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir).resolve() / "checkpoints" / f"step-{step}"
 
@@ -87,11 +143,13 @@ def save_checkpoint(
     *,
     full: bool,
     expected_bytes: int = 0,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the weights and state of state["step"]; return the checkpoint folder.
 
     expected_bytes: how big it will be (the last checkpoint's size); raises DiskFull when
-    that plus a margin is not free, and when the disk fills while writing.
+    that plus a margin is not free, and when the disk fills while writing. weights: the full
+    state dict of a model sharded over several processes (FSDP2), gathered for this write.
     """
     final = checkpoint_dir(out_dir, state["step"])
     # Named for this process: a stalled run whose job was handed on must not delete the new run's write.
@@ -116,7 +174,7 @@ def save_checkpoint(
             "are kept; free some space and retry the job to continue from the last one.",
         )
     try:
-        save_weights(model, tokenizer, partial, full=full)
+        save_weights(model, tokenizer, partial, full=full, weights=weights)
         torch.save(state, partial / STATE_FILE)
         _sync_tree(partial)
     # torch and safetensors report a full disk as their own errors, not as OSError.

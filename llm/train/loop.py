@@ -10,17 +10,17 @@ import json
 import math
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypedDict, cast
+from typing import Any, TypedDict, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from . import dpo
+from . import distributed, dpo
 from .config import ConfigError, TrainConfig
 from .data import ExampleSet, RenderedExample, epoch_order, load_examples
 from .hf import TrainableModel
@@ -43,6 +43,8 @@ MAX_CHECKPOINTS_PER_RUN = 100
 """save_every is raised so that a run writes at most this many checkpoints: each costs a full write."""
 ShouldStop = Callable[[], object]
 """Asked before every optimizer step: falsy continues, "pause" pauses, anything else cancels."""
+Batch = TypeVar("Batch")
+Item = TypeVar("Item")
 
 
 def get_lr(step: int, *, lr: float, total_steps: int, warmup_steps: int, scheduler: str) -> float:
@@ -66,13 +68,18 @@ def train(config: TrainConfig, sink: Sink | None = None, should_stop: ShouldStop
     checkpoint first. Raises ConfigError listing every problem with the config or data.
     """
     config.check()
-    run = _Run(config, sink or (lambda kind, payload: None), should_stop or (lambda: None))
+    team = distributed.join(config)  # Solo unless torchrun started several processes
+    run = _Run(config, sink or (lambda kind, payload: None), should_stop or (lambda: None), team)
     try:
-        return run.main()
-    except _Interrupted as stop:
-        return run.stopped_before_training(stop.request)
+        try:
+            summary = run.main()
+        except _Interrupted as stop:
+            summary = run.stopped_before_training(stop.request)
+        team.barrier()
+        return summary
     finally:
         run.release()
+        team.close()
 
 
 class _Interrupted(Exception):
@@ -124,9 +131,11 @@ class _Run:
     reference: dict[str, torch.Tensor]
     """dpo only: (2, pairs) reference log-probabilities of the chosen and rejected answers, per file."""
 
-    def __init__(self, config: TrainConfig, sink: Sink, should_stop: ShouldStop) -> None:
+    def __init__(self, config: TrainConfig, sink: Sink, should_stop: ShouldStop, team: distributed.Team) -> None:
         self.config = config
-        self.sink = sink
+        self.team = team
+        # Rank 0 alone reports; the other ranks train their share and stay silent.
+        self.sink = sink if team.is_main else (lambda kind, payload: None)
         self.should_stop = should_stop
         self.out = Path(config.out_dir).resolve()
 
@@ -149,12 +158,16 @@ class _Run:
             self._check_resumable(resumed)
         torch.manual_seed(config.seed)
         self.model = load_model(config, self.placement, checkpoint=config.resume_from)
+        if self.team.rank:  # the same adapter everywhere, but each rank its own dropout masks
+            torch.manual_seed(config.seed + self.team.rank)
         self.micro_batch_tokens, checkpointing = plan_memory(config, self.model, self.placement)
         if config.objective == "dpo":
             # Before checkpointing is on and before any step: the model as it starts is the reference.
             self.reference = resumed["reference_logps"] if resumed else self._reference_logps()
         if checkpointing:
             enable_gradient_checkpointing(self.model)
+        self.model = self.team.prepare(self.model, config)
+        self.forward_model = self.team.forward_model(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = _optimizer(self.params, config, self.placement.device)
 
@@ -187,6 +200,11 @@ class _Run:
             f"parameters trainable; {self.total_steps} steps of {config.batch_size} examples, "
             f"micro-batches of up to {self.micro_batch_tokens} tokens"
             + (", gradient checkpointing on" if checkpointing else "")
+            + (
+                f"; {self.team.world_size} processes ({self.team.strategy}), each training its share of every step"
+                if self.team.world_size > 1
+                else ""
+            )
         )
         stopped = self.fit()
         return self._finish(stopped)
@@ -296,14 +314,18 @@ class _Run:
 
     def _resume(self, state: dict[str, Any]) -> None:
         if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.team.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         else:  # an older checkpoint, kept without it by retention: resumable, with fresh moments
             self._event(
                 f"{self.config.resume_from} holds no optimizer state (only the newest checkpoint keeps it): "
                 "AdamW's moments start afresh",
                 "warn",
             )
-        ckpt.restore_rng(state["rng"])
+        # Each rank continues its own random stream where it was saved; a rank the checkpoint
+        # did not have (resumed on more processes) keeps the one it was seeded with.
+        saved_by_rank = state.get("rng_by_rank") or [state["rng"]]
+        if self.team.rank < len(saved_by_rank):
+            ckpt.restore_rng(saved_by_rank[self.team.rank])
         start = self.progress  # what a checkpoint from before a field existed continues with
         on_disk = set(ckpt.checkpoint_steps(self.out))  # retention may have removed some since it was saved
         self.progress = _Progress(
@@ -322,7 +344,8 @@ class _Run:
             },
         )
         self.latest = state["metrics"]
-        self._trim_metrics_file(state["step"])
+        if self.team.is_main:
+            self._trim_metrics_file(state["step"])
         self._event(f"Resumed from step {state['step']} ({self.config.resume_from})")
 
     # --- fit -----------------------------------------------------------------
@@ -345,7 +368,12 @@ class _Run:
                     return "pause"
 
                 indices = order[progress["index"] : progress["index"] + config.batch_size]
-                batch = cast(list[RenderedExample] | list[RenderedPair], [examples[i] for i in indices])
+                own = self.team.share(indices)
+                # A rank left without examples (a short last step) still runs one, weighted 0:
+                # its gradients must meet the others'.
+                counted = bool(own)
+                own = own or indices[:1]
+                batch = cast(list[RenderedExample] | list[RenderedPair], [examples[i] for i in own])
                 lr = get_lr(
                     progress["step"],
                     lr=config.lr,
@@ -354,11 +382,11 @@ class _Run:
                     scheduler=config.scheduler,
                 )
                 step_start = time.monotonic()
-                result = self.train_step(batch, lr, indices)
+                result = self.train_step(batch, lr, own, counted=counted)
                 seconds = time.monotonic() - step_start
 
                 progress["step"] += 1
-                progress["index"] += len(batch)
+                progress["index"] += len(indices)
                 progress["tokens"] += result["tokens"]
                 progress["train_seconds"] += seconds
                 self.session["steps"] += 1
@@ -418,62 +446,100 @@ class _Run:
         }
 
     def train_step(
-        self, examples: list[RenderedExample] | list[RenderedPair], lr: float, indices: list[int]
+        self,
+        examples: list[RenderedExample] | list[RenderedPair],
+        lr: float,
+        indices: list[int],
+        *,
+        counted: bool = True,
     ) -> _StepResult:
-        """One optimizer step over examples (those at indices of the training set); return its loss and stats."""
-        self.model.train()
+        """One optimizer step over examples (this rank's share of the step: those at indices of the training
+        set); return the loss and stats of the whole step. counted=False: this rank's examples weigh nothing."""
+        self.forward_model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.config.objective == "dpo":
-            return self._dpo_step(cast(list[RenderedPair], examples), indices)
-        return self._sft_step(cast(list[RenderedExample], examples))
+            return self._dpo_step(cast(list[RenderedPair], examples), indices, counted)
+        return self._sft_step(cast(list[RenderedExample], examples), counted)
 
-    def _sft_step(self, examples: list[RenderedExample]) -> _StepResult:
-        """Mean cross-entropy over every trained token of the step."""
+    def _sft_step(self, examples: list[RenderedExample], counted: bool) -> _StepResult:
+        """Mean cross-entropy over every trained token of the step (of every rank's share)."""
         micro_batches = list(pack(examples, self.micro_batch_tokens))  # read twice: built once
-        loss_tokens = sum(len(batch.targets) for batch in micro_batches)
+        loss_tokens = self.team.total(sum(len(batch.targets) for batch in micro_batches) if counted else 0)
+        divisor = self.team.gradient_divisor(loss_tokens)
         loss_sum: torch.Tensor | float = 0
         correct: torch.Tensor | int = 0
-        for batch in micro_batches:
+        tokens = 0
+        for batch, real, last in self._rounds(micro_batches, counted):
             batch = batch.to(self.placement.device)
-            with self._autocast():
-                logits = trained_logits(self.model, batch)
-            batch_loss = F.cross_entropy(logits.float(), batch.targets, reduction="sum")
-            (batch_loss / loss_tokens).backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
-            loss_sum += batch_loss.detach()
-            correct += (logits.detach().argmax(-1) == batch.targets).sum()
+            with self.team.gradient_sync(last):
+                with self._autocast():
+                    logits = trained_logits(self.forward_model, batch)
+                batch_loss = F.cross_entropy(logits.float(), batch.targets, reduction="sum")
+                (batch_loss / divisor if real else batch_loss * 0).backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+            if real:
+                loss_sum += batch_loss.detach()
+                correct += (logits.detach().argmax(-1) == batch.targets).sum()
+                tokens += batch.tokens
+        loss, right, step_tokens = self.team.sum([float(loss_sum), float(correct), tokens])
         return _StepResult(
-            loss=float(loss_sum) / loss_tokens,
+            loss=loss / loss_tokens,
             grad_norm=self._optimizer_step(),
-            tokens=sum(batch.tokens for batch in micro_batches),
-            metrics={"token_accuracy": float(correct) / loss_tokens},
+            tokens=int(step_tokens),
+            metrics={"token_accuracy": right / loss_tokens},
         )
 
-    def _dpo_step(self, pairs: list[RenderedPair], indices: list[int]) -> _StepResult:
-        """Mean DPO loss over the step's pairs, against the reference computed before training."""
+    def _rounds(self, batches: Sequence[Batch], counted: bool) -> Iterator[tuple[Batch, bool, bool]]:
+        """(micro-batch, counts?, last?) for as many micro-batches as the rank with the most has.
+
+        Alone, that is each micro-batch once. With several ranks, one that runs out repeats
+        its first with no weight, so that every rank joins every collective of the step.
+        """
+        rounds = self.team.rounds(len(batches))
+        for index in range(rounds):
+            real = counted and index < len(batches)
+            yield batches[index if index < len(batches) else 0], real, index == rounds - 1
+
+    def _dpo_step(self, pairs: list[RenderedPair], indices: list[int], counted: bool) -> _StepResult:
+        """Mean DPO loss over the step's pairs (of every rank's share), against the reference computed before training."""
         totals = dpo.PairTotals()
         reference = self.reference["train"][:, indices]
-        offset, tokens = 0, 0
-        for batch in pack_pairs(pairs, self.micro_batch_tokens):
+        divisor = self.team.gradient_divisor(self.team.total(len(pairs) if counted else 0))
+        packed = pack_pairs(pairs, self.micro_batch_tokens)
+        offsets = [group.start for group in packed.groups]
+        tokens = 0
+        for index, (batch, real, last) in enumerate(self._rounds(packed, counted)):
+            offset = offsets[index if index < len(offsets) else 0]
             batch = batch.to(self.placement.device)
-            with self._autocast():
-                chosen, rejected = dpo.answer_logps(self.model, batch)
-            ref = reference[:, offset : offset + batch.pairs].to(chosen.device)
-            terms = dpo.dpo_terms(chosen, rejected, ref[0], ref[1], self.config.dpo_beta)
-            (terms[0].sum() / len(pairs)).backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
-            totals.add(*terms, chosen, rejected)
-            offset += batch.pairs
-            tokens += batch.tokens
-        means = totals.means()
+            with self.team.gradient_sync(last):
+                with self._autocast():
+                    chosen, rejected = dpo.answer_logps(self.forward_model, batch)
+                ref = reference[:, offset : offset + batch.pairs].to(chosen.device)
+                terms = dpo.dpo_terms(chosen, rejected, ref[0], ref[1], self.config.dpo_beta)
+                (terms[0].sum() / divisor if real else terms[0].sum() * 0).backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+            if real:
+                totals.add(*terms, chosen, rejected)
+                tokens += batch.tokens
+        means = self._summed(totals).means()
+        tokens = int(self.team.sum([tokens])[0])
         return _StepResult(loss=means.pop("loss"), grad_norm=self._optimizer_step(), tokens=tokens, metrics=means)
+
+    def _summed(self, totals: dpo.PairTotals) -> dpo.PairTotals:
+        """The pair sums of every rank (alone: totals as they are)."""
+        if self.team.world_size == 1:
+            return totals
+        *sums, pairs = self.team.sum([*totals.sums.values(), totals.pairs])
+        totals.sums = dict(zip(totals.sums, sums, strict=True))
+        totals.pairs = int(pairs)
+        return totals
 
     def _optimizer_step(self) -> float:
         """Clip, step and clear the gradients; return the norm before clipping."""
         max_norm = self.config.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = self.team.clip(self.params, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return grad_norm
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -489,29 +555,53 @@ class _Run:
         return result
 
     def _validate_examples(self, examples: list[RenderedExample]) -> dict[str, float]:
-        """Loss and next-token accuracy over every trained token."""
+        """Loss and next-token accuracy over every trained token (each rank validating its part of the file)."""
         loss_sum: float = 0
         correct: float = 0
         count = 0
-        for batch in pack(examples, self.micro_batch_tokens):
+        own, _, counted = self._own_part(examples)
+        for batch, real, _ in self._rounds(pack(own, self.micro_batch_tokens), counted):
             batch = batch.to(self.placement.device)
             with self._autocast():
                 logits = trained_logits(self.model, batch)
-            loss_sum += F.cross_entropy(logits.float(), batch.targets, reduction="sum").item()
-            correct += (logits.argmax(-1) == batch.targets).sum().item()
-            count += len(batch.targets)
-        return {"step": self.progress["step"], "eval_loss": loss_sum / count, "eval_token_accuracy": correct / count}
+            if real:
+                loss_sum += F.cross_entropy(logits.float(), batch.targets, reduction="sum").item()
+                correct += (logits.argmax(-1) == batch.targets).sum().item()
+                count += len(batch.targets)
+        loss_total, correct_total, counted_total = self.team.sum([loss_sum, correct, count])
+        return {
+            "step": self.progress["step"],
+            "eval_loss": loss_total / counted_total,
+            "eval_token_accuracy": correct_total / counted_total,
+        }
 
     def _validate_pairs(self, pairs: list[RenderedPair]) -> dict[str, float]:
         """DPO loss, rewards and log-probabilities, averaged over every validation pair."""
-        totals, offset = dpo.PairTotals(), 0
-        for batch in pack_pairs(pairs, self.micro_batch_tokens):
+        totals = dpo.PairTotals()
+        own, start, counted = self._own_part(pairs)
+        packed = pack_pairs(own, self.micro_batch_tokens)
+        offsets = [start + group.start for group in packed.groups]
+        for index, (batch, real, _) in enumerate(self._rounds(packed, counted)):
             with self._autocast():
                 chosen, rejected = dpo.answer_logps(self.model, batch.to(self.placement.device))
-            ref = self.reference["validation"][:, offset : offset + batch.pairs].to(chosen.device)
-            totals.add(*dpo.dpo_terms(chosen, rejected, ref[0], ref[1], self.config.dpo_beta), chosen, rejected)
-            offset += batch.pairs
-        return {"step": self.progress["step"], **totals.means(prefix="eval_")}
+            if real:
+                offset = offsets[index]
+                ref = self.reference["validation"][:, offset : offset + batch.pairs].to(chosen.device)
+                totals.add(*dpo.dpo_terms(chosen, rejected, ref[0], ref[1], self.config.dpo_beta), chosen, rejected)
+        return {"step": self.progress["step"], **self._summed(totals).means(prefix="eval_")}
+
+    def _own_part(self, items: Sequence[Item]) -> tuple[Sequence[Item], int, bool]:
+        """(this rank's contiguous part of a validation file, where it starts, counts?).
+
+        Alone: the whole file, as it is. A rank whose part is empty (a file shorter than the
+        ranks) takes the first item, not counted, to join the others' forward passes.
+        """
+        span = self.team.span(len(items))
+        if len(span) == len(items):
+            return items, 0, True
+        if not span:
+            return items[:1], 0, False
+        return items[span.start : span.stop], span.start, True
 
     # --- output --------------------------------------------------------------
 
@@ -537,18 +627,25 @@ class _Run:
         return weights + sum(2 * p.numel() * 4 for p in self.params)
 
     def _save_checkpoint(self) -> Path:
+        """Every rank calls it (the state is gathered from all of them); rank 0 writes."""
         evaluation = self.latest["eval"]
         if evaluation is not None:
             self.progress["checkpoint_evals"][self.progress["step"]] = evaluation["eval_loss"]
+        rngs = self.team.gather(ckpt.rng_state())
+        optimizer = self.team.optimizer_state(self.model, self.optimizer)
+        weights = self.team.model_state(self.model)
+        if not self.team.is_main:
+            return ckpt.checkpoint_dir(self.out, self.progress["step"])
         state = {
             **self.progress,
             "elapsed_s": self.progress["elapsed_s"] + (time.monotonic() - self.started),
             "train_examples": len(self.train_set.examples),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": ckpt.rng_state(),
+            "optimizer": optimizer,
+            "rng": rngs[0],
             "metrics": self.latest,
             "config": asdict(self.config),
             **({"reference_logps": self.reference} if self.config.objective == "dpo" else {}),
+            **({"rng_by_rank": rngs, "world_size": len(rngs)} if len(rngs) > 1 else {}),
         }
         path = ckpt.save_checkpoint(
             self.out,
@@ -557,6 +654,7 @@ class _Run:
             self.tokenizer,
             full=not self.config.uses_adapter,
             expected_bytes=self._expected_checkpoint_bytes(),
+            weights=weights,
         )
         self.checkpoint_bytes = ckpt.folder_bytes(path)
         self.sink("checkpoint", {"step": state["step"], "path": str(path), "metrics": self._checkpoint_metrics()})
@@ -596,7 +694,9 @@ class _Run:
             if self.val_set and (self.latest["eval"] or {}).get("step") != self.progress["step"]:
                 self.validate()
             output = self.out / ("adapter" if self.config.uses_adapter else "model")
-            save_weights(self.model, self.tokenizer, output, full=not self.config.uses_adapter)
+            weights = self.team.model_state(self.model)
+            if self.team.is_main:
+                save_weights(self.model, self.tokenizer, output, full=not self.config.uses_adapter, weights=weights)
             self._event(f"Saved {output}")
         train, evaluation = self.latest["train"] or {}, self.latest["eval"] or {}
         summary = {
@@ -636,11 +736,14 @@ class _Run:
             "output_dir": str(output) if output else None,
             "elapsed_s": self.progress["elapsed_s"] + (time.monotonic() - self.started),
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.team.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         self.sink("summary", summary)
         return summary
 
     def _report(self, kind: str, payload: dict[str, Any]) -> None:
+        if not self.team.is_main:
+            return
         with open(self.out / "metrics.jsonl", "a") as metrics:
             metrics.write(json.dumps({"kind": kind, **payload}) + "\n")
         self.sink(kind, payload)
@@ -653,6 +756,8 @@ class _Run:
             path.write_text("".join(line + "\n" for line in kept))
 
     def _write_config(self, threads: int, checkpointing: bool) -> None:
+        if not self.team.is_main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         if not self.config.resume_from:
             (self.out / "metrics.jsonl").write_text("")
@@ -671,6 +776,11 @@ class _Run:
             "train_examples": len(self.train_set.examples),
             "validation_examples": len(self.val_set.examples) if self.val_set else 0,
             "trainable_params": self.trainable_params,
+            **(
+                {"world_size": self.team.world_size, "distributed_strategy": self.team.strategy}
+                if self.team.world_size > 1
+                else {}
+            ),
         }
         (self.out / "config.json").write_text(json.dumps(resolved, indent=2))
 
@@ -691,10 +801,10 @@ class _Run:
         return summary
 
     def _stop_request(self) -> str | None:
-        answer = self.should_stop()
-        if not answer:
-            return None
-        return "pause" if answer == "pause" else "cancel"
+        """Rank 0's answer to should_stop, on every rank, so all of them stop at the same step."""
+        answer = self.should_stop() if self.team.is_main else None
+        request = None if not answer else "pause" if answer == "pause" else "cancel"
+        return self.team.decide(request)
 
     def _autocast(self) -> torch.autocast:
         dtype = self.placement.autocast_dtype
@@ -702,7 +812,7 @@ class _Run:
 
     def release(self) -> None:
         """Free the model and optimizer memory before returning to a long-lived worker."""
-        for name in ("model", "optimizer", "params"):
+        for name in ("model", "forward_model", "optimizer", "params"):
             self.__dict__.pop(name, None)
         gc.collect()
         if torch.cuda.is_available():

@@ -1,5 +1,6 @@
 """Loading the model for a method on a device, planning its memory, and saving what it learned."""
 
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -148,11 +149,39 @@ def enable_gradient_checkpointing(model: TrainableModel) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def save_weights(model: TrainableModel, tokenizer: TrainTokenizer, directory: Path, *, full: bool) -> None:
-    """Write an adapter (PEFT format) or a full model with its tokenizer into directory."""
-    model.save_pretrained(directory)
+def save_weights(
+    model: TrainableModel,
+    tokenizer: TrainTokenizer,
+    directory: Path,
+    *,
+    full: bool,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write an adapter (PEFT format) or a full model with its tokenizer into directory.
+
+    weights: the full state dict of a model sharded over several processes (FSDP2), gathered
+    for this write; None saves the model's own tensors.
+    """
+    if weights is None:
+        model.save_pretrained(directory)
+    else:
+        model.save_pretrained(directory, state_dict=weights)
+        _name_the_real_architecture(Path(directory))
     if full:
         tokenizer.save_pretrained(directory)
+
+
+def _name_the_real_architecture(directory: Path) -> None:
+    """FSDP2 renames a sharded model's class (FSDPLlamaForCausalLM); the saved config must name the real one."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    names = config.get("architectures") or []
+    real = [name.removeprefix("FSDP") for name in names]
+    if real != names:
+        config["architectures"] = real
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def count_parameters(model: TrainableModel) -> tuple[int, int]:
