@@ -16,7 +16,7 @@ from jobs_app.models import FineTuningJob
 from ..deployments.services import cancel_deployments_of
 from ..models import ModelCard
 from .exports import build_marker, build_merged_model, export_dir, merged_state, write_progress
-from .gguf_exports import build_gguf, gguf_state
+from .gguf_exports import build_gguf, gguf_kind, gguf_state
 from .resolution import get_base_model
 
 _SUMMARY_METRICS = (
@@ -118,15 +118,24 @@ def model_merge(*, card_id: int) -> None:
     try:
         _check_merge_room(card)  # again: the quota may have filled since the request was queued
     except ApplicationError as refusal:
-        shutil.rmtree(export_dir(card) / "merged.partial", ignore_errors=True)  # not building any more
-        notify(
-            card.owner,
-            f"The merged model of {card.model_id} was not built. {refusal.message}",
-            level="error",
-            link="/models/",
-        )
+        _not_built(card, "merged", f"The merged model of {card.model_id} was not built. {refusal.message}")
         return
     build_merged_model(card, export_dir(card))
+
+
+def _queue_build(card: ModelCard, kind: str, task) -> None:
+    """Mark a build of this kind ("merged", "gguf-f16") as waiting (an abandoned mark is made fresh) and queue it."""
+    marker = build_marker(export_dir(card), kind)
+    marker.mkdir(parents=True, exist_ok=True)
+    os.utime(marker)
+    write_progress(export_dir(card), kind, "waiting for a worker")
+    transaction.on_commit(task)
+
+
+def _not_built(card: ModelCard, kind: str, message: str) -> None:
+    """A build ended without its export: it is no longer building (it may be asked for again), and the owner hears why."""
+    shutil.rmtree(build_marker(export_dir(card), kind), ignore_errors=True)
+    notify(card.owner, message, level="error", link="/models/")
 
 
 def model_merge_request(*, card: ModelCard) -> str:
@@ -138,10 +147,7 @@ def model_merge_request(*, card: ModelCard) -> str:
     state = merged_state(export_dir(card))
     if state == "absent":
         _check_merge_room(card)
-        (export_dir(card) / "merged.partial").mkdir(parents=True, exist_ok=True)
-        os.utime(export_dir(card) / "merged.partial")  # an abandoned one is marked fresh again
-        write_progress(export_dir(card), "merged", "waiting for a worker")
-        transaction.on_commit(lambda: tasks.build_merged_model.delay(card.pk))
+        _queue_build(card, "merged", lambda: tasks.build_merged_model.delay(card.pk))
         state = "building"
     return state
 
@@ -173,11 +179,7 @@ def gguf_export_request(*, card: ModelCard, quant: str) -> str:
         )
     if state == "absent":
         _check_gguf_room(card, quant)
-        marker = build_marker(export_dir(card), f"gguf-{quant}")
-        marker.mkdir(parents=True, exist_ok=True)
-        os.utime(marker)
-        write_progress(export_dir(card), f"gguf-{quant}", "waiting for a worker")
-        transaction.on_commit(lambda: tasks.build_gguf_export.delay(card.pk, quant))
+        _queue_build(card, gguf_kind(quant), lambda: tasks.build_gguf_export.delay(card.pk, quant))
         state = "building"
     return state
 
@@ -193,19 +195,9 @@ def gguf_export(*, card_id: int, quant: str) -> None:
         _check_gguf_room(card, quant)  # again: the quota may have filled since the request was queued
         build_gguf(card, export_dir(card), quant)
     except (ApplicationError, GGUFExportError) as refusal:
-        shutil.rmtree(build_marker(export_dir(card), f"gguf-{quant}"), ignore_errors=True)
-        notify(
-            card.owner,
-            f"The {quant} GGUF of {card.model_id} was not built. {getattr(refusal, 'message', refusal)}",
-            level="error",
-            link="/models/",
-        )
+        message = getattr(refusal, "message", refusal)
+        _not_built(card, gguf_kind(quant), f"The {quant} GGUF of {card.model_id} was not built. {message}")
     except Exception as failure:  # any other failure (memory, reading the GGUF back): the owner hears of it too
-        shutil.rmtree(build_marker(export_dir(card), f"gguf-{quant}"), ignore_errors=True)
-        notify(
-            card.owner,
-            f"The {quant} GGUF of {card.model_id} failed: {type(failure).__name__}: {failure}",
-            level="error",
-            link="/models/",
-        )
+        message = f"The {quant} GGUF of {card.model_id} failed: {type(failure).__name__}: {failure}"
+        _not_built(card, gguf_kind(quant), message)
         raise
