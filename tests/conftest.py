@@ -26,6 +26,21 @@ def tiny_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def chatty_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny Llama with untied embeddings: its greedy answers wander through the vocabulary."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    dest = tmp_path_factory.mktemp("chatty-model")
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
 def bundled_model_dir() -> Path:
     """The real SmolLM2-135M-Instruct, converted from the bundled GGUF."""
     return prepare_bundled_model(TEST_CACHE / "SmolLM2-135M-Instruct", progress=lambda line: None)

@@ -16,40 +16,13 @@ import httpx
 import jsonschema
 import openai
 import pytest
-import torch
 
+from ..serve.helpers import COLOR, TOOLS
 from ..test_model_square import BASE, folders  # noqa: F401 - shared fixtures
 
 # The view's database reads run on asgiref's thread, with a connection of its own.
 pytestmark = pytest.mark.django_db(transaction=True)
 CHATTY = "chatty"
-COLOR = {
-    "type": "object",
-    "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]}},
-    "required": ["ok", "color"],
-    "additionalProperties": False,
-}
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "weather",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"enum": ["Paris", "Rome"]}},
-                "required": ["city"],
-                "additionalProperties": False,
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "clock",
-            "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
-        },
-    },
-]
 HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
 
 
@@ -83,27 +56,13 @@ class DjangoTransport(httpx.BaseTransport):
         self.thread.join(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def chatty_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny Llama with untied embeddings: its greedy answers wander through the vocabulary."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    dest = tmp_path_factory.mktemp("chatty-sdk")
-    config = LlamaConfig.from_pretrained(tiny_model_dir)
-    config.tie_word_embeddings = False
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(dest)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(dest)
-    return dest
-
-
 @pytest.fixture
-def sdk(monkeypatch, chatty_dir):
+def sdk(monkeypatch, chatty_model_dir):
     """An openai client of alice's (signed in: the SDK's bearer key is not forwarded)."""
     from django.contrib.auth import get_user_model
     from django.test import AsyncClient
 
-    monkeypatch.setenv("FT_BASE_MODELS", f"{CHATTY}={chatty_dir}")
+    monkeypatch.setenv("FT_BASE_MODELS", f"{CHATTY}={chatty_model_dir}")
     client = AsyncClient()
     client.force_login(get_user_model().objects.create_user("alice", password="pw-alice-123"))
     transport = DjangoTransport(client)

@@ -21,19 +21,6 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def chatty_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    dest = tmp_path_factory.mktemp("chatty-model")
-    config = LlamaConfig.from_pretrained(tiny_model_dir)
-    config.tie_word_embeddings = False
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(dest)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(dest)
-    return dest
-
-
-@pytest.fixture(scope="session")
 def adapters(chatty_model_dir, tmp_path_factory) -> dict[str, Path]:
     """Three different random adapters for the chatty model, by name."""
     root = tmp_path_factory.mktemp("adapters")

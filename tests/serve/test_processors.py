@@ -15,36 +15,8 @@ from llm.serve.errors import InvalidRequest
 from llm.serve.processors import RowShaper, TokenTable
 from llm.serve.schema import GenerationRequest, TextPiece
 
-from .helpers import chat, drain, paused
+from .helpers import COLOR, TOOLS, chat, drain, paused
 from .test_engine import run_together
-
-COLOR = {
-    "type": "object",
-    "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]}},
-    "required": ["ok", "color"],
-    "additionalProperties": False,
-}
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "weather",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"enum": ["Paris", "Rome"]}},
-                "required": ["city"],
-                "additionalProperties": False,
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "clock",
-            "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
-        },
-    },
-]
 
 
 def token_ids(pool, base_dir, text):
