@@ -51,6 +51,7 @@ def torchrun_command(
     nnodes: int = 1,
     rendezvous: str | None = None,
     run_id: str = "ft",
+    ask_room: bool = False,
 ) -> list[str]:
     """torchrun for `processes` ranks on this machine: alone (a free local port), or as one of nnodes
     machines meeting at rendezvous (host:port, c10d), which every machine's command names alike."""
@@ -72,8 +73,8 @@ def torchrun_command(
         *command_line(config),
         "--stop-file",
         str(Path(config.out_dir) / STOP_FILE),
-        "--room-file",
-        str(Path(config.out_dir) / ROOM_FILE),
+        # Only when this process has a room check to answer with: unanswered, rank 0 would wait at each checkpoint.
+        *(["--room-file", str(Path(config.out_dir) / ROOM_FILE)] if ask_room else []),
         "--all-json",
     ]
 
@@ -96,7 +97,15 @@ def train_in_processes(
     stop_file = Path(config.out_dir) / STOP_FILE
     stop_file.parent.mkdir(parents=True, exist_ok=True)
     stop_file.unlink(missing_ok=True)
-    command = torchrun_command(config, processes=processes, nnodes=nnodes, rendezvous=rendezvous, run_id=run_id)
+    room_check = room_check_of(config.out_dir)  # a storage quota the ranks cannot see themselves
+    command = torchrun_command(
+        config,
+        processes=processes,
+        nnodes=nnodes,
+        rendezvous=rendezvous,
+        run_id=run_id,
+        ask_room=room_check is not None,
+    )
     child = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -114,7 +123,6 @@ def train_in_processes(
     for reader in readers:
         reader.start()
     summary: dict[str, Any] | None = None
-    room_check = room_check_of(config.out_dir)  # a storage quota the ranks cannot see themselves
     asked: str | None = None
     next_question = 0.0
     try:
