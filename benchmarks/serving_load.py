@@ -6,14 +6,17 @@ measures, at the client: completion tokens per second over all streams together,
 token's latency (median and p95 over every request) and the wall time of the level.
 
 Serving paths: the shared pool (a model without a deployment) and, with --deployment, a
-deployment of 1 instance and then the same deployment scaled to 2. The LoRA model is a random,
+deployment of 1 instance and then the same deployment scaled to 2; with vLLM installed, also a
+deployment of 1 instance on the vLLM backend (a vLLM server behind our API: keys, routing over Redis,
+our chat format, usage). The LoRA model is a random,
 non-zero adapter built with the product's own LoRA settings (r 16, all linear layers) and
 registered as a fine-tuned model. When a vLLM venv exists (`make install-vllm`), vLLM's OpenAI
 server serves the same folder in bf16 after the stack stops, and every row of ours gets its
-ratio to vLLM at the same level, computed from this run.
+ratio to vLLM at the same level, computed from this run: for the vLLM deployment that ratio is the
+cost of our API in front of the same engine.
 
     python -m benchmarks.serving_load [--levels 1,4,8,16] [--max-tokens 96] [--repeats 1]
-        [--deployment] [--skip-lora] [--vllm-python PATH] [--out var/bench/serving_load.json]
+        [--deployment] [--backends embedded,vllm] [--skip-lora] [--vllm-python PATH] [--out var/bench/serving_load.json]
 """
 
 import argparse
@@ -247,25 +250,27 @@ def wait_for_deployment(rest: httpx.Client, deployment_id: str, running: int, ti
     raise DeploymentFailed(f"{running} instance(s) not running after {timeout:.0f} s: {body}")
 
 
-def measure_deployment(stack, key, model, label, args) -> tuple[list[Row], str | None]:
-    """The model on a deployment of 1 instance, then scaled to 2; cancelled afterwards."""
+def measure_deployment(
+    stack, key, model, label, args, *, backend: str = "embedded", scales: tuple[int, ...] = (1, 2)
+) -> tuple[list[Row], str | None]:
+    """The model on a deployment of 1 instance, then scaled to 2 (by default); cancelled afterwards."""
     rows: list[Row] = []
     with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as rest:
         created = rest.post(
             "/api/deployments",
-            json={"model": model, "instances": 1, "max_concurrent_requests": args.max_concurrent},
+            json={"model": model, "instances": 1, "max_concurrent_requests": args.max_concurrent, "backend": backend},
         )
         if created.status_code != 200:
             return rows, f"POST /api/deployments answered {created.status_code}: {created.text[:300]}"
         deployment_id = created.json()["id"]
         try:
-            for instances in (1, 2):
+            for instances in scales:
                 if instances > 1:
                     scaled = rest.patch(f"/api/deployments/{deployment_id}", json={"instances": instances})
                     if scaled.status_code != 200:
                         return rows, f"scaling to {instances} answered {scaled.status_code}: {scaled.text[:300]}"
-                wait_for_deployment(rest, deployment_id, instances)
-                path = f"deployment x{instances}"
+                wait_for_deployment(rest, deployment_id, instances, timeout=600 if backend == "embedded" else 1200)
+                path = f"deployment x{instances}" if backend == "embedded" else f"vLLM deployment x{instances}"
                 target = Target(f"{label}, {path}", path, stack.url, key, model)
                 rows += measure(target, label, args.levels, args.max_tokens, args.repeats)
         except DeploymentFailed as exc:
@@ -275,12 +280,18 @@ def measure_deployment(stack, key, model, label, args) -> tuple[list[Row], str |
     return rows, None
 
 
-def run_ours(adapter_dir: Path | None, model_dir: Path, args) -> tuple[list[Row], list[str]]:
+def run_ours(
+    adapter_dir: Path | None, model_dir: Path, args, vllm_python: Path | None = None
+) -> tuple[list[Row], list[str]]:
+    """Our stack: the shared pool, then (--deployment) deployments on the embedded engine and, with vLLM
+    installed, on the vLLM backend: one instance whose vLLM server the requests reach through our API."""
     rows: list[Row] = []
     notes: list[str] = []
     with tempfile.TemporaryDirectory() as home:
         # The benchmark's one client stands for many users: no per-user limits on its streams.
         os.environ.update(FT_MAX_CHAT_STREAMS_PER_USER="0", FT_RATE_LIMIT_RPM="0", FT_RATE_LIMIT_TPM="0")
+        if vllm_python is not None:
+            os.environ.update(FT_VLLM_PYTHON=str(vllm_python), FT_VLLM_MAX_MODEL_LEN="2048")
         stack = start_stack(Path(home) / "stack", {BUNDLED_MODEL_ID: model_dir})
         try:
             key = stack.api_key("bench")
@@ -292,11 +303,20 @@ def run_ours(adapter_dir: Path | None, model_dir: Path, args) -> tuple[list[Row]
                 rows += measure(target, label, args.levels, args.max_tokens, args.repeats)
             if args.deployment:
                 for label, model in ids.items():
-                    deployed, problem = measure_deployment(stack, key, model, label, args)
-                    rows += deployed
-                    if problem:
-                        notes.append(f"{label} deployment: {problem}")
-                        print(f"  {label} deployment stopped: {problem}", flush=True)
+                    if "embedded" in args.backends:
+                        deployed, problem = measure_deployment(stack, key, model, label, args)
+                        rows += deployed
+                        if problem:
+                            notes.append(f"{label} deployment: {problem}")
+                            print(f"  {label} deployment stopped: {problem}", flush=True)
+                    if vllm_python is not None and "vllm" in args.backends:
+                        deployed, problem = measure_deployment(
+                            stack, key, model, label, args, backend="vllm", scales=(1,)
+                        )
+                        rows += deployed
+                        if problem:
+                            notes.append(f"{label} vLLM deployment: {problem}")
+                            print(f"  {label} vLLM deployment stopped: {problem}", flush=True)
         finally:
             stop_stack(stack)
     return rows, notes
@@ -407,6 +427,13 @@ def summary(rows: list[Row], found_ratios: list[dict]) -> list[str]:
     for ratio in found_ratios:
         if ratio["streams"] == high and ratio["tokens_per_s"] is not None:
             lines.append(f"{ratio['model']} {ratio['path']}: {ratio['tokens_per_s']:.2f}x vLLM's tokens/s at {high}")
+    for ratio in found_ratios:  # the same engine behind our API: what the API costs, at every level
+        if ratio["path"].startswith("vLLM deployment") and ratio["tokens_per_s"] is not None:
+            overhead = 1 - ratio["tokens_per_s"]
+            lines.append(
+                f"{ratio['model']} {ratio['path']}, {ratio['streams']} streams: our API costs {overhead:.1%} of"
+                f" vLLM's direct tokens/s ({'within' if overhead <= 0.10 else 'beyond'} the 10% budget)"
+            )
     return lines
 
 
@@ -425,6 +452,12 @@ def main() -> None:
     parser.add_argument("--deployment", action="store_true", help="also a deployment of 1, then 2 instances")
     parser.add_argument(
         "--max-concurrent", type=int, default=None, help="a deployment's max_concurrent_requests (default: top level)"
+    )
+    parser.add_argument(
+        "--backends",
+        type=lambda text: {part.strip() for part in text.split(",") if part.strip()},
+        default={"embedded", "vllm"},
+        help="with --deployment: which deployment backends to measure (default embedded,vllm; vllm needs it installed)",
     )
     parser.add_argument("--skip-lora", action="store_true")
     parser.add_argument("--vllm-python", help="python of a venv with vLLM (default .venv-vllm/bin/python)")
@@ -450,7 +483,7 @@ def main() -> None:
                 f" registered as fine-tuned model {LORA_MODEL_ID}"
             )
         print(f"LoRA model: {lora_note}", flush=True)
-        rows, notes = run_ours(adapter_dir, model_dir, args)
+        rows, notes = run_ours(adapter_dir, model_dir, args, vllm_python if vllm_version else None)
         vllm_info: dict = {"python": str(vllm_python) if vllm_python else None, "version": vllm_version}
         if vllm_version is None:
             vllm_info["status"] = "absent"

@@ -65,6 +65,13 @@ class Deployment(models.Model):
     max_concurrent_requests = models.PositiveSmallIntegerField(
         default=16, help_text="Requests one instance takes at once (its engine answers them in shared batches)."
     )
+    BACKEND_CHOICES = [(b, b) for b in ("auto", "embedded", "vllm")]  # llm.serve.vllm.BACKENDS
+    backend = models.CharField(
+        max_length=8, choices=BACKEND_CHOICES, blank=True, help_text="What was asked for; blank: FT_SERVING_BACKEND."
+    )
+    tensor_parallel_size = models.PositiveSmallIntegerField(
+        default=1, help_text="GPUs each instance spreads the model over (vLLM only)."
+    )
     status = models.CharField(max_length=12, choices=STATUS_CHOICES, default=DEPLOYING)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -109,6 +116,9 @@ class Instance(models.Model):
     public_id = models.CharField(max_length=40, unique=True, default=partial(new_id, "inst"))
     deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="instance_set")
     status = models.CharField(max_length=10, choices=STATUS_CHOICES, default=STARTING)
+    backend = models.CharField(
+        max_length=8, blank=True, help_text="What serves it, embedded or vllm; blank until chosen."
+    )
     worker = models.CharField(max_length=200, blank=True)
     pid = models.IntegerField(null=True, blank=True, help_text="The serving process's id on its worker's host.")
     detail = models.TextField(blank=True)

@@ -274,7 +274,10 @@ SPECTACULAR_SETTINGS = {
 }
 
 # --- Files
-MEDIA_ROOT = FT_HOME / "media"
+# Where uploads and every artifact (checkpoints, adapters, merged models, exports) live: FT_HOME, or a folder
+# every machine mounts at the same path (README, "Several machines").
+FT_SHARED_DIR = Path(env_str("FT_SHARED_DIR") or FT_HOME)
+MEDIA_ROOT = FT_SHARED_DIR / "media"
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
@@ -287,7 +290,7 @@ FT_PRICE_PER_1K_TOKENS = env_float("FT_PRICE_PER_1K_TOKENS", 0.0, minimum=0.0)
 
 # --- Models and training
 FT_MODELS_DIR = FT_HOME / "models"
-FT_ARTIFACTS_DIR = FT_HOME / "artifacts"
+FT_ARTIFACTS_DIR = FT_SHARED_DIR / "artifacts"
 # A job keeps its newest checkpoints plus the one with the best validation loss; 0 keeps them all.
 FT_KEEP_CHECKPOINTS = env_int("FT_KEEP_CHECKPOINTS", 2, minimum=0)
 FT_HEARTBEAT_SECONDS = env_int("FT_HEARTBEAT_SECONDS", 5, minimum=1)
@@ -358,6 +361,11 @@ FT_AUTO_EVAL_MAX_EXAMPLES = env_int("FT_AUTO_EVAL_MAX_EXAMPLES", 200, minimum=1)
 FT_FORGETTING_DROP = env_float("FT_FORGETTING_DROP", 0.05, minimum=0.0)
 """A fall in the general set's score beyond this (absolute) marks the model card with a warning."""
 
+# --- Processes: what `make run` (runstack) starts on this machine. Every machine of a deployment runs some;
+# exactly one runs beat.
+FT_ROLE_CHOICES = ("web", "train", "eval", "default", "notify", "housekeeping", "serve", "beat")
+FT_ROLES = env_str("FT_ROLES") or ",".join(FT_ROLE_CHOICES)
+
 # --- Deployments
 FT_MAX_INSTANCES = env_int("FT_MAX_INSTANCES", 8, minimum=1)
 # Threads of the worker-serve process: each running or starting instance holds one for its whole life.
@@ -366,6 +374,16 @@ FT_SERVING_SLOTS = env_int("FT_SERVING_SLOTS", 4, minimum=1)
 FT_INSTANCE_START_TIMEOUT = env_int("FT_INSTANCE_START_TIMEOUT", 600, minimum=10)
 # The price the deployment page multiplies instance-hours by for its cost estimate.
 FT_INSTANCE_HOUR_PRICE = env_float("FT_INSTANCE_HOUR_PRICE", 1.0, minimum=0.0)
+# What runs a deployment instance (llm/serve/vllm.py): auto takes vLLM where it is installed (FT_VLLM_PYTHON, made
+# by `make install-vllm`) and runs the model's architecture, the embedded engine elsewhere. A deployment may ask
+# for one of them itself (its `backend`).
+FT_SERVING_BACKEND = env_choice("FT_SERVING_BACKEND", "auto", ("auto", "embedded", "vllm"))
+FT_VLLM_PYTHON = Path(env_str("FT_VLLM_PYTHON") or BASE_DIR / ".venv-vllm" / "bin" / "python")
+FT_VLLM_KV_CACHE_GIB = env_float("FT_VLLM_KV_CACHE_GIB", 2.0, minimum=0.1)
+"""On CPU, the memory each vLLM instance keeps for its KV cache (on GPUs vLLM sizes it itself)."""
+FT_VLLM_MAX_MODEL_LEN = env_int("FT_VLLM_MAX_MODEL_LEN", 4096, minimum=16)
+FT_VLLM_ARGS = env_str("FT_VLLM_ARGS")
+"""More `vllm serve` arguments for every vLLM instance, as a shell would split them (e.g. --gpu-memory-utilization 0.8)."""
 # torch threads in each instance's process: by default half the cores, so two instances on one
 # machine each get their own cores and add throughput instead of fighting over the same ones.
 FT_INSTANCE_THREADS = env_int("FT_INSTANCE_THREADS", max(1, (os.cpu_count() or 2) // 2), minimum=1)

@@ -4,15 +4,35 @@ Models are built once into var/test-cache (ignored by git) and reused across
 runs: the tiny model in seconds, the bundled SmolLM2 in about half a minute.
 """
 
+import os
 from pathlib import Path
 
 import pytest
 import redis
+from django.db.backends.signals import connection_created
 
 from finetune_site.celery import app
 from llm.bundled import build_tiny_model, prepare_bundled_model
 
 from .live import fresh_postgres_database, postgres_up
+
+
+def _readers_do_not_lock_tables(sender, connection, **kwargs):
+    """Tests on SQLite share one in-memory database through SQLite's shared cache, where a reader holds a
+    table lock that makes a writer in another thread fail at once ("database table is locked"): no busy
+    timeout applies there. The product's own file database runs in WAL mode, where readers never block the
+    writer; reading uncommitted rows gives threaded tests that same behaviour."""
+    if connection.vendor == "sqlite" and connection.is_in_memory_db():
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA read_uncommitted = 1")
+
+
+connection_created.connect(_readers_do_not_lock_tables)
+
+# Deployment instances run on the embedded engine unless a test asks for vLLM (tests/test_vllm_backend.py):
+# `make test` installs vLLM, and "auto" would otherwise move every deployment test onto it. Instance
+# processes the tests start read it from here.
+os.environ.setdefault("FT_SERVING_BACKEND", "embedded")
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_CACHE = REPO / "var" / "test-cache"
@@ -75,6 +95,7 @@ def _in_memory_channel_layer(request):
         return
     settings = request.getfixturevalue("settings")
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    settings.FT_SERVING_BACKEND = os.environ["FT_SERVING_BACKEND"]
     # A job that succeeds here would queue its automatic evaluation to a broker these tests do not
     # run; tests/evals/test_auto_eval.py turns it on where it is the thing under test.
     settings.FT_AUTO_EVAL = False

@@ -90,6 +90,8 @@ def start_stack(
     # A succeeded job is evaluated on the evaluations worker; the live tests train many small jobs and
     # check other things, so by default they skip it (tests/evals covers it, and a stack may set it).
     env.setdefault("FT_AUTO_EVAL", "0")
+    # Deployments on the embedded engine unless a test asks (a deployment's own `backend`, or this env).
+    env.setdefault("FT_SERVING_BACKEND", "embedded")
     stack = Stack(home=home, port=port, env=env)
     stack.manage("runstack", "--skip-models", "--write-config-only")
     supervisord = Path(sys.executable).parent / "supervisord"
@@ -103,7 +105,14 @@ def start_stack(
     )
     deadline = time.monotonic() + timeout
     last = None
+    web = "web" in env.get("FT_ROLES", "web")
     while time.monotonic() < deadline:
+        if not web:  # a machine without a web server: up once supervisord runs all its programs
+            last = stack.supervisorctl("status")
+            if last and all(" RUNNING " in line for line in last.strip().splitlines()):
+                return stack
+            time.sleep(1)
+            continue
         try:
             last = httpx.get(stack.url + "/healthz", timeout=5)
             if last.status_code == 200:

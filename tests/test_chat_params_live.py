@@ -19,25 +19,8 @@ HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_model_dir):
-    """The whole product as `make run` runs it, given longer to come up: on a busy shared machine nine
-    processes importing torch at once can take minutes."""
-    from .live import start_stack, stop_stack
-
-    running = start_stack(tmp_path_factory.mktemp("stack"), {TINY_MODEL_ID: tiny_model_dir}, timeout=600)
-    yield running
-    stop_stack(running)
-
-
-@pytest.fixture(scope="module")
 def key(stack):
-    """A key of a new user; tried again while the freshly started stack's database is still busy."""
-    for _attempt in range(5):
-        made = stack.manage("create_api_key", "petra", "--create-user", check=False)
-        if made.returncode == 0:
-            return made.stdout.strip().splitlines()[-1]
-        time.sleep(5)
-    raise AssertionError(f"no API key: {made.stderr[-2000:]}")
+    return stack.api_key("petra")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from rest_framework.views import APIView
 from finetune_site.ids import unix
 from finetune_site.openapi import Choice, Const, cursor_parameters, errors, path_parameter
 from finetune_site.pagination import cursor_page
+from llm.serve.vllm import BACKENDS
 
 from ..models import Deployment, Instance
 from . import selectors, services
@@ -20,6 +21,15 @@ class DeploymentCreateInput(serializers.Serializer):
     max_concurrent_requests = serializers.IntegerField(
         default=16, help_text="Requests one instance takes at once (its engine answers them in shared batches)."
     )
+    backend = serializers.ChoiceField(
+        BACKENDS,
+        required=False,
+        help_text="What serves the instances: vllm (a vLLM server per instance), embedded (this product's engine), "
+        "or auto (vLLM where installed and the model is supported). Default: the server's FT_SERVING_BACKEND.",
+    )
+    tensor_parallel_size = serializers.IntegerField(
+        default=1, help_text="GPUs each instance spreads the model over (vLLM on GPU machines)."
+    )
 
 
 class DeploymentScaleInput(serializers.Serializer):
@@ -30,6 +40,7 @@ class InstanceOutput(serializers.Serializer):
     id = serializers.CharField()
     object = Const("deployment.instance")
     status = Choice([s for s, _ in Instance.STATUS_CHOICES])
+    backend = serializers.CharField(help_text="What serves it: embedded or vllm (empty until the instance starts).")
     worker = serializers.CharField()
     pid = serializers.IntegerField(allow_null=True, help_text="The instance process's id on its worker's host.")
     requests_served = serializers.IntegerField()
@@ -58,6 +69,8 @@ class DeploymentOutput(serializers.Serializer):
     instances = serializers.IntegerField(help_text="How many instances are wanted.")
     running_instances = serializers.IntegerField()
     max_concurrent_requests = serializers.IntegerField()
+    backend = serializers.CharField(help_text="The backend asked for (auto, embedded or vllm; empty: the server's).")
+    tensor_parallel_size = serializers.IntegerField()
     requests_served = serializers.IntegerField()
     tokens_generated = serializers.IntegerField()
     instance_hours = serializers.FloatField()
@@ -86,6 +99,7 @@ def instance_object(instance: Instance) -> dict:
         "id": instance.public_id,
         "object": "deployment.instance",
         "status": instance.status,
+        "backend": instance.backend,
         "worker": instance.worker,
         "pid": instance.pid,
         "requests_served": instance.requests_served,
@@ -118,6 +132,8 @@ def deployment_object(deployment: Deployment) -> dict:
         "instances": deployment.instances,
         "running_instances": usage["running_instances"],
         "max_concurrent_requests": deployment.max_concurrent_requests,
+        "backend": deployment.backend,
+        "tensor_parallel_size": deployment.tensor_parallel_size,
         "requests_served": usage["requests_served"],
         "tokens_generated": usage["tokens_generated"],
         "instance_hours": round(usage["instance_hours"], 6),
@@ -165,6 +181,8 @@ class DeploymentListCreate(APIView):
             model_id=data.validated_data["model"],
             instances=data.validated_data["instances"],
             max_concurrent_requests=data.validated_data["max_concurrent_requests"],
+            backend=data.validated_data.get("backend", ""),
+            tensor_parallel_size=data.validated_data["tensor_parallel_size"],
         )
         return Response(deployment_object(deployment))
 

@@ -8,6 +8,7 @@ frees exactly its memory. It needs only Redis, the database and the model files.
 
 import logging
 import os
+import shlex
 import threading
 import time
 from collections import deque
@@ -25,6 +26,7 @@ from llm.serve.engine import percentile
 from llm.serve.errors import InvalidRequest, Overloaded, ServingError
 from llm.serve.pool import ModelPool
 from llm.serve.schema import Completion, GenerationRequest, piece_logprobs
+from llm.serve.vllm import VllmPool, VllmSettings, choose_backend
 
 from ..catalog import ResolvedModel, resolve_model
 from ..chat.pool import engine_settings
@@ -108,7 +110,11 @@ def serve_instance(instance_id: int, *, worker: str, threads: int, parent_pid: i
         )
         return
     torch.set_num_threads(threads)
-    pool = ModelPool(device=settings.FT_DEVICE, max_adapters=1, **engine_settings())
+    try:
+        pool = _pool_for(instance, resolved)
+    except ValueError as exc:  # a backend this deployment cannot run on
+        services.instance_failed_to_load(instance=instance, message=str(exc))
+        return
     try:
         try:
             pool.preload(str(resolved.base_path), str(resolved.adapter_path) if resolved.adapter_path else None)
@@ -131,6 +137,31 @@ def serve_instance(instance_id: int, *, worker: str, threads: int, parent_pid: i
         pool.close()
 
 
+def _pool_for(instance: Instance, resolved: ResolvedModel) -> ModelPool | VllmPool:
+    """What serves this instance: the embedded engine's pool or a vLLM server's, as the deployment asks
+    (or FT_SERVING_BACKEND says); recorded on the instance's row for its page and the API."""
+    deployment = instance.deployment
+    backend, reason = choose_backend(
+        deployment.backend or settings.FT_SERVING_BACKEND, settings.FT_VLLM_PYTHON, resolved.base_path
+    )
+    log.info("instance %s runs on the %s backend (%s)", instance.public_id, backend, reason)
+    Instance.objects.filter(pk=instance.pk).update(backend=backend)
+    if backend == "embedded":
+        if deployment.tensor_parallel_size > 1:
+            raise ValueError(f"tensor_parallel_size {deployment.tensor_parallel_size} needs vLLM, and {reason}.")
+        return ModelPool(device=settings.FT_DEVICE, max_adapters=1, **engine_settings())
+    vllm_settings = VllmSettings(
+        python=settings.FT_VLLM_PYTHON,
+        log_path=settings.FT_HOME / "logs" / f"vllm-{instance.public_id}.log",
+        tensor_parallel_size=deployment.tensor_parallel_size,
+        kv_cache_gib=settings.FT_VLLM_KV_CACHE_GIB,
+        max_model_len=settings.FT_VLLM_MAX_MODEL_LEN,
+        start_timeout=settings.FT_INSTANCE_START_TIMEOUT,
+        extra_args=tuple(shlex.split(settings.FT_VLLM_ARGS)),
+    )
+    return VllmPool(vllm_settings, stopping=stop_requested)
+
+
 def _host_gone(parent_pid: int | None):
     def gone() -> bool:
         return stop_requested.is_set() or (parent_pid is not None and os.getppid() != parent_pid)
@@ -144,7 +175,13 @@ _CANCEL_CHECK_EVERY = 8
 
 class _Server:
     def __init__(
-        self, instance: Instance, deployment: Deployment, pool: ModelPool, resolved: ResolvedModel, *, host_gone
+        self,
+        instance: Instance,
+        deployment: Deployment,
+        pool: ModelPool | VllmPool,
+        resolved: ResolvedModel,
+        *,
+        host_gone,
     ):
         self.instance, self.deployment, self.pool, self.resolved = instance, deployment, pool, resolved
         self.host_gone = host_gone

@@ -13,6 +13,7 @@ from django.utils import timezone
 from finetune_site import quotas
 from finetune_site.errors import CapacityExceeded, InvalidInput, InvalidState
 from finetune_site.locks import hold_until_commit
+from llm.serve.vllm import BACKENDS
 
 from ..catalog import resolve_model
 from ..models import Deployment, Instance
@@ -30,18 +31,25 @@ def cancel_deployments_of(owner, model_id: str, *, checkpoints_only: bool = Fals
         deployment_cancel(deployment=deployment)
 
 
+def _check_whole_number(value, name: str, top: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+        raise InvalidInput(f"{name} must be a whole number from 1 to {top}, got {value!r}.", param=name)
+
+
 def _check_counts(instances, max_concurrent_requests=None) -> None:
-    top = settings.FT_MAX_INSTANCES
-    if isinstance(instances, bool) or not isinstance(instances, int) or not 1 <= instances <= top:
-        raise InvalidInput(f"instances must be a whole number from 1 to {top}, got {instances!r}.", param="instances")
-    if max_concurrent_requests is not None and (
-        isinstance(max_concurrent_requests, bool)
-        or not isinstance(max_concurrent_requests, int)
-        or not 1 <= max_concurrent_requests <= 64
-    ):
+    _check_whole_number(instances, "instances", settings.FT_MAX_INSTANCES)
+    if max_concurrent_requests is not None:
+        _check_whole_number(max_concurrent_requests, "max_concurrent_requests", 64)
+
+
+def _check_backend(backend, tensor_parallel_size) -> None:
+    if backend and backend not in BACKENDS:
+        raise InvalidInput(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}.", param="backend")
+    _check_whole_number(tensor_parallel_size, "tensor_parallel_size", 64)
+    if tensor_parallel_size > 1 and (backend or settings.FT_SERVING_BACKEND) == "embedded":
         raise InvalidInput(
-            f"max_concurrent_requests must be a whole number from 1 to 64, got {max_concurrent_requests!r}.",
-            param="max_concurrent_requests",
+            "tensor_parallel_size above 1 needs the vLLM backend; the embedded engine runs each instance on one device.",
+            param="tensor_parallel_size",
         )
 
 
@@ -78,9 +86,21 @@ def _start_instances(deployment: Deployment, count: int) -> list[Instance]:
 
 
 @transaction.atomic
-def deployment_create(*, user, model_id: str, instances: int = 1, max_concurrent_requests: int = 1) -> Deployment:
-    """Deploy a base, fine-tuned or checkpoint model on N dedicated instances."""
+def deployment_create(
+    *,
+    user,
+    model_id: str,
+    instances: int = 1,
+    max_concurrent_requests: int = 1,
+    backend: str = "",
+    tensor_parallel_size: int = 1,
+) -> Deployment:
+    """Deploy a base, fine-tuned or checkpoint model on N dedicated instances.
+
+    backend: "auto", "embedded" or "vllm" ("": FT_SERVING_BACKEND's); tensor_parallel_size: GPUs per instance (vLLM).
+    """
     _check_counts(instances, max_concurrent_requests)
+    _check_backend(backend, tensor_parallel_size)
     if not isinstance(model_id, str) or resolve_model(user, model_id) is None:
         # A 400, not a 404: the model is a field of what is being created, as in OpenAI's create calls.
         raise InvalidInput(
@@ -92,7 +112,12 @@ def deployment_create(*, user, model_id: str, instances: int = 1, max_concurrent
     quotas.check_deployment_slots(user, instances)
     _check_capacity(instances)
     deployment = Deployment.objects.create(
-        owner=user, model_id=model_id, instances=instances, max_concurrent_requests=max_concurrent_requests
+        owner=user,
+        model_id=model_id,
+        instances=instances,
+        max_concurrent_requests=max_concurrent_requests,
+        backend=backend,
+        tensor_parallel_size=tensor_parallel_size,
     )
     _start_instances(deployment, instances)
     return deployment

