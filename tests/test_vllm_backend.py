@@ -122,6 +122,24 @@ def test_what_vllm_is_not_given_is_refused_naming_it(tmp_path, fields, param):
     assert refused.value.param == param and "vLLM serving backend" in str(refused.value)
 
 
+@pytest.mark.parametrize(("asked", "given"), [(8192, 4096), (2048, 2048)])
+def test_the_server_is_asked_for_no_longer_context_than_the_model_has(
+    tiny_model_dir, tmp_path, monkeypatch, asked, given
+):
+    """vLLM refuses to start with --max-model-len past the model's own (the tiny model's is 4096)."""
+    started = []
+
+    def start_server(settings, *args, **kwargs):  # the edge: what would be launched, not launched
+        started.append(settings.max_model_len)
+        raise ModelLoadError("not started in this test")
+
+    monkeypatch.setattr("llm.serve.vllm.start_server", start_server)
+    pool = VllmPool(VllmSettings(python=VLLM_PYTHON, log_path=tmp_path / "log", max_model_len=asked))
+    with pytest.raises(ModelLoadError):
+        pool.preload(str(tiny_model_dir))
+    assert started == [given] and pool.context_length == given
+
+
 def test_a_server_started_by_an_instance_that_is_killed_outright_is_told_to_stop(tmp_path):
     """The vLLM server runs in a process group of its own, so no signal to the instance's group reaches it:
     its parent's death must. Shown on a stand-in child started the same way, with the parent SIGKILLed."""

@@ -13,6 +13,7 @@ through vLLM's dynamic adapter loading (`/v1/load_lora_adapter`); a full fine-tu
 own weights.
 """
 
+import dataclasses
 import functools
 import json
 import logging
@@ -311,9 +312,12 @@ class VllmPool:
         except Exception as error:  # any folder content can fail in transformers in its own types
             raise ModelLoadError(f"could not read the model at {base}: {error}") from error
         self.end_token_ids = _end_token_ids(base, config, self.tokenizer)
-        self.context_length = self.settings.max_model_len or getattr(config, "max_position_embeddings", None)
+        # vLLM refuses a --max-model-len past the model's own length: the shorter of the two.
+        lengths = [n for n in (self.settings.max_model_len, getattr(config, "max_position_embeddings", None)) if n]
+        self.context_length = min(lengths) if lengths else None
+        settings = dataclasses.replace(self.settings, max_model_len=self.context_length)
         rank = lora_rank_limit(adapter) if adapter else None
-        self.server = start_server(self.settings, base, self.BASE_NAME, lora_rank=rank, stopping=self.stopping)
+        self.server = start_server(settings, base, self.BASE_NAME, lora_rank=rank, stopping=self.stopping)
         self.base_path, self.adapter_path = base_path, adapter_path
         if adapter:
             answer = self.http.post(
