@@ -375,9 +375,10 @@ FT_INSTANCE_START_TIMEOUT = env_int("FT_INSTANCE_START_TIMEOUT", 600, minimum=10
 # The price the deployment page multiplies instance-hours by for its cost estimate.
 FT_INSTANCE_HOUR_PRICE = env_float("FT_INSTANCE_HOUR_PRICE", 1.0, minimum=0.0)
 # What runs a deployment instance (llm/serve/vllm.py): auto takes vLLM where it is installed (FT_VLLM_PYTHON, made
-# by `make install-vllm`) and runs the model's architecture, the embedded engine elsewhere. A deployment may ask
-# for one of them itself (its `backend`).
-FT_SERVING_BACKEND = env_choice("FT_SERVING_BACKEND", "auto", ("auto", "embedded", "vllm"))
+# by `make install-vllm`) and runs the model, the embedded engine elsewhere. The embedded engine stays the
+# default (on a laptop or CPU box `make test` installs vLLM too); GPU machines set auto or vllm. A deployment
+# may ask for one of them itself (its `backend`).
+FT_SERVING_BACKEND = env_choice("FT_SERVING_BACKEND", "embedded", ("auto", "embedded", "vllm"))
 FT_VLLM_PYTHON = Path(env_str("FT_VLLM_PYTHON") or BASE_DIR / ".venv-vllm" / "bin" / "python")
 FT_VLLM_KV_CACHE_GIB = env_float("FT_VLLM_KV_CACHE_GIB", 2.0, minimum=0.1)
 """On CPU, the memory each vLLM instance keeps for its KV cache (on GPUs vLLM sizes it itself)."""

@@ -29,10 +29,10 @@ def _readers_do_not_lock_tables(sender, connection, **kwargs):
 
 connection_created.connect(_readers_do_not_lock_tables)
 
-# Deployment instances run on the embedded engine unless a test asks for vLLM (tests/test_vllm_backend.py):
-# `make test` installs vLLM, and "auto" would otherwise move every deployment test onto it. Instance
-# processes the tests start read it from here.
-os.environ.setdefault("FT_SERVING_BACKEND", "embedded")
+# Deployment instances run on the embedded engine unless a test asks for vLLM (tests/test_vllm_backend.py),
+# whatever the environment running the tests says: `make test` installs vLLM, and "auto" would move every
+# deployment test onto it. Instance processes the tests start read it from here.
+os.environ["FT_SERVING_BACKEND"] = "embedded"
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_CACHE = REPO / "var" / "test-cache"

@@ -91,7 +91,7 @@ def start_stack(
     # check other things, so by default they skip it (tests/evals covers it, and a stack may set it).
     env.setdefault("FT_AUTO_EVAL", "0")
     # Deployments on the embedded engine unless a test asks (a deployment's own `backend`, or this env).
-    env.setdefault("FT_SERVING_BACKEND", "embedded")
+    env["FT_SERVING_BACKEND"] = extra.get("FT_SERVING_BACKEND", "embedded")
     stack = Stack(home=home, port=port, env=env)
     stack.manage("runstack", "--skip-models", "--write-config-only")
     supervisord = Path(sys.executable).parent / "supervisord"

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -22,7 +23,7 @@ from rest_framework.test import APIClient
 from deployments_app.deployments import instance as instance_module
 from deployments_app.models import Deployment, Instance
 from llm.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID
-from llm.serve.errors import InvalidRequest, ModelLoadError
+from llm.serve.errors import InvalidRequest, ModelLoadError, ServingError
 from llm.serve.schema import GenerationRequest
 from llm.serve.vllm import VllmPool, VllmSettings, choose_backend, installed_version, lora_rank_limit
 
@@ -88,6 +89,17 @@ def test_auto_takes_vllm_where_it_runs_the_model_and_not_elsewhere(bundled_model
     unknown.mkdir()
     (unknown / "config.json").write_text(json.dumps({"architectures": ["NoSuchModelForCausalLM"]}))
     assert choose_backend("auto", VLLM_PYTHON, unknown) == ("embedded", "vLLM does not run NoSuchModelForCausalLM")
+
+
+def test_auto_leaves_a_dora_adapter_on_the_embedded_engine(bundled_model_dir, tmp_path):
+    need_vllm()
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "use_dora": True}))
+    assert choose_backend("auto", VLLM_PYTHON, bundled_model_dir, tmp_path) == (
+        "embedded",
+        "vLLM does not serve DoRA adapters",
+    )
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "use_dora": False}))
+    assert choose_backend("auto", VLLM_PYTHON, bundled_model_dir, tmp_path)[0] == "vllm"
 
 
 def test_the_lora_rank_limit_is_the_smallest_vllm_accepts_that_holds_the_adapter(tmp_path):
@@ -159,9 +171,68 @@ def test_a_server_started_by_an_instance_that_is_killed_outright_is_told_to_stop
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{child}").exists() and "Z" not in Path(f"/proc/{child}/stat").read_text().split()[2]:
-        assert time.monotonic() < deadline, "the child outlived its killed parent"
+    while _running(child):
+        if time.monotonic() > deadline:
+            os.kill(child, signal.SIGKILL)
+            raise AssertionError("the child outlived its killed parent")
         time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def pool_behind(handler, tiny_model_dir, tmp_path) -> VllmPool:
+    """A pool whose vLLM server is an HTTP handler: what vLLM sends, without starting it."""
+    from transformers import AutoTokenizer
+
+    pool = VllmPool(VllmSettings(python=VLLM_PYTHON, log_path=tmp_path / "log"))
+    pool.http = httpx.Client(transport=httpx.MockTransport(handler))
+    pool.server = SimpleNamespace(url="http://vllm.test")
+    pool.tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pool.base_path = str(tiny_model_dir)
+    return pool
+
+
+def sse(*chunks) -> str:
+    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+
+def test_an_error_vllm_sends_midway_reaches_the_caller(tiny_model_dir, tmp_path):
+    piece = {"choices": [{"text": "Hel", "finish_reason": None}], "usage": {"prompt_tokens": 5, "completion_tokens": 1}}
+    failed = {"object": "error", "error": {"message": "the engine core died", "code": 500}}
+    pool = pool_behind(lambda request: httpx.Response(200, text=sse(piece, failed)), tiny_model_dir, tmp_path)
+    events = pool.generate_stream(GenerationRequest(base_path=str(tiny_model_dir), messages=HELLO, max_tokens=4))
+    assert next(events) == "Hel"
+    with pytest.raises(ServingError, match="the engine core died"):
+        list(events)
+
+
+def test_an_answer_ended_early_still_counts_the_tokens_it_took(tiny_model_dir, tmp_path):
+    def chunk(text, tokens):
+        return {
+            "choices": [{"text": text, "finish_reason": None}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": tokens},
+        }
+
+    sent = {}
+
+    def handler(request):
+        sent.update(json.loads(request.content))
+        return httpx.Response(200, text=sse(chunk("A", 1), chunk("B", 2), chunk("C", 3)))
+
+    pool = pool_behind(handler, tiny_model_dir, tmp_path)
+    events = pool.generate_stream(GenerationRequest(base_path=str(tiny_model_dir), messages=HELLO, max_tokens=4))
+    assert [next(events), next(events)] == ["A", "B"]
+    pool.finish_all("cancelled")
+    (done,) = list(events)
+    assert (done.finish_reason, done.completion_tokens, done.content) == ("cancelled", 2, "AB")
+    assert sent["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert sent["prompt"][:1] == [1] and sent["model"] == "base"  # our chat format's token ids
 
 
 # --- The deployment's choice, its page and its API --------------------------------------------------
@@ -238,8 +309,9 @@ def test_tensor_parallel_on_the_embedded_engine_fails_the_instance_saying_why(al
 # --- A real vLLM server behind our API ---------------------------------------------------------------
 
 
-def vllm_servers() -> list[str]:
-    found = subprocess.run(["pgrep", "-f", "vllm.entrypoints.cli.main serve"], capture_output=True, text=True)
+def vllm_servers(home: Path) -> list[str]:
+    """The vLLM servers of one stack: their command line names a model under its FT_HOME."""
+    found = subprocess.run(["pgrep", "-f", f"vllm.entrypoints.cli.main serve {home}/"], capture_output=True, text=True)
     return found.stdout.split()
 
 
@@ -271,7 +343,7 @@ def test_a_fine_tuned_model_deployed_on_vllm_answers_through_our_api(stack):
         assert instance["backend"] == "vllm"
         log = (stack.home / "logs" / f"vllm-{instance['id']}.log").read_text(errors="replace")
         assert "'enable_lora': True" in log and "Loaded new LoRA adapter: name 'adapter'" in log
-        assert len(vllm_servers()) >= 1
+        assert len(vllm_servers(stack.home)) == 1
 
         from_vllm = client.chat.completions.create(**ask)
         streamed = "".join(
@@ -294,6 +366,6 @@ def test_a_fine_tuned_model_deployed_on_vllm_answers_through_our_api(stack):
         cancelled = rest.delete(f"/api/deployments/{deployment['id']}").json()
     assert cancelled["status"] == "cancelled"
     deadline = time.monotonic() + 120
-    while vllm_servers():
-        assert time.monotonic() < deadline, f"vLLM still runs after the cancel: {vllm_servers()}"
+    while vllm_servers(stack.home):
+        assert time.monotonic() < deadline, f"vLLM still runs after the cancel: {vllm_servers(stack.home)}"
         time.sleep(1)

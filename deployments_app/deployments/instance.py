@@ -120,6 +120,9 @@ def serve_instance(instance_id: int, *, worker: str, threads: int, parent_pid: i
             pool.preload(str(resolved.base_path), str(resolved.adapter_path) if resolved.adapter_path else None)
         # Not only ServingError: whatever the loader raises must reach the deployment's page.
         except Exception as exc:
+            if _host_gone(parent_pid)():  # told to stop while loading (a vLLM start gives up): replaced, not failed
+                instance.mark_final(Instance.DEAD, "The worker shut down before the model finished loading.")
+                return
             log.exception("instance %s could not load %s", instance.public_id, deployment.model_id)
             services.instance_failed_to_load(instance=instance, message=f"Could not load the model: {exc}")
             return
@@ -142,7 +145,10 @@ def _pool_for(instance: Instance, resolved: ResolvedModel) -> ModelPool | VllmPo
     (or FT_SERVING_BACKEND says); recorded on the instance's row for its page and the API."""
     deployment = instance.deployment
     backend, reason = choose_backend(
-        deployment.backend or settings.FT_SERVING_BACKEND, settings.FT_VLLM_PYTHON, resolved.base_path
+        deployment.backend or settings.FT_SERVING_BACKEND,
+        settings.FT_VLLM_PYTHON,
+        resolved.base_path,
+        resolved.adapter_path,
     )
     log.info("instance %s runs on the %s backend (%s)", instance.public_id, backend, reason)
     Instance.objects.filter(pk=instance.pk).update(backend=backend)
@@ -194,6 +200,7 @@ class _Server:
         self.cancelled = threading.Event()
         self.redis_away_since: float | None = None
         self.redis_backoff = _REDIS_BACKOFF_FIRST
+        self.engine_died = False
 
     def _redis_failed(self, exc: Exception) -> None:
         """Redis went away (a restart): wait a little longer each time, then try again; never give up.
@@ -222,6 +229,10 @@ class _Server:
                 in_flight = {f for f in in_flight if not f.done()}
                 if self.host_gone():
                     stopping = True
+                if not self.pool.alive():  # its vLLM server died: end as dead, so the instance is replaced
+                    log.error("instance %s: %s", self.name, self.pool.alive_detail())
+                    self.engine_died = True
+                    break
                 beat = time.monotonic() >= next_beat
                 if beat:  # to the database, so it goes on while Redis is away
                     next_beat = time.monotonic() + min(settings.FT_HEARTBEAT_SECONDS, 2)
@@ -271,6 +282,10 @@ class _Server:
             self.client.xgroup_delconsumer(self.key, streams.GROUP, self.name)
         except redis.RedisError:  # Redis is away: the next instance's _reclaim removes this consumer
             log.warning("instance %s: could not leave the consumer group", self.name, exc_info=True)
+        if self.engine_died:
+            self.instance.mark_final(Instance.DEAD, self.pool.alive_detail())
+            self.client.close()
+            return
         final = Instance.DEAD if self.host_gone() and self._status() == Instance.RUNNING else Instance.STOPPED
         self.instance.mark_final(final, "The worker shut down." if final == Instance.DEAD else "")
         self.client.close()

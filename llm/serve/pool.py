@@ -219,6 +219,13 @@ class ModelPool:
             "first_token_p95_ms": round(percentile(latencies, 95), 1) if latencies else None,
         }
 
+    def alive(self) -> bool:
+        """Whether the pool can answer: its engines live in this process, so as long as it does."""
+        return True
+
+    def alive_detail(self) -> str:
+        return "the embedded engine runs in this process"
+
     def finish_all(self, finish_reason: str) -> None:
         """End every stream of every engine now, each with a Completion of this finish_reason."""
         for engine in self._engines():

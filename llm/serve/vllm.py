@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "embedded", "vllm")
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 512)
 """The values vLLM accepts for --max-lora-rank."""
+_READ_TIMEOUT_S = 600.0
+_STOP_WAIT_S = 15.0
+"""How long a stopping server gets before its group is killed: less than the serving worker's 30 s grace."""
 _NOT_HERE = "is not available on the vLLM serving backend; deploy this model on the embedded backend to use it"
 
 
@@ -103,11 +106,13 @@ def supported_architectures(python: Path) -> frozenset[str]:
     return frozenset(json.loads(answer)) if answer else frozenset()
 
 
-def choose_backend(setting: str, python: Path, model_dir: Path) -> tuple[str, str]:
-    """The backend an instance of the model at model_dir runs on, and why: "embedded" or "vllm".
+def choose_backend(setting: str, python: Path, model_dir: Path, adapter_dir: Path | None = None) -> tuple[str, str]:
+    """The backend an instance of the model at model_dir (with the adapter at adapter_dir) runs on, and why:
+    "embedded" or "vllm".
 
     setting is FT_SERVING_BACKEND: "embedded" and "vllm" are taken as they are; "auto" takes vLLM where
-    it is installed and runs the model's architecture, the embedded engine elsewhere.
+    it is installed, runs the model's architecture and serves its adapter (not DoRA), the embedded engine
+    elsewhere.
     """
     if setting not in BACKENDS:
         raise ValueError(f"FT_SERVING_BACKEND must be one of {', '.join(BACKENDS)}, not {setting!r}")
@@ -121,12 +126,22 @@ def choose_backend(setting: str, python: Path, model_dir: Path) -> tuple[str, st
         return "embedded", "the model's config.json cannot be read"
     if not set(architectures) & supported_architectures(python):
         return "embedded", f"vLLM does not run {', '.join(architectures) or 'this architecture'}"
+    if adapter_dir is not None and _adapter_config(adapter_dir).get("use_dora"):
+        return "embedded", "vLLM does not serve DoRA adapters"
     return "vllm", f"vLLM {installed_version(python)} runs {architectures[0]}"
+
+
+def _adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot read the adapter's adapter_config.json in {adapter_dir}: {error}") from error
+    return config if isinstance(config, dict) else {}
 
 
 def lora_rank_limit(adapter_dir: Path) -> int:
     """The smallest --max-lora-rank vLLM accepts that holds this adapter's rank."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config = _adapter_config(adapter_dir)
     ranks = [int(config.get("r") or 8), *(int(r) for r in (config.get("rank_pattern") or {}).values())]
     wanted = max(ranks)
     for allowed in LORA_RANKS:
@@ -173,13 +188,13 @@ class VllmServer:
         return "\n".join(line for line in text.splitlines() if "Attempted to load weight" not in line)[-chars:]
 
     def stop(self) -> None:
-        """SIGTERM the group (the API server and its engine core), then SIGKILL what is left after 60 s."""
+        """SIGTERM the group (the API server and its engine core), then SIGKILL what is left after _STOP_WAIT_S."""
         group = self.process.pid
         try:
             os.killpg(group, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + _STOP_WAIT_S
         while time.monotonic() < deadline:
             try:
                 os.killpg(group, 0)
@@ -254,6 +269,7 @@ def start_server(
     deadline = time.monotonic() + settings.start_timeout
     while time.monotonic() < deadline and not (stopping and stopping.is_set()):
         if process.poll() is not None:
+            server.stop()  # its engine core may outlive it
             raise ModelLoadError(f"vLLM exited with code {process.returncode} while starting:\n{server.log_tail()}")
         try:
             if httpx.get(server.url + "/health", timeout=5).status_code == 200:
@@ -292,7 +308,8 @@ class VllmPool:
         self.tokenizer: ServingTokenizer | None = None
         self.end_token_ids: list[int] = []
         self.context_length: int | None = None
-        self.http = httpx.Client(timeout=httpx.Timeout(30.0, read=None))
+        # Between two pieces of one answer: long enough for a queued request's turn, short of holding a slot forever.
+        self.http = httpx.Client(timeout=httpx.Timeout(30.0, read=_READ_TIMEOUT_S))
         self._load = _Load()
         self._finish_reason: str | None = None
         """Set by finish_all: every running answer ends with it."""
@@ -313,8 +330,9 @@ class VllmPool:
             raise ModelLoadError(f"could not read the model at {base}: {error}") from error
         self.end_token_ids = _end_token_ids(base, config, self.tokenizer)
         # vLLM refuses a --max-model-len past the model's own length: the shorter of the two.
-        lengths = [n for n in (self.settings.max_model_len, getattr(config, "max_position_embeddings", None)) if n]
-        self.context_length = min(lengths) if lengths else None
+        # A model that does not say (no max_position_embeddings): vLLM reads its length itself.
+        declared = getattr(config, "max_position_embeddings", None)
+        self.context_length = min(self.settings.max_model_len or declared, declared) if declared else None
         settings = dataclasses.replace(self.settings, max_model_len=self.context_length)
         rank = lora_rank_limit(adapter) if adapter else None
         self.server = start_server(settings, base, self.BASE_NAME, lora_rank=rank, stopping=self.stopping)
@@ -360,7 +378,8 @@ class VllmPool:
             "presence_penalty": request.presence_penalty,
             "frequency_penalty": request.frequency_penalty,
             "stream": True,
-            "stream_options": {"include_usage": True},
+            # Usage in every chunk: an answer ended early (cancelled) still counts the tokens it took.
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
             "skip_special_tokens": True,
         }
         if request.seed is not None:
@@ -379,6 +398,10 @@ class VllmPool:
                 if answer.status_code != 200:
                     raise _refusal(answer.status_code, answer.read().decode(errors="replace"))
                 for chunk in _events(answer.iter_lines()):
+                    if "error" in chunk or chunk.get("object") == "error":  # vLLM failed midway
+                        problem = chunk.get("error", chunk)
+                        detail = problem.get("message", problem) if isinstance(problem, dict) else problem
+                        raise ServingError(f"the vLLM server failed while answering: {detail}")
                     if self._finish_reason is not None:
                         finish_reason = self._finish_reason
                         break
@@ -429,6 +452,15 @@ class VllmPool:
             "first_token_p50_ms": round(percentile(latencies, 50), 1) if latencies else None,
             "first_token_p95_ms": round(percentile(latencies, 95), 1) if latencies else None,
         }
+
+    def alive(self) -> bool:
+        """Whether the vLLM server still runs (once started)."""
+        return self.server is None or self.server.process.poll() is None
+
+    def alive_detail(self) -> str:
+        if self.server is None or self.server.process.poll() is None:
+            return "the vLLM server runs"
+        return f"the vLLM server exited with code {self.server.process.returncode}:\n{self.server.log_tail(2000)}"
 
     def finish_all(self, finish_reason: str) -> None:
         """End every running answer at its next piece, each with a Completion of this finish_reason."""
