@@ -53,6 +53,14 @@ class Stack:
             self.keys[username] = out.strip().splitlines()[-1]
         return self.keys[username]
 
+    def sdk(self, key: str, *, timeout: float = 120) -> openai.OpenAI:
+        """The openai SDK on this stack's /v1, without retries: a test sees every answer as it came."""
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=timeout)
+
+    def rest(self, key: str) -> httpx.Client:
+        """An HTTP client of this stack for the routes the SDKs lack (/api/deployments); close it (a with block)."""
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
     def supervisorctl(self, *args: str) -> str:
         ctl = Path(sys.executable).parent / "supervisorctl"
         config = self.home / "run" / "supervisord.conf"

@@ -5,7 +5,6 @@ exactly as the pool did."""
 import json
 import time
 
-import httpx
 import jsonschema
 import openai
 import pytest
@@ -25,12 +24,12 @@ def key(stack):
 
 @pytest.fixture(scope="module")
 def client(stack, key):
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key=key, max_retries=0, timeout=300)
+    return stack.sdk(key, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def rest(stack, key):
-    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+    with stack.rest(key) as http:
         yield http
 
 

@@ -5,8 +5,6 @@ import signal
 import threading
 import time
 
-import httpx
-import openai
 import pytest
 
 from llm.bundled import BUNDLED_MODEL_ID, TINY_MODEL_ID
@@ -23,12 +21,12 @@ def key(stack):
 
 @pytest.fixture(scope="module")
 def client(stack, key):
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    return stack.sdk(key)
 
 
 @pytest.fixture(scope="module")
 def rest(stack, key):
-    with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+    with stack.rest(key) as http:
         yield http
 
 

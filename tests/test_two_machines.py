@@ -7,8 +7,6 @@ trained by B's worker, deployed on A's serving side, and chatted with through A'
 
 import time
 
-import httpx
-import openai
 import pytest
 
 from llm.bundled import TINY_MODEL_ID
@@ -63,7 +61,7 @@ def test_b_trains_what_a_deploys_and_serves(machines):
     assert "program:worker-train" not in (a.home / "run" / "supervisord.conf").read_text()
     assert [line.split()[0] for line in b.supervisorctl("status").strip().splitlines()] == ["worker-train"]
     key = a.api_key("alice")
-    client = openai.OpenAI(base_url=a.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    client = a.sdk(key)
 
     uploaded = client.files.create(file=("t.jsonl", chat_lines(8)), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
@@ -83,7 +81,7 @@ def test_b_trains_what_a_deploys_and_serves(machines):
     assert (shared / "artifacts" / "jobs" / job.id / "adapter" / "adapter_config.json").is_file()
     assert not [found for home in (a.home, b.home) for found in home.rglob("adapter_config.json")]
 
-    with httpx.Client(base_url=a.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as rest:
+    with a.rest(key) as rest:
         deployment = rest.post("/api/deployments", json={"model": job.fine_tuned_model}).json()
         try:
             deadline = time.monotonic() + 300

@@ -322,8 +322,8 @@ def test_a_fine_tuned_model_deployed_on_vllm_answers_through_our_api(stack):
     """A LoRA job on the bundled model, trained by this product; deployed on vLLM, its base served with
     --enable-lora and the adapter loaded into the running server; asked through the openai SDK."""
     need_vllm()
-    client = openai.OpenAI(base_url=stack.url + "/v1", api_key=stack.api_key("vera"), max_retries=0, timeout=300)
-    rest = httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {stack.api_key('vera')}"}, timeout=60)
+    client = stack.sdk(stack.api_key("vera"), timeout=300)
+    rest = stack.rest(stack.api_key("vera"))
     uploaded = client.files.create(file=("v.jsonl", chat_lines(8)), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
         model=BUNDLED_MODEL_ID, training_file=uploaded.id, hyperparameters={"n_epochs": 1, "batch_size": 4}
