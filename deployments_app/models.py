@@ -5,6 +5,7 @@ from django.db import models
 from django.utils import timezone
 
 from finetune_site.ids import new_id
+from finetune_site.store import SharedPathField
 
 
 class ModelCardQuerySet(models.QuerySet):
@@ -25,7 +26,7 @@ class ModelCard(models.Model):
     # sft or dpo, as its job trained (FineTuningJob.objective); the card outlives the job.
     objective = models.CharField(max_length=8, default="sft")
     # A PEFT adapter folder for adapter methods, a full model folder otherwise.
-    path = models.CharField(max_length=500)
+    path = SharedPathField(max_length=500)
     hyperparameters = models.JSONField(default=dict)
     metrics = models.JSONField(default=dict)
     size_bytes = models.BigIntegerField(default=0)

@@ -22,6 +22,14 @@ def env_str(name: str, default: str = "") -> str:
     return os.environ.get(name, default)
 
 
+def env_bucket(name: str) -> str:
+    """An s3://bucket[/prefix] address, or "" when unset; anything else stops the start saying what it should be."""
+    raw = os.environ.get(name, "").strip()
+    if raw and (not raw.startswith("s3://") or not raw[len("s3://") :].split("/")[0]):
+        raise ImproperlyConfigured(f"{name} must look like s3://bucket or s3://bucket/prefix, got {raw!r}")
+    return raw
+
+
 def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
     raw = os.environ.get(name)
     if raw in (None, ""):

@@ -37,6 +37,7 @@ from deployments_app.models import Deployment, ModelCard
 from jobs_app.models import FineTuningJob
 
 from .errors import Busy, CapacityExceeded
+from .store import store
 from .units import human_bytes
 
 STORAGE_QUOTA_CODE = "storage_quota_exceeded"
@@ -47,7 +48,10 @@ log = logging.getLogger(__name__)
 
 
 def folder_bytes(folder: Path) -> int:
-    """Bytes of the files under folder (0 when it is gone)."""
+    """Bytes of the files under folder (0 when it is gone); with a bucket (FT_STORE), of its copy there."""
+    stored = store().bytes_under(folder)
+    if stored is not None:
+        return stored
     total = 0
     for root, _, files in os.walk(folder):
         for name in files:

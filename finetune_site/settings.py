@@ -5,7 +5,17 @@ from pathlib import Path
 
 import dj_database_url
 
-from .env import env_bool, env_choice, env_float, env_host, env_int, env_str, load_env_files, persistent_secret
+from .env import (
+    env_bool,
+    env_bucket,
+    env_choice,
+    env_float,
+    env_host,
+    env_int,
+    env_str,
+    load_env_files,
+    persistent_secret,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 # `.env` in the repository and in FT_HOME, for settings kept out of the shell; real variables win.
@@ -127,6 +137,7 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 # delays the periodic housekeeping (stale-job recovery, instance repair), nor the reverse.
 CELERY_TASK_ROUTES = {
     "jobs_app.tasks.train_job": {"queue": "training"},
+    "jobs_app.tasks.join_job": {"queue": "training"},  # another machine's ranks of a job train_job started
     "deployments_app.tasks.run_instance": {"queue": "serving"},
     "finetune_site.tasks.deliver_webhook": {"queue": "notifications"},
     "finetune_site.tasks.send_notification_email": {"queue": "notifications"},
@@ -156,6 +167,7 @@ CELERY_TASK_ANNOTATIONS = {
     # workers run the threads pool, which enforces no limit; this one only keeps a prefork worker
     # started by hand (`celery worker -Q training`) from killing them after FT_TASK_TIME_LIMIT.
     "jobs_app.tasks.train_job": _LONG_LIVED,
+    "jobs_app.tasks.join_job": _LONG_LIVED,  # ends with the run it joined, or when its job moves on
     "deployments_app.tasks.run_instance": _LONG_LIVED,
     "evals_app.tasks.run_eval": _LONG_LIVED,  # its heartbeat and the run sweep watch it
     # A sweep takes seconds; one stuck on a lock must not hold the housekeeping worker.
@@ -277,9 +289,12 @@ SPECTACULAR_SETTINGS = {
 # Where uploads and every artifact (checkpoints, adapters, merged models, exports) live: FT_HOME, or a folder
 # every machine mounts at the same path (README, "Several machines").
 FT_SHARED_DIR = Path(env_str("FT_SHARED_DIR") or FT_HOME)
+# s3://bucket/prefix: an S3-compatible bucket every machine shares, FT_SHARED_DIR then being each machine's cache
+# of it (finetune_site/store.py). Credentials and endpoint from boto3's own variables (AWS_ACCESS_KEY_ID, ...).
+FT_STORE = env_bucket("FT_STORE")
 MEDIA_ROOT = FT_SHARED_DIR / "media"
 STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "default": {"BACKEND": "finetune_site.store.SharedStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
 FT_MAX_UPLOAD_BYTES = env_int("FT_MAX_UPLOAD_BYTES", 1024**3, minimum=1)
@@ -300,6 +315,19 @@ FT_HEARTBEAT_TIMEOUT = env_int("FT_HEARTBEAT_TIMEOUT", 30, minimum=2)
 # set the maximum to the GPUs (or the cores and memory) one training worker may use.
 FT_TRAIN_PROCESSES = env_int("FT_TRAIN_PROCESSES", 1, minimum=1)
 FT_TRAIN_MAX_PROCESSES = env_int("FT_TRAIN_MAX_PROCESSES", FT_TRAIN_PROCESSES, minimum=1)
+# A job's ranks may span machines (`nodes`, llm/train/launch.py): the worker that claims it hosts the rendezvous
+# at host:port, and training workers on the other machines join it. FT_TRAIN_RENDEZVOUS is that address for jobs
+# that name none, so each training machine sets one of its own; FT_TRAIN_JOIN_TIMEOUT bounds the wait for them.
+FT_TRAIN_MAX_NODES = env_int("FT_TRAIN_MAX_NODES", 8, minimum=1)
+FT_TRAIN_RENDEZVOUS = env_str("FT_TRAIN_RENDEZVOUS").strip()
+_rendezvous_host, _, _rendezvous_port = FT_TRAIN_RENDEZVOUS.rpartition(":")
+if FT_TRAIN_RENDEZVOUS and not (
+    _rendezvous_host and _rendezvous_port.isdigit() and 1 <= int(_rendezvous_port) <= 65535
+):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(f"FT_TRAIN_RENDEZVOUS must be host:port, got {FT_TRAIN_RENDEZVOUS!r}")
+FT_TRAIN_JOIN_TIMEOUT = env_int("FT_TRAIN_JOIN_TIMEOUT", 300, minimum=1)
 # Experiment trackers every new job reports to unless its form says otherwise: a comma list of
 # tensorboard, mlflow, wandb (jobs_app.trackers). Empty: none; the jobs page still offers them.
 FT_REPORT_TO = [name.strip().lower() for name in env_str("FT_REPORT_TO").split(",") if name.strip()]

@@ -64,6 +64,8 @@ def job_object(job: FineTuningJob) -> dict:
         "metadata": job.metadata,
         "user_provided_suffix": job.suffix or None,
         "processes": job.processes,
+        "nodes": job.nodes,
+        "rendezvous": job.rendezvous or None,
         "progress": {"step": job.step, "total_steps": job.total_steps or job.resolved.get("total_steps", 0)},
     }
 
@@ -119,7 +121,19 @@ class JobCreateInput(serializers.Serializer):
     processes = serializers.IntegerField(
         required=False,
         allow_null=True,
-        help_text="Ours: training processes (torchrun ranks with DDP) on the worker's machine; default FT_TRAIN_PROCESSES.",
+        help_text="Ours: training processes (torchrun ranks with DDP) on each machine; default FT_TRAIN_PROCESSES.",
+    )
+    nodes = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        help_text="Ours: machines the processes span (default 1, at most FT_TRAIN_MAX_NODES).",
+    )
+    rendezvous = serializers.CharField(
+        required=False,
+        allow_null=True,
+        allow_blank=True,
+        help_text="Ours: host:port where the machines meet, an address of the training machine that claims the job; "
+        "default its FT_TRAIN_RENDEZVOUS.",
     )
     report_to = serializers.JSONField(
         required=False,
@@ -203,6 +217,8 @@ class JobListCreate(APIView):
             integrations=data.get("integrations"),
             report_to=data.get("report_to"),
             processes=data.get("processes"),
+            nodes=data.get("nodes"),
+            rendezvous=data.get("rendezvous"),
         )
         return Response(job_object(job))
 

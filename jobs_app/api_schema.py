@@ -120,7 +120,11 @@ class JobObject(serializers.Serializer):
     user_provided_suffix = serializers.CharField(allow_null=True)
     progress = JobProgress(help_text="Ours: the training step reached.")
     processes = serializers.IntegerField(
-        required=False, min_value=1, help_text="Ours: training processes (DDP ranks) on the worker's machine."
+        required=False, min_value=1, help_text="Ours: training processes (DDP ranks) on each machine."
+    )
+    nodes = serializers.IntegerField(required=False, min_value=1, help_text="Ours: machines the processes span.")
+    rendezvous = serializers.CharField(
+        required=False, allow_null=True, help_text="Ours: host:port where the machines meet; null: FT_TRAIN_RENDEZVOUS."
     )
 
 

@@ -8,6 +8,7 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from finetune_site.ids import new_id
+from finetune_site.store import SharedPathField
 
 
 class JobQuerySet(models.QuerySet):
@@ -57,7 +58,11 @@ class FineTuningJob(models.Model):
     suffix = models.CharField(max_length=64, blank=True)
     seed = models.IntegerField(default=42)
     processes = models.PositiveSmallIntegerField(default=1)
-    """Training processes (torchrun ranks, DDP) on the worker's machine; 1 trains inside the worker itself."""
+    """Training processes (torchrun ranks, DDP) on each machine; 1 (on one machine) trains inside the worker itself."""
+    nodes = models.PositiveSmallIntegerField(default=1)
+    """Machines the ranks span: the worker that claims the job, and nodes - 1 training workers it asks to join."""
+    rendezvous = models.CharField(max_length=260, blank=True)
+    """host:port where the machines meet, an address of the claiming worker's machine; blank: FT_TRAIN_RENDEZVOUS."""
     # The share of the training file asked to be held out for validation (0: none).
     holdout_percent = models.PositiveSmallIntegerField(default=0)
     # When the job last joined the training queue (created, resumed, retried or re-queued
@@ -129,6 +134,11 @@ class FineTuningJob(models.Model):
     def output_dir(self):
         return settings.FT_ARTIFACTS_DIR / "jobs" / self.public_id
 
+    @property
+    def model_dir(self):
+        """Where training leaves the model it made: a PEFT adapter's folder, or a full model's."""
+        return self.output_dir / ("model" if self.method == "full" else "adapter")
+
 
 class JobEvent(models.Model):
     """A log line or a metrics point of a job (the API's `fine_tuning.job.event`)."""
@@ -154,7 +164,7 @@ class Checkpoint(models.Model):
     public_id = models.CharField(max_length=40, unique=True, default=partial(new_id, "ftckpt"))
     job = models.ForeignKey(FineTuningJob, on_delete=models.CASCADE, related_name="checkpoints")
     step = models.IntegerField()
-    path = models.CharField(max_length=500)
+    path = SharedPathField(max_length=500)
     metrics = models.JSONField(default=dict)
     created_at = models.DateTimeField(default=timezone.now)
 

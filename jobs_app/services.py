@@ -3,7 +3,6 @@
 import errno
 import logging
 import os
-import shutil
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,6 +22,7 @@ from finetune_site.broker import send_task, waiting_task_args
 from finetune_site.errors import ApplicationError, Busy, InvalidInput, InvalidState
 from finetune_site.metadata import check_metadata
 from finetune_site.services import notify
+from finetune_site.store import discard, store
 from llm.train import ConfigError, TrainConfig
 from llm.train.hyperparameters import to_engine
 
@@ -88,7 +88,7 @@ def _starting_point(owner, model: str) -> _Start:
                 param="model",
                 code="model_not_ready",
             )
-        if not trained.folder.is_dir():
+        if not store().has(trained.folder):
             raise InvalidState(f"The files of model {model} are gone.", param="model", code="model_not_ready")
     if not base.ready:
         raise InvalidState(
@@ -150,6 +150,8 @@ def job_create(
     integrations: list | None = None,
     report_to: list[str] | None = None,
     processes: int | None = None,
+    nodes: int | None = None,
+    rendezvous: str | None = None,
 ) -> FineTuningJob:
     """Check everything a run needs, save the job queued and enqueue it after commit.
 
@@ -158,7 +160,8 @@ def job_create(
     A file still being validated is checked when it is processed: the job waits in
     validating_files until then (`job_advance`). report_to names the experiment trackers
     (None: FT_REPORT_TO); integrations is OpenAI's, a W&B run. processes > 1 trains with that many
-    torchrun ranks (None: FT_TRAIN_PROCESSES).
+    torchrun ranks (None: FT_TRAIN_PROCESSES) on each of `nodes` machines, which meet at rendezvous
+    (host:port of the machine whose worker claims the job; blank: that worker's FT_TRAIN_RENDEZVOUS).
     """
     _check_active_jobs(owner)
     quotas.check_not_full(owner)  # its checkpoints would be refused at once
@@ -182,6 +185,8 @@ def job_create(
     report_to = check_report_to(settings.FT_REPORT_TO if report_to is None else report_to)
     requested = check_hyperparameters(hyperparameters)
     processes = _check_processes(settings.FT_TRAIN_PROCESSES if processes is None else processes)
+    nodes = _check_nodes(1 if nodes is None else nodes)
+    rendezvous = _check_rendezvous(rendezvous, nodes=nodes)
     train_set = _usable_file(owner, training_file, "training_file")
     valid_set = _usable_file(owner, validation_file, "validation_file") if validation_file else None
     waiting_on = [d.public_id for d in (train_set, valid_set) if d is not None and d.status == Dataset.UPLOADED]
@@ -202,6 +207,8 @@ def job_create(
     job = FineTuningJob.objects.create(
         owner=owner,
         processes=processes,
+        nodes=nodes,
+        rendezvous=rendezvous,
         base_model=start.base.id,
         init_model=start.trained.id if start.trained else "",
         training_file=train_set,
@@ -486,7 +493,7 @@ def job_delete(*, job: FineTuningJob) -> FineTuningJob:
     # The checkpoints go with the job (their rows cascade, their ids stop resolving);
     # the model, when there is one, stays in its folder until it is deleted itself.
     doomed = output_dir / "checkpoints" if has_model else output_dir
-    transaction.on_commit(lambda: shutil.rmtree(doomed, ignore_errors=True))
+    transaction.on_commit(lambda: discard(doomed))
     return snapshot
 
 
@@ -600,6 +607,8 @@ def _init_folder(job: FineTuningJob) -> str | None:
     if not job.init_model:
         return None
     trained = trained_model(job.owner, job.init_model)
+    if trained is not None:
+        store().fetch(trained.folder)  # trained on another machine, perhaps
     if trained is None or not trained.folder.is_dir():
         raise ConfigError([f"init_from: the model {job.init_model} this job starts from was deleted"])
     return str(trained.folder)
@@ -608,7 +617,7 @@ def _init_folder(job: FineTuningJob) -> str | None:
 def _local_path(dataset: Dataset) -> str:
     # Training reads the normalized chat lines the validator wrote.
     field = dataset.normalized or dataset.file
-    return field.path
+    return str(store().fetch(field.path))
 
 
 def _check_processes(processes) -> int:
@@ -621,11 +630,46 @@ def _check_processes(processes) -> int:
     return processes
 
 
+def _check_nodes(nodes) -> int:
+    most = settings.FT_TRAIN_MAX_NODES
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= most:
+        raise InvalidInput(
+            f"nodes must be a whole number of machines from 1 to {most} (FT_TRAIN_MAX_NODES), got {nodes!r}.",
+            param="nodes",
+        )
+    return nodes
+
+
+def _check_rendezvous(rendezvous, *, nodes: int) -> str:
+    """The job's own meeting address ("" to use the claiming worker's FT_TRAIN_RENDEZVOUS); one there must be."""
+    if rendezvous is not None and not isinstance(rendezvous, str):
+        raise InvalidInput(f"rendezvous must be a host:port string, got {rendezvous!r}.", param="rendezvous")
+    rendezvous = (rendezvous or "").strip()
+    if rendezvous and nodes == 1:
+        raise InvalidInput(
+            "rendezvous is where several machines meet: give it only with nodes > 1.", param="rendezvous"
+        )
+    host, _, port = rendezvous.rpartition(":")
+    well_formed = host and not any(ch.isspace() for ch in host) and port.isdigit() and 1 <= int(port) <= 65535
+    if rendezvous and not (well_formed and len(rendezvous) <= 260):
+        raise InvalidInput(
+            f"rendezvous must be host:port (an address of a training machine, port 1-65535), got {rendezvous!r}.",
+            param="rendezvous",
+        )
+    if nodes > 1 and not (rendezvous or settings.FT_TRAIN_RENDEZVOUS):
+        raise InvalidInput(
+            f"A job over {nodes} machines needs an address where they meet: give rendezvous (host:port of a "
+            "training machine) or set FT_TRAIN_RENDEZVOUS on the server.",
+            param="rendezvous",
+        )
+    return rendezvous
+
+
 def job_run(*, job_id: int, worker: str | None = None) -> None:
     """Claim a queued job and train it to the end, a pause, a cancel or a failure."""
     from llm.train import train  # loads torch: only the training worker pays for it
     from llm.train.checkpoint import DiskFull, limit_room
-    from llm.train.launch import TrainingProcessesFailed, train_in_processes
+    from llm.train.launch import TrainingProcessesFailed
 
     job = FineTuningJob.objects.filter(pk=job_id).first()
     # Unique per process: two worker processes on one host must never pass for each other.
@@ -652,14 +696,13 @@ def job_run(*, job_id: int, worker: str | None = None) -> None:
         with watchdog:
             # Inside the watch: a tracker may take seconds to open, and the heartbeat must go on meanwhile.
             sink.open_trackers(resume_step=checkpoint.step if checkpoint else None)
-            if job.processes > 1:
-                # Rank 0's lines reach the sink as train()'s calls would; a stop reaches every rank at one step.
-                run_id = f"{job.public_id}-{job.attempts}"  # a new attempt never joins an old one's ranks
-                summary = train_in_processes(
-                    config, processes=job.processes, sink=sink, should_stop=should_stop, run_id=run_id
-                )
+            if job.processes > 1 or job.nodes > 1:
+                summary = _train_in_processes(job, config, checkpoint, sink=sink, should_stop=should_stop)
             else:
                 summary = train(config, sink=sink, should_stop=should_stop)
+            if summary is not None and not summary.get("stopped"):
+                # Before the job succeeds, for whoever serves it; inside the watch, as a big upload takes a while.
+                store().publish(job.model_dir)
     except ConfigError as exc:
         failure = {"code": "invalid_config", "message": "; ".join(exc.problems), "param": None}
     except DiskFull as exc:
@@ -688,6 +731,121 @@ def job_run(*, job_id: int, worker: str | None = None) -> None:
     _finish_run(job, summary, failure, sink)
 
 
+def _train_in_processes(job: FineTuningJob, config: TrainConfig, checkpoint: Checkpoint | None, *, sink, should_stop):
+    """Train under torchrun: rank 0's lines reach the sink as train()'s would; a stop reaches every rank at one step.
+
+    Over several machines this worker's is node 0: it hosts the rendezvous, so global rank 0 (the one that reports
+    and writes checkpoints) is its own, and it asks training workers elsewhere to join (job_join), from the same
+    checkpoint. Machines that do not come within FT_TRAIN_JOIN_TIMEOUT fail the attempt.
+    """
+    from llm.train.launch import MachinesDidNotJoin, TrainingProcessesFailed, train_in_processes
+
+    run_id = f"{job.public_id}-{job.attempts}"  # a new attempt never joins an old one's ranks
+    if job.nodes == 1:
+        return train_in_processes(config, processes=job.processes, sink=sink, should_stop=should_stop, run_id=run_id)
+    from .tasks import join_job
+
+    rendezvous = _rendezvous_here(job)
+    timeout = settings.FT_TRAIN_JOIN_TIMEOUT
+    others = job.nodes - 1
+    sink.event(
+        f"Training on {job.nodes} machines, {job.processes} processes each: waiting up to {timeout} s at "
+        f"{rendezvous} for {others} more machine{'s' if others > 1 else ''} to join."
+    )
+    for node_rank in range(1, job.nodes):
+        join_job.delay(job.pk, job.attempts, node_rank, rendezvous, checkpoint.step if checkpoint else None)
+    try:
+        return train_in_processes(
+            config,
+            processes=job.processes,
+            sink=sink,
+            should_stop=should_stop,
+            run_id=run_id,
+            nnodes=job.nodes,
+            rendezvous=rendezvous,
+            join_timeout_s=timeout,
+        )
+    except MachinesDidNotJoin as exc:
+        raise TrainingProcessesFailed(
+            f"{exc} Each other machine needs an idle training worker that can reach that address "
+            "(FT_TRAIN_JOIN_TIMEOUT sets the wait)."
+        ) from exc
+
+
+def _rendezvous_here(job: FineTuningJob) -> str:
+    """Where the machines meet: the job's address, else this worker's FT_TRAIN_RENDEZVOUS; one of this machine's."""
+    from llm.train.launch import is_this_machine, split_rendezvous
+
+    rendezvous = job.rendezvous or settings.FT_TRAIN_RENDEZVOUS
+    here = socket.gethostname()
+    if not rendezvous:
+        raise ConfigError([f"rendezvous: a job over {job.nodes} machines needs FT_TRAIN_RENDEZVOUS set on {here}"])
+    host, _ = split_rendezvous(rendezvous)
+    if not is_this_machine(host):
+        # Node 0 hosts the rendezvous store: an address of another machine would leave everyone waiting.
+        raise ConfigError(
+            [
+                f"rendezvous: {rendezvous} is not an address of {here}, whose worker took the job and hosts the "
+                "rendezvous; leave the job's rendezvous blank and set FT_TRAIN_RENDEZVOUS on each training machine "
+                "to one of its own addresses"
+            ]
+        )
+    return rendezvous
+
+
+def job_join(
+    *, job_id: int, attempt: int, node_rank: int, rendezvous: str, resume_step: int | None, worker: str | None = None
+) -> None:
+    """Run this machine's ranks of a job another worker trains over several machines, as node node_rank.
+
+    Only while the job is still running in the attempt that asked: its ranks end as soon as it is not (finished,
+    paused, cancelled, re-queued). They report nothing and write nothing; a failure is logged and left to node 0,
+    whose collectives fail with it, failing the attempt.
+    """
+    from llm.train.launch import join_processes
+
+    this_attempt = FineTuningJob.objects.filter(pk=job_id, status=FineTuningJob.RUNNING, attempts=attempt)
+    job = this_attempt.first()
+    if job is None:
+        log.info("job %s is no longer running attempt %s: machine %s does not join", job_id, attempt, node_rank + 1)
+        return
+    worker = f"{worker or socket.gethostname()}:{os.getpid()}"
+    machine = f"Machine {node_rank + 1} of {job.nodes} ({worker})"
+    try:
+        checkpoint = _checkpoint_at(job, resume_step)
+        _note(job, f"{machine} joins the training at {rendezvous}.")
+        config = build_train_config(job, resume_from=checkpoint.path if checkpoint else None)
+        finished = join_processes(
+            config,
+            processes=job.processes,
+            nnodes=job.nodes,
+            node_rank=node_rank,
+            rendezvous=rendezvous,
+            run_id=f"{job.public_id}-{attempt}",
+            join_timeout_s=settings.FT_TRAIN_JOIN_TIMEOUT,
+            keep_going=this_attempt.exists,
+        )
+    except Exception as exc:  # node 0 fails the attempt; this machine only says why
+        log.exception("job %s: machine %s failed", job.public_id, node_rank + 1)
+        if this_attempt.exists():
+            message = "; ".join(exc.problems) if isinstance(exc, ConfigError) else str(exc)
+            _note(job, f"{machine} stopped: {message[-1000:]}", level="warn")
+        return
+    if not finished:
+        log.info("job %s moved on: machine %s ended its ranks", job.public_id, node_rank + 1)
+
+
+def _checkpoint_at(job: FineTuningJob, step: int | None) -> Checkpoint | None:
+    """The checkpoint node 0 resumes from, here too (fetched when it was written on another machine)."""
+    if step is None:
+        return None
+    checkpoint = job.checkpoints.filter(step=step).first()
+    if checkpoint is None:  # starting afresh here would train another model than node 0's
+        raise ConfigError([f"resume_from: the checkpoint at step {step} that node 0 resumes from is gone"])
+    store().fetch(checkpoint.path)
+    return checkpoint
+
+
 def _outcome(summary: dict | None, failure: dict | None, *, lost: bool) -> str:
     """How a run ended, in the trackers' words (jobs_app.trackers.OUTCOMES)."""
     if lost:
@@ -704,6 +862,7 @@ def _resumable_checkpoint(job: FineTuningJob) -> Checkpoint | None:
     from llm.train.checkpoint import damage
 
     for checkpoint in job.checkpoints.order_by("-step"):
+        store().fetch(checkpoint.path)  # an earlier attempt may have run on another machine
         problem = damage(checkpoint.path)
         if problem is None:
             return checkpoint
@@ -713,8 +872,8 @@ def _resumable_checkpoint(job: FineTuningJob) -> Checkpoint | None:
             "continues from the one before it.",
             level="warn",
         )
-        shutil.rmtree(checkpoint.path, ignore_errors=True)
         checkpoint.delete()
+        discard(checkpoint.path)
     return None
 
 

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from deployments_app.deployments.streams import sync_client
 from finetune_site import quotas
+from finetune_site.store import StoreError, store
 
 from . import transitions
 from .models import Checkpoint, FineTuningJob, JobEvent
@@ -155,6 +156,8 @@ class JobSink:
 
     def _on_checkpoint(self, payload: dict) -> None:
         self.flush()
+        # Before its row exists: a run resumed on another machine fetches it from the store by that row.
+        store().publish(payload["path"])
         with transaction.atomic():
             if not self._holds():
                 return
@@ -169,9 +172,14 @@ class JobSink:
     def _on_checkpoint_removed(self, payload: dict) -> None:
         # The engine keeps its newest checkpoints (and the best); a removed one's id must stop resolving.
         self.flush()
+        paths: list[str] = []
         with transaction.atomic():
             if self._holds():
-                Checkpoint.objects.filter(job=self.job, step=payload["step"]).delete()
+                removed = Checkpoint.objects.filter(job=self.job, step=payload["step"])
+                paths = list(removed.values_list("path", flat=True))
+                removed.delete()
+        for path in paths:
+            store().forget(path)
 
     def _on_summary(self, payload: dict) -> None:
         self.summary = payload
@@ -209,6 +217,12 @@ class JobSink:
     def close_trackers(self, outcome: str) -> None:
         """Flush and close the trackers however the run ended (succeeded, failed, cancelled, paused, lost)."""
         self.trackers.close(outcome)
+        folder = Path(self.job.output_dir) / "trackers"
+        if folder.is_dir():  # TensorBoard and offline W&B files, for whoever reads them on another machine
+            try:
+                store().publish(folder)
+            except StoreError as exc:
+                self.event(f"The trackers' files stay on this machine only: {exc}", level="warn")
 
     def event(self, message: str, *, level: str = "info") -> None:
         """Write a message event now and show it live."""

@@ -317,3 +317,27 @@ def chat_events(response):
     for line in response.iter_lines():
         if line.startswith("data: ") and line != "data: [DONE]":
             yield json.loads(line[len("data: ") :])
+
+
+@contextmanager
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on a free local port; yields the environment a
+    machine needs to reach it, as boto3 reads it: endpoint, credentials, region."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(endpoint, timeout=2), timeout=60, interval=0.2, what="moto's S3 server to answer")
+        yield {
+            "AWS_ENDPOINT_URL_S3": endpoint,
+            "AWS_ACCESS_KEY_ID": "test-key",
+            "AWS_SECRET_ACCESS_KEY": "test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -19,6 +19,8 @@ from pathlib import Path
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from finetune_site.store import store
+
 from ..models import ModelCard
 from .resolution import get_base_model
 
@@ -281,7 +283,7 @@ def build_state(export_dir: Path, kind: str, *, ready: bool) -> str:
 
 
 def merged_state(export_dir: Path) -> str:
-    return build_state(export_dir, "merged", ready=(merged_folder(export_dir) / "config.json").exists())
+    return build_state(export_dir, "merged", ready=store().has(merged_folder(export_dir) / "config.json"))
 
 
 def write_progress(export_dir: Path, kind: str, phase: str, done: int = 0, total: int = 0) -> None:
@@ -328,6 +330,7 @@ def build_merged_model(card: ModelCard, export_dir: Path, *, kind: str = "merged
     marker.mkdir(parents=True, exist_ok=True)
     os.utime(marker)  # building, from now
     own.mkdir()
+    store().fetch(card.path)  # the adapter may have been trained on another machine
 
     def say(phase: str) -> None:
         for whose in {kind, "merged"}:  # a GGUF build's merge shows on the merged model's line too
@@ -351,6 +354,7 @@ def build_merged_model(card: ModelCard, export_dir: Path, *, kind: str = "merged
             if not (final / "config.json").exists():
                 raise
             shutil.rmtree(own)  # another build finished first: it stands
+        store().publish(final)  # before the marker goes: whoever sees "ready" finds it in the store
     except BaseException:
         shutil.rmtree(own, ignore_errors=True)
         raise

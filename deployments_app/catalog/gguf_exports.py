@@ -13,6 +13,7 @@ import secrets
 import shutil
 from pathlib import Path
 
+from finetune_site.store import store
 from llm.export import QUANTS, read_vocabulary, write_gguf
 from llm.export.check import run_export_check
 from llm.export.ollama import modelfile
@@ -50,7 +51,7 @@ def gguf_file_name(card: ModelCard, quant: str) -> str:
 
 def gguf_state(export_dir: Path, quant: str) -> str:
     """ "ready" once the file is written and checked, else "building" or "absent"."""
-    return build_state(export_dir, gguf_kind(quant), ready=(gguf_folder(export_dir, quant) / CHECK_FILE).exists())
+    return build_state(export_dir, gguf_kind(quant), ready=store().has(gguf_folder(export_dir, quant) / CHECK_FILE))
 
 
 def gguf_exports(card: ModelCard, export_dir: Path) -> list[dict]:
@@ -94,9 +95,10 @@ def build_gguf(card: ModelCard, export_dir: Path, quant: str) -> Path:
     own = export_dir / f"{kind}.build-{os.getpid()}-{secrets.token_hex(4)}"
     own.mkdir()
     try:
+        store().fetch(card.path)  # its check compares the GGUF model's answers with the adapter's
         if merged_state(export_dir) != "ready":
             build_merged_model(card, export_dir, kind=kind)
-        merged = merged_folder(export_dir)
+        merged = store().fetch(merged_folder(export_dir))
         _write_gguf_folder(card, merged, own, quant, progress=lambda *a: write_progress(export_dir, kind, *a))
         check = _check(card, merged, own, quant, progress=lambda *a: write_progress(export_dir, kind, *a))
         (own / CHECK_FILE).write_text(json.dumps(check, indent=2))
@@ -108,6 +110,7 @@ def build_gguf(card: ModelCard, export_dir: Path, quant: str) -> Path:
             if not (final / CHECK_FILE).exists():
                 raise
             shutil.rmtree(own)  # another build finished first: it stands
+        store().publish(final)
     except BaseException:
         shutil.rmtree(own, ignore_errors=True)
         shutil.rmtree(marker, ignore_errors=True)  # not building any more: it may be asked for again

@@ -7,6 +7,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+from finetune_site.store import store
 from jobs_app.selectors import checkpoint_for_model_id
 from llm.bundled import BUNDLED_HUB_ID, BUNDLED_MODEL_ID, TINY_MODEL_ID, is_ready
 
@@ -40,6 +41,13 @@ class ResolvedModel:
     base_path: Path
     adapter_path: Path | None
     card: object = None
+
+    def fetch(self) -> "ResolvedModel":
+        """Bring its files from the store before a model loads them: they may have been trained elsewhere."""
+        for path in (self.base_path, self.adapter_path):
+            if path is not None:
+                store().fetch(path)
+        return self
 
 
 def base_models() -> list[BaseModel]:

@@ -11,6 +11,7 @@ from django.db.models import Q
 from finetune_site import quotas
 from finetune_site.errors import ApplicationError, InvalidInput, InvalidState, NotAllowed, NotFound
 from finetune_site.services import notify
+from finetune_site.store import discard
 from jobs_app.models import FineTuningJob
 
 from ..deployments.services import cancel_deployments_of
@@ -33,7 +34,7 @@ _DPO_SUMMARY_METRICS = ("final_reward_accuracy", "final_reward_margin", "eval_re
 
 def model_card_create_from_job(*, job: FineTuningJob, summary: dict) -> ModelCard:
     """Record the model a succeeded job produced (idempotent for re-runs)."""
-    folder = job.output_dir / ("model" if job.method == "full" else "adapter")
+    folder = job.model_dir
     kept = _SUMMARY_METRICS + (_DPO_SUMMARY_METRICS if job.objective == FineTuningJob.DPO else ())
     metrics = {k: summary.get(k) for k in kept}
     card, _ = ModelCard.objects.update_or_create(
@@ -98,7 +99,7 @@ def model_card_delete(*, card: ModelCard) -> None:
         folders.append(Path(card.path).parent)
     cancel_deployments_of(card.owner, model_id)
     card.delete()
-    transaction.on_commit(lambda: [shutil.rmtree(f, ignore_errors=True) for f in folders])
+    transaction.on_commit(lambda: discard(*folders))
 
 
 def _check_merge_room(card: ModelCard) -> None:

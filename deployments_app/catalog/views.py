@@ -16,6 +16,7 @@ from django.views.decorators.http import require_GET, require_POST
 from evals_app.summaries import evaluation_of
 from finetune_site import quotas
 from finetune_site.middleware import refusals_go_to
+from finetune_site.store import store
 from llm.export import QUANTS
 
 from ..deployments.selectors import deployment_status_by_model
@@ -82,7 +83,7 @@ def download_adapter(request, model_id):
     """The model's own files (a PEFT adapter for LoRA), made portable: our model card, the base named by its hub id."""
     card = _card_or_404(request, model_id)
     name = exports.download_name(card, "adapter" if card.is_adapter else "model")
-    return _zip_response(Path(card.path), name, exports.adapter_download_extras(card))
+    return _zip_response(store().fetch(card.path), name, exports.adapter_download_extras(card))
 
 
 @login_required
@@ -92,14 +93,16 @@ def download_merged(request, model_id):
     if exports.merged_state(services.export_dir(card)) != "ready":
         messages.info(request, "The merged model is not built yet: press “Build merged model” first.")
         return redirect("model_list")
-    return _zip_response(folder, exports.download_name(card, "merged"))
+    return _zip_response(store().fetch(folder), exports.download_name(card, "merged"))
 
 
 def _ready_gguf_folder(card, quant: str) -> Path | None:
     if quant not in QUANTS:
         raise Http404("No such GGUF flavour.")
     folder = services.export_dir(card)
-    return gguf_exports.gguf_folder(folder, quant) if gguf_exports.gguf_state(folder, quant) == "ready" else None
+    if gguf_exports.gguf_state(folder, quant) != "ready":
+        return None
+    return store().fetch(gguf_exports.gguf_folder(folder, quant))
 
 
 @login_required

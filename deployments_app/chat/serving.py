@@ -12,6 +12,7 @@ from contextlib import aclosing
 from asgiref.sync import sync_to_async
 
 from finetune_site.errors import ApplicationError, Busy, InvalidInput, ModelFailed, NotFound, TimedOut, Unavailable
+from finetune_site.store import StoreError
 from llm.serve.errors import InvalidRequest, Overloaded, ServingError
 from llm.serve.sampling import choice_seed
 from llm.serve.schema import Completion, GenerationRequest, piece_logprobs
@@ -60,6 +61,12 @@ async def open_events(user, params: dict):
     return streaming.merge_choices(opened)
 
 
+def _open_here(resolved, generation: GenerationRequest):
+    """This process's pool's stream, once the model's files are here (the store may have to bring them)."""
+    resolved.fetch()
+    return get_pool().open_stream(generation)
+
+
 async def _open_choice(resolved, deployment, generation_fields: dict):
     """One answer's events, from the deployment or the pool, its first event already there."""
     if deployment is not None:
@@ -77,7 +84,7 @@ async def _open_choice(resolved, deployment, generation_fields: dict):
     try:
         # Loading a model on first use blocks: a thread does it. The answer then comes from the engine's
         # own thread straight to this event loop, with no thread waiting per stream.
-        stream = await streaming.run_in_thread(get_pool().open_stream, generation)
+        stream = await streaming.run_in_thread(_open_here, resolved, generation)
         events = stream.events()
         first = await anext(events)
     except Overloaded as exc:
@@ -86,6 +93,8 @@ async def _open_choice(resolved, deployment, generation_fields: dict):
         raise InvalidInput(str(exc), param=exc.param or "messages", code="invalid_request") from exc
     except ServingError as exc:
         raise ModelFailed(str(exc), code="model_error") from exc
+    except StoreError as exc:
+        raise Unavailable(str(exc), code="store_unavailable") from exc
     return streaming.prepend(first, events)
 
 

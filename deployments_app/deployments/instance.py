@@ -22,6 +22,7 @@ from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
+from finetune_site.store import StoreError
 from llm.serve.engine import percentile
 from llm.serve.errors import InvalidRequest, Overloaded, ServingError
 from llm.serve.pool import ModelPool
@@ -111,8 +112,10 @@ def serve_instance(instance_id: int, *, worker: str, threads: int, parent_pid: i
         return
     torch.set_num_threads(threads)
     try:
+        # Trained on another machine, perhaps: its files come from the store before anything reads them.
+        resolved.fetch()
         pool = _pool_for(instance, resolved)
-    except ValueError as exc:  # a backend this deployment cannot run on
+    except (ValueError, StoreError) as exc:  # a backend this deployment cannot run on, or files out of reach
         services.instance_failed_to_load(instance=instance, message=str(exc))
         return
     try:

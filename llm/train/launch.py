@@ -8,19 +8,30 @@ line rank 0 prints to sink, and passes should_stop's answer on through the CLI's
 Config problems found by the ranks come back as ConfigError, a checkpoint that did not fit
 as DiskFull, anything else (a rank that died) as TrainingProcessesFailed. If the caller
 stops waiting (an exception, a lost heartbeat), the whole process group is ended.
+
+Over several machines, the caller's machine is node 0: it hosts the rendezvous (a static
+one, so global rank 0 is always its own) and each other machine runs
+
+    join_processes(config, processes=4, nnodes=2, node_rank=1, rendezvous="10.0.0.5:29400", ...)
+
+whose ranks train their share silently: rank 0 reports, reads the stop file and writes. Machines
+that never come fail node 0's run after join_timeout_s as MachinesDidNotJoin.
 """
 
 import errno
 import json
 import os
 import queue
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,10 +49,48 @@ STOP_FILE = "stop-request"
 POLL_SECONDS = 0.5
 GRACE_SECONDS = 30
 """After a stop signal, how long the ranks may take to exit before they are killed."""
+TORCH_JOIN_TIMEOUT_S = 600
+"""How long node 0 waits for the other machines when the caller sets no join_timeout_s (torch's default)."""
+KEEP_GOING_SECONDS = 2.0
+"""How often a joining machine asks whether its run is still wanted (a database query in the worker)."""
 
 
 class TrainingProcessesFailed(RuntimeError):
     """torchrun ended with a failure: a rank crashed or was killed, and the others were stopped."""
+
+
+class MachinesDidNotJoin(TrainingProcessesFailed):
+    """Node 0 waited join_timeout_s at the rendezvous and fewer machines than nnodes came."""
+
+    def __init__(self, joined: int, nnodes: int, rendezvous: str, timeout_s: float) -> None:
+        super().__init__(
+            f"Only {joined} of {nnodes} machines joined the rendezvous at {rendezvous} within {timeout_s:g} s."
+        )
+        self.joined, self.nnodes = joined, nnodes
+
+
+def split_rendezvous(rendezvous: str) -> tuple[str, int]:
+    """(host, port) of "host:port" (an IPv6 host stays in brackets, as torchrun wants it); ValueError if it is not."""
+    host, colon, port = rendezvous.strip().rpartition(":")
+    if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"must be host:port with a port from 1 to 65535, got {rendezvous!r}")
+    return host, int(port)
+
+
+def is_this_machine(host: str) -> bool:
+    """Whether host is an address (or a name of one) of this machine: only there can node 0 host the rendezvous."""
+    try:
+        addresses = socket.getaddrinfo(host.removeprefix("[").removesuffix("]"), None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return False
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            try:
+                probe.bind((address[0], 0, *address[2:]))  # the kernel refuses an address that is not ours
+                return True
+            except OSError:
+                continue
+    return False
 
 
 def torchrun_command(
@@ -50,12 +99,24 @@ def torchrun_command(
     processes: int,
     nnodes: int = 1,
     rendezvous: str | None = None,
+    node_rank: int | None = None,
+    join_timeout_s: float | None = None,
     run_id: str = "ft",
     ask_room: bool = False,
 ) -> list[str]:
     """torchrun for `processes` ranks on this machine: alone (a free local port), or as one of nnodes
-    machines meeting at rendezvous (host:port, c10d), which every machine's command names alike."""
-    if rendezvous:
+    machines meeting at rendezvous (host:port, c10d), which every machine's command names alike.
+
+    With node_rank, the static rendezvous a launcher uses: node 0 hosts the store at rendezvous (an
+    address of its own machine) and its first rank is global rank 0, the one that reports and writes.
+    """
+    if rendezvous and node_rank is not None:
+        host, port = split_rendezvous(rendezvous)
+        meeting = ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--rdzv-backend", "static"]
+        meeting += ["--master-addr", host, "--master-port", str(port), "--rdzv-id", run_id]
+        if join_timeout_s is not None:  # the store's wait for the other machines (torch's default: 600 s)
+            meeting += ["--rdzv-conf", f"timeout={max(1, round(join_timeout_s))}"]
+    elif rendezvous:
         meeting = ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rendezvous]
         meeting += ["--rdzv-id", run_id]
     else:
@@ -88,9 +149,14 @@ def train_in_processes(
     nnodes: int = 1,
     rendezvous: str | None = None,
     run_id: str = "ft",
+    join_timeout_s: float | None = None,
     env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run config on `processes` ranks under torchrun; return rank 0's summary (as train() would)."""
+    """Run config on `processes` ranks under torchrun; return rank 0's summary (as train() would).
+
+    nnodes > 1: this machine is node 0 of a static rendezvous at its own address `rendezvous`, and
+    the others must join it (join_processes) within join_timeout_s.
+    """
     config.check()
     sink = sink or (lambda kind, payload: None)
     should_stop = should_stop or (lambda: None)
@@ -103,35 +169,20 @@ def train_in_processes(
         processes=processes,
         nnodes=nnodes,
         rendezvous=rendezvous,
+        node_rank=0 if nnodes > 1 else None,
+        join_timeout_s=join_timeout_s,
         run_id=run_id,
         ask_room=room_check is not None,
     )
-    child = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,  # its own process group: ended as one, never leaving a rank behind
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    errors: deque[str] = deque(maxlen=200)
-    readers = [
-        threading.Thread(target=_read_into, args=(child.stdout, lines.put, True), daemon=True),
-        threading.Thread(target=_read_into, args=(child.stderr, errors.append, False), daemon=True),
-    ]
-    for reader in readers:
-        reader.start()
+    ranks = _Ranks.start(command, env)
+    child = ranks.child
     summary: dict[str, Any] | None = None
     asked: str | None = None
     next_question = 0.0
     try:
         finished = False
         while not finished:
-            try:
-                line = lines.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                line = ""
+            line = ranks.next_line()
             if room_check is not None:
                 answer_room_question(Path(config.out_dir) / ROOM_FILE, room_check)
             if line is None:  # stdout closed: the ranks are gone
@@ -147,16 +198,118 @@ def train_in_processes(
                 if answer:
                     asked = "pause" if answer == "pause" else "cancel"
                     _write_atomically(stop_file, asked)
-        returncode = child.wait()
-        for reader in readers:
-            reader.join(timeout=5)
+        returncode = ranks.wait()
     finally:
         if child.poll() is None:
             _end(child)
         stop_file.unlink(missing_ok=True)
     if returncode == 0 and summary is not None:
         return summary
-    raise _failure(returncode, list(errors))
+    if nnodes > 1 and rendezvous and (joined := _machines_that_joined(ranks.errors)) is not None:
+        raise MachinesDidNotJoin(joined, nnodes, rendezvous, join_timeout_s or TORCH_JOIN_TIMEOUT_S)
+    raise _failure(returncode, list(ranks.errors))
+
+
+def join_processes(
+    config: TrainConfig,
+    *,
+    processes: int,
+    nnodes: int,
+    node_rank: int,
+    rendezvous: str,
+    run_id: str = "ft",
+    join_timeout_s: float | None = None,
+    keep_going: Callable[[], bool] | None = None,
+    env: dict[str, str] | None = None,
+) -> bool:
+    """Run this machine's `processes` ranks as node node_rank (> 0) of the run node 0 hosts at rendezvous.
+
+    Returns True when they ended with the run, False when keep_going() said no (the job moved on: the
+    ranks were ended at once). Nothing they print is read as the run's news: global rank 0, on node 0,
+    reports, reads the stop file and writes every checkpoint. A failure raises TrainingProcessesFailed;
+    node 0 learns of it by itself, as its next collective fails.
+    """
+    config.check()
+    keep_going = keep_going or (lambda: True)
+    command = torchrun_command(
+        config,
+        processes=processes,
+        nnodes=nnodes,
+        rendezvous=rendezvous,
+        node_rank=node_rank,
+        join_timeout_s=join_timeout_s,
+        run_id=run_id,
+    )
+    ranks = _Ranks.start(command, env)
+    next_look = time.monotonic() + KEEP_GOING_SECONDS
+    try:
+        while ranks.next_line() is not None:
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + KEEP_GOING_SECONDS
+                if not keep_going():
+                    _end(ranks.child)
+                    return False
+        returncode = ranks.wait()
+    finally:
+        if ranks.child.poll() is None:
+            _end(ranks.child)
+    if returncode == 0:
+        return True
+    raise _failure(returncode, list(ranks.errors))
+
+
+@dataclass
+class _Ranks:
+    """A running torchrun: its stdout lines in a queue (None once it closes), the tail of its stderr."""
+
+    child: subprocess.Popen[str]
+    lines: queue.Queue[str | None]
+    errors: deque[str]
+    readers: list[threading.Thread]
+
+    @classmethod
+    def start(cls, command: list[str], env: dict[str, str] | None) -> "_Ranks":
+        child = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,  # its own process group: ended as one, never leaving a rank behind
+        )
+        ranks = cls(child, queue.Queue(), deque(maxlen=200), [])
+        ranks.readers = [
+            threading.Thread(target=_read_into, args=(child.stdout, ranks.lines.put, True), daemon=True),
+            threading.Thread(target=_read_into, args=(child.stderr, ranks.errors.append, False), daemon=True),
+        ]
+        for reader in ranks.readers:
+            reader.start()
+        return ranks
+
+    def next_line(self) -> str | None:
+        """The next stdout line, "" when none came within POLL_SECONDS, None once stdout closed."""
+        try:
+            return self.lines.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            return ""
+
+    def wait(self) -> int:
+        returncode = self.child.wait()
+        for reader in self.readers:
+            reader.join(timeout=5)
+        return returncode
+
+
+_CLIENTS_JOINED = re.compile(r"waiting for clients\. (\d+)/\d+ clients joined")
+"""How torch's TCPStore says, on node 0's stderr, that the other machines did not all come in time."""
+
+
+def _machines_that_joined(stderr: deque[str]) -> int | None:
+    """How many machines (node 0 included) met at the rendezvous before node 0 gave up; None: it did not time out."""
+    for line in reversed(stderr):
+        if found := _CLIENTS_JOINED.search(line):
+            return int(found.group(1))
+    return None
 
 
 def _read_into(stream: Any, put: Callable[[Any], None], mark_the_end: bool) -> None:
