@@ -6,7 +6,6 @@ Redis and the artifact folder as tests/test_two_machines.py's do. The API's chec
 and the joining worker's own rules are in tests/test_jobs_nodes.py.
 """
 
-import os
 import threading
 import time
 
@@ -26,20 +25,11 @@ from .live import chat_lines, free_port, fresh_postgres_database, postgres_up, s
 from .test_checkpoint_recovery import chat_file  # noqa: F401 - a processed chat file of 8 examples
 from .test_model_square import BASE, alice, folders  # noqa: F401 - the same user, folders and base model
 from .train.conftest import Recorder, chat_examples, write_jsonl
+from .train.test_distributed import environment  # the ranks' environment: loopback gloo, one thread, a short timeout
 
 TOLERANCE = 1e-4
 """Per step: the ranks sum the same terms in another order, nothing more."""
 REDIS = "redis://127.0.0.1:6379/9"
-
-
-def environment() -> dict[str, str]:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "GLOO_SOCKET_IFNAME": "lo",
-        "FT_DIST_TIMEOUT_S": "60",  # a lost peer fails the run in a minute at worst, never hangs a test
-        "PYTHONUNBUFFERED": "1",
-    }
 
 
 @pytest.fixture
